@@ -1,0 +1,126 @@
+//! Flow events: the proxy's record of every request (respond -> **log**), consumed by the agent.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use crate::tables::Identity;
+
+/// Hubble's verdict names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Verdict {
+    Forwarded,
+    Dropped,
+    Error,
+}
+
+/// Why a request did not reach a backend (Hubble's drop-reason names where they exist).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum DropReason {
+    /// No L3/L4 allow rule matched (Cilium 133); the connection is closed without a response.
+    PolicyDenied,
+    /// An explicit deny rule matched (Cilium 181); closed without a response.
+    PolicyDeny,
+    /// L3/L4 allowed, no HTTP rule matched: answered `403 Access denied`.
+    L7PolicyDenied,
+    /// `authentication.mode: required` and the peer is not authenticated (Cilium 189).
+    AuthRequired,
+    /// Request could not be parsed or normalized safely (400/431...).
+    InvalidRequest,
+    /// No virtual host / route matched (404).
+    NoRoute,
+    /// The route names a cluster that does not exist, or it has no endpoints.
+    NoHealthyUpstream,
+    /// Circuit breaker overflow (503 + `x-envoy-overloaded`).
+    Overflow,
+    /// Connect failure, reset or timeout talking to the upstream.
+    UpstreamFailure,
+    UpstreamTimeout,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum TrafficDirection {
+    Ingress,
+    Egress,
+}
+
+/// One side of a flow.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct FlowPeer {
+    pub ip: IpAddr,
+    pub port: u16,
+    pub identity: Identity,
+    /// `namespace/pod` (or node name); `None` for world.
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct HttpFlow {
+    pub method: String,
+    /// Path and query as the policy saw it (normalized).
+    pub url: String,
+    pub authority: String,
+    /// `HTTP/1.1` or `HTTP/2`.
+    pub protocol: &'static str,
+    /// `None` when no response was sent (L3/L4 drop).
+    pub status: Option<u16>,
+    #[serde(with = "duration_micros")]
+    pub latency: Duration,
+}
+
+/// One request through the proxy.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FlowEvent {
+    pub time: SystemTime,
+    /// `ProxyTables::generation` that handled it.
+    pub generation: u64,
+    pub verdict: Verdict,
+    pub drop_reason: Option<DropReason>,
+    /// For policy drops: whose policy decided (the destination's ingress or the source's egress).
+    pub direction: Option<TrafficDirection>,
+    pub source: FlowPeer,
+    /// The backend chosen, or the listener's own address when none was chosen.
+    pub destination: FlowPeer,
+    pub listener: String,
+    pub http: Option<HttpFlow>,
+    pub cluster: Option<String>,
+    /// Upstream attempts made (1 + retries); 0 when no upstream was contacted.
+    pub attempts: u32,
+    /// The policy rule that decided, e.g. `CiliumNetworkPolicy default/rule1 spec.ingress[0]`.
+    pub policy: Option<Arc<str>>,
+}
+
+/// Where the proxy sends flow events: a bounded queue that never blocks a request. Events that
+/// do not fit are counted as lost (Hubble's `lost_events_total`).
+#[derive(Debug, Clone)]
+pub struct FlowSink {
+    tx: tokio::sync::mpsc::Sender<FlowEvent>,
+    lost: Arc<AtomicU64>,
+}
+
+impl FlowSink {
+    pub fn new(capacity: usize) -> (Self, tokio::sync::mpsc::Receiver<FlowEvent>) {
+        let (tx, rx) = tokio::sync::mpsc::channel(capacity);
+        (Self { tx, lost: Arc::new(AtomicU64::new(0)) }, rx)
+    }
+
+    pub fn send(&self, event: FlowEvent) {
+        if self.tx.try_send(event).is_err() {
+            self.lost.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn lost(&self) -> u64 {
+        self.lost.load(Ordering::Relaxed)
+    }
+}
+
+mod duration_micros {
+    pub fn serialize<S: serde::Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+    }
+}

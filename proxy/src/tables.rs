@@ -1,0 +1,455 @@
+//! The proxy's input: `ProxyTables`, compiled by the agent (pure) and swapped in atomically.
+//!
+//! Everything here is already resolved: names are qualified, Envoy defaults are filled in,
+//! regexes are compiled and anchored, label selectors are expanded to identity sets. The proxy
+//! never sees Kubernetes or Cilium objects.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use regex::Regex;
+
+/// Numeric security identity (Cilium's numbering: 1 host, 2 world, ...; pods from 256 up).
+pub type Identity = u32;
+
+/// Reserved identity of the node itself.
+pub const IDENTITY_HOST: Identity = 1;
+/// Reserved identity of any address that is no known pod or node.
+pub const IDENTITY_WORLD: Identity = 2;
+
+/// One full, immutable configuration of the proxy.
+#[derive(Debug, Clone, Default)]
+pub struct ProxyTables {
+    /// Monotonic version, shown in flow events and `sluice status`.
+    pub generation: u64,
+    pub listeners: Vec<Listener>,
+    /// Clusters by their (qualified) name, e.g. `default/echo-service` or `default/echo-service:8080`.
+    pub clusters: BTreeMap<String, Arc<Cluster>>,
+    /// Who is behind an address: pod IPs and node IPs. Anything absent is `IDENTITY_WORLD`.
+    pub peers: BTreeMap<IpAddr, Peer>,
+    /// L3/L4/L7 policy of each local endpoint, by endpoint IP. An endpoint absent here has no
+    /// policy in either direction (everything allowed).
+    pub policies: BTreeMap<IpAddr, Arc<EndpointPolicy>>,
+}
+
+/// A known workload or node behind an IP address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub identity: Identity,
+    /// `namespace/name` of the pod, or the node name for node addresses.
+    pub name: String,
+    /// Security-relevant labels in `source:key=value` form, for flow events.
+    pub labels: Vec<String>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Listeners, routes
+// ---------------------------------------------------------------------------------------------
+
+/// Where a listener accepts connections.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Bind {
+    /// An explicit address from the Envoy Listener.
+    Addr(SocketAddr),
+    /// No address in the config: the proxy binds `127.0.0.1:0` once and keeps that port for
+    /// as long as a listener of this name exists (reported back in `Applied`).
+    LoopbackAuto,
+}
+
+/// A listener: a bound socket plus the HTTP connection manager settings behind it.
+#[derive(Debug, Clone)]
+pub struct Listener {
+    /// Stable name (qualified Envoy listener name, or `svc:<ns>/<name>:<port>` for a Service
+    /// frontend). Sockets are kept across table swaps by `(name, bind)`.
+    pub name: String,
+    pub bind: Bind,
+    pub http: Arc<HttpConnectionManager>,
+}
+
+/// Request handling settings of a listener (Envoy's HCM subset).
+#[derive(Debug, Clone)]
+pub struct HttpConnectionManager {
+    pub stat_prefix: String,
+    pub route_config: Arc<RouteConfig>,
+    /// `normalize_path` (RFC 3986 dot segments). sluice always rejects what cannot be
+    /// normalized; this flag decides whether the normalized path is also what is forwarded.
+    pub normalize_path: bool,
+    pub merge_slashes: bool,
+    pub escaped_slashes: EscapedSlashesAction,
+    /// Idle time before a stream with no upstream response headers gets 408 (default 5 min).
+    pub stream_idle_timeout: Option<Duration>,
+    /// `max_request_headers_kb` in bytes (default 60 KiB); above it the request gets 431.
+    pub max_request_headers_bytes: usize,
+    /// `common_http_protocol_options.max_headers_count` (default 100).
+    pub max_headers_count: usize,
+    /// `common_http_protocol_options.idle_timeout` for the downstream connection (default 1 h).
+    pub idle_timeout: Option<Duration>,
+    /// `use_remote_address` (append the peer to `x-forwarded-for`).
+    pub use_remote_address: bool,
+    pub skip_xff_append: bool,
+    /// Allow HTTP/1.1 `Upgrade` (WebSocket) passthrough (`upgrade_configs`).
+    pub upgrades: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EscapedSlashesAction {
+    #[default]
+    KeepUnchanged,
+    RejectRequest,
+    UnescapeAndRedirect,
+    UnescapeAndForward,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub name: String,
+    pub virtual_hosts: Vec<VirtualHost>,
+    /// `max_direct_response_body_size_bytes` was already checked by the compiler.
+    pub request_headers_to_add: Vec<(String, String)>,
+    pub request_headers_to_remove: Vec<String>,
+    pub response_headers_to_add: Vec<(String, String)>,
+    pub response_headers_to_remove: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct VirtualHost {
+    pub name: String,
+    /// Lower-cased domains: exact, `*.suffix`, `prefix.*`, or `*`.
+    pub domains: Vec<String>,
+    /// In order; the first match wins.
+    pub routes: Vec<Route>,
+    /// Used by routes that have none of their own (no field merge).
+    pub retry_policy: Option<RetryPolicy>,
+    /// Bytes of request body kept for retries/mirrors (default 1 MiB).
+    pub request_body_buffer_limit: usize,
+    pub include_request_attempt_count: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub name: String,
+    pub matcher: RouteMatch,
+    pub action: RouteAction,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteMatch {
+    pub path: PathMatch,
+    /// Applies to `Prefix`, `Exact` and `PathSeparatedPrefix`, not to `Regex` (Envoy default true).
+    pub case_sensitive: bool,
+    /// All must match.
+    pub headers: Vec<HeaderMatcher>,
+    /// All must match; the first value of a repeated key is used.
+    pub query_parameters: Vec<QueryParameterMatcher>,
+}
+
+#[derive(Debug, Clone)]
+pub enum PathMatch {
+    /// Prefix of the whole `:path`, query included.
+    Prefix(String),
+    /// Exact match of the path without its query.
+    Exact(String),
+    /// Full (anchored) match of the path without its query.
+    Regex(Regex),
+    /// `P`, `P/...` or `P?...`.
+    PathSeparatedPrefix(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct HeaderMatcher {
+    /// Lower-case header name; `:authority`, `:method`, `:path`, `:scheme` address pseudo-headers.
+    pub name: String,
+    pub rule: HeaderMatchRule,
+    pub invert: bool,
+    pub treat_missing_as_empty: bool,
+}
+
+#[derive(Debug, Clone)]
+pub enum HeaderMatchRule {
+    Present(bool),
+    String(StringMatcher),
+    /// `[start, end)` over a base-10 i64.
+    Range { start: i64, end: i64 },
+}
+
+#[derive(Debug, Clone)]
+pub enum StringMatcher {
+    Exact { value: String, ignore_case: bool },
+    Prefix { value: String, ignore_case: bool },
+    Suffix { value: String, ignore_case: bool },
+    Contains { value: String, ignore_case: bool },
+    /// Anchored: must match the whole value.
+    Regex(Regex),
+}
+
+#[derive(Debug, Clone)]
+pub struct QueryParameterMatcher {
+    pub name: String,
+    /// `None` = present match.
+    pub value: Option<StringMatcher>,
+}
+
+#[derive(Debug, Clone)]
+pub enum RouteAction {
+    Forward(Arc<ForwardAction>),
+    DirectResponse { status: u16, body: bytes::Bytes },
+    Redirect(RedirectAction),
+}
+
+#[derive(Debug, Clone)]
+pub struct ForwardAction {
+    /// One entry with weight 1 for a plain `cluster`. Weight-0 entries are never picked; the
+    /// selection uses the sum of weights (Envoy ignores `total_weight`).
+    pub clusters: Vec<WeightedCluster>,
+    pub rewrite: Option<PathRewrite>,
+    pub host_rewrite_literal: Option<String>,
+    /// Whole-request timeout including retries; `None` = disabled (Envoy default 15 s is filled
+    /// in by the compiler).
+    pub timeout: Option<Duration>,
+    /// Route-level policy, else the virtual host's (already resolved by the compiler).
+    pub retry_policy: Option<RetryPolicy>,
+    pub mirrors: Vec<MirrorPolicy>,
+    /// Status when the cluster name is unknown (default 503).
+    pub cluster_not_found_status: u16,
+}
+
+#[derive(Debug, Clone)]
+pub struct WeightedCluster {
+    pub name: String,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone)]
+pub enum PathRewrite {
+    /// Replace the matched prefix (or exact path).
+    Prefix(String),
+    /// Replace every match of the regex in the path (query excluded).
+    Regex { pattern: Regex, substitution: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct MirrorPolicy {
+    pub cluster: String,
+    /// Fraction in parts per million (default 1_000_000 = all requests).
+    pub fraction_per_million: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct RedirectAction {
+    pub scheme: Option<String>,
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub path: Option<String>,
+    pub prefix_rewrite: Option<String>,
+    /// Default 301.
+    pub status: u16,
+    pub strip_query: bool,
+}
+
+/// Envoy's `retry_policy` with its defaults resolved.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    pub retry_on: RetryOn,
+    /// Default 1.
+    pub num_retries: u32,
+    pub per_try_timeout: Option<Duration>,
+    pub retriable_status_codes: Vec<u16>,
+    /// Default 25 ms.
+    pub base_interval: Duration,
+    /// Default 10 x base.
+    pub max_interval: Duration,
+    /// `envoy.retry_host_predicates.previous_hosts`.
+    pub avoid_previous_hosts: bool,
+    /// Default 1.
+    pub host_selection_retry_max_attempts: u32,
+}
+
+/// The `retry_on` conditions (comma list in Envoy).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RetryOn {
+    pub server_error_5xx: bool,
+    pub gateway_error: bool,
+    pub reset: bool,
+    pub reset_before_request: bool,
+    pub connect_failure: bool,
+    pub retriable_4xx: bool,
+    pub refused_stream: bool,
+    pub retriable_status_codes: bool,
+    pub envoy_ratelimited: bool,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clusters
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    pub name: String,
+    pub endpoints: Vec<Endpoint>,
+    pub lb_policy: LbPolicy,
+    /// Default 5 s.
+    pub connect_timeout: Duration,
+    pub circuit_breakers: CircuitBreakers,
+    /// `None`: nothing is ever ejected.
+    pub outlier_detection: Option<OutlierDetection>,
+    pub protocol: UpstreamProtocol,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    /// Default 1.
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LbPolicy {
+    #[default]
+    RoundRobin,
+    /// Power of two choices on active requests (`choice_count`, default 2).
+    LeastRequest { choice_count: u32 },
+    Random,
+    RingHash,
+    Maglev,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UpstreamProtocol {
+    #[default]
+    Http1,
+    Http2,
+}
+
+/// Default-priority thresholds (Envoy defaults 1024/1024/1024/3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CircuitBreakers {
+    pub max_connections: u32,
+    pub max_pending_requests: u32,
+    pub max_requests: u32,
+    pub max_retries: u32,
+}
+
+impl Default for CircuitBreakers {
+    fn default() -> Self {
+        Self { max_connections: 1024, max_pending_requests: 1024, max_requests: 1024, max_retries: 3 }
+    }
+}
+
+/// Envoy's outlier detection with defaults resolved (see reference §2.11).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OutlierDetection {
+    pub consecutive_5xx: u32,
+    pub enforcing_consecutive_5xx: u32,
+    pub consecutive_gateway_failure: u32,
+    pub enforcing_consecutive_gateway_failure: u32,
+    pub split_external_local_origin_errors: bool,
+    pub consecutive_local_origin_failure: u32,
+    pub enforcing_consecutive_local_origin_failure: u32,
+    pub interval: Duration,
+    pub base_ejection_time: Duration,
+    pub max_ejection_time: Duration,
+    pub max_ejection_percent: u32,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Policy
+// ---------------------------------------------------------------------------------------------
+
+/// The policy of one local endpoint, both directions.
+#[derive(Debug, Clone, Default)]
+pub struct EndpointPolicy {
+    pub ingress: DirectionPolicy,
+    pub egress: DirectionPolicy,
+}
+
+/// One direction of an endpoint's policy, with Cilium's semantics:
+/// - any matching `deny` rule denies (deny beats every allow);
+/// - otherwise the allow rules that match the remote identity, protocol and port are grouped by
+///   port specificity (a rule naming the port or a range covering it, then a rule with port 0
+///   for the protocol, then a rule with no ports at all); the most specific non-empty group
+///   decides, as the union of its rules: if any of them has no HTTP rules the flow is allowed
+///   at L4, otherwise the request must match one of the HTTP rules of the group;
+/// - no allow rule matches: denied if `default_deny`, else allowed.
+#[derive(Debug, Clone, Default)]
+pub struct DirectionPolicy {
+    pub default_deny: bool,
+    pub deny: Vec<L4Match>,
+    pub allow: Vec<AllowRule>,
+}
+
+/// Which remote identities a rule covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Remotes {
+    /// Every identity (peer-less rule, or the `all` entity).
+    Any,
+    Only(BTreeSet<Identity>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+    Any,
+}
+
+/// `port` (and `endPort`): `start == 0` means every port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    pub protocol: Protocol,
+    pub start: u16,
+    pub end: u16,
+}
+
+/// Remote identities and ports of a rule; an empty `ports` list means all ports and protocols.
+#[derive(Debug, Clone)]
+pub struct L4Match {
+    pub remotes: Remotes,
+    pub ports: Vec<PortRange>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AllowRule {
+    pub l4: L4Match,
+    /// `None`: allowed at L4, no HTTP restriction. `Some(rules)`: one of the rules must match
+    /// (an empty rule matches everything: L7 visibility only).
+    pub http: Option<Vec<HttpRule>>,
+    /// `authentication.mode: required` (enforced once mTLS lands; until then a rule that
+    /// requires it never matches, so such traffic is denied rather than let through).
+    pub auth_required: bool,
+    /// Where the rule came from (`CiliumNetworkPolicy default/rule1 spec.ingress[0]`), for
+    /// flow events and `sluice policy get`.
+    pub origin: Arc<str>,
+}
+
+/// One `rules.http[]` entry; every present field must match.
+#[derive(Debug, Clone, Default)]
+pub struct HttpRule {
+    /// Anchored regexes (Cilium/Envoy use RE2 full-match).
+    pub method: Option<Regex>,
+    pub path: Option<Regex>,
+    pub host: Option<Regex>,
+    pub headers: Vec<HttpHeaderRule>,
+}
+
+/// A header requirement from `headers` ("Name: value" / "Name") or `headerMatches`.
+#[derive(Debug, Clone)]
+pub struct HttpHeaderRule {
+    /// Lower-case.
+    pub name: String,
+    /// `None`: presence only.
+    pub value: Option<String>,
+    /// `None`: the header must match for the rule to match. `Some(action)`: the rule matches
+    /// anyway and the action is applied to the request on mismatch.
+    pub mismatch: Option<MismatchAction>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MismatchAction {
+    Log,
+    Add,
+    Delete,
+    Replace,
+}
