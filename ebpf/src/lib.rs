@@ -1,0 +1,1 @@
+//! The kernel half of the datapath: `BpfState` in, BPF maps and attached programs out.
