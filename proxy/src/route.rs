@@ -26,7 +26,8 @@ pub fn rewrite_path(route: &Route, rewrite: &PathRewrite, path_and_query: &str) 
     path_and_query.to_owned()
 }
 
-pub fn redirect_location(redirect: &RedirectAction, request: &RequestHead, scheme: &str) -> String {
-    let _ = redirect;
+/// `route` is needed because a redirect's `prefix_rewrite` swaps the prefix that route matched.
+pub fn redirect_location(route: &Route, redirect: &RedirectAction, request: &RequestHead, scheme: &str) -> String {
+    let _ = (route, redirect);
     format!("{scheme}://{}{}", request.authority, request.path_and_query)
 }
