@@ -4,24 +4,208 @@ use std::time::Duration;
 
 use crate::tables::RetryPolicy;
 
-/// How one upstream attempt ended.
+/// How one upstream attempt ended, before any byte of its response went downstream (after
+/// that nothing is retried, so the caller never asks).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttemptOutcome {
+    /// Response headers arrived; `envoy_ratelimited` = the response carries `x-envoy-ratelimited`.
     Response { status: u16, envoy_ratelimited: bool },
+    /// TCP (or later TLS) connect failed or timed out.
     ConnectFailure,
+    /// The upstream disconnected or reset before response headers; `request_sent` = the request
+    /// headers had been written (what `reset-before-request` distinguishes).
     Reset { request_sent: bool },
+    /// HTTP/2 `REFUSED_STREAM`: the upstream guarantees it did not process the request.
     RefusedStream,
     PerTryTimeout,
+    /// A circuit breaker refused the attempt; Envoy never retries this.
     Overflow,
 }
 
+/// Envoy's `retry_on` semantics (`retry_state_impl.cc`): whether this outcome may be retried,
+/// leaving the retry budget (num_retries, circuit breaker, body buffer) to the caller.
 pub fn is_retriable(policy: &RetryPolicy, outcome: &AttemptOutcome) -> bool {
-    let _ = (policy, outcome);
-    false
+    let on = &policy.retry_on;
+    // `5xx`, `gateway-error` and `reset` all cover "no response at all".
+    let no_response = on.server_error_5xx || on.gateway_error || on.reset;
+    match *outcome {
+        AttemptOutcome::Overflow => false,
+        AttemptOutcome::Response { envoy_ratelimited: true, .. } => on.envoy_ratelimited,
+        AttemptOutcome::Response { status, envoy_ratelimited: false } => {
+            (on.server_error_5xx && (500..600).contains(&status))
+                || (on.gateway_error && matches!(status, 502..=504))
+                || (on.retriable_4xx && status == 409)
+                || (on.retriable_status_codes && policy.retriable_status_codes.contains(&status))
+        }
+        AttemptOutcome::ConnectFailure => no_response || on.connect_failure || on.reset_before_request,
+        AttemptOutcome::Reset { request_sent } => no_response || (on.reset_before_request && !request_sent),
+        AttemptOutcome::RefusedStream => no_response || on.refused_stream,
+        // Envoy turns a per-try timeout into a local reset of the attempt.
+        AttemptOutcome::PerTryTimeout => no_response,
+    }
 }
 
-/// Fully jittered exponential back-off: uniform in [0, min((2^n - 1) * base, max)) for retry n >= 1.
+/// Fully jittered exponential back-off: uniform in [0, min((2^n - 1) * base, max)) for retry
+/// n >= 1, drawn from `random`. Retry 0 (the first attempt) does not wait.
 pub fn backoff(policy: &RetryPolicy, retry_number: u32, random: u64) -> Duration {
-    let _ = (retry_number, random);
-    policy.base_interval
+    let base = policy.base_interval.as_nanos();
+    // Past 2^64 - 1 the cap has long been reached; clamping the exponent avoids overflow.
+    let multiplier = (1u128 << retry_number.min(64)) - 1;
+    let ceiling = base.saturating_mul(multiplier).min(policy.max_interval.as_nanos());
+    if ceiling == 0 {
+        return Duration::ZERO;
+    }
+    let nanos = u128::from(random) % ceiling;
+    Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tables::RetryOn;
+
+    fn policy(retry_on: RetryOn) -> RetryPolicy {
+        RetryPolicy {
+            retry_on,
+            num_retries: 1,
+            per_try_timeout: None,
+            retriable_status_codes: Vec::new(),
+            base_interval: Duration::from_millis(25),
+            max_interval: Duration::from_millis(250),
+            avoid_previous_hosts: false,
+            host_selection_retry_max_attempts: 1,
+        }
+    }
+
+    fn response(status: u16) -> AttemptOutcome {
+        AttemptOutcome::Response { status, envoy_ratelimited: false }
+    }
+
+    const NO_RESPONSE: [AttemptOutcome; 5] = [
+        AttemptOutcome::ConnectFailure,
+        AttemptOutcome::Reset { request_sent: true },
+        AttemptOutcome::Reset { request_sent: false },
+        AttemptOutcome::RefusedStream,
+        AttemptOutcome::PerTryTimeout,
+    ];
+
+    #[test]
+    fn nothing_is_retried_without_conditions() {
+        let none = policy(RetryOn::default());
+        for outcome in NO_RESPONSE.into_iter().chain([response(503), response(409), AttemptOutcome::Overflow]) {
+            assert!(!is_retriable(&none, &outcome), "{outcome:?}");
+        }
+    }
+
+    #[test]
+    fn five_xx_covers_every_5xx_and_every_missing_response() {
+        let five_xx = policy(RetryOn { server_error_5xx: true, ..RetryOn::default() });
+        for status in [500, 503, 504, 599] {
+            assert!(is_retriable(&five_xx, &response(status)), "{status}");
+        }
+        for status in [200, 404, 409, 429] {
+            assert!(!is_retriable(&five_xx, &response(status)), "{status}");
+        }
+        for outcome in NO_RESPONSE {
+            assert!(is_retriable(&five_xx, &outcome), "{outcome:?}");
+        }
+        assert!(!is_retriable(&five_xx, &AttemptOutcome::Overflow));
+    }
+
+    #[test]
+    fn gateway_error_is_502_to_504_plus_resets() {
+        let gateway = policy(RetryOn { gateway_error: true, ..RetryOn::default() });
+        assert!(!is_retriable(&gateway, &response(500)));
+        for status in [502, 503, 504] {
+            assert!(is_retriable(&gateway, &response(status)), "{status}");
+        }
+        assert!(!is_retriable(&gateway, &response(505)));
+        for outcome in NO_RESPONSE {
+            assert!(is_retriable(&gateway, &outcome), "{outcome:?}");
+        }
+    }
+
+    #[test]
+    fn retriable_4xx_is_409_only() {
+        let four = policy(RetryOn { retriable_4xx: true, ..RetryOn::default() });
+        assert!(is_retriable(&four, &response(409)));
+        for status in [400, 404, 429, 503] {
+            assert!(!is_retriable(&four, &response(status)), "{status}");
+        }
+    }
+
+    #[test]
+    fn retriable_status_codes_need_the_condition() {
+        let mut listed = policy(RetryOn::default());
+        listed.retriable_status_codes = vec![418];
+        assert!(!is_retriable(&listed, &response(418)));
+        listed.retry_on.retriable_status_codes = true;
+        assert!(is_retriable(&listed, &response(418)));
+        assert!(!is_retriable(&listed, &response(419)));
+    }
+
+    #[test]
+    fn narrow_conditions_cover_only_their_failure() {
+        let connect = policy(RetryOn { connect_failure: true, ..RetryOn::default() });
+        assert!(is_retriable(&connect, &AttemptOutcome::ConnectFailure));
+        assert!(!is_retriable(&connect, &AttemptOutcome::Reset { request_sent: true }));
+        assert!(!is_retriable(&connect, &response(503)));
+
+        let before = policy(RetryOn { reset_before_request: true, ..RetryOn::default() });
+        assert!(is_retriable(&before, &AttemptOutcome::Reset { request_sent: false }));
+        assert!(is_retriable(&before, &AttemptOutcome::ConnectFailure));
+        assert!(!is_retriable(&before, &AttemptOutcome::Reset { request_sent: true }));
+
+        let refused = policy(RetryOn { refused_stream: true, ..RetryOn::default() });
+        assert!(is_retriable(&refused, &AttemptOutcome::RefusedStream));
+        assert!(!is_retriable(&refused, &AttemptOutcome::Reset { request_sent: true }));
+        assert!(!is_retriable(&refused, &AttemptOutcome::PerTryTimeout));
+
+        let reset = policy(RetryOn { reset: true, ..RetryOn::default() });
+        for outcome in NO_RESPONSE {
+            assert!(is_retriable(&reset, &outcome), "{outcome:?}");
+        }
+        assert!(!is_retriable(&reset, &response(503)));
+    }
+
+    #[test]
+    fn ratelimited_responses_need_envoy_ratelimited() {
+        let limited = AttemptOutcome::Response { status: 503, envoy_ratelimited: true };
+        let five_xx = policy(RetryOn { server_error_5xx: true, ..RetryOn::default() });
+        assert!(!is_retriable(&five_xx, &limited));
+        let ratelimited = policy(RetryOn { envoy_ratelimited: true, ..RetryOn::default() });
+        assert!(is_retriable(&ratelimited, &limited));
+        assert!(is_retriable(&ratelimited, &AttemptOutcome::Response { status: 429, envoy_ratelimited: true }));
+    }
+
+    #[test]
+    fn overflow_is_never_retried() {
+        let all = policy(RetryOn {
+            server_error_5xx: true,
+            gateway_error: true,
+            reset: true,
+            reset_before_request: true,
+            connect_failure: true,
+            retriable_4xx: true,
+            refused_stream: true,
+            retriable_status_codes: true,
+            envoy_ratelimited: true,
+        });
+        assert!(!is_retriable(&all, &AttemptOutcome::Overflow));
+    }
+
+    #[test]
+    fn backoff_ranges_follow_envoy_defaults() {
+        let defaults = policy(RetryOn::default());
+        let ms = Duration::from_millis;
+        for (retry, ceiling) in [(1, ms(25)), (2, ms(75)), (3, ms(175)), (4, ms(250)), (10, ms(250)), (200, ms(250))] {
+            assert_eq!(backoff(&defaults, retry, 0), Duration::ZERO);
+            let largest = backoff(&defaults, retry, u64::MAX);
+            assert!(largest < ceiling, "retry {retry}: {largest:?} not below {ceiling:?}");
+            let ceiling_nanos = u64::try_from(ceiling.as_nanos()).unwrap();
+            assert_eq!(backoff(&defaults, retry, ceiling_nanos - 1), ceiling - Duration::from_nanos(1));
+            assert_eq!(backoff(&defaults, retry, ceiling_nanos), Duration::ZERO, "wraps at the ceiling");
+        }
+        assert_eq!(backoff(&defaults, 0, 12345), Duration::ZERO);
+    }
 }
