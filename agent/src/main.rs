@@ -1,10 +1,5 @@
 //! `sluice`: the node agent and its CLI (sources -> model -> compile -> datapath).
 
-mod identity;
-mod source;
-mod store;
-mod view;
-
 use std::net::SocketAddr;
 use std::path::PathBuf;
 

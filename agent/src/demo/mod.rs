@@ -1,0 +1,3 @@
+//! `sluice demo`: the Star Wars scenario in gateway mode on loopback, told as a story.
+
+pub mod scheduler;

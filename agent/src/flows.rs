@@ -1,0 +1,795 @@
+//! Observe: proxy flow events -> a bounded ring of Hubble-shaped records -> API followers and `sluice observe`.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use chrono::{DateTime, Utc};
+use regex::Regex;
+use serde::{Deserialize, Serialize};
+use sluice_proxy::flow::{DropReason, FlowEvent, FlowPeer, HttpFlow, TrafficDirection, Verdict};
+use sluice_proxy::tables::{IDENTITY_HOST, IDENTITY_WORLD};
+use tokio::sync::broadcast;
+
+use crate::metrics::Metrics;
+
+/// How many flows the agent keeps for `sluice observe --last N` when nobody says otherwise.
+pub const DEFAULT_FLOW_CAPACITY: usize = 4096;
+
+/// One flow as served by the API and printed by `sluice observe`: Hubble's JSON field names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FlowRecord {
+    pub time: DateTime<Utc>,
+    /// `FORWARDED`, `DROPPED` or `ERROR`.
+    pub verdict: String,
+    /// Why it was dropped (`POLICY_DENIED`, `L7_POLICY_DENIED`, ...); absent when it was not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drop_reason_desc: Option<String>,
+    /// `L7` for HTTP, `L3_L4` for a connection refused before any request was read.
+    #[serde(rename = "Type")]
+    pub flow_type: String,
+    /// `INGRESS` or `EGRESS`: whose policy decided.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic_direction: Option<String>,
+    pub source: FlowEndpoint,
+    pub destination: FlowEndpoint,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub l7: Option<Layer7>,
+    /// Hubble's one-line description, e.g. `http-request DROPPED (HTTP/1.1 PUT http://deathstar/v1/exhaust-port)`.
+    pub summary: String,
+    pub listener: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
+    /// Upstream attempts (1 + retries); 0 when no upstream was contacted.
+    pub attempts: u32,
+    /// The policy rule that decided, when one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    /// `ProxyTables::generation` that handled the request.
+    pub generation: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowEndpoint {
+    pub ip: std::net::IpAddr,
+    pub port: u16,
+    pub identity: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// The pod, or the node name for host traffic; absent for `world`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_name: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Layer7 {
+    /// `REQUEST` when no response reached the client through the backend, `RESPONSE` otherwise.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub latency_ns: u64,
+    pub http: HttpRecord,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HttpRecord {
+    /// The status sent to the client; absent when the connection was closed without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<u16>,
+    pub method: String,
+    /// `http://<authority><path>`, as Hubble prints it.
+    pub url: String,
+    pub protocol: String,
+}
+
+impl FlowRecord {
+    pub fn from_event(event: &FlowEvent) -> Self {
+        let l7 = event.http.as_ref().map(|http| layer7(event.verdict, http));
+        let mut record = Self {
+            time: DateTime::<Utc>::from(event.time),
+            verdict: verdict_name(event.verdict).to_owned(),
+            drop_reason_desc: event.drop_reason.map(|reason| drop_reason_name(reason).to_owned()),
+            flow_type: if l7.is_some() { "L7" } else { "L3_L4" }.to_owned(),
+            traffic_direction: event.direction.map(|direction| direction_name(direction).to_owned()),
+            source: FlowEndpoint::from_peer(&event.source),
+            destination: FlowEndpoint::from_peer(&event.destination),
+            l7,
+            summary: String::new(),
+            listener: event.listener.clone(),
+            cluster: event.cluster.clone(),
+            attempts: event.attempts,
+            policy: event.policy.as_deref().map(str::to_owned),
+            generation: event.generation,
+        };
+        let (kind, detail) = record.summary_parts();
+        record.summary = format!("{kind} {} ({detail})", record.verdict);
+        record
+    }
+
+    /// Hubble's event type and details, the two halves of the summary around the verdict:
+    /// `("http-request", "HTTP/1.1 PUT http://deathstar/v1/exhaust-port")`.
+    pub fn summary_parts(&self) -> (String, String) {
+        let l4_drop = self.drop_reason_desc.as_deref().and_then(l4_drop_words);
+        match (&self.l7, l4_drop) {
+            (None, Some(words)) => (words.to_owned(), "TCP".to_owned()),
+            (None, None) => ("to-endpoint".to_owned(), "TCP".to_owned()),
+            (Some(l7), Some(words)) => (words.to_owned(), request_line(&l7.http)),
+            (Some(l7), None) => match l7.http.code {
+                Some(code) if l7.kind == L7_RESPONSE => (
+                    "http-response".to_owned(),
+                    format!(
+                        "{} {code} {}ms ({} {})",
+                        l7.http.protocol,
+                        l7.latency_ns / 1_000_000,
+                        l7.http.method,
+                        l7.http.url
+                    ),
+                ),
+                _ => ("http-request".to_owned(), request_line(&l7.http)),
+            },
+        }
+    }
+}
+
+fn request_line(http: &HttpRecord) -> String {
+    format!("{} {} {}", http.protocol, http.method, http.url)
+}
+
+impl FlowEndpoint {
+    fn from_peer(peer: &FlowPeer) -> Self {
+        let (namespace, pod_name) = match peer.name.as_deref().map(|name| name.split_once('/')) {
+            Some(Some((namespace, pod))) => (Some(namespace.to_owned()), Some(pod.to_owned())),
+            Some(None) => (None, peer.name.clone()),
+            None => (None, None),
+        };
+        Self { ip: peer.ip, port: peer.port, identity: peer.identity, namespace, pod_name }
+    }
+
+    /// `namespace/pod` when known, else the bare name, else nothing.
+    pub fn qualified_name(&self) -> Option<String> {
+        match (&self.namespace, &self.pod_name) {
+            (Some(namespace), Some(pod)) => Some(format!("{namespace}/{pod}")),
+            (None, Some(name)) => Some(name.clone()),
+            _ => None,
+        }
+    }
+}
+
+pub fn verdict_name(verdict: Verdict) -> &'static str {
+    match verdict {
+        Verdict::Forwarded => "FORWARDED",
+        Verdict::Dropped => "DROPPED",
+        Verdict::Error => "ERROR",
+    }
+}
+
+pub fn drop_reason_name(reason: DropReason) -> &'static str {
+    match reason {
+        DropReason::PolicyDenied => "POLICY_DENIED",
+        DropReason::PolicyDeny => "POLICY_DENY",
+        DropReason::L7PolicyDenied => "L7_POLICY_DENIED",
+        DropReason::AuthRequired => "AUTH_REQUIRED",
+        DropReason::InvalidRequest => "INVALID_REQUEST",
+        DropReason::NoRoute => "NO_ROUTE",
+        DropReason::NoHealthyUpstream => "NO_HEALTHY_UPSTREAM",
+        DropReason::Overflow => "OVERFLOW",
+        DropReason::UpstreamFailure => "UPSTREAM_FAILURE",
+        DropReason::UpstreamTimeout => "UPSTREAM_TIMEOUT",
+    }
+}
+
+pub fn direction_name(direction: TrafficDirection) -> &'static str {
+    match direction {
+        TrafficDirection::Ingress => "INGRESS",
+        TrafficDirection::Egress => "EGRESS",
+    }
+}
+
+/// The words Hubble puts in front of an L3/L4 drop (`Policy denied DROPPED (TCP Flags: SYN)`).
+fn l4_drop_words(drop_reason_desc: &str) -> Option<&'static str> {
+    match drop_reason_desc {
+        "POLICY_DENIED" => Some("Policy denied"),
+        "POLICY_DENY" => Some("Policy denied by denylist"),
+        "AUTH_REQUIRED" => Some("Authentication required"),
+        _ => None,
+    }
+}
+
+const L7_REQUEST: &str = "REQUEST";
+const L7_RESPONSE: &str = "RESPONSE";
+
+/// A request answered through the proxy (or failed upstream) reads as Hubble's response line;
+/// one that policy stopped reads as its request line, even when the proxy sent the 403.
+fn layer7(verdict: Verdict, http: &HttpFlow) -> Layer7 {
+    let answered = verdict != Verdict::Dropped && http.status.is_some();
+    Layer7 {
+        kind: if answered { L7_RESPONSE } else { L7_REQUEST }.to_owned(),
+        latency_ns: u64::try_from(http.latency.as_nanos()).unwrap_or(u64::MAX),
+        http: HttpRecord {
+            code: http.status,
+            method: http.method.clone(),
+            url: format!("http://{}{}", http.authority, http.url),
+            protocol: http.protocol.to_owned(),
+        },
+    }
+}
+
+/// Name for a reserved identity, as Hubble prints `(world)` instead of `(ID:2)`.
+pub fn reserved_identity_name(identity: u32) -> Option<&'static str> {
+    match identity {
+        IDENTITY_HOST => Some("host"),
+        IDENTITY_WORLD => Some("world"),
+        _ => None,
+    }
+}
+
+/// The `sluice observe` filters in their user-facing form: flags on the CLI, query parameters on
+/// the API. Values of one flag are ORed, different flags are ANDed (Hubble's rule).
+#[derive(Debug, Clone, Default, PartialEq, Eq, clap::Args)]
+pub struct FilterArgs {
+    /// Only flows with this verdict: FORWARDED, DROPPED, ERROR.
+    #[arg(long)]
+    pub verdict: Vec<String>,
+    /// Only flows of this protocol: http, tcp.
+    #[arg(long)]
+    pub protocol: Vec<String>,
+    /// Only HTTP flows with this status: exact (`404`) or a prefix ending in `+` (`5+`, `40+`).
+    #[arg(long)]
+    pub http_status: Vec<String>,
+    /// Only HTTP flows with this method (case-insensitive).
+    #[arg(long)]
+    pub http_method: Vec<String>,
+    /// Only HTTP flows whose path matches this regex (unanchored, like Hubble).
+    #[arg(long)]
+    pub http_path: Vec<String>,
+    /// Flows from or to this pod: `[namespace/]name-prefix`, or `namespace/` for a whole namespace.
+    #[arg(long)]
+    pub pod: Vec<String>,
+    /// Flows from this pod: `[namespace/]name-prefix`.
+    #[arg(long)]
+    pub from_pod: Vec<String>,
+    /// Flows to this pod: `[namespace/]name-prefix`.
+    #[arg(long)]
+    pub to_pod: Vec<String>,
+}
+
+const QUERY_KEYS: [&str; 8] =
+    ["verdict", "protocol", "http_status", "http_method", "http_path", "pod", "from_pod", "to_pod"];
+
+impl FilterArgs {
+    fn values(&self) -> [&Vec<String>; 8] {
+        [
+            &self.verdict,
+            &self.protocol,
+            &self.http_status,
+            &self.http_method,
+            &self.http_path,
+            &self.pod,
+            &self.from_pod,
+            &self.to_pod,
+        ]
+    }
+
+    fn values_mut(&mut self) -> [&mut Vec<String>; 8] {
+        [
+            &mut self.verdict,
+            &mut self.protocol,
+            &mut self.http_status,
+            &mut self.http_method,
+            &mut self.http_path,
+            &mut self.pod,
+            &mut self.from_pod,
+            &mut self.to_pod,
+        ]
+    }
+
+    /// Query-string pairs, one per value, in the API's parameter names.
+    pub fn query_pairs(&self) -> Vec<(&'static str, &str)> {
+        QUERY_KEYS
+            .iter()
+            .zip(self.values())
+            .flat_map(|(key, values)| values.iter().map(move |value| (*key, value.as_str())))
+            .collect()
+    }
+
+    /// Takes a pair that names a filter; returns `false` for any other key.
+    pub fn push_query_pair(&mut self, key: &str, value: String) -> bool {
+        match QUERY_KEYS.iter().position(|known| *known == key) {
+            Some(index) => {
+                self.values_mut()[index].push(value);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FilterError {
+    #[error("--verdict {0:?}: expected FORWARDED, DROPPED or ERROR")]
+    Verdict(String),
+    #[error("--protocol {0:?}: sluice sees TCP and HTTP flows only; expected http or tcp")]
+    Protocol(String),
+    #[error("--http-status {0:?}: expected a status like 404 or a prefix like 4+ or 40+")]
+    HttpStatus(String),
+    #[error("--http-path {pattern:?}: {reason}")]
+    HttpPath { pattern: String, reason: String },
+    #[error("--{flag} {value:?}: expected [namespace/]name-prefix")]
+    Pod { flag: &'static str, value: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProtocolMatch {
+    Http,
+    /// Every flow the proxy sees is carried by TCP, HTTP ones included (as in Hubble).
+    Tcp,
+}
+
+/// `404` matches exactly; `4+` and `40+` match every code starting with the digits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum StatusMatch {
+    Exact(u16),
+    Prefix(String),
+}
+
+impl StatusMatch {
+    fn parse(raw: &str) -> Result<Self, FilterError> {
+        let invalid = || FilterError::HttpStatus(raw.to_owned());
+        let all_digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        match raw.strip_suffix('+') {
+            Some(prefix) if all_digits(prefix) && prefix.len() < 3 => Ok(Self::Prefix(prefix.to_owned())),
+            Some(_) => Err(invalid()),
+            None if all_digits(raw) && raw.len() == 3 => raw.parse().map(Self::Exact).map_err(|_| invalid()),
+            None => Err(invalid()),
+        }
+    }
+
+    fn matches(&self, code: u16) -> bool {
+        match self {
+            Self::Exact(exact) => code == *exact,
+            Self::Prefix(prefix) => code.to_string().starts_with(prefix.as_str()),
+        }
+    }
+}
+
+/// `namespace/name-prefix`, `namespace/` (whole namespace) or `name-prefix` (any namespace).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct PodMatch {
+    namespace: Option<String>,
+    name_prefix: String,
+}
+
+impl PodMatch {
+    fn parse(flag: &'static str, raw: &str) -> Result<Self, FilterError> {
+        let (namespace, name_prefix) = match raw.split_once('/') {
+            Some((namespace, name)) => (Some(namespace.to_owned()), name.to_owned()),
+            None => (None, raw.to_owned()),
+        };
+        let empty_namespace = namespace.as_deref() == Some("");
+        if empty_namespace || name_prefix.contains('/') || (namespace.is_none() && name_prefix.is_empty()) {
+            return Err(FilterError::Pod { flag, value: raw.to_owned() });
+        }
+        Ok(Self { namespace, name_prefix })
+    }
+
+    fn matches(&self, endpoint: &FlowEndpoint) -> bool {
+        let Some(pod) = &endpoint.pod_name else { return false };
+        let namespace_ok = match &self.namespace {
+            Some(wanted) => endpoint.namespace.as_deref() == Some(wanted.as_str()),
+            None => true,
+        };
+        namespace_ok && pod.starts_with(&self.name_prefix)
+    }
+}
+
+/// The validated form of [`FilterArgs`]: a pure predicate over [`FlowRecord`]s.
+#[derive(Debug, Clone, Default)]
+pub struct FlowFilter {
+    verdicts: Vec<String>,
+    protocols: Vec<ProtocolMatch>,
+    http_statuses: Vec<StatusMatch>,
+    http_methods: Vec<String>,
+    http_paths: Vec<Regex>,
+    pods: Vec<PodMatch>,
+    from_pods: Vec<PodMatch>,
+    to_pods: Vec<PodMatch>,
+}
+
+impl FlowFilter {
+    pub fn parse(args: &FilterArgs) -> Result<Self, FilterError> {
+        let verdicts = args
+            .verdict
+            .iter()
+            .map(|raw| {
+                let upper = raw.to_ascii_uppercase();
+                match upper.as_str() {
+                    "FORWARDED" | "DROPPED" | "ERROR" => Ok(upper),
+                    _ => Err(FilterError::Verdict(raw.clone())),
+                }
+            })
+            .collect::<Result<_, _>>()?;
+        let protocols = args
+            .protocol
+            .iter()
+            .map(|raw| match raw.to_ascii_lowercase().as_str() {
+                "http" => Ok(ProtocolMatch::Http),
+                "tcp" => Ok(ProtocolMatch::Tcp),
+                _ => Err(FilterError::Protocol(raw.clone())),
+            })
+            .collect::<Result<_, _>>()?;
+        let http_statuses = args.http_status.iter().map(|raw| StatusMatch::parse(raw)).collect::<Result<_, _>>()?;
+        let http_paths = args
+            .http_path
+            .iter()
+            .map(|pattern| {
+                Regex::new(pattern)
+                    .map_err(|err| FilterError::HttpPath { pattern: pattern.clone(), reason: err.to_string() })
+            })
+            .collect::<Result<_, _>>()?;
+        let pods = |flag: &'static str, raw: &[String]| -> Result<Vec<PodMatch>, FilterError> {
+            raw.iter().map(|value| PodMatch::parse(flag, value)).collect()
+        };
+        Ok(Self {
+            verdicts,
+            protocols,
+            http_statuses,
+            http_methods: args.http_method.iter().map(|method| method.to_ascii_uppercase()).collect(),
+            http_paths,
+            pods: pods("pod", &args.pod)?,
+            from_pods: pods("from-pod", &args.from_pod)?,
+            to_pods: pods("to-pod", &args.to_pod)?,
+        })
+    }
+
+    pub fn matches(&self, record: &FlowRecord) -> bool {
+        let http = record.l7.as_ref().map(|l7| &l7.http);
+        any_or_empty(&self.verdicts, |verdict| record.verdict == *verdict)
+            && any_or_empty(&self.protocols, |protocol| match protocol {
+                ProtocolMatch::Http => http.is_some(),
+                ProtocolMatch::Tcp => true,
+            })
+            && any_or_empty(&self.http_statuses, |status| {
+                http.and_then(|http| http.code).is_some_and(|code| status.matches(code))
+            })
+            && any_or_empty(&self.http_methods, |method| http.is_some_and(|http| http.method == *method))
+            && any_or_empty(&self.http_paths, |path| http.is_some_and(|http| path.is_match(url_path(&http.url))))
+            && any_or_empty(&self.pods, |pod| pod.matches(&record.source) || pod.matches(&record.destination))
+            && any_or_empty(&self.from_pods, |pod| pod.matches(&record.source))
+            && any_or_empty(&self.to_pods, |pod| pod.matches(&record.destination))
+    }
+}
+
+fn any_or_empty<T>(wanted: &[T], matches: impl Fn(&T) -> bool) -> bool {
+    wanted.is_empty() || wanted.iter().any(matches)
+}
+
+/// The path of an `http://authority/path?query` URL, as Hubble's `--http-path` sees it.
+fn url_path(url: &str) -> &str {
+    let after_scheme = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let path_and_query = after_scheme.find('/').map_or("", |start| &after_scheme[start..]);
+    path_and_query.split_once('?').map_or(path_and_query, |(path, _)| path)
+}
+
+/// Recent flows for `--last N` plus a broadcast for `--follow`. Cheap to clone; all clones share
+/// one ring. Every recorded event is also counted in the Hubble metrics.
+#[derive(Clone)]
+pub struct FlowLog {
+    inner: Arc<FlowLogInner>,
+}
+
+struct FlowLogInner {
+    capacity: usize,
+    ring: Mutex<VecDeque<Arc<FlowRecord>>>,
+    followers: broadcast::Sender<Arc<FlowRecord>>,
+    seen: AtomicU64,
+    metrics: Metrics,
+}
+
+impl FlowLog {
+    pub fn new(capacity: usize, metrics: Metrics) -> Self {
+        let capacity = capacity.max(1);
+        let (followers, _) = broadcast::channel(capacity);
+        Self {
+            inner: Arc::new(FlowLogInner {
+                capacity,
+                ring: Mutex::new(VecDeque::with_capacity(capacity)),
+                followers,
+                seen: AtomicU64::new(0),
+                metrics,
+            }),
+        }
+    }
+
+    pub fn record(&self, event: FlowEvent) {
+        self.inner.metrics.observe_flow(&event);
+        let record = Arc::new(FlowRecord::from_event(&event));
+        let mut ring = self.inner.ring.lock().unwrap_or_else(PoisonError::into_inner);
+        if ring.len() == self.inner.capacity {
+            ring.pop_front();
+        }
+        ring.push_back(Arc::clone(&record));
+        self.inner.seen.fetch_add(1, Ordering::Relaxed);
+        // Sent under the ring lock so a follower's backlog and its live feed never overlap or gap.
+        // An error only means nobody is following.
+        let _ = self.inner.followers.send(record);
+    }
+
+    /// The newest `last` records that match, oldest first.
+    pub fn recent(&self, filter: &FlowFilter, last: usize) -> Vec<FlowRecord> {
+        let ring = self.inner.ring.lock().unwrap_or_else(PoisonError::into_inner);
+        newest_matching(&ring, filter, last)
+    }
+
+    /// A live feed of every record from now on (filter it yourself).
+    pub fn subscribe(&self) -> FlowSubscription {
+        FlowSubscription { receiver: self.inner.followers.subscribe(), log: self.clone() }
+    }
+
+    /// The newest `last` matching records and a feed that continues exactly after them.
+    pub fn recent_and_subscribe(&self, filter: &FlowFilter, last: usize) -> (Vec<FlowRecord>, FlowSubscription) {
+        let ring = self.inner.ring.lock().unwrap_or_else(PoisonError::into_inner);
+        let backlog = newest_matching(&ring, filter, last);
+        let subscription = FlowSubscription { receiver: self.inner.followers.subscribe(), log: self.clone() };
+        (backlog, subscription)
+    }
+
+    /// Flows recorded since start.
+    pub fn seen(&self) -> u64 {
+        self.inner.seen.load(Ordering::Relaxed)
+    }
+
+    /// Flows that never reached an observer: dropped by the proxy's queue or skipped by a
+    /// follower that fell behind.
+    pub fn lost(&self) -> u64 {
+        self.inner.metrics.lost_events()
+    }
+}
+
+fn newest_matching(ring: &VecDeque<Arc<FlowRecord>>, filter: &FlowFilter, last: usize) -> Vec<FlowRecord> {
+    let mut newest: Vec<FlowRecord> =
+        ring.iter().rev().filter(|record| filter.matches(record)).take(last).map(|record| (**record).clone()).collect();
+    newest.reverse();
+    newest
+}
+
+/// A follower's feed. Falling behind by more than the ring's capacity skips the oldest records
+/// and counts them as lost instead of slowing the proxy down.
+pub struct FlowSubscription {
+    receiver: broadcast::Receiver<Arc<FlowRecord>>,
+    log: FlowLog,
+}
+
+impl FlowSubscription {
+    /// The next record, or `None` once the log is gone.
+    pub async fn next(&mut self) -> Option<Arc<FlowRecord>> {
+        loop {
+            match self.receiver.recv().await {
+                Ok(record) => return Some(record),
+                Err(broadcast::error::RecvError::Lagged(skipped)) => {
+                    tracing::debug!(skipped, "flow follower fell behind");
+                    self.log.inner.metrics.add_lost_events(crate::metrics::LOST_SOURCE_FOLLOWER, skipped);
+                }
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::net::{IpAddr, Ipv4Addr};
+    use std::time::{Duration, SystemTime};
+
+    pub(crate) fn peer(name: Option<&str>, last_octet: u8, port: u16, identity: u32) -> FlowPeer {
+        FlowPeer { ip: IpAddr::V4(Ipv4Addr::new(198, 18, 0, last_octet)), port, identity, name: name.map(str::to_owned) }
+    }
+
+    pub(crate) fn http(method: &str, url: &str, status: Option<u16>, latency_ms: u64) -> HttpFlow {
+        HttpFlow {
+            method: method.to_owned(),
+            url: url.to_owned(),
+            authority: "deathstar.default".to_owned(),
+            protocol: "HTTP/1.1",
+            status,
+            latency: Duration::from_millis(latency_ms),
+        }
+    }
+
+    /// tiefighter -> deathstar, at 2024-11-22T19:01:02.123Z.
+    pub(crate) fn event(verdict: Verdict, drop_reason: Option<DropReason>, http: Option<HttpFlow>) -> FlowEvent {
+        FlowEvent {
+            time: SystemTime::UNIX_EPOCH + Duration::from_millis(1_732_302_062_123),
+            generation: 3,
+            verdict,
+            drop_reason,
+            direction: drop_reason.map(|_| TrafficDirection::Ingress),
+            source: peer(Some("default/tiefighter"), 10, 40000, 257),
+            destination: peer(Some("default/deathstar-0"), 20, 80, 258),
+            listener: "default/deathstar:80".to_owned(),
+            http,
+            cluster: Some("default/deathstar:80".to_owned()),
+            attempts: u32::from(verdict == Verdict::Forwarded),
+            policy: Some(Arc::from("CiliumNetworkPolicy default/rule1 spec.ingress[0]")),
+        }
+    }
+
+    pub(crate) fn landing_ok() -> FlowEvent {
+        event(Verdict::Forwarded, None, Some(http("POST", "/v1/request-landing", Some(200), 3)))
+    }
+
+    pub(crate) fn exhaust_denied() -> FlowEvent {
+        event(Verdict::Dropped, Some(DropReason::L7PolicyDenied), Some(http("PUT", "/v1/exhaust-port", Some(403), 0)))
+    }
+
+    fn xwing_l4_denied() -> FlowEvent {
+        let mut denied = event(Verdict::Dropped, Some(DropReason::PolicyDenied), None);
+        denied.source = peer(Some("default/xwing"), 11, 41000, 259);
+        denied
+    }
+
+    fn record(event: FlowEvent) -> FlowRecord {
+        FlowRecord::from_event(&event)
+    }
+
+    #[test]
+    fn summaries_read_like_hubble() {
+        assert_eq!(
+            record(exhaust_denied()).summary,
+            "http-request DROPPED (HTTP/1.1 PUT http://deathstar.default/v1/exhaust-port)"
+        );
+        assert_eq!(
+            record(landing_ok()).summary,
+            "http-response FORWARDED (HTTP/1.1 200 3ms (POST http://deathstar.default/v1/request-landing))"
+        );
+        assert_eq!(record(xwing_l4_denied()).summary, "Policy denied DROPPED (TCP)");
+        let upstream_failed =
+            event(Verdict::Error, Some(DropReason::UpstreamFailure), Some(http("GET", "/", Some(503), 12)));
+        assert_eq!(
+            record(upstream_failed).summary,
+            "http-response ERROR (HTTP/1.1 503 12ms (GET http://deathstar.default/))"
+        );
+    }
+
+    #[test]
+    fn record_json_uses_hubble_field_names() {
+        let json = serde_json::to_value(record(exhaust_denied())).expect("serializes");
+        assert_eq!(json["time"], "2024-11-22T19:01:02.123Z");
+        assert_eq!(json["verdict"], "DROPPED");
+        assert_eq!(json["drop_reason_desc"], "L7_POLICY_DENIED");
+        assert_eq!(json["Type"], "L7");
+        assert_eq!(json["traffic_direction"], "INGRESS");
+        assert_eq!(json["source"]["namespace"], "default");
+        assert_eq!(json["source"]["pod_name"], "tiefighter");
+        assert_eq!(json["source"]["identity"], 257);
+        assert_eq!(json["destination"]["port"], 80);
+        assert_eq!(json["l7"]["type"], "REQUEST");
+        assert_eq!(json["l7"]["http"]["code"], 403);
+        assert_eq!(json["l7"]["http"]["url"], "http://deathstar.default/v1/exhaust-port");
+        let back: FlowRecord = serde_json::from_value(json).expect("deserializes");
+        assert_eq!(back, record(exhaust_denied()));
+    }
+
+    fn args(fill: impl FnOnce(&mut FilterArgs)) -> FilterArgs {
+        let mut args = FilterArgs::default();
+        fill(&mut args);
+        args
+    }
+
+    fn strings(values: &[&str]) -> Vec<String> {
+        values.iter().map(|value| (*value).to_owned()).collect()
+    }
+
+    #[test]
+    fn filters_select_the_flows_hubble_would() {
+        let ok = record(landing_ok());
+        let denied = record(exhaust_denied());
+        let l4 = record(xwing_l4_denied());
+        let mut world_source = landing_ok();
+        world_source.source = peer(None, 99, 50000, IDENTITY_WORLD);
+        let world = record(world_source);
+        let table: Vec<(&str, FilterArgs, [bool; 4])> = vec![
+            ("no filter", FilterArgs::default(), [true, true, true, true]),
+            ("verdict", args(|a| a.verdict = strings(&["dropped"])), [false, true, true, false]),
+            ("verdict or", args(|a| a.verdict = strings(&["FORWARDED", "DROPPED"])), [true, true, true, true]),
+            ("protocol http", args(|a| a.protocol = strings(&["http"])), [true, true, false, true]),
+            ("protocol tcp", args(|a| a.protocol = strings(&["TCP"])), [true, true, true, true]),
+            ("status exact", args(|a| a.http_status = strings(&["403"])), [false, true, false, false]),
+            ("status prefix", args(|a| a.http_status = strings(&["2+"])), [true, false, false, true]),
+            ("status two-digit prefix", args(|a| a.http_status = strings(&["40+"])), [false, true, false, false]),
+            ("method", args(|a| a.http_method = strings(&["put"])), [false, true, false, false]),
+            ("path regex", args(|a| a.http_path = strings(&["^/v1/request"])), [true, false, false, true]),
+            ("path ignores authority", args(|a| a.http_path = strings(&["deathstar"])), [false, false, false, false]),
+            ("pod either side", args(|a| a.pod = strings(&["deathstar"])), [true, true, true, true]),
+            ("pod with namespace", args(|a| a.pod = strings(&["default/xwing"])), [false, false, true, false]),
+            ("pod other namespace", args(|a| a.pod = strings(&["kube-system/"])), [false, false, false, false]),
+            ("whole namespace", args(|a| a.pod = strings(&["default/"])), [true, true, true, true]),
+            ("from pod", args(|a| a.from_pod = strings(&["tie"])), [true, true, false, false]),
+            ("to pod is destination only", args(|a| a.to_pod = strings(&["tiefighter"])), [false, false, false, false]),
+            (
+                "flags are ANDed",
+                args(|a| {
+                    a.from_pod = strings(&["tiefighter"]);
+                    a.verdict = strings(&["DROPPED"]);
+                }),
+                [false, true, false, false],
+            ),
+        ];
+        for (name, filter_args, expected) in table {
+            let filter = FlowFilter::parse(&filter_args).expect(name);
+            let got = [&ok, &denied, &l4, &world].map(|record| filter.matches(record));
+            assert_eq!(got, expected, "{name}");
+        }
+    }
+
+    #[test]
+    fn bad_filters_are_rejected_with_the_flag_named() {
+        let cases: Vec<(FilterArgs, &str)> = vec![
+            (args(|a| a.verdict = strings(&["ALLOWED"])), "--verdict \"ALLOWED\""),
+            (args(|a| a.protocol = strings(&["udp"])), "--protocol \"udp\""),
+            (args(|a| a.http_status = strings(&["4xx"])), "--http-status \"4xx\""),
+            (args(|a| a.http_status = strings(&["404+"])), "--http-status \"404+\""),
+            (args(|a| a.http_status = strings(&["40"])), "--http-status \"40\""),
+            (args(|a| a.http_path = strings(&["(unclosed"])), "--http-path \"(unclosed\""),
+            (args(|a| a.to_pod = strings(&["/deathstar"])), "--to-pod \"/deathstar\""),
+            (args(|a| a.pod = strings(&["a/b/c"])), "--pod \"a/b/c\""),
+        ];
+        for (filter_args, message_start) in cases {
+            let err = FlowFilter::parse(&filter_args).expect_err(message_start);
+            assert!(err.to_string().starts_with(message_start), "{err} should start with {message_start}");
+        }
+    }
+
+    #[test]
+    fn query_pairs_round_trip() {
+        let original = args(|a| {
+            a.verdict = strings(&["DROPPED"]);
+            a.http_status = strings(&["4+", "503"]);
+            a.to_pod = strings(&["default/deathstar"]);
+        });
+        let mut parsed = FilterArgs::default();
+        for (key, value) in original.query_pairs() {
+            assert!(parsed.push_query_pair(key, value.to_owned()), "{key}");
+        }
+        assert_eq!(parsed, original);
+        assert!(!parsed.push_query_pair("last", "3".to_owned()));
+    }
+
+    #[test]
+    fn ring_keeps_the_newest_and_counts_everything() {
+        let log = FlowLog::new(2, Metrics::new());
+        log.record(landing_ok());
+        log.record(exhaust_denied());
+        log.record(xwing_l4_denied());
+        assert_eq!(log.seen(), 3);
+        let all = log.recent(&FlowFilter::default(), 10);
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[0].summary, record(exhaust_denied()).summary);
+        assert_eq!(all[1].summary, record(xwing_l4_denied()).summary);
+        let newest = log.recent(&FlowFilter::default(), 1);
+        assert_eq!(newest, vec![record(xwing_l4_denied())]);
+        let http_only = FlowFilter::parse(&args(|a| a.protocol = strings(&["http"]))).expect("valid");
+        assert_eq!(log.recent(&http_only, 10), vec![record(exhaust_denied())]);
+    }
+
+    #[tokio::test]
+    async fn follower_gets_new_flows_after_its_backlog() {
+        let log = FlowLog::new(8, Metrics::new());
+        log.record(landing_ok());
+        let (backlog, mut feed) = log.recent_and_subscribe(&FlowFilter::default(), 5);
+        assert_eq!(backlog, vec![record(landing_ok())]);
+        log.record(exhaust_denied());
+        let next = feed.next().await.expect("feed open");
+        assert_eq!(*next, record(exhaust_denied()));
+    }
+
+    #[tokio::test]
+    async fn a_follower_that_falls_behind_counts_lost_flows() {
+        let log = FlowLog::new(2, Metrics::new());
+        let mut feed = log.subscribe();
+        for _ in 0..5 {
+            log.record(landing_ok());
+        }
+        assert!(feed.next().await.is_some());
+        assert_eq!(log.lost(), 3);
+    }
+}

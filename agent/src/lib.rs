@@ -1,0 +1,9 @@
+//! sluice-agent: the node agent's parts (sources -> model -> compile -> datapath), used by the
+//! `sluice` binary and by the golden and end-to-end tests.
+
+pub mod demo;
+pub mod identity;
+pub mod source;
+pub mod store;
+pub mod view;
+pub mod workload;

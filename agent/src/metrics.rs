@@ -1,0 +1,428 @@
+//! Observe: flow events and agent/proxy state -> Prometheus metrics with Hubble's names, served on `GET /metrics`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use sluice_proxy::flow::{DropReason, FlowEvent, TrafficDirection, Verdict};
+
+use crate::flows::{drop_reason_name, verdict_name};
+
+/// Hubble's `lost_events_total{source}` for events the proxy's bounded queue dropped.
+pub const LOST_SOURCE_PROXY_QUEUE: &str = "observer_events_queue";
+/// Hubble's `lost_events_total{source}` for records a slow follower skipped.
+pub const LOST_SOURCE_FOLLOWER: &str = "hubble_ring_buffer";
+
+/// Prometheus' default buckets, which Hubble uses for `http_request_duration_seconds`.
+const DURATION_BUCKETS: [f64; 11] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FlowLabels {
+    r#type: &'static str,
+    subtype: &'static str,
+    verdict: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DropLabels {
+    reason: &'static str,
+    protocol: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HttpRequestLabels {
+    method: String,
+    protocol: &'static str,
+    reporter: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HttpResponseLabels {
+    method: String,
+    status: String,
+    reporter: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HttpDurationLabels {
+    method: String,
+    reporter: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LostLabels {
+    source: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PolicyVerdictLabels {
+    direction: &'static str,
+    r#match: &'static str,
+    action: &'static str,
+}
+
+/// Plain numbers about the proxy, sampled by the agent (so this module does not depend on the
+/// proxy's own stats type).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProxyStats {
+    pub workers: u64,
+    pub listeners: u64,
+    pub active_connections: u64,
+    pub active_requests: u64,
+    /// Cumulative flow events the proxy's queue dropped (`FlowSink::lost`).
+    pub flow_events_lost: u64,
+}
+
+/// The agent's metrics. Cheap to clone; clones share the registry.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    flows_processed: Family<FlowLabels, Counter>,
+    drops: Family<DropLabels, Counter>,
+    http_requests: Family<HttpRequestLabels, Counter>,
+    http_responses: Family<HttpResponseLabels, Counter>,
+    http_duration: Family<HttpDurationLabels, Histogram>,
+    policy_verdicts: Family<PolicyVerdictLabels, Counter>,
+    lost_proxy_queue: Counter,
+    lost_follower: Counter,
+    config_errors: Gauge,
+    tables_generation: Gauge,
+    proxy_workers: Gauge,
+    proxy_listeners: Gauge,
+    proxy_active_connections: Gauge,
+    proxy_active_requests: Gauge,
+}
+
+fn duration_histogram() -> Histogram {
+    Histogram::new(DURATION_BUCKETS)
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let hubble = registry.sub_registry_with_prefix("hubble");
+        let flows_processed = Family::default();
+        hubble.register("flows_processed", "Total number of flows processed", flows_processed.clone());
+        let drops = Family::default();
+        hubble.register("drop", "Number of drops", drops.clone());
+        let http_requests = Family::default();
+        hubble.register("http_requests", "Count of HTTP requests", http_requests.clone());
+        let http_responses = Family::default();
+        hubble.register("http_responses", "Count of HTTP responses", http_responses.clone());
+        let http_duration =
+            Family::<HttpDurationLabels, Histogram>::new_with_constructor(duration_histogram as fn() -> Histogram);
+        hubble.register("http_request_duration_seconds", "Quantiles of HTTP request duration in seconds", http_duration.clone());
+        let policy_verdicts = Family::default();
+        hubble.register("policy_verdicts", "Number of policy verdicts", policy_verdicts.clone());
+        let lost_events = Family::<LostLabels, Counter>::default();
+        hubble.register("lost_events", "Number of lost events", lost_events.clone());
+        let lost_proxy_queue = lost_events.get_or_create(&LostLabels { source: LOST_SOURCE_PROXY_QUEUE }).clone();
+        let lost_follower = lost_events.get_or_create(&LostLabels { source: LOST_SOURCE_FOLLOWER }).clone();
+
+        let sluice = registry.sub_registry_with_prefix("sluice");
+        let gauge = |registry: &mut Registry, name: &str, help: &str| {
+            let gauge = Gauge::default();
+            registry.register(name, help, gauge.clone());
+            gauge
+        };
+        let config_errors = gauge(sluice, "config_errors", "Configuration errors currently reported (the objects keep their last good state)");
+        let tables_generation = gauge(sluice, "tables_generation", "Generation of the proxy tables currently applied");
+        let proxy = sluice.sub_registry_with_prefix("proxy");
+        let proxy_workers = gauge(proxy, "workers", "Proxy worker threads");
+        let proxy_listeners = gauge(proxy, "listeners", "Listeners the proxy has bound");
+        let proxy_active_connections = gauge(proxy, "active_connections", "Downstream connections open now");
+        let proxy_active_requests = gauge(proxy, "active_requests", "Requests in flight now");
+
+        Self {
+            registry: Arc::new(registry),
+            flows_processed,
+            drops,
+            http_requests,
+            http_responses,
+            http_duration,
+            policy_verdicts,
+            lost_proxy_queue,
+            lost_follower,
+            config_errors,
+            tables_generation,
+            proxy_workers,
+            proxy_listeners,
+            proxy_active_connections,
+            proxy_active_requests,
+        }
+    }
+
+    /// Counts one flow in every Hubble metric it belongs to.
+    pub fn observe_flow(&self, event: &FlowEvent) {
+        let verdict = verdict_name(event.verdict);
+        let (r#type, subtype) = match (&event.http, event.verdict) {
+            (Some(_), _) => ("L7", "HTTP"),
+            (None, Verdict::Dropped) => ("Drop", ""),
+            (None, _) => ("Trace", "to-endpoint"),
+        };
+        self.flows_processed.get_or_create(&FlowLabels { r#type, subtype, verdict }).inc();
+
+        if event.verdict == Verdict::Dropped {
+            let reason = event.drop_reason.map_or("UNKNOWN", drop_reason_name);
+            self.drops.get_or_create(&DropLabels { reason, protocol: "TCP" }).inc();
+        }
+
+        if let Some(http) = &event.http {
+            let reporter = reporter(event.direction);
+            let method = http.method.clone();
+            self.http_requests
+                .get_or_create(&HttpRequestLabels { method: method.clone(), protocol: http.protocol, reporter })
+                .inc();
+            if let Some(status) = http.status {
+                self.http_responses
+                    .get_or_create(&HttpResponseLabels { method: method.clone(), status: status.to_string(), reporter })
+                    .inc();
+                self.http_duration
+                    .get_or_create(&HttpDurationLabels { method, reporter })
+                    .observe(http.latency.as_secs_f64());
+            }
+        }
+
+        if let Some(labels) = policy_verdict(event) {
+            self.policy_verdicts.get_or_create(&labels).inc();
+        }
+    }
+
+    pub fn add_lost_events(&self, source: &'static str, count: u64) {
+        match source {
+            LOST_SOURCE_PROXY_QUEUE => self.lost_proxy_queue.inc_by(count),
+            _ => self.lost_follower.inc_by(count),
+        };
+    }
+
+    /// All lost events, from every source.
+    pub fn lost_events(&self) -> u64 {
+        self.lost_proxy_queue.get() + self.lost_follower.get()
+    }
+
+    /// The agent's view of its configuration after an apply.
+    pub fn set_config_state(&self, errors: usize, tables_generation: u64) {
+        self.config_errors.set(i64::try_from(errors).unwrap_or(i64::MAX));
+        self.tables_generation.set(saturating_i64(tables_generation));
+    }
+
+    pub fn set_proxy_stats(&self, stats: &ProxyStats) {
+        self.proxy_workers.set(saturating_i64(stats.workers));
+        self.proxy_listeners.set(saturating_i64(stats.listeners));
+        self.proxy_active_connections.set(saturating_i64(stats.active_connections));
+        self.proxy_active_requests.set(saturating_i64(stats.active_requests));
+        // The proxy keeps a cumulative count; mirror it rather than adding deltas, so a missed
+        // sample never double-counts.
+        self.lost_proxy_queue.inner().store(stats.flow_events_lost, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The OpenMetrics text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        if let Err(err) = prometheus_client::encoding::text::encode(&mut text, &self.registry) {
+            tracing::error!(%err, "encoding metrics failed");
+        }
+        text
+    }
+}
+
+fn saturating_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// Hubble's `reporter` label: the server's proxy sees ingress, the client's sees egress.
+fn reporter(direction: Option<TrafficDirection>) -> &'static str {
+    match direction {
+        Some(TrafficDirection::Ingress) => "server",
+        Some(TrafficDirection::Egress) => "client",
+        None => "unknown",
+    }
+}
+
+/// A policy verdict is counted when the event says whose policy decided.
+fn policy_verdict(event: &FlowEvent) -> Option<PolicyVerdictLabels> {
+    let direction = match event.direction? {
+        TrafficDirection::Ingress => "ingress",
+        TrafficDirection::Egress => "egress",
+    };
+    let r#match = match event.drop_reason {
+        Some(DropReason::PolicyDenied) => "none",
+        Some(DropReason::PolicyDeny | DropReason::AuthRequired) => "l3-l4",
+        Some(DropReason::L7PolicyDenied) => "l7/http",
+        _ if event.policy.is_none() => return None,
+        _ if event.http.is_some() => "l7/http",
+        _ => "l3-l4",
+    };
+    let action = match event.verdict {
+        Verdict::Forwarded => "forwarded",
+        Verdict::Dropped | Verdict::Error => "dropped",
+    };
+    Some(PolicyVerdictLabels { direction, r#match, action })
+}
+
+const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+fn handle(metrics: &Metrics, request: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+    let (status, content_type, body) = match (request.method(), request.uri().path()) {
+        (&Method::GET, "/metrics") => (StatusCode::OK, OPENMETRICS_CONTENT_TYPE, metrics.encode()),
+        (_, "/metrics") => (StatusCode::METHOD_NOT_ALLOWED, "text/plain", "use GET\n".to_owned()),
+        _ => (StatusCode::NOT_FOUND, "text/plain", "metrics are at /metrics\n".to_owned()),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(content_type));
+    response
+}
+
+/// Serves `GET /metrics` on `addr` until the task is dropped.
+pub async fn serve_metrics(addr: SocketAddr, metrics: Metrics) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|err| anyhow::anyhow!("binding the metrics address {addr}: {err}"))?;
+    tracing::info!(addr = %listener.local_addr()?, "serving metrics");
+    serve_metrics_on(listener, metrics).await
+}
+
+async fn serve_metrics_on(listener: tokio::net::TcpListener, metrics: Metrics) -> anyhow::Result<()> {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(err) => {
+                tracing::warn!(%err, "accepting a metrics connection failed");
+                continue;
+            }
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let response = handle(&metrics, &request);
+                async move { Ok::<_, std::convert::Infallible>(response) }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(err) = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await {
+                tracing::debug!(%err, %peer, "metrics connection ended with an error");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flows::tests::{event, exhaust_denied, http, landing_ok};
+    use http_body_util::{BodyExt, Empty};
+
+    fn lines_with<'a>(text: &'a str, prefix: &str) -> Vec<&'a str> {
+        text.lines().filter(|line| line.starts_with(prefix)).collect()
+    }
+
+    #[test]
+    fn flows_feed_hubble_metrics() {
+        let metrics = Metrics::new();
+        let mut ok_ingress = landing_ok();
+        ok_ingress.direction = Some(TrafficDirection::Ingress);
+        metrics.observe_flow(&ok_ingress);
+        metrics.observe_flow(&ok_ingress);
+        metrics.observe_flow(&exhaust_denied());
+        metrics.observe_flow(&event(Verdict::Dropped, Some(DropReason::PolicyDenied), None));
+        let text = metrics.encode();
+
+        let mut processed = lines_with(&text, "hubble_flows_processed_total{");
+        processed.sort_unstable();
+        assert_eq!(
+            processed,
+            [
+                r#"hubble_flows_processed_total{type="Drop",subtype="",verdict="DROPPED"} 1"#,
+                r#"hubble_flows_processed_total{type="L7",subtype="HTTP",verdict="DROPPED"} 1"#,
+                r#"hubble_flows_processed_total{type="L7",subtype="HTTP",verdict="FORWARDED"} 2"#,
+            ]
+        );
+        assert!(text.contains(r#"hubble_drop_total{reason="L7_POLICY_DENIED",protocol="TCP"} 1"#), "{text}");
+        assert!(text.contains(r#"hubble_drop_total{reason="POLICY_DENIED",protocol="TCP"} 1"#), "{text}");
+        assert!(text.contains(r#"hubble_http_requests_total{method="POST",protocol="HTTP/1.1",reporter="server"} 2"#), "{text}");
+        assert!(text.contains(r#"hubble_http_requests_total{method="PUT",protocol="HTTP/1.1",reporter="server"} 1"#), "{text}");
+        assert!(text.contains(r#"hubble_http_responses_total{method="POST",status="200",reporter="server"} 2"#), "{text}");
+        assert!(text.contains(r#"hubble_http_responses_total{method="PUT",status="403",reporter="server"} 1"#), "{text}");
+        // 3 ms lands in the 5 ms bucket and every one above it.
+        assert!(text.contains(r#"hubble_http_request_duration_seconds_bucket{le="0.005",method="POST",reporter="server"} 2"#), "{text}");
+        assert!(text.contains(r#"hubble_http_request_duration_seconds_count{method="POST",reporter="server"} 2"#), "{text}");
+        assert!(text.contains(r#"hubble_policy_verdicts_total{direction="ingress",match="l7/http",action="forwarded"} 2"#), "{text}");
+        assert!(text.contains(r#"hubble_policy_verdicts_total{direction="ingress",match="l7/http",action="dropped"} 1"#), "{text}");
+        assert!(text.contains(r#"hubble_policy_verdicts_total{direction="ingress",match="none",action="dropped"} 1"#), "{text}");
+        assert!(text.contains(r#"hubble_lost_events_total{source="observer_events_queue"} 0"#), "{text}");
+    }
+
+    #[test]
+    fn a_flow_without_a_deciding_policy_is_no_policy_verdict() {
+        let metrics = Metrics::new();
+        let mut unpoliced = event(Verdict::Forwarded, None, Some(http("GET", "/", Some(200), 1)));
+        unpoliced.policy = None;
+        metrics.observe_flow(&unpoliced);
+        let text = metrics.encode();
+        assert!(lines_with(&text, "hubble_policy_verdicts_total{").is_empty(), "{text}");
+        assert!(text.contains(r#"hubble_http_requests_total{method="GET",protocol="HTTP/1.1",reporter="unknown"} 1"#), "{text}");
+    }
+
+    #[test]
+    fn agent_and_proxy_state_are_gauges() {
+        let metrics = Metrics::new();
+        metrics.set_config_state(2, 17);
+        let stats = ProxyStats { workers: 2, listeners: 3, active_connections: 5, active_requests: 1, flow_events_lost: 9 };
+        metrics.set_proxy_stats(&stats);
+        metrics.set_proxy_stats(&stats);
+        metrics.add_lost_events(LOST_SOURCE_FOLLOWER, 4);
+        let text = metrics.encode();
+        for line in [
+            "sluice_config_errors 2",
+            "sluice_tables_generation 17",
+            "sluice_proxy_workers 2",
+            "sluice_proxy_listeners 3",
+            "sluice_proxy_active_connections 5",
+            "sluice_proxy_active_requests 1",
+            r#"hubble_lost_events_total{source="observer_events_queue"} 9"#,
+            r#"hubble_lost_events_total{source="hubble_ring_buffer"} 4"#,
+        ] {
+            assert!(text.lines().any(|got| got == line), "missing {line:?} in\n{text}");
+        }
+        assert_eq!(metrics.lost_events(), 13);
+    }
+
+    #[tokio::test]
+    async fn metrics_are_scraped_over_http() -> anyhow::Result<()> {
+        let metrics = Metrics::new();
+        metrics.observe_flow(&landing_ok());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let server = tokio::spawn(serve_metrics_on(listener, metrics));
+
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        tokio::spawn(connection);
+        let scrape = |path: &str| Request::get(path).header("host", "localhost").body(Empty::<Bytes>::new());
+        let response = sender.send_request(scrape("/metrics")?).await?;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()[http::header::CONTENT_TYPE], OPENMETRICS_CONTENT_TYPE);
+        let body = String::from_utf8(response.into_body().collect().await?.to_bytes().to_vec())?;
+        assert!(body.contains(r#"hubble_flows_processed_total{type="L7",subtype="HTTP",verdict="FORWARDED"} 1"#), "{body}");
+        assert!(body.ends_with("# EOF\n"), "{body}");
+
+        let missing = sender.send_request(scrape("/")?).await?;
+        assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+        server.abort();
+        Ok(())
+    }
+}
