@@ -73,8 +73,9 @@ pub struct Listener {
 pub struct HttpConnectionManager {
     pub stat_prefix: String,
     pub route_config: Arc<RouteConfig>,
-    /// `normalize_path` (RFC 3986 dot segments). sluice always rejects what cannot be
-    /// normalized; this flag decides whether the normalized path is also what is forwarded.
+    /// `normalize_path` (RFC 3986 dot segments). sluice always forwards exactly the path that
+    /// policy and routing saw: with this flag a path with dot segments is rewritten to its
+    /// resolved form, without it such a path is rejected (400). See proxy/NORMALIZATION.md.
     pub normalize_path: bool,
     pub merge_slashes: bool,
     pub escaped_slashes: EscapedSlashesAction,
@@ -95,7 +96,11 @@ pub struct HttpConnectionManager {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum EscapedSlashesAction {
+    /// `IMPLEMENTATION_SPECIFIC_DEFAULT` or absent. Envoy keeps `%2F`/`%5C` unchanged; sluice
+    /// rejects them (400), because a backend that decodes them would see a path policy did not.
     #[default]
+    ImplementationSpecificDefault,
+    /// Only when configured explicitly: `%2F`/`%5C` are forwarded and matched literally.
     KeepUnchanged,
     RejectRequest,
     UnescapeAndRedirect,
