@@ -123,13 +123,13 @@ fn flows_response(flows: &FlowLog, query: &FlowQuery) -> Response<ApiBody> {
     };
     let last = query.effective_last();
     if !query.follow {
-        let body: Vec<u8> = flows.recent(&filter, last).iter().flat_map(|record| ndjson_line(record)).collect();
+        let body: Vec<u8> = flows.recent(&filter, last).iter().flat_map(ndjson_line).collect();
         return full(StatusCode::OK, "application/x-ndjson", body);
     }
     // Subscribed before the response goes out, so every flow recorded after the client sees the
     // headers reaches it.
     let (backlog, subscription) = flows.recent_and_subscribe(&filter, last);
-    let backlog: Bytes = backlog.iter().flat_map(|record| ndjson_line(record)).collect();
+    let backlog: Bytes = backlog.iter().flat_map(ndjson_line).collect();
     let live = futures_util::stream::unfold((subscription, filter), |(mut subscription, filter)| async move {
         loop {
             let record = subscription.next().await?;
@@ -140,6 +140,7 @@ fn flows_response(flows: &FlowLog, query: &FlowQuery) -> Response<ApiBody> {
     });
     let frames = futures_util::stream::once(std::future::ready(backlog))
         .chain(live)
+        .filter(|bytes| std::future::ready(!bytes.is_empty()))
         .map(|bytes| Ok::<_, Infallible>(Frame::data(bytes)));
     let mut response = Response::new(StreamBody::new(frames).boxed_unsync());
     response
@@ -429,7 +430,7 @@ mod tests {
         drop(std::os::unix::net::UnixListener::bind(&socket)?);
         assert!(socket.exists());
         let listener = bind_api_socket(&socket).await?;
-        let refused = bind_api_socket(&socket).await.err().expect("socket in use");
+        let refused = bind_api_socket(&socket).await.expect_err("socket in use");
         assert!(refused.to_string().starts_with("another agent is serving"), "{refused}");
         drop(listener);
         Ok(())
