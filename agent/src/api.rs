@@ -424,6 +424,21 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_follower_that_hangs_up_is_forgotten() -> anyhow::Result<()> {
+        let agent = agent().await?;
+        let stream = open_flows(&agent.socket, &FlowQuery { follow: true, ..Default::default() }).await?;
+        assert_eq!(agent.flows.follower_count(), 1);
+        drop(stream);
+        for _ in 0..1000 {
+            if agent.flows.follower_count() == 0 {
+                return Ok(());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        bail!("the server still follows for a client that hung up")
+    }
+
+    #[tokio::test]
     async fn a_stale_socket_is_replaced_and_a_live_one_is_not() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         let socket = socket_path(dir.path());

@@ -532,6 +532,11 @@ impl FlowLog {
         (backlog, subscription)
     }
 
+    #[cfg(test)]
+    pub(crate) fn follower_count(&self) -> usize {
+        self.inner.followers.receiver_count()
+    }
+
     /// Flows recorded since start.
     pub fn seen(&self) -> u64 {
         self.inner.seen.load(Ordering::Relaxed)
