@@ -8,19 +8,18 @@ use http::{Method, StatusCode, Uri, Version};
 use crate::request::RequestHead;
 use crate::tables::{EscapedSlashesAction, HttpConnectionManager};
 
-/// Why a request head was refused before policy or routing saw it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Why a request head was refused before policy or routing saw it. The one non-error status
+/// is 307 for `UNESCAPE_AND_REDIRECT`: then `parts.uri` already holds the canonical path and
+/// query, which is the `location` to send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rejection {
     pub status: StatusCode,
     pub reason: &'static str,
-    /// Set only for `UNESCAPE_AND_REDIRECT` (status 307): the canonical path and query the
-    /// client is sent to, to be written as the `location` header.
-    pub location: Option<String>,
 }
 
 impl Rejection {
     fn bad_request(reason: &'static str) -> Self {
-        Self { status: StatusCode::BAD_REQUEST, reason, location: None }
+        Self { status: StatusCode::BAD_REQUEST, reason }
     }
 }
 
@@ -48,15 +47,20 @@ pub fn normalize_request(
         return Err(Rejection {
             status: StatusCode::METHOD_NOT_ALLOWED,
             reason: "CONNECT tunnels are not proxied on HTTP listeners",
-            location: None,
         });
     }
     check_header_limits(parts, hcm)?;
     check_framing(parts.version, &parts.headers)?;
     let authority = canonical_request_authority(parts)?;
-    let path_and_query = canonical_target(&parts.method, &parts.uri, hcm)?;
+    let (path_and_query, unescaped_slash) = canonical_target(&parts.method, &parts.uri, hcm)?;
 
     parts.uri = Uri::try_from(path_and_query.as_str()).map_err(|_| Rejection::bad_request("invalid request target"))?;
+    if unescaped_slash && hcm.escaped_slashes == EscapedSlashesAction::UnescapeAndRedirect {
+        return Err(Rejection {
+            status: StatusCode::TEMPORARY_REDIRECT,
+            reason: "escaped slashes: redirected to the unescaped path",
+        });
+    }
     let host = HeaderValue::try_from(authority.as_str()).map_err(|_| Rejection::bad_request("invalid host"))?;
     parts.headers.insert(HOST, host);
     strip_untrusted_headers(&mut parts.headers);
@@ -73,7 +77,7 @@ pub fn normalize_request(
 /// Envoy counts every header line and the bytes of names and values; the request target is
 /// part of the header block too.
 fn check_header_limits(parts: &http::request::Parts, hcm: &HttpConnectionManager) -> Result<(), Rejection> {
-    let too_large = Rejection { status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, reason: "", location: None };
+    let too_large = Rejection { status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, reason: "" };
     if parts.headers.len() > hcm.max_headers_count {
         return Err(Rejection { reason: "too many request headers", ..too_large });
     }
@@ -180,25 +184,23 @@ fn canonical_authority(raw: &str) -> Result<String, Rejection> {
     Ok(canonical)
 }
 
-/// The canonical origin-form target: canonical path plus the query exactly as received.
-fn canonical_target(method: &Method, uri: &Uri, hcm: &HttpConnectionManager) -> Result<String, Rejection> {
+/// The canonical origin-form target (canonical path plus the query exactly as received), and
+/// whether an escaped slash was turned into a separator.
+fn canonical_target(method: &Method, uri: &Uri, hcm: &HttpConnectionManager) -> Result<(String, bool), Rejection> {
     let path = uri.path();
     if path == "*" {
-        return if method == Method::OPTIONS { Ok("*".to_owned()) } else { Err(Rejection::bad_request("`*` target without OPTIONS")) };
+        return if method == Method::OPTIONS {
+            Ok(("*".to_owned(), false))
+        } else {
+            Err(Rejection::bad_request("`*` target without OPTIONS"))
+        };
     }
     let CanonicalPath { path, unescaped_slash } = canonical_path(path, hcm)?;
     let path_and_query = match uri.query() {
         Some(query) => format!("{path}?{query}"),
         None => path,
     };
-    if unescaped_slash && hcm.escaped_slashes == EscapedSlashesAction::UnescapeAndRedirect {
-        return Err(Rejection {
-            status: StatusCode::TEMPORARY_REDIRECT,
-            reason: "escaped slashes: redirected to the unescaped path",
-            location: Some(path_and_query),
-        });
-    }
-    Ok(path_and_query)
+    Ok((path_and_query, unescaped_slash))
 }
 
 struct CanonicalPath {
@@ -465,7 +467,7 @@ mod tests {
         let mut request = h1("/a%2F%2Fb?x=1");
         let rejection = normalize_request(&mut request, &redirect).unwrap_err();
         assert_eq!(rejection.status, StatusCode::TEMPORARY_REDIRECT);
-        assert_eq!(rejection.location.as_deref(), Some("/a/b?x=1"));
+        assert_eq!(request.uri, "/a/b?x=1", "the location to redirect to");
         assert_eq!(path_outcome("/a/b", &redirect), Ok("/a/b".to_owned()), "no redirect without escaped slashes");
     }
 
