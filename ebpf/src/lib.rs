@@ -1,1 +1,3 @@
 //! The kernel half of the datapath: `BpfState` in, BPF maps and attached programs out.
+
+pub mod abi;
