@@ -372,10 +372,12 @@ pub struct EndpointPolicy {
 /// One direction of an endpoint's policy, with Cilium's semantics:
 /// - any matching `deny` rule denies (deny beats every allow);
 /// - otherwise the allow rules that match the remote identity, protocol and port are grouped by
-///   port specificity (a rule naming the port or a range covering it, then a rule with port 0
-///   for the protocol, then a rule with no ports at all); the most specific non-empty group
+///   port specificity, like the datapath's longest-prefix port lookup: a rule naming the port,
+///   then ranges covering it (narrowest first; CVE-2024-52529), then a rule with port 0 for
+///   the protocol, then a rule with no ports at all; the most specific non-empty group
 ///   decides, as the union of its rules: if any of them has no HTTP rules the flow is allowed
 ///   at L4, otherwise the request must match one of the HTTP rules of the group;
+/// - any matching allow rule with `auth_required` makes the flow require authentication;
 /// - no allow rule matches: denied if `default_deny`, else allowed.
 #[derive(Debug, Clone, Default)]
 pub struct DirectionPolicy {
@@ -421,8 +423,8 @@ pub struct AllowRule {
     /// `None`: allowed at L4, no HTTP restriction. `Some(rules)`: one of the rules must match
     /// (an empty rule matches everything: L7 visibility only).
     pub http: Option<Vec<HttpRule>>,
-    /// `authentication.mode: required` (enforced once mTLS lands; until then a rule that
-    /// requires it never matches, so such traffic is denied rather than let through).
+    /// `authentication.mode: required` (enforced once mTLS lands; until then traffic this rule
+    /// covers is denied with `AuthRequired`, even when another rule also allows it).
     pub auth_required: bool,
     /// Where the rule came from (`CiliumNetworkPolicy default/rule1 spec.ingress[0]`), for
     /// flow events and `sluice policy get`.
