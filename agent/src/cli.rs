@@ -95,7 +95,7 @@ pub enum ClientCommand {
         command: ListCommand,
     },
     /// Show flows through the proxy, like `hubble observe`.
-    Observe(ObserveArgs),
+    Observe(Box<ObserveArgs>),
 }
 
 pub async fn run_client(cmd: ClientCommand, state_dir: &Path) -> anyhow::Result<()> {
@@ -121,7 +121,7 @@ pub async fn run_client(cmd: ClientCommand, state_dir: &Path) -> anyhow::Result<
             let selected = select_policies(policies, name.as_deref())?;
             print_view(&selected, output.output, |policies| render::render_policies(policies))
         }
-        ClientCommand::Observe(args) => observe(&socket, args).await,
+        ClientCommand::Observe(args) => observe(&socket, *args).await,
     }
 }
 

@@ -1,6 +1,7 @@
 //! Observe: flow events and agent/proxy state -> Prometheus metrics with Hubble's names, served on `GET /metrics`.
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -69,16 +70,75 @@ struct PolicyVerdictLabels {
     action: &'static str,
 }
 
-/// Plain numbers about the proxy, sampled by the agent (so this module does not depend on the
-/// proxy's own stats type).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ProxyStats {
+/// Plain numbers about the proxy, sampled by the agent from the proxy's own stats (so this
+/// module does not depend on the proxy's type). Names are Envoy's, as the proxy's are.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProxySample {
     pub workers: u64,
     pub listeners: u64,
-    pub active_connections: u64,
-    pub active_requests: u64,
-    /// Cumulative flow events the proxy's queue dropped (`FlowSink::lost`).
-    pub flow_events_lost: u64,
+    pub downstream_cx_active: u64,
+    /// Cumulative since the proxy started.
+    pub downstream_cx_total: u64,
+    /// Cumulative since the proxy started.
+    pub downstream_rq_total: u64,
+    pub upstream_cx_active: u64,
+    /// Cumulative flow events the proxy's queue dropped.
+    pub flows_lost: u64,
+    pub clusters: Vec<ClusterSample>,
+}
+
+/// Envoy's per-cluster numbers; the `_total`, `_overflow`, `_fail`, `_retry` and `_timeout`
+/// ones are cumulative.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClusterSample {
+    /// The cluster's qualified name (`namespace/cec/name`).
+    pub name: String,
+    pub upstream_cx_active: u64,
+    pub upstream_cx_overflow: u64,
+    pub upstream_cx_connect_fail: u64,
+    pub upstream_rq_active: u64,
+    pub upstream_rq_total: u64,
+    pub upstream_rq_pending_overflow: u64,
+    pub upstream_rq_retry: u64,
+    pub upstream_rq_retry_overflow: u64,
+    pub upstream_rq_timeout: u64,
+    pub ejections_enforced_total: u64,
+    pub ejections_active: u64,
+}
+
+type Field<T> = fn(&T) -> u64;
+
+/// `sluice_proxy_<name>`: (name, help, value). Counters get `_total` appended by the encoder.
+const PROXY_GAUGES: [(&str, &str, Field<ProxySample>); 4] = [
+    ("workers", "Proxy worker threads", |s| s.workers),
+    ("listeners", "Listeners the proxy has bound", |s| s.listeners),
+    ("downstream_cx_active", "Downstream connections open now", |s| s.downstream_cx_active),
+    ("upstream_cx_active", "Upstream connections open now, over all clusters", |s| s.upstream_cx_active),
+];
+const PROXY_COUNTERS: [(&str, &str, Field<ProxySample>); 2] = [
+    ("downstream_cx", "Downstream connections accepted", |s| s.downstream_cx_total),
+    ("downstream_rq", "Downstream requests received", |s| s.downstream_rq_total),
+];
+/// `sluice_proxy_cluster_<name>{cluster}`.
+const CLUSTER_GAUGES: [(&str, &str, Field<ClusterSample>); 3] = [
+    ("upstream_cx_active", "Open connections to the cluster's hosts", |c| c.upstream_cx_active),
+    ("upstream_rq_active", "Requests in flight to the cluster", |c| c.upstream_rq_active),
+    ("ejections_active", "Hosts ejected by outlier detection now", |c| c.ejections_active),
+];
+const CLUSTER_COUNTERS: [(&str, &str, Field<ClusterSample>); 8] = [
+    ("upstream_cx_overflow", "Connections opened past max_connections", |c| c.upstream_cx_overflow),
+    ("upstream_cx_connect_fail", "Connection attempts that failed or timed out", |c| c.upstream_cx_connect_fail),
+    ("upstream_rq", "Upstream attempts (first tries and retries)", |c| c.upstream_rq_total),
+    ("upstream_rq_pending_overflow", "Requests refused by the circuit breaker (503)", |c| c.upstream_rq_pending_overflow),
+    ("upstream_rq_retry", "Retries made", |c| c.upstream_rq_retry),
+    ("upstream_rq_retry_overflow", "Retries not made because max_retries were running", |c| c.upstream_rq_retry_overflow),
+    ("upstream_rq_timeout", "Attempts that hit the per-try or route timeout", |c| c.upstream_rq_timeout),
+    ("ejections_enforced", "Outlier ejections enforced", |c| c.ejections_enforced_total),
+];
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClusterLabels {
+    cluster: String,
 }
 
 /// The agent's metrics. Cheap to clone; clones share the registry.
@@ -95,10 +155,10 @@ pub struct Metrics {
     lost_follower: Counter,
     config_errors: Gauge,
     tables_generation: Gauge,
-    proxy_workers: Gauge,
-    proxy_listeners: Gauge,
-    proxy_active_connections: Gauge,
-    proxy_active_requests: Gauge,
+    proxy_gauges: Vec<Gauge>,
+    proxy_counters: Vec<Counter>,
+    cluster_gauges: Vec<Family<ClusterLabels, Gauge>>,
+    cluster_counters: Vec<Family<ClusterLabels, Counter>>,
 }
 
 fn duration_histogram() -> Histogram {
@@ -134,18 +194,14 @@ impl Metrics {
         let lost_follower = lost_events.get_or_create(&LostLabels { source: LOST_SOURCE_FOLLOWER }).clone();
 
         let sluice = registry.sub_registry_with_prefix("sluice");
-        let gauge = |registry: &mut Registry, name: &str, help: &str| {
-            let gauge = Gauge::default();
-            registry.register(name, help, gauge.clone());
-            gauge
-        };
-        let config_errors = gauge(sluice, "config_errors", "Configuration errors currently reported (the objects keep their last good state)");
-        let tables_generation = gauge(sluice, "tables_generation", "Generation of the proxy tables currently applied");
+        let config_errors: Gauge = register(sluice, "config_errors", "Configuration errors currently reported (the objects keep their last good state)");
+        let tables_generation: Gauge = register(sluice, "tables_generation", "Generation of the proxy tables currently applied");
         let proxy = sluice.sub_registry_with_prefix("proxy");
-        let proxy_workers = gauge(proxy, "workers", "Proxy worker threads");
-        let proxy_listeners = gauge(proxy, "listeners", "Listeners the proxy has bound");
-        let proxy_active_connections = gauge(proxy, "active_connections", "Downstream connections open now");
-        let proxy_active_requests = gauge(proxy, "active_requests", "Requests in flight now");
+        let proxy_gauges = PROXY_GAUGES.iter().map(|(name, help, _)| register(proxy, name, help)).collect();
+        let proxy_counters = PROXY_COUNTERS.iter().map(|(name, help, _)| register(proxy, name, help)).collect();
+        let cluster = proxy.sub_registry_with_prefix("cluster");
+        let cluster_gauges = CLUSTER_GAUGES.iter().map(|(name, help, _)| register(cluster, name, help)).collect();
+        let cluster_counters = CLUSTER_COUNTERS.iter().map(|(name, help, _)| register(cluster, name, help)).collect();
 
         Self {
             registry: Arc::new(registry),
@@ -159,10 +215,10 @@ impl Metrics {
             lost_follower,
             config_errors,
             tables_generation,
-            proxy_workers,
-            proxy_listeners,
-            proxy_active_connections,
-            proxy_active_requests,
+            proxy_gauges,
+            proxy_counters,
+            cluster_gauges,
+            cluster_counters,
         }
     }
 
@@ -220,14 +276,32 @@ impl Metrics {
         self.tables_generation.set(saturating_i64(tables_generation));
     }
 
-    pub fn set_proxy_stats(&self, stats: &ProxyStats) {
-        self.proxy_workers.set(saturating_i64(stats.workers));
-        self.proxy_listeners.set(saturating_i64(stats.listeners));
-        self.proxy_active_connections.set(saturating_i64(stats.active_connections));
-        self.proxy_active_requests.set(saturating_i64(stats.active_requests));
-        // The proxy keeps a cumulative count; mirror it rather than adding deltas, so a missed
-        // sample never double-counts.
-        self.lost_proxy_queue.inner().store(stats.flow_events_lost, std::sync::atomic::Ordering::Relaxed);
+    pub fn set_proxy_stats(&self, sample: &ProxySample) {
+        for ((_, _, value), gauge) in PROXY_GAUGES.iter().zip(&self.proxy_gauges) {
+            gauge.set(saturating_i64(value(sample)));
+        }
+        // The proxy keeps cumulative counts: mirror them rather than adding deltas, so a missed
+        // or repeated sample never miscounts.
+        for ((_, _, value), counter) in PROXY_COUNTERS.iter().zip(&self.proxy_counters) {
+            counter.inner().store(value(sample), Ordering::Relaxed);
+        }
+        self.lost_proxy_queue.inner().store(sample.flows_lost, Ordering::Relaxed);
+        // A cluster that is gone from the tables loses its series.
+        for family in &self.cluster_gauges {
+            family.clear();
+        }
+        for family in &self.cluster_counters {
+            family.clear();
+        }
+        for cluster in &sample.clusters {
+            let labels = ClusterLabels { cluster: cluster.name.clone() };
+            for ((_, _, value), family) in CLUSTER_GAUGES.iter().zip(&self.cluster_gauges) {
+                family.get_or_create(&labels).set(saturating_i64(value(cluster)));
+            }
+            for ((_, _, value), family) in CLUSTER_COUNTERS.iter().zip(&self.cluster_counters) {
+                family.get_or_create(&labels).inner().store(value(cluster), Ordering::Relaxed);
+            }
+        }
     }
 
     /// The OpenMetrics text exposition of every metric.
@@ -238,6 +312,12 @@ impl Metrics {
         }
         text
     }
+}
+
+fn register<M: prometheus_client::registry::Metric + Clone + Default>(registry: &mut Registry, name: &str, help: &str) -> M {
+    let metric = M::default();
+    registry.register(name, help, metric.clone());
+    metric
 }
 
 fn saturating_i64(value: u64) -> i64 {
@@ -377,13 +457,33 @@ mod tests {
         assert!(text.contains(r#"hubble_http_requests_total{method="GET",protocol="HTTP/1.1",reporter="unknown"} 1"#), "{text}");
     }
 
+    fn cluster(name: &str, retries: u64) -> ClusterSample {
+        ClusterSample {
+            name: name.to_owned(),
+            upstream_rq_total: 10 + retries,
+            upstream_rq_retry: retries,
+            upstream_cx_active: 2,
+            ..Default::default()
+        }
+    }
+
     #[test]
-    fn agent_and_proxy_state_are_gauges() {
+    fn agent_and_proxy_state_mirror_the_samples() {
         let metrics = Metrics::new();
         metrics.set_config_state(2, 17);
-        let stats = ProxyStats { workers: 2, listeners: 3, active_connections: 5, active_requests: 1, flow_events_lost: 9 };
-        metrics.set_proxy_stats(&stats);
-        metrics.set_proxy_stats(&stats);
+        let mut sample = ProxySample {
+            workers: 2,
+            listeners: 3,
+            downstream_cx_active: 5,
+            downstream_cx_total: 40,
+            downstream_rq_total: 100,
+            upstream_cx_active: 4,
+            flows_lost: 9,
+            clusters: vec![cluster("default/envoy-lb/deathstar-v1", 3), cluster("default/envoy-lb/deathstar-v2", 0)],
+        };
+        // Samples are cumulative: setting the same one twice must not double the counters.
+        metrics.set_proxy_stats(&sample);
+        metrics.set_proxy_stats(&sample);
         metrics.add_lost_events(LOST_SOURCE_FOLLOWER, 4);
         let text = metrics.encode();
         for line in [
@@ -391,14 +491,25 @@ mod tests {
             "sluice_tables_generation 17",
             "sluice_proxy_workers 2",
             "sluice_proxy_listeners 3",
-            "sluice_proxy_active_connections 5",
-            "sluice_proxy_active_requests 1",
+            "sluice_proxy_downstream_cx_active 5",
+            "sluice_proxy_upstream_cx_active 4",
+            "sluice_proxy_downstream_cx_total 40",
+            "sluice_proxy_downstream_rq_total 100",
+            r#"sluice_proxy_cluster_upstream_rq_retry_total{cluster="default/envoy-lb/deathstar-v1"} 3"#,
+            r#"sluice_proxy_cluster_upstream_rq_total{cluster="default/envoy-lb/deathstar-v1"} 13"#,
+            r#"sluice_proxy_cluster_upstream_cx_active{cluster="default/envoy-lb/deathstar-v2"} 2"#,
             r#"hubble_lost_events_total{source="observer_events_queue"} 9"#,
             r#"hubble_lost_events_total{source="hubble_ring_buffer"} 4"#,
         ] {
             assert!(text.lines().any(|got| got == line), "missing {line:?} in\n{text}");
         }
         assert_eq!(metrics.lost_events(), 13);
+
+        sample.clusters.truncate(1);
+        metrics.set_proxy_stats(&sample);
+        let text = metrics.encode();
+        assert!(!text.contains("deathstar-v2"), "a removed cluster keeps its series:\n{text}");
+        assert!(text.contains(r#"sluice_proxy_cluster_upstream_rq_retry_total{cluster="default/envoy-lb/deathstar-v1"} 3"#));
     }
 
     #[tokio::test]
