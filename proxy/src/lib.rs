@@ -1,12 +1,25 @@
 //! The node-local L7 proxy: the userspace half of the datapath (`ProxyTables` in, flows out).
 
 pub mod authorize;
+mod body;
+mod error;
 pub mod flow;
+mod forward;
+mod handle;
+mod lb;
+mod listener;
 pub mod normalize;
 pub mod request;
 pub mod retry;
 pub mod route;
+mod server;
+mod snapshot;
+mod stats;
 pub mod tables;
+mod upstream;
 
+pub use error::{ApplyError, ProxyError};
 pub use flow::{FlowEvent, FlowSink};
+pub use handle::{Applied, BoundListener, Handle, ProxyConfig};
+pub use stats::{ClusterStats, ProxyStats};
 pub use tables::ProxyTables;

@@ -1,0 +1,374 @@
+//! Forwarding (authorize -> **retry/forward** -> respond): attempts, per-try and route timeouts, back-off, mirrors, upgrades.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue, HOST};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use crate::body::ProxyBody;
+use crate::lb::PickInput;
+use crate::retry::{backoff, is_retriable, AttemptOutcome};
+use crate::stats::bump;
+use crate::tables::RetryPolicy;
+use crate::upstream::{ClusterState, HostState, Lease, OutlierSignal};
+
+static ATTEMPT_COUNT: HeaderName = HeaderName::from_static("x-envoy-attempt-count");
+static RATELIMITED: HeaderName = HeaderName::from_static("x-envoy-ratelimited");
+
+/// The request as it goes upstream, kept so that attempts can be replayed.
+#[derive(Debug)]
+pub(crate) struct Outgoing {
+    pub method: Method,
+    /// Origin form for HTTP/1.1 upstreams, absolute form for HTTP/2 ones.
+    pub uri: Uri,
+    pub headers: HeaderMap,
+    pub body: OutgoingBody,
+}
+
+#[derive(Debug)]
+pub(crate) enum OutgoingBody {
+    /// Fully read and within the replay buffer: every attempt (and mirror) gets a copy.
+    Replayable(Option<Bytes>),
+    /// Streamed through; `None` once an attempt consumed it (no further attempt possible).
+    Streaming(Option<ProxyBody>),
+}
+
+impl OutgoingBody {
+    fn can_replay(&self) -> bool {
+        !matches!(self, Self::Streaming(None))
+    }
+
+    fn take_for_attempt(&mut self) -> ProxyBody {
+        match self {
+            Self::Replayable(bytes) => ProxyBody::Full(bytes.clone()),
+            Self::Streaming(body) => body.take().unwrap_or_else(ProxyBody::empty),
+        }
+    }
+}
+
+/// When the whole exchange must have produced response headers, and which timeout that is.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Deadline {
+    pub at: Option<Instant>,
+    /// The stream idle timeout (408) ends first rather than the route timeout (504).
+    pub stream_idle: bool,
+}
+
+impl Deadline {
+    pub fn new(now: Instant, route_timeout: Option<std::time::Duration>, stream_idle: Option<std::time::Duration>) -> Self {
+        let route = route_timeout.filter(|t| !t.is_zero()).map(|t| now + t);
+        let idle = stream_idle.filter(|t| !t.is_zero()).map(|t| now + t);
+        match (route, idle) {
+            (Some(route), Some(idle)) if idle < route => Self { at: Some(idle), stream_idle: true },
+            (None, Some(idle)) => Self { at: Some(idle), stream_idle: true },
+            (route, _) => Self { at: route, stream_idle: false },
+        }
+    }
+
+    fn failure(&self) -> Failure {
+        if self.stream_idle { Failure::StreamIdle } else { Failure::Timeout }
+    }
+}
+
+/// Why no upstream response is passed on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Failure {
+    /// Circuit breaker (503 + `x-envoy-overloaded`).
+    Overflow,
+    /// Connect failure or reset before response headers (503).
+    Upstream,
+    /// Per-try or route timeout (504).
+    Timeout,
+    /// Stream idle timeout before response headers (408).
+    StreamIdle,
+}
+
+pub(crate) struct Forwarded {
+    pub result: Result<Response<ProxyBody>, Failure>,
+    pub attempts: u32,
+    /// The host of the last attempt.
+    pub upstream: SocketAddr,
+}
+
+/// Everything the retry loop needs besides the request.
+pub(crate) struct Plan<'a> {
+    pub cluster: &'a ClusterState,
+    pub retry_policy: Option<&'a RetryPolicy>,
+    pub include_attempt_count: bool,
+    pub deadline: Deadline,
+    pub source: IpAddr,
+}
+
+/// Envoy's router loop: one attempt, then retries while the policy, the breakers, the replay
+/// buffer and the deadline allow; `authorize` vets every host picked for a retry.
+pub(crate) async fn forward(
+    plan: Plan<'_>,
+    first_host: Arc<HostState>,
+    mut outgoing: Outgoing,
+    mut authorize: impl FnMut(&HostState) -> bool,
+) -> Forwarded {
+    let cluster = plan.cluster;
+    let mut host = first_host;
+    let mut attempts = 0u32;
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    let mut _retry_slot = None;
+    loop {
+        attempts += 1;
+        let last_try = plan.retry_policy.is_none_or(|policy| attempts > policy.num_retries);
+        let per_try = plan.retry_policy.and_then(|p| p.per_try_timeout).map(|t| Instant::now() + t);
+        let try_deadline = earliest(per_try, plan.deadline.at);
+        let request = build_attempt(&mut outgoing, attempts, plan.include_attempt_count, last_try);
+        let attempt = attempt(cluster, &host, request);
+        let result = match try_deadline {
+            Some(at) => tokio::time::timeout_at(at, attempt).await.unwrap_or(Err(AttemptOutcome::PerTryTimeout)),
+            None => attempt.await,
+        };
+        let outcome = match &result {
+            Ok((response, _)) => AttemptOutcome::Response {
+                status: response.status().as_u16(),
+                envoy_ratelimited: response.headers().contains_key(&RATELIMITED),
+            },
+            Err(outcome) => *outcome,
+        };
+        let random = rand::random::<u64>();
+        match outcome {
+            AttemptOutcome::Response { status, .. } => cluster.record(&host, OutlierSignal::Status(status), random),
+            AttemptOutcome::Overflow => {}
+            _ => cluster.record(&host, OutlierSignal::LocalFailure, random),
+        }
+        if outcome == AttemptOutcome::PerTryTimeout {
+            bump(&cluster.counters.upstream_rq_timeout);
+        }
+        let route_expired = plan.deadline.at.is_some_and(|at| Instant::now() >= at);
+        let retry = !last_try
+            && !route_expired
+            && outgoing.body.can_replay()
+            && plan.retry_policy.is_some_and(|policy| is_retriable(policy, &outcome));
+        let slot = if retry { cluster.try_retry() } else { None };
+        let Some(slot) = slot else {
+            let result = match result {
+                Ok((response, lease)) => Ok(into_downstream(response, lease)),
+                Err(AttemptOutcome::PerTryTimeout) if route_expired => Err(plan.deadline.failure()),
+                Err(outcome) => Err(failure_of(outcome)),
+            };
+            return Forwarded { result, attempts, upstream: host.addr };
+        };
+        _retry_slot = Some(slot);
+        drop(result);
+        if let Some(policy) = plan.retry_policy {
+            let pause = backoff(policy, attempts, rand::random::<u64>());
+            let wake = Instant::now() + pause;
+            if plan.deadline.at.is_some_and(|at| at <= wake) {
+                if let Some(at) = plan.deadline.at {
+                    tokio::time::sleep_until(at).await;
+                }
+                return Forwarded { result: Err(plan.deadline.failure()), attempts, upstream: host.addr };
+            }
+            tokio::time::sleep_until(wake).await;
+            if policy.avoid_previous_hosts {
+                tried.push(host.addr);
+            }
+        }
+        let input = PickInput { random: rand::random::<u64>(), source: plan.source };
+        match cluster.pick(input, &tried) {
+            Some(next) if authorize(next) => host = Arc::clone(next),
+            _ => {
+                return Forwarded { result: Err(Failure::Upstream), attempts, upstream: host.addr };
+            }
+        }
+    }
+}
+
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+fn build_attempt(outgoing: &mut Outgoing, attempt: u32, include_count: bool, last_try: bool) -> PendingRequest<'_> {
+    PendingRequest { outgoing, attempt, include_count, move_headers: last_try && attempt == 1 }
+}
+
+/// A request built only once a connection is ready, so a streamed body survives connect failures.
+struct PendingRequest<'a> {
+    outgoing: &'a mut Outgoing,
+    attempt: u32,
+    include_count: bool,
+    /// The only attempt: move the headers instead of cloning them.
+    move_headers: bool,
+}
+
+impl PendingRequest<'_> {
+    fn build(self) -> Request<ProxyBody> {
+        let outgoing = self.outgoing;
+        let mut request = Request::new(outgoing.body.take_for_attempt());
+        *request.method_mut() = outgoing.method.clone();
+        *request.uri_mut() = outgoing.uri.clone();
+        *request.headers_mut() =
+            if self.move_headers { std::mem::take(&mut outgoing.headers) } else { outgoing.headers.clone() };
+        if self.include_count {
+            request.headers_mut().insert(ATTEMPT_COUNT.clone(), HeaderValue::from(self.attempt));
+        }
+        request
+    }
+}
+
+async fn attempt(
+    cluster: &ClusterState,
+    host: &Arc<HostState>,
+    request: PendingRequest<'_>,
+) -> Result<(Response<Incoming>, Lease), AttemptOutcome> {
+    let breakers = &cluster.config.circuit_breakers;
+    let mut lease = host.begin_request(breakers)?;
+    let response = host.send(&mut lease, breakers, || request.build()).await?;
+    Ok((response, lease))
+}
+
+fn into_downstream(response: Response<Incoming>, mut lease: Lease) -> Response<ProxyBody> {
+    let (parts, body) = response.into_parts();
+    if http_body::Body::is_end_stream(&body) {
+        // hyper never polls an empty body, so it would never report the end.
+        lease.finished();
+    }
+    Response::from_parts(parts, ProxyBody::Incoming { body, lease: Some(lease) })
+}
+
+fn failure_of(outcome: AttemptOutcome) -> Failure {
+    match outcome {
+        AttemptOutcome::Overflow => Failure::Overflow,
+        AttemptOutcome::PerTryTimeout => Failure::Timeout,
+        AttemptOutcome::Response { .. }
+        | AttemptOutcome::ConnectFailure
+        | AttemptOutcome::Reset { .. }
+        | AttemptOutcome::RefusedStream => Failure::Upstream,
+    }
+}
+
+/// Local reply for a forwarding failure (Envoy's router texts).
+pub(crate) fn failure_response(failure: Failure) -> Response<ProxyBody> {
+    let (status, body) = match failure {
+        Failure::Overflow => (StatusCode::SERVICE_UNAVAILABLE, "upstream connect error or disconnect/reset before headers. reset reason: overflow"),
+        Failure::Upstream => (StatusCode::SERVICE_UNAVAILABLE, "upstream connect error or disconnect/reset before headers"),
+        Failure::Timeout => (StatusCode::GATEWAY_TIMEOUT, "upstream request timeout"),
+        Failure::StreamIdle => (StatusCode::REQUEST_TIMEOUT, "stream timeout"),
+    };
+    let mut response = Response::new(ProxyBody::full(Bytes::from_static(body.as_bytes())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    if failure == Failure::Overflow {
+        response.headers_mut().insert(HeaderName::from_static("x-envoy-overloaded"), HeaderValue::from_static("true"));
+    }
+    response
+}
+
+/// Forwards an `Upgrade` request on a dedicated connection. Only a `101` from the upstream
+/// switches protocols (CVE-2024-23326); then bytes are copied both ways until either side closes.
+pub(crate) async fn forward_upgrade(
+    cluster: &ClusterState,
+    host: &Arc<HostState>,
+    mut request: Request<ProxyBody>,
+    downstream: hyper::upgrade::OnUpgrade,
+    deadline: Deadline,
+) -> Result<Response<ProxyBody>, Failure> {
+    let exchange = async {
+        let lease = host.begin_request(&cluster.config.circuit_breakers)?;
+        let mut sender = host.connect_upgradable().await?;
+        request.headers_mut().remove(&ATTEMPT_COUNT);
+        let response = sender.send_request(request).await.map_err(|_| AttemptOutcome::Reset { request_sent: true })?;
+        Ok::<_, AttemptOutcome>((response, lease, sender))
+    };
+    let (mut response, lease, _sender) = match deadline.at {
+        Some(at) => tokio::time::timeout_at(at, exchange).await.map_err(|_| deadline.failure())?,
+        None => exchange.await,
+    }
+    .map_err(failure_of)?;
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        return Ok(into_downstream(response, lease));
+    }
+    let upstream = hyper::upgrade::on(&mut response);
+    let addr = host.addr;
+    tokio::spawn(async move {
+        let _lease = lease;
+        match tokio::try_join!(downstream, upstream) {
+            Ok((downstream, upstream)) => {
+                let mut downstream = hyper_util::rt::TokioIo::new(downstream);
+                let mut upstream = hyper_util::rt::TokioIo::new(upstream);
+                if let Err(error) = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
+                    tracing::debug!(upstream = %addr, %error, "upgraded connection ended with an error");
+                }
+            }
+            Err(error) => tracing::debug!(upstream = %addr, %error, "protocol switch failed"),
+        }
+    });
+    let (parts, _) = response.into_parts();
+    Ok(Response::from_parts(parts, ProxyBody::empty()))
+}
+
+/// Envoy's request mirroring: a fire-and-forget copy with `Host: <host>-shadow`; its outcome
+/// never reaches the client.
+pub(crate) fn mirror(cluster: Arc<ClusterState>, source: IpAddr, method: Method, uri: Uri, mut headers: HeaderMap, body: Option<Bytes>) {
+    if let Some(shadow) = headers.get(HOST).and_then(|host| host.to_str().ok()).map(shadow_host) {
+        if let Ok(value) = HeaderValue::from_str(&shadow) {
+            headers.insert(HOST, value);
+        }
+    }
+    tokio::spawn(async move {
+        let input = PickInput { random: rand::random::<u64>(), source };
+        let Some(host) = cluster.pick(input, &[]).cloned() else { return };
+        let mut outgoing = Outgoing { method, uri, headers, body: OutgoingBody::Replayable(body) };
+        let request = build_attempt(&mut outgoing, 1, false, true);
+        match attempt(&cluster, &host, request).await {
+            Ok((response, lease)) => {
+                // Drain so the connection can be reused.
+                let body = into_downstream(response, lease).into_body();
+                let _ = http_body_util::BodyExt::collect(body).await;
+            }
+            Err(outcome) => tracing::debug!(upstream = %host.addr, ?outcome, "mirror request failed"),
+        }
+    });
+}
+
+/// `foo` → `foo-shadow`, `foo:8080` → `foo-shadow:8080` (the suffix goes on the host name).
+fn shadow_host(authority: &str) -> String {
+    let (host, port) = match authority.rfind(':') {
+        Some(i) if authority[i + 1..].bytes().all(|b| b.is_ascii_digit()) && !authority[..i].contains(':')
+            || authority[..i].ends_with(']') =>
+        {
+            authority.split_at(i)
+        }
+        _ => (authority, ""),
+    };
+    format!("{host}-shadow{port}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shadow_suffix_goes_before_the_port() {
+        assert_eq!(shadow_host("echo"), "echo-shadow");
+        assert_eq!(shadow_host("echo.default:8080"), "echo.default-shadow:8080");
+        assert_eq!(shadow_host("[::1]:80"), "[::1]-shadow:80");
+    }
+
+    #[test]
+    fn stream_idle_wins_only_when_it_ends_first() {
+        let now = Instant::now();
+        let secs = std::time::Duration::from_secs;
+        let deadline = Deadline::new(now, Some(secs(15)), Some(secs(300)));
+        assert!(!deadline.stream_idle);
+        assert_eq!(deadline.at, Some(now + secs(15)));
+        let deadline = Deadline::new(now, Some(secs(15)), Some(secs(5)));
+        assert!(deadline.stream_idle);
+        let deadline = Deadline::new(now, None, None);
+        assert_eq!(deadline.at, None);
+        let deadline = Deadline::new(now, Some(std::time::Duration::ZERO), Some(secs(5)));
+        assert!(deadline.stream_idle);
+    }
+}

@@ -1,0 +1,308 @@
+//! The proxy's control surface (agent -> **Handle** -> datapath): start, apply tables, stats, shutdown.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{ApplyError, ProxyError};
+use crate::flow::FlowSink;
+use crate::listener::{self, SocketEntry};
+use crate::server::Shared;
+use crate::snapshot::{connection_builder, CompiledEndpoint, ListenerEntry, Snapshot};
+use crate::stats::{ClusterCounters, ProxyCounters, ProxyStats};
+use crate::tables::{Bind, ProxyTables};
+use crate::upstream::ClusterState;
+
+/// How long `shutdown` waits for downstream connections to finish.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
+const DRAIN_POLL: Duration = Duration::from_millis(10);
+
+pub struct ProxyConfig {
+    /// Worker threads of the proxy's runtime (at least 1).
+    pub workers: usize,
+    pub flows: FlowSink,
+}
+
+/// What `apply` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    pub generation: u64,
+    /// Every listener of the applied tables, in their order, with the address it listens on.
+    pub listeners: Vec<BoundListener>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BoundListener {
+    pub name: String,
+    pub addr: SocketAddr,
+}
+
+/// The running proxy. Cheap to clone; every clone controls the same proxy.
+#[derive(Clone)]
+pub struct Handle {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    shared: Arc<Shared>,
+    runtime: tokio::runtime::Handle,
+    /// `Some` when the proxy owns its runtime (`start`), taken by `shutdown`.
+    owned_runtime: Mutex<Option<tokio::runtime::Runtime>>,
+    /// Serializes `apply` and holds what it carries from one generation to the next.
+    registry: Mutex<Registry>,
+    /// Parent of every listener's stop token.
+    root: CancellationToken,
+    epoch: Instant,
+}
+
+#[derive(Default)]
+struct Registry {
+    /// Bound sockets by slot; a slot index is what `Snapshot::listeners` is keyed by.
+    sockets: Vec<Option<SocketEntry>>,
+    /// Per-cluster counters by name, kept while the name exists.
+    cluster_counters: HashMap<String, Arc<ClusterCounters>>,
+}
+
+impl Handle {
+    /// Starts the proxy on its own multi-thread tokio runtime with `workers` worker threads
+    /// (named `sluice-proxy`), with no listeners.
+    pub fn start(config: ProxyConfig) -> Result<Handle, ProxyError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(config.workers.max(1))
+            .thread_name("sluice-proxy")
+            .enable_all()
+            .build()
+            .map_err(ProxyError::Runtime)?;
+        let handle = Self::new(runtime.handle().clone(), config.flows, Some(runtime));
+        Ok(handle)
+    }
+
+    /// Runs the proxy's tasks on an existing runtime (embedding it in another program, or
+    /// tests under paused time). `shutdown` then stops the proxy but leaves the runtime alone.
+    pub fn start_on(runtime: tokio::runtime::Handle, flows: FlowSink) -> Handle {
+        Self::new(runtime, flows, None)
+    }
+
+    fn new(runtime: tokio::runtime::Handle, flows: FlowSink, owned: Option<tokio::runtime::Runtime>) -> Handle {
+        let epoch = {
+            let _entered = runtime.enter();
+            Instant::now()
+        };
+        let shared = Arc::new(Shared {
+            snapshot: ArcSwap::from_pointee(Snapshot::empty()),
+            flows,
+            counters: Arc::new(ProxyCounters::default()),
+        });
+        Handle {
+            inner: Arc::new(Inner {
+                shared,
+                runtime,
+                owned_runtime: Mutex::new(owned),
+                registry: Mutex::new(Registry::default()),
+                root: CancellationToken::new(),
+                epoch,
+            }),
+        }
+    }
+
+    /// Binds listeners that are new, keeps the sockets of listeners whose `(name, bind)` did
+    /// not change (automatic ports stay stable; an explicit address also survives a rename),
+    /// closes removed ones (their in-flight requests finish), then swaps the tables atomically
+    /// so new requests see them. On any error nothing changes. Synchronous; callable from any
+    /// thread or runtime.
+    pub fn apply(&self, tables: ProxyTables) -> Result<Applied, ApplyError> {
+        let inner = &*self.inner;
+        let mut registry = inner.registry.lock().unwrap_or_else(PoisonError::into_inner);
+        if inner.root.is_cancelled() {
+            return Err(ApplyError::Stopped);
+        }
+        let _entered = inner.runtime.enter();
+
+        // 1. Sockets: reuse what matches, bind the rest. Nothing is started yet, so an error
+        //    just drops the new sockets.
+        let slots = plan_slots(&registry.sockets, &tables);
+        let mut fresh: Vec<(usize, TcpListener, SocketAddr)> = Vec::new();
+        for (index, listener) in tables.listeners.iter().enumerate() {
+            if slots[index].is_some() {
+                continue;
+            }
+            let bind_error = |source| ApplyError::Bind {
+                listener: listener.name.clone(),
+                addr: match listener.bind {
+                    Bind::Addr(addr) => addr,
+                    Bind::LoopbackAuto => SocketAddr::from(([127, 0, 0, 1], 0)),
+                },
+                source,
+            };
+            let bound = listener::bind(&listener.bind).map_err(bind_error)?;
+            let addr = bound.local_addr().map_err(bind_error)?;
+            fresh.push((index, bound, addr));
+        }
+
+        // 2. Compile the serving snapshot.
+        let previous = inner.shared.snapshot.load_full();
+        registry.cluster_counters.retain(|name, _| tables.clusters.contains_key(name));
+        let clusters: HashMap<String, Arc<ClusterState>> = tables
+            .clusters
+            .iter()
+            .map(|(name, config)| {
+                let prior = previous.clusters.get(name);
+                let state = match prior {
+                    Some(state) if state.serves(config) => Arc::clone(state),
+                    _ => {
+                        let counters = Arc::clone(registry.cluster_counters.entry(name.clone()).or_default());
+                        Arc::new(ClusterState::new(
+                            Arc::clone(config),
+                            prior.map(|p| &**p),
+                            counters,
+                            &inner.shared.counters,
+                            inner.epoch,
+                        ))
+                    }
+                };
+                (name.clone(), state)
+            })
+            .collect();
+        let policies = tables.policies.iter().map(|(ip, policy)| (*ip, Arc::new(CompiledEndpoint::new(policy)))).collect();
+
+        // 3. Give new sockets free slots and lay out the listener table by slot.
+        let mut sockets = std::mem::take(&mut registry.sockets);
+        let mut slot_of: Vec<usize> = slots.iter().map(|slot| slot.unwrap_or(usize::MAX)).collect();
+        let kept: Vec<bool> = (0..sockets.len()).map(|s| slots.contains(&Some(s))).collect();
+        let mut removed: Vec<SocketEntry> = Vec::new();
+        for (slot, entry) in sockets.iter_mut().enumerate() {
+            if !kept[slot] {
+                removed.extend(entry.take());
+            }
+        }
+        let mut started: Vec<(usize, TcpListener, CancellationToken)> = Vec::new();
+        for (index, bound, addr) in fresh {
+            let listener = &tables.listeners[index];
+            let slot = match sockets.iter().position(Option::is_none) {
+                Some(slot) => slot,
+                None => {
+                    sockets.push(None);
+                    sockets.len() - 1
+                }
+            };
+            let stop = inner.root.child_token();
+            sockets[slot] = Some(SocketEntry { name: listener.name.clone(), bind: listener.bind.clone(), addr, stop: stop.clone() });
+            slot_of[index] = slot;
+            started.push((slot, bound, stop));
+        }
+        for (index, listener) in tables.listeners.iter().enumerate() {
+            if let Some(entry) = sockets[slot_of[index]].as_mut() {
+                // A kept explicit address may have been renamed.
+                entry.name.clone_from(&listener.name);
+            }
+        }
+        let mut listeners: Vec<Option<ListenerEntry>> = (0..sockets.len()).map(|_| None).collect();
+        for (index, listener) in tables.listeners.iter().enumerate() {
+            listeners[slot_of[index]] = Some(ListenerEntry {
+                name: listener.name.clone(),
+                http: Arc::clone(&listener.http),
+                builder: Arc::new(connection_builder(&listener.http)),
+            });
+        }
+        let applied = Applied {
+            generation: tables.generation,
+            listeners: tables
+                .listeners
+                .iter()
+                .enumerate()
+                .filter_map(|(index, l)| sockets[slot_of[index]].as_ref().map(|e| BoundListener { name: l.name.clone(), addr: e.addr }))
+                .collect(),
+        };
+        let snapshot = Snapshot { generation: tables.generation, tables, listeners, clusters, policies };
+
+        // 4. Swap, then serve the new sockets and drain the removed ones.
+        inner.shared.snapshot.store(Arc::new(snapshot));
+        for (slot, bound, stop) in started {
+            inner.runtime.spawn(listener::accept_loop(bound, slot, Arc::clone(&inner.shared), stop));
+        }
+        for entry in removed {
+            tracing::info!(listener = %entry.name, addr = %entry.addr, "closing listener");
+            entry.stop.cancel();
+        }
+        registry.sockets = sockets;
+        Ok(applied)
+    }
+
+    /// Counters of the running proxy; see [`ProxyStats`] for the names.
+    pub fn stats(&self) -> ProxyStats {
+        let shared = &self.inner.shared;
+        let snapshot = shared.snapshot.load();
+        let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        ProxyStats {
+            generation: snapshot.generation,
+            downstream_cx_active: get(&shared.counters.downstream_cx_active),
+            downstream_cx_total: get(&shared.counters.downstream_cx_total),
+            downstream_rq_total: get(&shared.counters.downstream_rq_total),
+            upstream_cx_active: get(&shared.counters.upstream_cx_active),
+            flows_lost: shared.flows.lost(),
+            clusters: snapshot
+                .clusters
+                .iter()
+                .map(|(name, cluster)| (name.clone(), cluster.counters.snapshot(cluster.ejections_active())))
+                .collect(),
+        }
+    }
+
+    /// Stops accepting, lets open connections finish for up to a second, then stops the
+    /// runtime (when the proxy owns one). Blocks the caller while draining.
+    pub fn shutdown(&self) {
+        let inner = &*self.inner;
+        inner.root.cancel();
+        let owned = inner.owned_runtime.lock().unwrap_or_else(PoisonError::into_inner).take();
+        let Some(runtime) = owned else { return };
+        let mut waited = Duration::ZERO;
+        while waited < DRAIN_TIMEOUT
+            && inner.shared.counters.downstream_cx_active.load(std::sync::atomic::Ordering::Relaxed) > 0
+        {
+            std::thread::sleep(DRAIN_POLL);
+            waited += DRAIN_POLL;
+        }
+        // Safe from any context, including inside another runtime.
+        runtime.shutdown_background();
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.root.cancel();
+        if let Some(runtime) = self.owned_runtime.get_mut().unwrap_or_else(PoisonError::into_inner).take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// For every listener of `tables`, the slot of an existing socket it keeps: same name and
+/// bind first, then (for explicit addresses) a socket on the same address under another name.
+fn plan_slots(sockets: &[Option<SocketEntry>], tables: &ProxyTables) -> Vec<Option<usize>> {
+    let mut taken = vec![false; sockets.len()];
+    let mut slots = vec![None; tables.listeners.len()];
+    let mut claim = |matches: &dyn Fn(&SocketEntry, &crate::tables::Listener) -> bool, slots: &mut Vec<Option<usize>>| {
+        for (index, listener) in tables.listeners.iter().enumerate() {
+            if slots[index].is_some() {
+                continue;
+            }
+            let found = sockets
+                .iter()
+                .enumerate()
+                .find(|(slot, entry)| !taken[*slot] && entry.as_ref().is_some_and(|e| matches(e, listener)));
+            if let Some((slot, _)) = found {
+                taken[slot] = true;
+                slots[index] = Some(slot);
+            }
+        }
+    };
+    claim(&|entry, listener| entry.name == listener.name && entry.bind == listener.bind, &mut slots);
+    claim(&|entry, listener| matches!(listener.bind, Bind::Addr(_)) && entry.bind == listener.bind, &mut slots);
+    slots
+}

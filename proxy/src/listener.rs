@@ -1,0 +1,198 @@
+//! Listeners (**accept** -> identify -> ...): bound sockets, accept loops, and one hyper connection per client.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use socket2::{Domain, Socket, Type};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::server::{self, ConnContext, Shared};
+use crate::stats::bump;
+use crate::tables::Bind;
+
+/// Pause after a failed accept (e.g. out of file descriptors) before trying again.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+
+/// A bound listening socket, kept across table swaps while its `(name, bind)` stays.
+#[derive(Debug)]
+pub(crate) struct SocketEntry {
+    pub name: String,
+    pub bind: Bind,
+    pub addr: SocketAddr,
+    /// Stops the accept loop and drains the listener's connections.
+    pub stop: CancellationToken,
+}
+
+/// Binds a listening socket without serving it yet (so a failed apply can drop it unused).
+pub(crate) fn bind(bind: &Bind) -> io::Result<TcpListener> {
+    let addr = match bind {
+        Bind::Addr(addr) => *addr,
+        Bind::LoopbackAuto => SocketAddr::from(([127, 0, 0, 1], 0)),
+    };
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(socket2::Protocol::TCP))?;
+    // A restarted agent must be able to rebind while old connections sit in TIME_WAIT.
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+pub(crate) async fn accept_loop(listener: TcpListener, slot: usize, shared: Arc<Shared>, stop: CancellationToken) {
+    loop {
+        let accepted = tokio::select! {
+            () = stop.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let local = match stream.local_addr() {
+                    Ok(local) => local,
+                    Err(error) => {
+                        tracing::debug!(%peer, %error, "accepted socket has no local address");
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(serve_connection(stream, peer, local, slot, Arc::clone(&shared), stop.clone()));
+            }
+            Err(error) => {
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+            }
+        }
+    }
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    slot: usize,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) {
+    let _active = ActiveConnection::new(&shared);
+    let (builder, idle_timeout) = {
+        let snapshot = shared.snapshot.load();
+        let Some(entry) = snapshot.listener(slot) else { return };
+        (Arc::clone(&entry.builder), entry.http.idle_timeout.filter(|t| !t.is_zero()))
+    };
+    let activity = Arc::new(AtomicU64::new(0));
+    let io = TokioIo::new(ActivityIo { inner: stream, activity: Arc::clone(&activity) });
+    let ctx = Arc::new(ConnContext { shared, slot, peer, local });
+    let service = hyper::service::service_fn(move |request| server::handle(Arc::clone(&ctx), request));
+    let connection = builder.serve_connection_with_upgrades(io, service);
+    tokio::pin!(connection);
+    let mut seen_activity = 0;
+    let mut draining = false;
+    loop {
+        let idle_check = async {
+            match idle_timeout {
+                Some(timeout) => tokio::time::sleep(timeout).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(error) = result {
+                    tracing::debug!(%peer, %error, "downstream connection ended with an error");
+                }
+                break;
+            }
+            () = stop.cancelled(), if !draining => {
+                connection.as_mut().graceful_shutdown();
+                draining = true;
+            }
+            () = idle_check, if !draining => {
+                // Idle = no bytes either way for a whole period (so between one and two
+                // periods after the last byte); in-flight requests still finish.
+                let now = activity.load(Ordering::Relaxed);
+                if now == seen_activity {
+                    connection.as_mut().graceful_shutdown();
+                    draining = true;
+                }
+                seen_activity = now;
+            }
+        }
+    }
+}
+
+struct ActiveConnection(Arc<Shared>);
+
+impl ActiveConnection {
+    fn new(shared: &Arc<Shared>) -> Self {
+        bump(&shared.counters.downstream_cx_active);
+        bump(&shared.counters.downstream_cx_total);
+        Self(Arc::clone(shared))
+    }
+}
+
+impl Drop for ActiveConnection {
+    fn drop(&mut self) {
+        self.0.counters.downstream_cx_active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A TCP stream that counts I/O operations, for the connection idle timeout.
+struct ActivityIo {
+    inner: TcpStream,
+    activity: Arc<AtomicU64>,
+}
+
+impl ActivityIo {
+    fn touch(&self) {
+        self.activity.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl AsyncRead for ActivityIo {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if polled.is_ready() {
+            this.touch();
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for ActivityIo {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
+        if polled.is_ready() {
+            this.touch();
+        }
+        polled
+    }
+
+    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        if polled.is_ready() {
+            this.touch();
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}

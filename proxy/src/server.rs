@@ -1,0 +1,611 @@
+//! One downstream request (accept -> identify -> normalize -> route -> split -> authorize -> forward -> respond -> log).
+//!
+//! Each phase is its own function; `handle` only sequences them and records the flow event.
+//! A request reads the tables once (one arc-swap load) and keeps that generation to the end.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+use bytes::{Bytes, BytesMut};
+use http::header::{HeaderName, HeaderValue, CONNECTION, HOST, UPGRADE};
+use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
+use http_body::Body;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use crate::authorize::{Decision, HeaderEdit};
+use crate::body::ProxyBody;
+use crate::flow::{DropReason, FlowEvent, FlowPeer, FlowSink, HttpFlow, TrafficDirection, Verdict};
+use crate::forward::{self, Deadline, Failure, Outgoing, OutgoingBody, Plan};
+use crate::lb::PickInput;
+use crate::normalize::{normalize_request, Rejection};
+use crate::request::RequestHead;
+use crate::route::{pick_weighted_cluster, redirect_location, rewrite_path, select_route};
+use crate::snapshot::{ListenerEntry, Snapshot};
+use crate::stats::{bump, ProxyCounters};
+use crate::tables::{
+    ForwardAction, HttpConnectionManager, MismatchAction, Protocol, RouteAction, RouteConfig, UpstreamProtocol,
+};
+use crate::upstream::{ClusterState, HostState};
+
+static ORIGINAL_PATH: HeaderName = HeaderName::from_static("x-envoy-original-path");
+static FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+const ACCESS_DENIED: &[u8] = b"Access denied\r\n";
+
+/// State shared by every connection of the proxy.
+pub(crate) struct Shared {
+    pub snapshot: ArcSwap<Snapshot>,
+    pub flows: FlowSink,
+    pub counters: Arc<ProxyCounters>,
+}
+
+/// One accepted downstream connection.
+pub(crate) struct ConnContext {
+    pub shared: Arc<Shared>,
+    /// The listener's socket slot in `Snapshot::listeners`.
+    pub slot: usize,
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+}
+
+/// The service error: the request gets no response. hyper closes an HTTP/1 connection and
+/// resets an HTTP/2 stream, the gateway-mode equivalent of a dropped SYN.
+#[derive(Debug, thiserror::Error)]
+#[error("request dropped by L3/L4 policy")]
+pub(crate) struct DroppedByPolicy;
+
+/// What the flow event needs, filled in as the phases run.
+struct Exchange<'a> {
+    ctx: &'a ConnContext,
+    snapshot: &'a Snapshot,
+    listener: &'a ListenerEntry,
+    started: Instant,
+    source_identity: u32,
+    head: Option<RequestHead>,
+    destination: Option<(SocketAddr, u32)>,
+    cluster: Option<String>,
+    attempts: u32,
+    policy: Option<Arc<str>>,
+    direction: Option<TrafficDirection>,
+}
+
+pub(crate) async fn handle(ctx: Arc<ConnContext>, request: Request<Incoming>) -> Result<Response<ProxyBody>, DroppedByPolicy> {
+    let snapshot = ctx.shared.snapshot.load_full();
+    bump(&ctx.shared.counters.downstream_rq_total);
+    let Some(listener) = snapshot.listener(ctx.slot) else {
+        // The listener was removed by a swap while this keep-alive connection was idle.
+        let mut response = local_reply(StatusCode::SERVICE_UNAVAILABLE, Bytes::from_static(b"listener removed"));
+        response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+        return Ok(response);
+    };
+    let (source_identity, _) = snapshot.peer(ctx.peer.ip());
+    let mut exchange = Exchange {
+        ctx: &ctx,
+        snapshot: &snapshot,
+        listener,
+        started: Instant::now(),
+        source_identity,
+        head: None,
+        destination: None,
+        cluster: None,
+        attempts: 0,
+        policy: None,
+        direction: None,
+    };
+    let outcome = exchange.run(request).await;
+    let (verdict, reason, status) = match &outcome {
+        Ok((response, reason)) => {
+            let verdict = match reason {
+                None => Verdict::Forwarded,
+                Some(DropReason::UpstreamFailure | DropReason::UpstreamTimeout | DropReason::Overflow) => Verdict::Error,
+                Some(_) => Verdict::Dropped,
+            };
+            (verdict, *reason, Some(response.status().as_u16()))
+        }
+        Err(reason) => (Verdict::Dropped, Some(*reason), None),
+    };
+    exchange.emit(verdict, reason, status);
+    match outcome {
+        Ok((response, _)) => Ok(response),
+        Err(_) => Err(DroppedByPolicy),
+    }
+}
+
+/// A response plus the drop reason to record; `Err` = drop without any response.
+type PhaseResult = Result<(Response<ProxyBody>, Option<DropReason>), DropReason>;
+
+impl<'a> Exchange<'a> {
+    async fn run(&mut self, mut request: Request<Incoming>) -> PhaseResult {
+        let hcm: &'a HttpConnectionManager = &self.listener.http;
+        // Taken before normalization strips hop-by-hop headers.
+        let upgrade = upgrade_requested(&request);
+        let on_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
+        let (mut parts, body) = request.into_parts();
+        let mut head = match normalize_request(&mut parts, hcm) {
+            Ok(head) => head,
+            Err(rejection) => return Ok(rejected(rejection, &parts.uri)),
+        };
+        let result = self.route_and_forward(&mut head, parts, body, upgrade, on_upgrade).await;
+        self.head = Some(head);
+        result
+    }
+
+    async fn route_and_forward(
+        &mut self,
+        head: &mut RequestHead,
+        mut parts: http::request::Parts,
+        body: Incoming,
+        upgrade: Option<HeaderValue>,
+        on_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    ) -> PhaseResult {
+        let hcm: &'a HttpConnectionManager = &self.listener.http;
+        let snapshot: &'a Snapshot = self.snapshot;
+        let ctx: &'a ConnContext = self.ctx;
+        let Some(selection) = select_route(&hcm.route_config, head) else {
+            return Ok((local_reply(StatusCode::NOT_FOUND, Bytes::new()), Some(DropReason::NoRoute)));
+        };
+        let action = match &selection.route.action {
+            RouteAction::DirectResponse { status, body } => {
+                let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+                return Ok((local_reply(status, body.clone()), None));
+            }
+            RouteAction::Redirect(redirect) => {
+                let status = StatusCode::from_u16(redirect.status).unwrap_or(StatusCode::MOVED_PERMANENTLY);
+                let mut response = local_reply(status, Bytes::new());
+                if let Ok(location) = HeaderValue::from_str(&redirect_location(selection.route, redirect, head, "http")) {
+                    response.headers_mut().insert(http::header::LOCATION, location);
+                }
+                return Ok((response, None));
+            }
+            RouteAction::Forward(action) => Arc::clone(action),
+        };
+        if let Some(kind) = &upgrade {
+            if !upgrade_allowed(hcm, kind) {
+                // Envoy answers an upgrade type without `upgrade_configs` with 403.
+                return Ok((local_reply(StatusCode::FORBIDDEN, Bytes::new()), Some(DropReason::InvalidRequest)));
+            }
+        }
+        let cluster = match self.pick_cluster(&action) {
+            Ok(cluster) => cluster,
+            Err(status) => return Ok((local_reply(status, Bytes::new()), Some(DropReason::NoHealthyUpstream))),
+        };
+        let original_path = rewrite(selection.route, &action, head);
+        let source = self.ctx.peer.ip();
+        let Some(host) = cluster.pick(PickInput { random: rand::random(), source }, &[]).cloned() else {
+            return Ok((
+                local_reply(StatusCode::SERVICE_UNAVAILABLE, Bytes::from_static(b"no healthy upstream")),
+                Some(DropReason::NoHealthyUpstream),
+            ));
+        };
+        self.destination = Some((host.addr, self.snapshot.peer(host.addr.ip()).0));
+        let edits = match self.authorize(&host, head) {
+            Ok(edits) => edits,
+            Err(AuthorizeDenial::L7) => return Ok(access_denied()),
+            Err(AuthorizeDenial::L4(reason)) => return Err(reason),
+        };
+        let mut headers = std::mem::take(&mut parts.headers);
+        prepare_request_headers(&mut headers, &hcm.route_config, hcm, self.ctx.peer.ip(), &edits);
+        if let Some(original) = original_path {
+            if let Ok(value) = HeaderValue::from_str(&original) {
+                headers.insert(ORIGINAL_PATH.clone(), value);
+            }
+        }
+        let protocol = cluster.config.protocol;
+        let uri = upstream_uri(protocol, head);
+        set_upstream_host(&mut headers, protocol, head);
+        let deadline = Deadline::new(self.started, action.timeout, hcm.stream_idle_timeout);
+        let vhost = selection.virtual_host;
+
+        if let (Some(kind), Some(on_upgrade)) = (upgrade, on_upgrade) {
+            headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+            headers.insert(UPGRADE, kind);
+            let mut upstream_request = Request::new(ProxyBody::incoming(body));
+            *upstream_request.method_mut() = parts.method;
+            *upstream_request.uri_mut() = uri;
+            *upstream_request.headers_mut() = headers;
+            self.attempts = 1;
+            let result = forward::forward_upgrade(&cluster, &host, upstream_request, on_upgrade, deadline).await;
+            return Ok(self.respond(result, &hcm.route_config));
+        }
+
+        let replay = action.retry_policy.is_some() || !action.mirrors.is_empty();
+        let body = match read_body(body, replay, vhost.request_body_buffer_limit, deadline).await {
+            Ok(body) => body,
+            Err(BodyError::Deadline) => return Ok(self.respond(Err(deadline_failure(deadline)), &hcm.route_config)),
+            Err(BodyError::Downstream) => {
+                return Ok((local_reply(StatusCode::BAD_REQUEST, Bytes::new()), Some(DropReason::InvalidRequest)));
+            }
+        };
+        if let OutgoingBody::Replayable(bytes) = &body {
+            self.mirror(&action, &parts.method, &uri, &headers, bytes);
+        }
+        let outgoing = Outgoing { method: parts.method, uri, headers, body };
+        let plan = Plan {
+            cluster: &cluster,
+            retry_policy: action.retry_policy.as_ref(),
+            include_attempt_count: vhost.include_request_attempt_count,
+            deadline,
+            source,
+        };
+        let head_for_retries = &*head;
+        let source_identity = self.source_identity;
+        let forwarded = forward::forward(plan, host, outgoing, |next| {
+            authorize_pair(snapshot, ctx.peer.ip(), source_identity, next, head_for_retries).is_ok()
+        })
+        .await;
+        self.attempts = forwarded.attempts;
+        self.destination = Some((forwarded.upstream, self.snapshot.peer(forwarded.upstream.ip()).0));
+        Ok(self.respond(forwarded.result, &hcm.route_config))
+    }
+
+    /// Weighted split, then the cluster by name; unknown → `cluster_not_found_status`.
+    fn pick_cluster(&mut self, action: &ForwardAction) -> Result<Arc<ClusterState>, StatusCode> {
+        let not_found = StatusCode::from_u16(action.cluster_not_found_status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        let picked = pick_weighted_cluster(&action.clusters, rand::random()).ok_or(not_found)?;
+        self.cluster = Some(picked.name.clone());
+        self.snapshot.clusters.get(&picked.name).cloned().ok_or(not_found)
+    }
+
+    fn authorize(&mut self, host: &HostState, head: &RequestHead) -> Result<Vec<HeaderEdit>, AuthorizeDenial> {
+        match authorize_pair(self.snapshot, self.ctx.peer.ip(), self.source_identity, host, head) {
+            Ok((origin, edits)) => {
+                self.policy = origin;
+                Ok(edits)
+            }
+            Err((denial, direction, origin)) => {
+                self.policy = origin;
+                self.direction = Some(direction);
+                Err(denial)
+            }
+        }
+    }
+
+    fn mirror(&self, action: &ForwardAction, method: &http::Method, uri: &Uri, headers: &HeaderMap, body: &Option<Bytes>) {
+        for policy in &action.mirrors {
+            if rand::random::<u32>() % 1_000_000 >= policy.fraction_per_million {
+                continue;
+            }
+            let Some(cluster) = self.snapshot.clusters.get(&policy.cluster) else { continue };
+            let uri = match cluster.config.protocol {
+                UpstreamProtocol::Http1 => uri.path_and_query().map_or_else(|| uri.clone(), |pq| Uri::from(pq.clone())),
+                UpstreamProtocol::Http2 => uri.clone(),
+            };
+            forward::mirror(Arc::clone(cluster), self.ctx.peer.ip(), method.clone(), uri, headers.clone(), body.clone());
+        }
+    }
+
+    fn respond(&self, result: Result<Response<ProxyBody>, Failure>, route_config: &RouteConfig) -> (Response<ProxyBody>, Option<DropReason>) {
+        match result {
+            Ok(mut response) => {
+                prepare_response_headers(&mut response, route_config);
+                (response, None)
+            }
+            Err(failure) => {
+                let reason = match failure {
+                    Failure::Overflow => DropReason::Overflow,
+                    Failure::Upstream => DropReason::UpstreamFailure,
+                    Failure::Timeout | Failure::StreamIdle => DropReason::UpstreamTimeout,
+                };
+                (forward::failure_response(failure), Some(reason))
+            }
+        }
+    }
+
+    fn emit(&mut self, verdict: Verdict, drop_reason: Option<DropReason>, status: Option<u16>) {
+        let snapshot = self.snapshot;
+        let ctx = self.ctx;
+        let (source_identity, source_peer) = snapshot.peer(ctx.peer.ip());
+        let source = FlowPeer {
+            ip: ctx.peer.ip(),
+            port: ctx.peer.port(),
+            identity: source_identity,
+            name: source_peer.map(|p| p.name.clone()),
+        };
+        let destination = match self.destination {
+            Some((addr, identity)) => FlowPeer {
+                ip: addr.ip(),
+                port: addr.port(),
+                identity,
+                name: snapshot.peer(addr.ip()).1.map(|p| p.name.clone()),
+            },
+            None => FlowPeer { ip: ctx.local.ip(), port: ctx.local.port(), identity: snapshot.peer(ctx.local.ip()).0, name: None },
+        };
+        let http = self.head.take().map(|head| HttpFlow {
+            method: head.method.as_str().to_owned(),
+            url: head.path_and_query,
+            authority: head.authority,
+            protocol: protocol_name(head.version),
+            status,
+            latency: self.started.elapsed(),
+        });
+        ctx.shared.flows.send(FlowEvent {
+            time: SystemTime::now(),
+            generation: snapshot.generation,
+            verdict,
+            drop_reason,
+            direction: self.direction,
+            source,
+            destination,
+            listener: self.listener.name.clone(),
+            http,
+            cluster: self.cluster.take(),
+            attempts: self.attempts,
+            policy: self.policy.take(),
+        });
+    }
+}
+
+enum AuthorizeDenial {
+    /// No response: close the connection / reset the stream.
+    L4(DropReason),
+    /// `403 Access denied`.
+    L7,
+}
+
+type Denied = (AuthorizeDenial, TrafficDirection, Option<Arc<str>>);
+
+/// The source's egress policy (remote = destination) and the destination's ingress policy
+/// (remote = source) must both allow; an endpoint without policy allows everything.
+fn authorize_pair(
+    snapshot: &Snapshot,
+    source_ip: IpAddr,
+    source_identity: u32,
+    destination: &HostState,
+    head: &RequestHead,
+) -> Result<(Option<Arc<str>>, Vec<HeaderEdit>), Denied> {
+    let port = destination.addr.port();
+    let mut edits = Vec::new();
+    let mut origin = None;
+    if let Some(policy) = snapshot.policies.get(&source_ip) {
+        let (destination_identity, _) = snapshot.peer(destination.addr.ip());
+        let decision = policy.egress.authorize(destination_identity, Protocol::Tcp, port, head);
+        origin = merge_decision(decision, &mut edits, TrafficDirection::Egress)?;
+    }
+    if let Some(policy) = snapshot.policies.get(&destination.addr.ip()) {
+        let decision = policy.ingress.authorize(source_identity, Protocol::Tcp, port, head);
+        origin = merge_decision(decision, &mut edits, TrafficDirection::Ingress)?.or(origin);
+    }
+    Ok((origin, edits))
+}
+
+fn merge_decision(decision: Decision, edits: &mut Vec<HeaderEdit>, direction: TrafficDirection) -> Result<Option<Arc<str>>, Denied> {
+    match decision {
+        Decision::Allow { origin, header_edits } => {
+            edits.extend(header_edits);
+            Ok(origin)
+        }
+        Decision::Deny { reason, origin } => {
+            let denial = match reason {
+                DropReason::PolicyDenied | DropReason::PolicyDeny | DropReason::AuthRequired => AuthorizeDenial::L4(reason),
+                _ => AuthorizeDenial::L7,
+            };
+            Err((denial, direction, origin))
+        }
+    }
+}
+
+fn access_denied() -> (Response<ProxyBody>, Option<DropReason>) {
+    (local_reply(StatusCode::FORBIDDEN, Bytes::from_static(ACCESS_DENIED)), Some(DropReason::L7PolicyDenied))
+}
+
+fn rejected(rejection: Rejection, canonical_target: &Uri) -> (Response<ProxyBody>, Option<DropReason>) {
+    if rejection.status.is_redirection() {
+        // UNESCAPE_AND_REDIRECT: the canonical target is where the client should go.
+        let mut response = local_reply(rejection.status, Bytes::new());
+        if let Ok(location) = HeaderValue::from_str(&canonical_target.to_string()) {
+            response.headers_mut().insert(http::header::LOCATION, location);
+        }
+        return (response, None);
+    }
+    (local_reply(rejection.status, Bytes::from_static(rejection.reason.as_bytes())), Some(DropReason::InvalidRequest))
+}
+
+fn local_reply(status: StatusCode, body: Bytes) -> Response<ProxyBody> {
+    let has_body = !body.is_empty();
+    let mut response = Response::new(ProxyBody::full(body));
+    *response.status_mut() = status;
+    if has_body {
+        response.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    }
+    response
+}
+
+/// The `Upgrade` value of an HTTP/1.1 request that asks to switch protocols.
+fn upgrade_requested(request: &Request<Incoming>) -> Option<HeaderValue> {
+    if request.version() != Version::HTTP_11 {
+        return None;
+    }
+    let upgrade = request.headers().get(UPGRADE)?;
+    let connection_says_upgrade = request
+        .headers()
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+    connection_says_upgrade.then(|| upgrade.clone())
+}
+
+fn upgrade_allowed(hcm: &HttpConnectionManager, kind: &HeaderValue) -> bool {
+    let Ok(kind) = kind.to_str() else { return false };
+    hcm.upgrades.iter().any(|allowed| allowed.eq_ignore_ascii_case(kind.trim()))
+}
+
+/// Applies the route's path and host rewrites to the head (so policy sees what the backend
+/// will see); returns the path before the rewrite for `x-envoy-original-path`.
+fn rewrite(route: &crate::tables::Route, action: &ForwardAction, head: &mut RequestHead) -> Option<String> {
+    if let Some(host) = &action.host_rewrite_literal {
+        head.authority.clone_from(host);
+    }
+    let rewrite = action.rewrite.as_ref()?;
+    let rewritten = rewrite_path(route, rewrite, &head.path_and_query);
+    Some(std::mem::replace(&mut head.path_and_query, rewritten))
+}
+
+/// Hop-by-hop removal, the route config's header mutations, `x-forwarded-for`, policy edits.
+fn prepare_request_headers(
+    headers: &mut HeaderMap,
+    route_config: &RouteConfig,
+    hcm: &HttpConnectionManager,
+    peer: IpAddr,
+    edits: &[HeaderEdit],
+) {
+    strip_hop_by_hop(headers);
+    headers.remove(http::header::TE);
+    for name in &route_config.request_headers_to_remove {
+        headers.remove(name.as_str());
+    }
+    for (name, value) in &route_config.request_headers_to_add {
+        append_header(headers, name, value);
+    }
+    if hcm.use_remote_address && !hcm.skip_xff_append {
+        let appended = match headers.get(&FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+            Some(existing) => format!("{existing}, {peer}"),
+            None => peer.to_string(),
+        };
+        if let Ok(value) = HeaderValue::from_str(&appended) {
+            headers.insert(FORWARDED_FOR.clone(), value);
+        }
+    }
+    for edit in edits {
+        apply_header_edit(headers, edit);
+    }
+}
+
+/// Cilium's `headerMatches` mismatch actions.
+fn apply_header_edit(headers: &mut HeaderMap, edit: &HeaderEdit) {
+    let Ok(name) = HeaderName::from_bytes(edit.name.as_bytes()) else { return };
+    let value = edit.value.as_deref().and_then(|v| HeaderValue::from_str(v).ok());
+    match (edit.action, value) {
+        (MismatchAction::Log, _) => tracing::info!(header = %edit.name, "policy header mismatch"),
+        (MismatchAction::Add, Some(value)) => {
+            headers.append(name, value);
+        }
+        (MismatchAction::Replace, Some(value)) => {
+            headers.insert(name, value);
+        }
+        (MismatchAction::Delete, _) | (MismatchAction::Replace, None) => {
+            headers.remove(name);
+        }
+        (MismatchAction::Add, None) => {}
+    }
+}
+
+fn prepare_response_headers(response: &mut Response<ProxyBody>, route_config: &RouteConfig) {
+    let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    if !switching {
+        strip_hop_by_hop(headers);
+    }
+    for name in &route_config.response_headers_to_remove {
+        headers.remove(name.as_str());
+    }
+    for (name, value) in &route_config.response_headers_to_add {
+        append_header(headers, name, value);
+    }
+}
+
+fn append_header(headers: &mut HeaderMap, name: &str, value: &str) {
+    if let (Ok(name), Ok(value)) = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(value)) {
+        headers.append(name, value);
+    }
+}
+
+/// RFC 9110 §7.6.1: connection-specific headers never cross the proxy.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if let Some(connection) = headers.remove(CONNECTION) {
+        if let Ok(listed) = connection.to_str() {
+            for name in listed.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+                headers.remove(name);
+            }
+        }
+        // Further Connection values (rare) list more names.
+        while let Some(more) = headers.remove(CONNECTION) {
+            if let Ok(listed) = more.to_str() {
+                listed.split(',').map(str::trim).for_each(|n| {
+                    headers.remove(n);
+                });
+            }
+        }
+    }
+    headers.remove(&KEEP_ALIVE);
+    headers.remove(&PROXY_CONNECTION);
+    headers.remove(http::header::TRANSFER_ENCODING);
+    headers.remove(UPGRADE);
+}
+
+fn upstream_uri(protocol: UpstreamProtocol, head: &RequestHead) -> Uri {
+    let uri = match protocol {
+        UpstreamProtocol::Http1 => Uri::try_from(head.path_and_query.as_str()),
+        UpstreamProtocol::Http2 => Uri::try_from(format!("http://{}{}", head.authority, head.path_and_query)),
+    };
+    uri.unwrap_or_else(|_| Uri::from_static("/"))
+}
+
+/// HTTP/1.1 upstreams get `Host`; HTTP/2 upstreams carry the authority in the URI instead.
+fn set_upstream_host(headers: &mut HeaderMap, protocol: UpstreamProtocol, head: &RequestHead) {
+    match protocol {
+        UpstreamProtocol::Http1 => {
+            if let Ok(value) = HeaderValue::from_str(&head.authority) {
+                headers.insert(HOST, value);
+            }
+        }
+        UpstreamProtocol::Http2 => {
+            headers.remove(HOST);
+        }
+    }
+}
+
+enum BodyError {
+    Deadline,
+    Downstream,
+}
+
+fn deadline_failure(deadline: Deadline) -> Failure {
+    if deadline.stream_idle { Failure::StreamIdle } else { Failure::Timeout }
+}
+
+/// Reads the request body into the replay buffer when retries or mirrors may need it and it
+/// fits `limit`; otherwise streams it (then it is sent once, never retried or mirrored).
+async fn read_body(body: Incoming, replay: bool, limit: usize, deadline: Deadline) -> Result<OutgoingBody, BodyError> {
+    if body.is_end_stream() {
+        return Ok(OutgoingBody::Replayable(None));
+    }
+    if !replay || body.size_hint().lower() > limit as u64 {
+        return Ok(OutgoingBody::Streaming(Some(ProxyBody::incoming(body))));
+    }
+    let buffering = buffer_up_to(body, limit);
+    let buffered = match deadline.at {
+        Some(at) => tokio::time::timeout_at(at, buffering).await.map_err(|_| BodyError::Deadline)?,
+        None => buffering.await,
+    };
+    buffered.map_err(|_| BodyError::Downstream)
+}
+
+async fn buffer_up_to(mut body: Incoming, limit: usize) -> Result<OutgoingBody, hyper::Error> {
+    let mut buffer = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        // Trailers are not replayed (Envoy drops them for buffered retries too).
+        let Ok(data) = frame?.into_data() else { continue };
+        buffer.extend_from_slice(&data);
+        if buffer.len() > limit {
+            return Ok(OutgoingBody::Streaming(Some(ProxyBody::Streamed { prefix: Some(buffer.freeze()), rest: body })));
+        }
+    }
+    Ok(OutgoingBody::Replayable((!buffer.is_empty()).then(|| buffer.freeze())))
+}
+
+fn protocol_name(version: Version) -> &'static str {
+    match version {
+        Version::HTTP_2 => "HTTP/2",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_09 => "HTTP/0.9",
+        Version::HTTP_3 => "HTTP/3",
+        _ => "HTTP/1.1",
+    }
+}

@@ -1,0 +1,524 @@
+//! Upstream clusters (pick endpoint -> **connect** -> forward): hosts, keep-alive pools, circuit breakers, outlier detection.
+//!
+//! Pools are per host: a lock-free queue of idle HTTP/1.1 connections, or one shared multiplexed
+//! HTTP/2 connection. Circuit breakers are per cluster and count with atomics. A host keeps its
+//! pool and outlier state across table swaps as long as its cluster keeps it with the same
+//! protocol and connect timeout, so a reload neither drops warm connections nor un-ejects hosts.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use crossbeam_queue::ArrayQueue;
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::body::ProxyBody;
+use crate::lb::{Balancer, PickInput};
+use crate::retry::AttemptOutcome;
+use crate::stats::{bump, ClusterCounters, ProxyCounters};
+use crate::tables::{CircuitBreakers, Cluster, OutlierDetection, UpstreamProtocol};
+
+/// Idle HTTP/1.1 connections kept per host at most.
+const MAX_IDLE_PER_HOST: usize = 256;
+
+/// One cluster of one table generation.
+#[derive(Debug)]
+pub(crate) struct ClusterState {
+    pub config: Arc<Cluster>,
+    pub hosts: Box<[Arc<HostState>]>,
+    balancer: Balancer,
+    pub counters: Arc<ClusterCounters>,
+}
+
+impl ClusterState {
+    /// Builds the state for `config`, taking over hosts of `previous` that did not change.
+    pub fn new(
+        config: Arc<Cluster>,
+        previous: Option<&ClusterState>,
+        counters: Arc<ClusterCounters>,
+        proxy_counters: &Arc<ProxyCounters>,
+        epoch: Instant,
+    ) -> Self {
+        let hosts: Box<[Arc<HostState>]> = config
+            .endpoints
+            .iter()
+            .map(|endpoint| {
+                let reusable = previous.and_then(|prev| {
+                    prev.hosts.iter().find(|host| {
+                        host.addr == endpoint.addr
+                            && host.protocol == config.protocol
+                            && host.connect_timeout == config.connect_timeout
+                    })
+                });
+                match reusable {
+                    Some(host) => Arc::clone(host),
+                    None => Arc::new(HostState::new(
+                        endpoint.addr,
+                        config.protocol,
+                        config.connect_timeout,
+                        Arc::clone(&counters),
+                        Arc::clone(proxy_counters),
+                        epoch,
+                    )),
+                }
+            })
+            .collect();
+        let weighted: Vec<(SocketAddr, u32)> = config.endpoints.iter().map(|e| (e.addr, e.weight)).collect();
+        let balancer = Balancer::new(config.lb_policy, &weighted);
+        Self { config, hosts, balancer, counters }
+    }
+
+    /// Whether a table swap can keep this state as it is for `config`.
+    pub fn serves(&self, config: &Cluster) -> bool {
+        let current = &*self.config;
+        current.endpoints == config.endpoints
+            && current.lb_policy == config.lb_policy
+            && current.connect_timeout == config.connect_timeout
+            && current.circuit_breakers == config.circuit_breakers
+            && current.outlier_detection == config.outlier_detection
+            && current.protocol == config.protocol
+    }
+
+    /// The lb_policy's pick, preferring hosts that are neither ejected nor in `avoid`; falls
+    /// back to previously tried hosts, then to ejected ones (Envoy's panic mode) rather than
+    /// failing while hosts exist.
+    pub fn pick(&self, input: PickInput, avoid: &[SocketAddr]) -> Option<&Arc<HostState>> {
+        let hosts = &self.hosts;
+        let now = self.hosts.first()?.now_ms();
+        let load = |i: usize| hosts[i].active_requests.load(Ordering::Relaxed);
+        let fresh = |i: usize| !hosts[i].is_ejected_at(now) && !avoid.contains(&hosts[i].addr);
+        let healthy = |i: usize| !hosts[i].is_ejected_at(now);
+        self.balancer
+            .pick(hosts.len(), input, fresh, load)
+            .or_else(|| self.balancer.pick(hosts.len(), input, healthy, load))
+            .or_else(|| self.balancer.pick(hosts.len(), input, |_| true, load))
+            .map(|index| &hosts[index])
+    }
+
+    /// Claims one of the cluster's `max_retries` concurrent retry slots.
+    pub fn try_retry(&self) -> Option<RetrySlot> {
+        let active = self.counters.retries_active.fetch_add(1, Ordering::Relaxed);
+        if active >= u64::from(self.config.circuit_breakers.max_retries) {
+            self.counters.retries_active.fetch_sub(1, Ordering::Relaxed);
+            bump(&self.counters.upstream_rq_retry_overflow);
+            return None;
+        }
+        bump(&self.counters.upstream_rq_retry);
+        Some(RetrySlot(Arc::clone(&self.counters)))
+    }
+
+    /// Feeds an attempt's result to outlier detection (no-op without an `outlier_detection`).
+    pub fn record(&self, host: &HostState, signal: OutlierSignal, random: u64) {
+        if let Some(detection) = &self.config.outlier_detection {
+            host.record(detection, signal, &self.hosts, random);
+        }
+    }
+
+    pub fn ejections_active(&self) -> u64 {
+        let Some(now) = self.hosts.first().map(|h| h.now_ms()) else { return 0 };
+        self.hosts.iter().filter(|host| host.is_ejected_at(now)).count() as u64
+    }
+}
+
+/// A running retry, counted against `max_retries` until dropped.
+#[derive(Debug)]
+pub(crate) struct RetrySlot(Arc<ClusterCounters>);
+
+impl Drop for RetrySlot {
+    fn drop(&mut self) {
+        self.0.retries_active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What outlier detection learns from one attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OutlierSignal {
+    /// The upstream answered with this status.
+    Status(u16),
+    /// Connect failure, reset or timeout: the error originated here, not at the upstream.
+    LocalFailure,
+}
+
+/// One endpoint of a cluster: its pool and outlier state.
+#[derive(Debug)]
+pub(crate) struct HostState {
+    pub addr: SocketAddr,
+    protocol: UpstreamProtocol,
+    connect_timeout: Duration,
+    pub active_requests: AtomicU64,
+    /// Open (or opening) connections to this host.
+    connections: AtomicU64,
+    idle: ArrayQueue<http1::SendRequest<ProxyBody>>,
+    multiplexed: ArcSwapOption<http2::SendRequest<ProxyBody>>,
+    /// Serializes opening the HTTP/2 connection (slow path only).
+    multiplexed_connecting: tokio::sync::Mutex<()>,
+    /// Signalled when a connection goes idle or closes, for requests waiting at `max_connections`.
+    released: Notify,
+    outlier: OutlierState,
+    counters: Arc<ClusterCounters>,
+    proxy_counters: Arc<ProxyCounters>,
+    epoch: Instant,
+}
+
+#[derive(Debug, Default)]
+struct OutlierState {
+    consecutive_5xx: AtomicU32,
+    consecutive_gateway: AtomicU32,
+    consecutive_local: AtomicU32,
+    times_ejected: AtomicU32,
+    /// Milliseconds since the epoch until which the host is ejected; 0 = never ejected.
+    ejected_until_ms: AtomicU64,
+}
+
+impl HostState {
+    fn new(
+        addr: SocketAddr,
+        protocol: UpstreamProtocol,
+        connect_timeout: Duration,
+        counters: Arc<ClusterCounters>,
+        proxy_counters: Arc<ProxyCounters>,
+        epoch: Instant,
+    ) -> Self {
+        Self {
+            addr,
+            protocol,
+            connect_timeout,
+            active_requests: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
+            idle: ArrayQueue::new(MAX_IDLE_PER_HOST),
+            multiplexed: ArcSwapOption::empty(),
+            multiplexed_connecting: tokio::sync::Mutex::new(()),
+            released: Notify::new(),
+            outlier: OutlierState::default(),
+            counters,
+            proxy_counters,
+            epoch,
+        }
+    }
+
+    /// Starts a request on this host if `max_requests` allows it. The lease keeps the request
+    /// counted until it (and the response body it ends up in) is dropped.
+    pub fn begin_request(self: &Arc<Self>, breakers: &CircuitBreakers) -> Result<Lease, AttemptOutcome> {
+        let active = self.counters.upstream_rq_active.fetch_add(1, Ordering::Relaxed);
+        self.active_requests.fetch_add(1, Ordering::Relaxed);
+        let lease = Lease { host: Arc::clone(self), sender: None, reusable: false };
+        if active >= u64::from(breakers.max_requests) {
+            bump(&self.counters.upstream_rq_pending_overflow);
+            return Err(AttemptOutcome::Overflow);
+        }
+        bump(&self.counters.upstream_rq_total);
+        Ok(lease)
+    }
+
+    /// Sends `request` over a pooled connection (opening one if needed).
+    pub async fn send(
+        self: &Arc<Self>,
+        lease: &mut Lease,
+        breakers: &CircuitBreakers,
+        request: impl FnOnce() -> Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, AttemptOutcome> {
+        match self.protocol {
+            UpstreamProtocol::Http1 => {
+                let mut sender = self.checkout_http1(breakers).await?;
+                let response = sender.send_request(request()).await.map_err(|e| classify(&e));
+                lease.sender = Some(sender);
+                response
+            }
+            UpstreamProtocol::Http2 => {
+                let mut sender = self.checkout_http2().await?;
+                sender.send_request(request()).await.map_err(|e| classify(&e))
+            }
+        }
+    }
+
+    /// Opens a dedicated HTTP/1.1 connection that may switch protocols (never pooled).
+    pub async fn connect_upgradable(self: &Arc<Self>) -> Result<http1::SendRequest<ProxyBody>, AttemptOutcome> {
+        let guard = self.reserve_connection_unconditionally();
+        self.connect_http1(guard, true).await
+    }
+
+    async fn checkout_http1(self: &Arc<Self>, breakers: &CircuitBreakers) -> Result<http1::SendRequest<ProxyBody>, AttemptOutcome> {
+        let mut pending: Option<PendingSlot> = None;
+        loop {
+            while let Some(mut sender) = self.idle.pop() {
+                if !sender.is_closed() && sender.ready().await.is_ok() {
+                    return Ok(sender);
+                }
+            }
+            if pending.is_none() {
+                pending = Some(PendingSlot::enter(&self.counters, breakers)?);
+            }
+            if let Some(guard) = self.reserve_connection(breakers) {
+                return self.connect_http1(guard, false).await;
+            }
+            // At max_connections: wait for one of this host's connections to come back.
+            let notified = self.released.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.idle.is_empty() && self.connections.load(Ordering::Relaxed) > 0 {
+                notified.await;
+            }
+        }
+    }
+
+    async fn checkout_http2(self: &Arc<Self>) -> Result<http2::SendRequest<ProxyBody>, AttemptOutcome> {
+        let mut sender = match self.live_multiplexed() {
+            Some(sender) => sender,
+            None => {
+                let _connecting = self.multiplexed_connecting.lock().await;
+                match self.live_multiplexed() {
+                    Some(sender) => sender,
+                    None => {
+                        let guard = self.reserve_connection_unconditionally();
+                        let sender = self.connect_http2(guard).await?;
+                        self.multiplexed.store(Some(Arc::new(sender.clone())));
+                        sender
+                    }
+                }
+            }
+        };
+        sender.ready().await.map_err(|_| AttemptOutcome::Reset { request_sent: false })?;
+        Ok(sender)
+    }
+
+    fn live_multiplexed(&self) -> Option<http2::SendRequest<ProxyBody>> {
+        self.multiplexed.load().as_deref().filter(|sender| !sender.is_closed()).cloned()
+    }
+
+    /// Claims a connection under the cluster's `max_connections`. A host without any connection
+    /// always gets one (as Envoy does), so a full cluster cannot starve a host forever.
+    fn reserve_connection(self: &Arc<Self>, breakers: &CircuitBreakers) -> Option<ConnectionGuard> {
+        let open = self.counters.upstream_cx_active.fetch_add(1, Ordering::Relaxed);
+        if open >= u64::from(breakers.max_connections) {
+            if self.connections.load(Ordering::Relaxed) > 0 {
+                self.counters.upstream_cx_active.fetch_sub(1, Ordering::Relaxed);
+                return None;
+            }
+            bump(&self.counters.upstream_cx_overflow);
+        }
+        self.connections.fetch_add(1, Ordering::Relaxed);
+        bump(&self.proxy_counters.upstream_cx_active);
+        Some(ConnectionGuard(Arc::clone(self)))
+    }
+
+    fn reserve_connection_unconditionally(self: &Arc<Self>) -> ConnectionGuard {
+        bump(&self.counters.upstream_cx_active);
+        self.connections.fetch_add(1, Ordering::Relaxed);
+        bump(&self.proxy_counters.upstream_cx_active);
+        ConnectionGuard(Arc::clone(self))
+    }
+
+    async fn connect_tcp(&self) -> Result<TokioIo<TcpStream>, AttemptOutcome> {
+        match tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.addr)).await {
+            Ok(Ok(stream)) => {
+                // Small requests must not wait for Nagle.
+                let _ = stream.set_nodelay(true);
+                Ok(TokioIo::new(stream))
+            }
+            Ok(Err(error)) => {
+                tracing::debug!(upstream = %self.addr, %error, "upstream connect failed");
+                bump(&self.counters.upstream_cx_connect_fail);
+                Err(AttemptOutcome::ConnectFailure)
+            }
+            Err(_) => {
+                tracing::debug!(upstream = %self.addr, "upstream connect timed out");
+                bump(&self.counters.upstream_cx_connect_fail);
+                Err(AttemptOutcome::ConnectFailure)
+            }
+        }
+    }
+
+    async fn connect_http1(&self, guard: ConnectionGuard, upgradable: bool) -> Result<http1::SendRequest<ProxyBody>, AttemptOutcome> {
+        let io = self.connect_tcp().await?;
+        let (sender, connection) = http1::handshake(io).await.map_err(|_| AttemptOutcome::ConnectFailure)?;
+        tokio::spawn(async move {
+            let result = if upgradable { connection.with_upgrades().await } else { connection.await };
+            if let Err(error) = result {
+                tracing::debug!(upstream = %guard.0.addr, %error, "upstream connection ended with an error");
+            }
+            drop(guard);
+        });
+        Ok(sender)
+    }
+
+    async fn connect_http2(&self, guard: ConnectionGuard) -> Result<http2::SendRequest<ProxyBody>, AttemptOutcome> {
+        let io = self.connect_tcp().await?;
+        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(io)
+            .await
+            .map_err(|_| AttemptOutcome::ConnectFailure)?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(upstream = %guard.0.addr, %error, "upstream HTTP/2 connection ended with an error");
+            }
+            drop(guard);
+        });
+        Ok(sender)
+    }
+
+    fn release(&self, sender: http1::SendRequest<ProxyBody>) {
+        if !sender.is_closed() {
+            // A full queue drops the connection, which closes it.
+            let _ = self.idle.push(sender);
+        }
+        self.released.notify_one();
+    }
+
+    fn now_ms(&self) -> u64 {
+        // +1 keeps 0 free to mean "never ejected".
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1
+    }
+
+    fn is_ejected_at(&self, now_ms: u64) -> bool {
+        now_ms < self.outlier.ejected_until_ms.load(Ordering::Relaxed)
+    }
+
+    /// Envoy's consecutive-failure detectors. Local-origin failures count as 5xx (and gateway
+    /// failures) unless `split_external_local_origin_errors`, in which case they have their own
+    /// counter. The ejection multiplier only grows (Envoy decays it while the host stays healthy).
+    fn record(&self, detection: &OutlierDetection, signal: OutlierSignal, hosts: &[Arc<HostState>], random: u64) {
+        let state = &self.outlier;
+        let status = match signal {
+            OutlierSignal::LocalFailure if detection.split_external_local_origin_errors => {
+                let failures = state.consecutive_local.fetch_add(1, Ordering::Relaxed) + 1;
+                if failures >= detection.consecutive_local_origin_failure {
+                    self.try_eject(detection, detection.enforcing_consecutive_local_origin_failure, hosts, random);
+                }
+                return;
+            }
+            OutlierSignal::LocalFailure => 503,
+            OutlierSignal::Status(status) => {
+                state.consecutive_local.store(0, Ordering::Relaxed);
+                status
+            }
+        };
+        if status < 500 {
+            state.consecutive_5xx.store(0, Ordering::Relaxed);
+            state.consecutive_gateway.store(0, Ordering::Relaxed);
+            return;
+        }
+        let errors = state.consecutive_5xx.fetch_add(1, Ordering::Relaxed) + 1;
+        let gateway = if matches!(status, 502..=504) {
+            state.consecutive_gateway.fetch_add(1, Ordering::Relaxed) + 1
+        } else {
+            state.consecutive_gateway.store(0, Ordering::Relaxed);
+            0
+        };
+        if errors >= detection.consecutive_5xx {
+            self.try_eject(detection, detection.enforcing_consecutive_5xx, hosts, random);
+        } else if gateway >= detection.consecutive_gateway_failure {
+            self.try_eject(detection, detection.enforcing_consecutive_gateway_failure, hosts, random);
+        }
+    }
+
+    fn try_eject(&self, detection: &OutlierDetection, enforcing_percent: u32, hosts: &[Arc<HostState>], random: u64) {
+        let state = &self.outlier;
+        state.consecutive_5xx.store(0, Ordering::Relaxed);
+        state.consecutive_gateway.store(0, Ordering::Relaxed);
+        state.consecutive_local.store(0, Ordering::Relaxed);
+        let now = self.now_ms();
+        if self.is_ejected_at(now) || random % 100 >= u64::from(enforcing_percent) {
+            return;
+        }
+        // Envoy: eject only while (ejected + 1) / hosts stays within max_ejection_percent.
+        let ejected = hosts.iter().filter(|host| host.is_ejected_at(now)).count() as u64;
+        if (ejected + 1) * 100 > u64::from(detection.max_ejection_percent) * hosts.len() as u64 {
+            return;
+        }
+        let times = u64::from(state.times_ejected.fetch_add(1, Ordering::Relaxed)) + 1;
+        let base = u64::try_from(detection.base_ejection_time.as_millis()).unwrap_or(u64::MAX);
+        let cap = u64::try_from(detection.max_ejection_time.as_millis()).unwrap_or(u64::MAX).max(base);
+        let duration = base.saturating_mul(times).min(cap);
+        state.ejected_until_ms.store(now.saturating_add(duration), Ordering::Relaxed);
+        bump(&self.counters.ejections_enforced_total);
+        tracing::info!(upstream = %self.addr, ejection_ms = duration, "outlier detection ejected host");
+    }
+}
+
+fn classify(error: &hyper::Error) -> AttemptOutcome {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(current) = source {
+        if let Some(h2_error) = current.downcast_ref::<h2::Error>() {
+            if h2_error.reason() == Some(h2::Reason::REFUSED_STREAM) {
+                return AttemptOutcome::RefusedStream;
+            }
+        }
+        source = current.source();
+    }
+    AttemptOutcome::Reset { request_sent: !error.is_canceled() }
+}
+
+/// Counts a request waiting for a connection against `max_pending_requests`.
+struct PendingSlot(Arc<ClusterCounters>);
+
+impl PendingSlot {
+    fn enter(counters: &Arc<ClusterCounters>, breakers: &CircuitBreakers) -> Result<Self, AttemptOutcome> {
+        let pending = counters.pending_active.fetch_add(1, Ordering::Relaxed);
+        let slot = Self(Arc::clone(counters));
+        if pending >= u64::from(breakers.max_pending_requests) {
+            bump(&counters.upstream_rq_pending_overflow);
+            return Err(AttemptOutcome::Overflow);
+        }
+        Ok(slot)
+    }
+}
+
+impl Drop for PendingSlot {
+    fn drop(&mut self) {
+        self.0.pending_active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Keeps one upstream connection counted while it is open.
+#[derive(Debug)]
+struct ConnectionGuard(Arc<HostState>);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        let host = &self.0;
+        host.connections.fetch_sub(1, Ordering::Relaxed);
+        host.counters.upstream_cx_active.fetch_sub(1, Ordering::Relaxed);
+        host.proxy_counters.upstream_cx_active.fetch_sub(1, Ordering::Relaxed);
+        host.released.notify_one();
+    }
+}
+
+/// One request on one host: counted as active until dropped; returns its HTTP/1.1 connection to
+/// the pool when the response finished cleanly.
+#[derive(Debug)]
+pub struct Lease {
+    host: Arc<HostState>,
+    sender: Option<http1::SendRequest<ProxyBody>>,
+    reusable: bool,
+}
+
+impl Lease {
+    /// The response body ended cleanly: the connection can take the next request.
+    pub(crate) fn finished(&mut self) {
+        self.reusable = true;
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.host.active_requests.fetch_sub(1, Ordering::Relaxed);
+        self.host.counters.upstream_rq_active.fetch_sub(1, Ordering::Relaxed);
+        if let Some(sender) = self.sender.take() {
+            if self.reusable {
+                self.host.release(sender);
+            } else {
+                // Dropping an unfinished HTTP/1.1 exchange closes its connection.
+                self.host.released.notify_one();
+            }
+        }
+    }
+}
