@@ -57,13 +57,22 @@ impl FlowQuery {
         for (key, value) in form_urlencoded::parse(query.as_bytes()) {
             match key.as_ref() {
                 "last" => {
-                    parsed.last = Some(value.parse().map_err(|_| format!("last={value:?}: expected a count"))?);
+                    parsed.last = Some(
+                        value
+                            .parse()
+                            .map_err(|_| format!("last={value:?}: expected a count"))?,
+                    );
                 }
                 "follow" => {
-                    parsed.follow = value.parse().map_err(|_| format!("follow={value:?}: expected true or false"))?;
+                    parsed.follow = value
+                        .parse()
+                        .map_err(|_| format!("follow={value:?}: expected true or false"))?;
                 }
                 _ => {
-                    if !parsed.filters.push_query_pair(&key, value.clone().into_owned()) {
+                    if !parsed
+                        .filters
+                        .push_query_pair(&key, value.clone().into_owned())
+                    {
                         return Err(format!("unknown parameter {key:?}"));
                     }
                 }
@@ -73,7 +82,8 @@ impl FlowQuery {
     }
 
     fn effective_last(&self) -> usize {
-        self.last.unwrap_or(if self.follow { 0 } else { DEFAULT_LAST })
+        self.last
+            .unwrap_or(if self.follow { 0 } else { DEFAULT_LAST })
     }
 }
 
@@ -87,14 +97,20 @@ struct ApiError {
 fn full(status: StatusCode, content_type: &'static str, body: Vec<u8>) -> Response<ApiBody> {
     let mut response = Response::new(Full::new(Bytes::from(body)).boxed_unsync());
     *response.status_mut() = status;
-    response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(content_type));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
     response
 }
 
 fn json<T: Serialize>(value: &T) -> Response<ApiBody> {
     match serde_json::to_vec(value) {
         Ok(body) => full(StatusCode::OK, "application/json", body),
-        Err(err) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding the answer failed: {err}")),
+        Err(err) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding the answer failed: {err}"),
+        ),
     }
 }
 
@@ -123,35 +139,50 @@ fn flows_response(flows: &FlowLog, query: &FlowQuery) -> Response<ApiBody> {
     };
     let last = query.effective_last();
     if !query.follow {
-        let body: Vec<u8> = flows.recent(&filter, last).iter().flat_map(ndjson_line).collect();
+        let body: Vec<u8> = flows
+            .recent(&filter, last)
+            .iter()
+            .flat_map(ndjson_line)
+            .collect();
         return full(StatusCode::OK, "application/x-ndjson", body);
     }
     // Subscribed before the response goes out, so every flow recorded after the client sees the
     // headers reaches it.
     let (backlog, subscription) = flows.recent_and_subscribe(&filter, last);
     let backlog: Bytes = backlog.iter().flat_map(ndjson_line).collect();
-    let live = futures_util::stream::unfold((subscription, filter), |(mut subscription, filter)| async move {
-        loop {
-            let record = subscription.next().await?;
-            if filter.matches(&record) {
-                return Some((ndjson_line(&record), (subscription, filter)));
+    let live = futures_util::stream::unfold(
+        (subscription, filter),
+        |(mut subscription, filter)| async move {
+            loop {
+                let record = subscription.next().await?;
+                if filter.matches(&record) {
+                    return Some((ndjson_line(&record), (subscription, filter)));
+                }
             }
-        }
-    });
+        },
+    );
     let frames = futures_util::stream::once(std::future::ready(backlog))
         .chain(live)
         .filter(|bytes| std::future::ready(!bytes.is_empty()))
         .map(|bytes| Ok::<_, Infallible>(Frame::data(bytes)));
     let mut response = Response::new(StreamBody::new(frames).boxed_unsync());
-    response
-        .headers_mut()
-        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/x-ndjson"));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/x-ndjson"),
+    );
     response
 }
 
-fn route(snapshot: &SharedSnapshot, flows: &FlowLog, request: &Request<Incoming>) -> Response<ApiBody> {
+fn route(
+    snapshot: &SharedSnapshot,
+    flows: &FlowLog,
+    request: &Request<Incoming>,
+) -> Response<ApiBody> {
     if request.method() != Method::GET {
-        return error(StatusCode::METHOD_NOT_ALLOWED, "the local API is read-only: use GET".to_owned());
+        return error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "the local API is read-only: use GET".to_owned(),
+        );
     }
     let current = snapshot.load();
     match request.uri().path() {
@@ -175,7 +206,11 @@ fn route(snapshot: &SharedSnapshot, flows: &FlowLog, request: &Request<Incoming>
 
 /// Binds `socket` (replacing a stale socket file, refusing if another agent answers on it) and
 /// serves the local API until the task is dropped.
-pub async fn serve_api(socket: PathBuf, snapshot: SharedSnapshot, flows: FlowLog) -> anyhow::Result<()> {
+pub async fn serve_api(
+    socket: PathBuf,
+    snapshot: SharedSnapshot,
+    flows: FlowLog,
+) -> anyhow::Result<()> {
     let listener = bind_api_socket(&socket).await?;
     tracing::info!(socket = %socket.display(), "serving the local API");
     loop {
@@ -193,7 +228,10 @@ pub async fn serve_api(socket: PathBuf, snapshot: SharedSnapshot, flows: FlowLog
                 let response = route(&snapshot, &flows, &request);
                 async move { Ok::<_, Infallible>(response) }
             });
-            if let Err(err) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
+            if let Err(err) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
                 tracing::debug!(%err, "API connection ended with an error");
             }
         });
@@ -202,19 +240,25 @@ pub async fn serve_api(socket: PathBuf, snapshot: SharedSnapshot, flows: FlowLog
 
 async fn bind_api_socket(socket: &Path) -> anyhow::Result<UnixListener> {
     if let Some(dir) = socket.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating the state dir {}", dir.display()))?;
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the state dir {}", dir.display()))?;
     }
     match std::fs::symlink_metadata(socket) {
         Ok(_) => {
             if UnixStream::connect(socket).await.is_ok() {
-                bail!("another agent is serving {}: stop it or use another --state-dir", socket.display());
+                bail!(
+                    "another agent is serving {}: stop it or use another --state-dir",
+                    socket.display()
+                );
             }
-            std::fs::remove_file(socket).with_context(|| format!("removing the stale socket {}", socket.display()))?;
+            std::fs::remove_file(socket)
+                .with_context(|| format!("removing the stale socket {}", socket.display()))?;
         }
         Err(err) if err.kind() == ErrorKind::NotFound => {}
         Err(err) => return Err(err).with_context(|| format!("inspecting {}", socket.display())),
     }
-    let listener = UnixListener::bind(socket).with_context(|| format!("binding the API socket {}", socket.display()))?;
+    let listener = UnixListener::bind(socket)
+        .with_context(|| format!("binding the API socket {}", socket.display()))?;
     // Flows name pods and paths: only the agent's user may read them.
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("restricting {} to its owner", socket.display()))?;
@@ -224,10 +268,21 @@ async fn bind_api_socket(socket: &Path) -> anyhow::Result<UnixListener> {
 async fn request(socket: &Path, path_and_query: &str) -> anyhow::Result<Response<Incoming>> {
     let stream = match UnixStream::connect(socket).await {
         Ok(stream) => stream,
-        Err(err) if matches!(err.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused) => {
-            bail!("no agent at {}: is `sluice agent` running? (--state-dir)", socket.display())
+        Err(err)
+            if matches!(
+                err.kind(),
+                ErrorKind::NotFound | ErrorKind::ConnectionRefused
+            ) =>
+        {
+            bail!(
+                "no agent at {}: is `sluice agent` running? (--state-dir)",
+                socket.display()
+            )
         }
-        Err(err) => return Err(err).with_context(|| format!("connecting to the agent at {}", socket.display())),
+        Err(err) => {
+            return Err(err)
+                .with_context(|| format!("connecting to the agent at {}", socket.display()))
+        }
     };
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
@@ -237,13 +292,23 @@ async fn request(socket: &Path, path_and_query: &str) -> anyhow::Result<Response
             tracing::debug!(%err, "API client connection ended with an error");
         }
     });
-    let request = Request::get(path_and_query).header(http::header::HOST, "localhost").body(Empty::<Bytes>::new())?;
-    let response = sender.send_request(request).await.with_context(|| format!("GET {path_and_query} from the agent"))?;
+    let request = Request::get(path_and_query)
+        .header(http::header::HOST, "localhost")
+        .body(Empty::<Bytes>::new())?;
+    let response = sender
+        .send_request(request)
+        .await
+        .with_context(|| format!("GET {path_and_query} from the agent"))?;
     if response.status().is_success() {
         return Ok(response);
     }
     let status = response.status();
-    let body = response.into_body().collect().await.map(|body| body.to_bytes()).unwrap_or_default();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map(|body| body.to_bytes())
+        .unwrap_or_default();
     let message = serde_json::from_slice::<ApiError>(&body)
         .map(|api_error| api_error.error)
         .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
@@ -253,8 +318,14 @@ async fn request(socket: &Path, path_and_query: &str) -> anyhow::Result<Response
 /// `GET path` on the agent's socket, decoded as JSON.
 pub async fn get_json<T: DeserializeOwned>(socket: &Path, path: &str) -> anyhow::Result<T> {
     let response = request(socket, path).await?;
-    let body = response.into_body().collect().await.with_context(|| format!("reading GET {path}"))?.to_bytes();
-    serde_json::from_slice(&body).with_context(|| format!("decoding the agent's answer to GET {path}"))
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .with_context(|| format!("reading GET {path}"))?
+        .to_bytes();
+    serde_json::from_slice(&body)
+        .with_context(|| format!("decoding the agent's answer to GET {path}"))
 }
 
 /// Flows as the agent sends them, one record at a time.
@@ -267,7 +338,10 @@ pub struct FlowStream {
 /// flow the agent records from then on (and matching the filters) will arrive.
 pub async fn open_flows(socket: &Path, query: &FlowQuery) -> anyhow::Result<FlowStream> {
     let response = request(socket, &format!("/v1/flows?{}", query.to_query_string())).await?;
-    Ok(FlowStream { body: response.into_body(), pending: BytesMut::new() })
+    Ok(FlowStream {
+        body: response.into_body(),
+        pending: BytesMut::new(),
+    })
 }
 
 impl FlowStream {
@@ -303,7 +377,12 @@ mod tests {
 
     fn snapshot() -> SharedSnapshot {
         let snapshot = Snapshot {
-            status: StatusView { node: "node-1".to_owned(), datapath: "none".to_owned(), generation: 4, ..Default::default() },
+            status: StatusView {
+                node: "node-1".to_owned(),
+                datapath: "none".to_owned(),
+                generation: 4,
+                ..Default::default()
+            },
             services: vec![ServiceView {
                 name: "default/deathstar:80".to_owned(),
                 kind: "ClusterIP".to_owned(),
@@ -342,7 +421,12 @@ mod tests {
             }
             tokio::task::yield_now().await;
         }
-        Ok(Agent { _dir: dir, socket, flows, server })
+        Ok(Agent {
+            _dir: dir,
+            socket,
+            flows,
+            server,
+        })
     }
 
     #[tokio::test]
@@ -355,8 +439,12 @@ mod tests {
         assert_eq!(status.flows_seen, 1);
         let services: Vec<ServiceView> = get_json(&agent.socket, "/v1/services").await?;
         assert_eq!(services.len(), 1);
-        assert_eq!(services[0].backends, vec!["198.18.0.20:80".parse::<std::net::SocketAddr>()?]);
-        let endpoints: Vec<crate::view::EndpointView> = get_json(&agent.socket, "/v1/endpoints").await?;
+        assert_eq!(
+            services[0].backends,
+            vec!["198.18.0.20:80".parse::<std::net::SocketAddr>()?]
+        );
+        let endpoints: Vec<crate::view::EndpointView> =
+            get_json(&agent.socket, "/v1/endpoints").await?;
         assert!(endpoints.is_empty());
 
         let mode = std::fs::metadata(&agent.socket)?.permissions().mode() & 0o777;
@@ -367,20 +455,39 @@ mod tests {
     #[tokio::test]
     async fn errors_name_the_problem() -> anyhow::Result<()> {
         let agent = agent().await?;
-        let missing = get_json::<serde_json::Value>(&agent.socket, "/v1/nope").await.expect_err("404");
+        let missing = get_json::<serde_json::Value>(&agent.socket, "/v1/nope")
+            .await
+            .expect_err("404");
         assert!(missing.to_string().contains("404 Not Found"), "{missing}");
         let bad_filter = open_flows(
             &agent.socket,
-            &FlowQuery { filters: FilterArgs { http_status: vec!["4xx".to_owned()], ..Default::default() }, ..Default::default() },
+            &FlowQuery {
+                filters: FilterArgs {
+                    http_status: vec!["4xx".to_owned()],
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
         )
         .await
         .err()
         .expect("400");
-        assert!(bad_filter.to_string().contains("--http-status \"4xx\""), "{bad_filter}");
+        assert!(
+            bad_filter.to_string().contains("--http-status \"4xx\""),
+            "{bad_filter}"
+        );
 
         let nowhere = agent.socket.with_file_name("other.sock");
-        let no_agent = get_json::<StatusView>(&nowhere, "/v1/status").await.expect_err("no socket");
-        assert_eq!(no_agent.to_string(), format!("no agent at {}: is `sluice agent` running? (--state-dir)", nowhere.display()));
+        let no_agent = get_json::<StatusView>(&nowhere, "/v1/status")
+            .await
+            .expect_err("no socket");
+        assert_eq!(
+            no_agent.to_string(),
+            format!(
+                "no agent at {}: is `sluice agent` running? (--state-dir)",
+                nowhere.display()
+            )
+        );
         Ok(())
     }
 
@@ -391,7 +498,10 @@ mod tests {
         agent.flows.record(exhaust_denied());
         agent.flows.record(landing_ok());
         let dropped = FlowQuery {
-            filters: FilterArgs { verdict: vec!["DROPPED".to_owned()], ..Default::default() },
+            filters: FilterArgs {
+                verdict: vec!["DROPPED".to_owned()],
+                ..Default::default()
+            },
             ..Default::default()
         };
         let mut stream = open_flows(&agent.socket, &dropped).await?;
@@ -399,9 +509,22 @@ mod tests {
         assert_eq!(only, FlowRecord::from_event(&exhaust_denied()));
         assert_eq!(stream.next().await?, None);
 
-        let mut newest_two = open_flows(&agent.socket, &FlowQuery { last: Some(2), ..Default::default() }).await?;
-        assert_eq!(newest_two.next().await?.map(|record| record.verdict), Some("DROPPED".to_owned()));
-        assert_eq!(newest_two.next().await?.map(|record| record.verdict), Some("FORWARDED".to_owned()));
+        let mut newest_two = open_flows(
+            &agent.socket,
+            &FlowQuery {
+                last: Some(2),
+                ..Default::default()
+            },
+        )
+        .await?;
+        assert_eq!(
+            newest_two.next().await?.map(|record| record.verdict),
+            Some("DROPPED".to_owned())
+        );
+        assert_eq!(
+            newest_two.next().await?.map(|record| record.verdict),
+            Some("FORWARDED".to_owned())
+        );
         assert_eq!(newest_two.next().await?, None);
         Ok(())
     }
@@ -413,7 +536,10 @@ mod tests {
         let follow_http_puts = FlowQuery {
             last: Some(5),
             follow: true,
-            filters: FilterArgs { http_method: vec!["PUT".to_owned()], ..Default::default() },
+            filters: FilterArgs {
+                http_method: vec!["PUT".to_owned()],
+                ..Default::default()
+            },
         };
         let mut stream = open_flows(&agent.socket, &follow_http_puts).await?;
         agent.flows.record(landing_ok());
@@ -426,7 +552,14 @@ mod tests {
     #[tokio::test]
     async fn a_follower_that_hangs_up_is_forgotten() -> anyhow::Result<()> {
         let agent = agent().await?;
-        let stream = open_flows(&agent.socket, &FlowQuery { follow: true, ..Default::default() }).await?;
+        let stream = open_flows(
+            &agent.socket,
+            &FlowQuery {
+                follow: true,
+                ..Default::default()
+            },
+        )
+        .await?;
         assert_eq!(agent.flows.follower_count(), 1);
         drop(stream);
         for _ in 0..1000 {
@@ -446,7 +579,10 @@ mod tests {
         assert!(socket.exists());
         let listener = bind_api_socket(&socket).await?;
         let refused = bind_api_socket(&socket).await.expect_err("socket in use");
-        assert!(refused.to_string().starts_with("another agent is serving"), "{refused}");
+        assert!(
+            refused.to_string().starts_with("another agent is serving"),
+            "{refused}"
+        );
         drop(listener);
         Ok(())
     }
@@ -464,6 +600,9 @@ mod tests {
             },
         };
         assert_eq!(FlowQuery::parse(&query.to_query_string()), Ok(query));
-        assert_eq!(FlowQuery::parse("lats=3"), Err("unknown parameter \"lats\"".to_owned()));
+        assert_eq!(
+            FlowQuery::parse("lats=3"),
+            Err("unknown parameter \"lats\"".to_owned())
+        );
     }
 }

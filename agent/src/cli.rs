@@ -101,25 +101,41 @@ pub enum ClientCommand {
 pub async fn run_client(cmd: ClientCommand, state_dir: &Path) -> anyhow::Result<()> {
     let socket = api::socket_path(state_dir);
     match cmd {
-        ClientCommand::Status(args) => show::<StatusView>(&socket, "/v1/status", args.output, render::render_status).await,
-        ClientCommand::Endpoint { command: ListCommand::List(args) } => {
-            show::<Vec<EndpointView>>(&socket, "/v1/endpoints", args.output, |endpoints| render::render_endpoints(endpoints))
-                .await
+        ClientCommand::Status(args) => {
+            show::<StatusView>(&socket, "/v1/status", args.output, render::render_status).await
         }
-        ClientCommand::Identity { command: ListCommand::List(args) } => {
+        ClientCommand::Endpoint {
+            command: ListCommand::List(args),
+        } => {
+            show::<Vec<EndpointView>>(&socket, "/v1/endpoints", args.output, |endpoints| {
+                render::render_endpoints(endpoints)
+            })
+            .await
+        }
+        ClientCommand::Identity {
+            command: ListCommand::List(args),
+        } => {
             show::<Vec<IdentityView>>(&socket, "/v1/identities", args.output, |identities| {
                 render::render_identities(identities)
             })
             .await
         }
-        ClientCommand::Service { command: ListCommand::List(args) } => {
-            show::<Vec<ServiceView>>(&socket, "/v1/services", args.output, |services| render::render_services(services))
-                .await
+        ClientCommand::Service {
+            command: ListCommand::List(args),
+        } => {
+            show::<Vec<ServiceView>>(&socket, "/v1/services", args.output, |services| {
+                render::render_services(services)
+            })
+            .await
         }
-        ClientCommand::Policy { command: PolicyCommand::Get { name, output } } => {
+        ClientCommand::Policy {
+            command: PolicyCommand::Get { name, output },
+        } => {
             let policies: Vec<PolicyView> = api::get_json(&socket, "/v1/policies").await?;
             let selected = select_policies(policies, name.as_deref())?;
-            print_view(&selected, output.output, |policies| render::render_policies(policies))
+            print_view(&selected, output.output, |policies| {
+                render::render_policies(policies)
+            })
         }
         ClientCommand::Observe(args) => observe(&socket, *args).await,
     }
@@ -135,7 +151,11 @@ async fn show<T: DeserializeOwned + Serialize>(
     print_view(&value, output, render)
 }
 
-fn print_view<T: Serialize>(value: &T, output: Output, render: impl Fn(&T) -> String) -> anyhow::Result<()> {
+fn print_view<T: Serialize>(
+    value: &T,
+    output: Output,
+    render: impl Fn(&T) -> String,
+) -> anyhow::Result<()> {
     let text = match output {
         Output::Table => render(value),
         Output::Json => serde_json::to_string_pretty(value)? + "\n",
@@ -146,8 +166,13 @@ fn print_view<T: Serialize>(value: &T, output: Output, render: impl Fn(&T) -> St
 
 /// `namespace/name` picks one namespaced policy; a bare `name` matches it in any namespace (and
 /// clusterwide ones).
-fn select_policies(policies: Vec<PolicyView>, name: Option<&str>) -> anyhow::Result<Vec<PolicyView>> {
-    let Some(wanted) = name else { return Ok(policies) };
+fn select_policies(
+    policies: Vec<PolicyView>,
+    name: Option<&str>,
+) -> anyhow::Result<Vec<PolicyView>> {
+    let Some(wanted) = name else {
+        return Ok(policies);
+    };
     let (namespace, policy_name) = match wanted.split_once('/') {
         Some((namespace, policy_name)) => (Some(namespace), policy_name),
         None => (None, wanted),
@@ -155,7 +180,8 @@ fn select_policies(policies: Vec<PolicyView>, name: Option<&str>) -> anyhow::Res
     let selected: Vec<PolicyView> = policies
         .into_iter()
         .filter(|policy| {
-            policy.name == policy_name && namespace.is_none_or(|namespace| policy.namespace.as_deref() == Some(namespace))
+            policy.name == policy_name
+                && namespace.is_none_or(|namespace| policy.namespace.as_deref() == Some(namespace))
         })
         .collect();
     if selected.is_empty() {
@@ -170,7 +196,11 @@ async fn observe(socket: &Path, args: ObserveArgs) -> anyhow::Result<()> {
     if args.follow && args.output == ObserveOutput::Table {
         bail!("-o table aligns the whole result and cannot follow; use -o compact or -o json with --follow");
     }
-    let query = FlowQuery { last: args.last, follow: args.follow, filters: args.filters };
+    let query = FlowQuery {
+        last: args.last,
+        follow: args.follow,
+        filters: args.filters,
+    };
     let mut stream = api::open_flows(socket, &query).await?;
     let mut table_rows = Vec::new();
     while let Some(record) = stream.next().await? {
@@ -226,15 +256,36 @@ mod tests {
 
     #[test]
     fn the_documented_commands_parse() -> anyhow::Result<()> {
-        assert!(matches!(parse(&["status"])?.command, ClientCommand::Status(OutputArgs { output: Output::Table })));
+        assert!(matches!(
+            parse(&["status"])?.command,
+            ClientCommand::Status(OutputArgs {
+                output: Output::Table
+            })
+        ));
         assert!(matches!(
             parse(&["endpoint", "list", "-o", "json"])?.command,
-            ClientCommand::Endpoint { command: ListCommand::List(OutputArgs { output: Output::Json }) }
+            ClientCommand::Endpoint {
+                command: ListCommand::List(OutputArgs {
+                    output: Output::Json
+                })
+            }
         ));
-        assert!(matches!(parse(&["identity", "list"])?.command, ClientCommand::Identity { .. }));
-        assert!(matches!(parse(&["service", "ls"])?.command, ClientCommand::Service { .. }));
+        assert!(matches!(
+            parse(&["identity", "list"])?.command,
+            ClientCommand::Identity { .. }
+        ));
+        assert!(matches!(
+            parse(&["service", "ls"])?.command,
+            ClientCommand::Service { .. }
+        ));
         match parse(&["policy", "get", "default/rule1", "--state-dir", "/tmp/x"])? {
-            Cli { state_dir, command: ClientCommand::Policy { command: PolicyCommand::Get { name, .. } } } => {
+            Cli {
+                state_dir,
+                command:
+                    ClientCommand::Policy {
+                        command: PolicyCommand::Get { name, .. },
+                    },
+            } => {
                 assert_eq!(name.as_deref(), Some("default/rule1"));
                 assert_eq!(state_dir, Path::new("/tmp/x"));
             }
@@ -246,11 +297,34 @@ mod tests {
     #[test]
     fn observe_takes_hubbles_flags() -> anyhow::Result<()> {
         let cli = parse(&[
-            "observe", "--pod", "deathstar", "--protocol", "http", "--verdict", "DROPPED", "--verdict", "FORWARDED",
-            "--http-status", "4+", "--http-method", "PUT", "--http-path", "^/v1/", "--from-pod", "default/tie",
-            "--to-pod", "default/deathstar", "-f", "--last", "5", "-o", "json",
+            "observe",
+            "--pod",
+            "deathstar",
+            "--protocol",
+            "http",
+            "--verdict",
+            "DROPPED",
+            "--verdict",
+            "FORWARDED",
+            "--http-status",
+            "4+",
+            "--http-method",
+            "PUT",
+            "--http-path",
+            "^/v1/",
+            "--from-pod",
+            "default/tie",
+            "--to-pod",
+            "default/deathstar",
+            "-f",
+            "--last",
+            "5",
+            "-o",
+            "json",
         ])?;
-        let ClientCommand::Observe(args) = cli.command else { bail!("parsed as {:?}", cli.command) };
+        let ClientCommand::Observe(args) = cli.command else {
+            bail!("parsed as {:?}", cli.command)
+        };
         assert!(args.follow);
         assert_eq!(args.last, Some(5));
         assert_eq!(args.output, ObserveOutput::Json);
@@ -261,15 +335,25 @@ mod tests {
         assert_eq!(args.filters.http_status, ["4+"]);
         assert_eq!(args.filters.http_path, ["^/v1/"]);
         let defaults = parse(&["observe"])?;
-        let ClientCommand::Observe(args) = defaults.command else { bail!("parsed as {:?}", defaults.command) };
-        assert_eq!((args.output, args.follow, args.last), (ObserveOutput::Compact, false, None));
+        let ClientCommand::Observe(args) = defaults.command else {
+            bail!("parsed as {:?}", defaults.command)
+        };
+        assert_eq!(
+            (args.output, args.follow, args.last),
+            (ObserveOutput::Compact, false, None)
+        );
         assert!(parse(&["observe", "-o", "yaml"]).is_err());
         Ok(())
     }
 
     fn policy(namespace: Option<&str>, name: &str) -> PolicyView {
         PolicyView {
-            kind: if namespace.is_some() { "CiliumNetworkPolicy" } else { "CiliumClusterwideNetworkPolicy" }.to_owned(),
+            kind: if namespace.is_some() {
+                "CiliumNetworkPolicy"
+            } else {
+                "CiliumClusterwideNetworkPolicy"
+            }
+            .to_owned(),
             namespace: namespace.map(str::to_owned),
             name: name.to_owned(),
             file: "p.yaml".to_owned(),
@@ -280,14 +364,26 @@ mod tests {
 
     #[test]
     fn policy_get_selects_by_name() -> anyhow::Result<()> {
-        let loaded = vec![policy(Some("default"), "rule1"), policy(Some("other"), "rule1"), policy(None, "lockdown")];
+        let loaded = vec![
+            policy(Some("default"), "rule1"),
+            policy(Some("other"), "rule1"),
+            policy(None, "lockdown"),
+        ];
         assert_eq!(select_policies(loaded.clone(), None)?.len(), 3);
         let one = select_policies(loaded.clone(), Some("other/rule1"))?;
-        assert_eq!(one.iter().map(|p| p.namespace.as_deref()).collect::<Vec<_>>(), [Some("other")]);
+        assert_eq!(
+            one.iter()
+                .map(|p| p.namespace.as_deref())
+                .collect::<Vec<_>>(),
+            [Some("other")]
+        );
         assert_eq!(select_policies(loaded.clone(), Some("rule1"))?.len(), 2);
         assert_eq!(select_policies(loaded.clone(), Some("lockdown"))?.len(), 1);
         let missing = select_policies(loaded, Some("default/nope")).expect_err("absent");
-        assert_eq!(missing.to_string(), "no policy named \"default/nope\" is loaded (see `sluice policy get`)");
+        assert_eq!(
+            missing.to_string(),
+            "no policy named \"default/nope\" is loaded (see `sluice policy get`)"
+        );
         Ok(())
     }
 
@@ -298,15 +394,38 @@ mod tests {
             output: ObserveOutput::Compact,
             follow: false,
             last: None,
-            filters: FilterArgs { verdict: vec!["MAYBE".to_owned()], ..Default::default() },
+            filters: FilterArgs {
+                verdict: vec!["MAYBE".to_owned()],
+                ..Default::default()
+            },
         };
-        let err = observe(&api::socket_path(nowhere), bad).await.expect_err("bad verdict");
+        let err = observe(&api::socket_path(nowhere), bad)
+            .await
+            .expect_err("bad verdict");
         assert!(err.to_string().starts_with("--verdict \"MAYBE\""), "{err}");
-        let table_follow =
-            ObserveArgs { output: ObserveOutput::Table, follow: true, last: None, filters: FilterArgs::default() };
-        let err = observe(&api::socket_path(nowhere), table_follow).await.expect_err("table follow");
+        let table_follow = ObserveArgs {
+            output: ObserveOutput::Table,
+            follow: true,
+            last: None,
+            filters: FilterArgs::default(),
+        };
+        let err = observe(&api::socket_path(nowhere), table_follow)
+            .await
+            .expect_err("table follow");
         assert!(err.to_string().starts_with("-o table aligns"), "{err}");
-        let missing = run_client(ClientCommand::Status(OutputArgs { output: Output::Json }), nowhere).await.expect_err("no agent");
-        assert!(missing.to_string().starts_with("no agent at /nonexistent-sluice-state/api.sock"), "{missing}");
+        let missing = run_client(
+            ClientCommand::Status(OutputArgs {
+                output: Output::Json,
+            }),
+            nowhere,
+        )
+        .await
+        .expect_err("no agent");
+        assert!(
+            missing
+                .to_string()
+                .starts_with("no agent at /nonexistent-sluice-state/api.sock"),
+            "{missing}"
+        );
     }
 }

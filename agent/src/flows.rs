@@ -87,9 +87,13 @@ impl FlowRecord {
         let mut record = Self {
             time: DateTime::<Utc>::from(event.time),
             verdict: verdict_name(event.verdict).to_owned(),
-            drop_reason_desc: event.drop_reason.map(|reason| drop_reason_name(reason).to_owned()),
+            drop_reason_desc: event
+                .drop_reason
+                .map(|reason| drop_reason_name(reason).to_owned()),
             flow_type: if l7.is_some() { "L7" } else { "L3_L4" }.to_owned(),
-            traffic_direction: event.direction.map(|direction| direction_name(direction).to_owned()),
+            traffic_direction: event
+                .direction
+                .map(|direction| direction_name(direction).to_owned()),
             source: FlowEndpoint::from_peer(&event.source),
             destination: FlowEndpoint::from_peer(&event.destination),
             l7,
@@ -141,7 +145,13 @@ impl FlowEndpoint {
             Some(None) => (None, peer.name.clone()),
             None => (None, None),
         };
-        Self { ip: peer.ip, port: peer.port, identity: peer.identity, namespace, pod_name }
+        Self {
+            ip: peer.ip,
+            port: peer.port,
+            identity: peer.identity,
+            namespace,
+            pod_name,
+        }
     }
 
     /// `namespace/pod` when known, else the bare name, else nothing.
@@ -252,8 +262,16 @@ pub struct FilterArgs {
     pub to_pod: Vec<String>,
 }
 
-const QUERY_KEYS: [&str; 8] =
-    ["verdict", "protocol", "http_status", "http_method", "http_path", "pod", "from_pod", "to_pod"];
+const QUERY_KEYS: [&str; 8] = [
+    "verdict",
+    "protocol",
+    "http_status",
+    "http_method",
+    "http_path",
+    "pod",
+    "from_pod",
+    "to_pod",
+];
 
 impl FilterArgs {
     fn values(&self) -> [&Vec<String>; 8] {
@@ -336,9 +354,13 @@ impl StatusMatch {
         let invalid = || FilterError::HttpStatus(raw.to_owned());
         let all_digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
         match raw.strip_suffix('+') {
-            Some(prefix) if all_digits(prefix) && prefix.len() < 3 => Ok(Self::Prefix(prefix.to_owned())),
+            Some(prefix) if all_digits(prefix) && prefix.len() < 3 => {
+                Ok(Self::Prefix(prefix.to_owned()))
+            }
             Some(_) => Err(invalid()),
-            None if all_digits(raw) && raw.len() == 3 => raw.parse().map(Self::Exact).map_err(|_| invalid()),
+            None if all_digits(raw) && raw.len() == 3 => {
+                raw.parse().map(Self::Exact).map_err(|_| invalid())
+            }
             None => Err(invalid()),
         }
     }
@@ -365,14 +387,25 @@ impl PodMatch {
             None => (None, raw.to_owned()),
         };
         let empty_namespace = namespace.as_deref() == Some("");
-        if empty_namespace || name_prefix.contains('/') || (namespace.is_none() && name_prefix.is_empty()) {
-            return Err(FilterError::Pod { flag, value: raw.to_owned() });
+        if empty_namespace
+            || name_prefix.contains('/')
+            || (namespace.is_none() && name_prefix.is_empty())
+        {
+            return Err(FilterError::Pod {
+                flag,
+                value: raw.to_owned(),
+            });
         }
-        Ok(Self { namespace, name_prefix })
+        Ok(Self {
+            namespace,
+            name_prefix,
+        })
     }
 
     fn matches(&self, endpoint: &FlowEndpoint) -> bool {
-        let Some(pod) = &endpoint.pod_name else { return false };
+        let Some(pod) = &endpoint.pod_name else {
+            return false;
+        };
         let namespace_ok = match &self.namespace {
             Some(wanted) => endpoint.namespace.as_deref() == Some(wanted.as_str()),
             None => true,
@@ -416,23 +449,35 @@ impl FlowFilter {
                 _ => Err(FilterError::Protocol(raw.clone())),
             })
             .collect::<Result<_, _>>()?;
-        let http_statuses = args.http_status.iter().map(|raw| StatusMatch::parse(raw)).collect::<Result<_, _>>()?;
+        let http_statuses = args
+            .http_status
+            .iter()
+            .map(|raw| StatusMatch::parse(raw))
+            .collect::<Result<_, _>>()?;
         let http_paths = args
             .http_path
             .iter()
             .map(|pattern| {
-                Regex::new(pattern)
-                    .map_err(|err| FilterError::HttpPath { pattern: pattern.clone(), reason: err.to_string() })
+                Regex::new(pattern).map_err(|err| FilterError::HttpPath {
+                    pattern: pattern.clone(),
+                    reason: err.to_string(),
+                })
             })
             .collect::<Result<_, _>>()?;
         let pods = |flag: &'static str, raw: &[String]| -> Result<Vec<PodMatch>, FilterError> {
-            raw.iter().map(|value| PodMatch::parse(flag, value)).collect()
+            raw.iter()
+                .map(|value| PodMatch::parse(flag, value))
+                .collect()
         };
         Ok(Self {
             verdicts,
             protocols,
             http_statuses,
-            http_methods: args.http_method.iter().map(|method| method.to_ascii_uppercase()).collect(),
+            http_methods: args
+                .http_method
+                .iter()
+                .map(|method| method.to_ascii_uppercase())
+                .collect(),
             http_paths,
             pods: pods("pod", &args.pod)?,
             from_pods: pods("from-pod", &args.from_pod)?,
@@ -448,11 +493,18 @@ impl FlowFilter {
                 ProtocolMatch::Tcp => true,
             })
             && any_or_empty(&self.http_statuses, |status| {
-                http.and_then(|http| http.code).is_some_and(|code| status.matches(code))
+                http.and_then(|http| http.code)
+                    .is_some_and(|code| status.matches(code))
             })
-            && any_or_empty(&self.http_methods, |method| http.is_some_and(|http| http.method == *method))
-            && any_or_empty(&self.http_paths, |path| http.is_some_and(|http| path.is_match(url_path(&http.url))))
-            && any_or_empty(&self.pods, |pod| pod.matches(&record.source) || pod.matches(&record.destination))
+            && any_or_empty(&self.http_methods, |method| {
+                http.is_some_and(|http| http.method == *method)
+            })
+            && any_or_empty(&self.http_paths, |path| {
+                http.is_some_and(|http| path.is_match(url_path(&http.url)))
+            })
+            && any_or_empty(&self.pods, |pod| {
+                pod.matches(&record.source) || pod.matches(&record.destination)
+            })
             && any_or_empty(&self.from_pods, |pod| pod.matches(&record.source))
             && any_or_empty(&self.to_pods, |pod| pod.matches(&record.destination))
     }
@@ -465,8 +517,12 @@ fn any_or_empty<T>(wanted: &[T], matches: impl Fn(&T) -> bool) -> bool {
 /// The path of an `http://authority/path?query` URL, as Hubble's `--http-path` sees it.
 fn url_path(url: &str) -> &str {
     let after_scheme = url.split_once("://").map_or(url, |(_, rest)| rest);
-    let path_and_query = after_scheme.find('/').map_or("", |start| &after_scheme[start..]);
-    path_and_query.split_once('?').map_or(path_and_query, |(path, _)| path)
+    let path_and_query = after_scheme
+        .find('/')
+        .map_or("", |start| &after_scheme[start..]);
+    path_and_query
+        .split_once('?')
+        .map_or(path_and_query, |(path, _)| path)
 }
 
 /// Recent flows for `--last N` plus a broadcast for `--follow`. Cheap to clone; all clones share
@@ -502,7 +558,11 @@ impl FlowLog {
     pub fn record(&self, event: FlowEvent) {
         self.inner.metrics.observe_flow(&event);
         let record = Arc::new(FlowRecord::from_event(&event));
-        let mut ring = self.inner.ring.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut ring = self
+            .inner
+            .ring
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         if ring.len() == self.inner.capacity {
             ring.pop_front();
         }
@@ -515,20 +575,38 @@ impl FlowLog {
 
     /// The newest `last` records that match, oldest first.
     pub fn recent(&self, filter: &FlowFilter, last: usize) -> Vec<FlowRecord> {
-        let ring = self.inner.ring.lock().unwrap_or_else(PoisonError::into_inner);
+        let ring = self
+            .inner
+            .ring
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         newest_matching(&ring, filter, last)
     }
 
     /// A live feed of every record from now on (filter it yourself).
     pub fn subscribe(&self) -> FlowSubscription {
-        FlowSubscription { receiver: self.inner.followers.subscribe(), log: self.clone() }
+        FlowSubscription {
+            receiver: self.inner.followers.subscribe(),
+            log: self.clone(),
+        }
     }
 
     /// The newest `last` matching records and a feed that continues exactly after them.
-    pub fn recent_and_subscribe(&self, filter: &FlowFilter, last: usize) -> (Vec<FlowRecord>, FlowSubscription) {
-        let ring = self.inner.ring.lock().unwrap_or_else(PoisonError::into_inner);
+    pub fn recent_and_subscribe(
+        &self,
+        filter: &FlowFilter,
+        last: usize,
+    ) -> (Vec<FlowRecord>, FlowSubscription) {
+        let ring = self
+            .inner
+            .ring
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let backlog = newest_matching(&ring, filter, last);
-        let subscription = FlowSubscription { receiver: self.inner.followers.subscribe(), log: self.clone() };
+        let subscription = FlowSubscription {
+            receiver: self.inner.followers.subscribe(),
+            log: self.clone(),
+        };
         (backlog, subscription)
     }
 
@@ -549,9 +627,26 @@ impl FlowLog {
     }
 }
 
-fn newest_matching(ring: &VecDeque<Arc<FlowRecord>>, filter: &FlowFilter, last: usize) -> Vec<FlowRecord> {
-    let mut newest: Vec<FlowRecord> =
-        ring.iter().rev().filter(|record| filter.matches(record)).take(last).map(|record| (**record).clone()).collect();
+/// Moves the proxy's flow events (the receiver of its `FlowSink`) into `log` until every sink
+/// is dropped.
+pub async fn record_from(mut events: tokio::sync::mpsc::Receiver<FlowEvent>, log: FlowLog) {
+    while let Some(event) = events.recv().await {
+        log.record(event);
+    }
+}
+
+fn newest_matching(
+    ring: &VecDeque<Arc<FlowRecord>>,
+    filter: &FlowFilter,
+    last: usize,
+) -> Vec<FlowRecord> {
+    let mut newest: Vec<FlowRecord> = ring
+        .iter()
+        .rev()
+        .filter(|record| filter.matches(record))
+        .take(last)
+        .map(|record| (**record).clone())
+        .collect();
     newest.reverse();
     newest
 }
@@ -571,7 +666,10 @@ impl FlowSubscription {
                 Ok(record) => return Some(record),
                 Err(broadcast::error::RecvError::Lagged(skipped)) => {
                     tracing::debug!(skipped, "flow follower fell behind");
-                    self.log.inner.metrics.add_lost_events(crate::metrics::LOST_SOURCE_FOLLOWER, skipped);
+                    self.log
+                        .inner
+                        .metrics
+                        .add_lost_events(crate::metrics::LOST_SOURCE_FOLLOWER, skipped);
                 }
                 Err(broadcast::error::RecvError::Closed) => return None,
             }
@@ -586,7 +684,12 @@ pub(crate) mod tests {
     use std::time::{Duration, SystemTime};
 
     pub(crate) fn peer(name: Option<&str>, last_octet: u8, port: u16, identity: u32) -> FlowPeer {
-        FlowPeer { ip: IpAddr::V4(Ipv4Addr::new(198, 18, 0, last_octet)), port, identity, name: name.map(str::to_owned) }
+        FlowPeer {
+            ip: IpAddr::V4(Ipv4Addr::new(198, 18, 0, last_octet)),
+            port,
+            identity,
+            name: name.map(str::to_owned),
+        }
     }
 
     pub(crate) fn http(method: &str, url: &str, status: Option<u16>, latency_ms: u64) -> HttpFlow {
@@ -601,7 +704,11 @@ pub(crate) mod tests {
     }
 
     /// tiefighter -> deathstar, at 2024-11-22T19:01:02.123Z.
-    pub(crate) fn event(verdict: Verdict, drop_reason: Option<DropReason>, http: Option<HttpFlow>) -> FlowEvent {
+    pub(crate) fn event(
+        verdict: Verdict,
+        drop_reason: Option<DropReason>,
+        http: Option<HttpFlow>,
+    ) -> FlowEvent {
         FlowEvent {
             time: SystemTime::UNIX_EPOCH + Duration::from_millis(1_732_302_062_123),
             generation: 3,
@@ -614,16 +721,26 @@ pub(crate) mod tests {
             http,
             cluster: Some("default/deathstar:80".to_owned()),
             attempts: u32::from(verdict == Verdict::Forwarded),
-            policy: Some(Arc::from("CiliumNetworkPolicy default/rule1 spec.ingress[0]")),
+            policy: Some(Arc::from(
+                "CiliumNetworkPolicy default/rule1 spec.ingress[0]",
+            )),
         }
     }
 
     pub(crate) fn landing_ok() -> FlowEvent {
-        event(Verdict::Forwarded, None, Some(http("POST", "/v1/request-landing", Some(200), 3)))
+        event(
+            Verdict::Forwarded,
+            None,
+            Some(http("POST", "/v1/request-landing", Some(200), 3)),
+        )
     }
 
     pub(crate) fn exhaust_denied() -> FlowEvent {
-        event(Verdict::Dropped, Some(DropReason::L7PolicyDenied), Some(http("PUT", "/v1/exhaust-port", Some(403), 0)))
+        event(
+            Verdict::Dropped,
+            Some(DropReason::L7PolicyDenied),
+            Some(http("PUT", "/v1/exhaust-port", Some(403), 0)),
+        )
     }
 
     fn xwing_l4_denied() -> FlowEvent {
@@ -646,9 +763,15 @@ pub(crate) mod tests {
             record(landing_ok()).summary,
             "http-response FORWARDED (HTTP/1.1 200 3ms (POST http://deathstar.default/v1/request-landing))"
         );
-        assert_eq!(record(xwing_l4_denied()).summary, "Policy denied DROPPED (TCP)");
-        let upstream_failed =
-            event(Verdict::Error, Some(DropReason::UpstreamFailure), Some(http("GET", "/", Some(503), 12)));
+        assert_eq!(
+            record(xwing_l4_denied()).summary,
+            "Policy denied DROPPED (TCP)"
+        );
+        let upstream_failed = event(
+            Verdict::Error,
+            Some(DropReason::UpstreamFailure),
+            Some(http("GET", "/", Some(503), 12)),
+        );
         assert_eq!(
             record(upstream_failed).summary,
             "http-response ERROR (HTTP/1.1 503 12ms (GET http://deathstar.default/))"
@@ -669,7 +792,10 @@ pub(crate) mod tests {
         assert_eq!(json["destination"]["port"], 80);
         assert_eq!(json["l7"]["type"], "REQUEST");
         assert_eq!(json["l7"]["http"]["code"], 403);
-        assert_eq!(json["l7"]["http"]["url"], "http://deathstar.default/v1/exhaust-port");
+        assert_eq!(
+            json["l7"]["http"]["url"],
+            "http://deathstar.default/v1/exhaust-port"
+        );
         let back: FlowRecord = serde_json::from_value(json).expect("deserializes");
         assert_eq!(back, record(exhaust_denied()));
     }
@@ -694,22 +820,86 @@ pub(crate) mod tests {
         let world = record(world_source);
         let table: Vec<(&str, FilterArgs, [bool; 4])> = vec![
             ("no filter", FilterArgs::default(), [true, true, true, true]),
-            ("verdict", args(|a| a.verdict = strings(&["dropped"])), [false, true, true, false]),
-            ("verdict or", args(|a| a.verdict = strings(&["FORWARDED", "DROPPED"])), [true, true, true, true]),
-            ("protocol http", args(|a| a.protocol = strings(&["http"])), [true, true, false, true]),
-            ("protocol tcp", args(|a| a.protocol = strings(&["TCP"])), [true, true, true, true]),
-            ("status exact", args(|a| a.http_status = strings(&["403"])), [false, true, false, false]),
-            ("status prefix", args(|a| a.http_status = strings(&["2+"])), [true, false, false, true]),
-            ("status two-digit prefix", args(|a| a.http_status = strings(&["40+"])), [false, true, false, false]),
-            ("method", args(|a| a.http_method = strings(&["put"])), [false, true, false, false]),
-            ("path regex", args(|a| a.http_path = strings(&["^/v1/request"])), [true, false, false, true]),
-            ("path ignores authority", args(|a| a.http_path = strings(&["deathstar"])), [false, false, false, false]),
-            ("pod either side", args(|a| a.pod = strings(&["deathstar"])), [true, true, true, true]),
-            ("pod with namespace", args(|a| a.pod = strings(&["default/xwing"])), [false, false, true, false]),
-            ("pod other namespace", args(|a| a.pod = strings(&["kube-system/"])), [false, false, false, false]),
-            ("whole namespace", args(|a| a.pod = strings(&["default/"])), [true, true, true, true]),
-            ("from pod", args(|a| a.from_pod = strings(&["tie"])), [true, true, false, false]),
-            ("to pod is destination only", args(|a| a.to_pod = strings(&["tiefighter"])), [false, false, false, false]),
+            (
+                "verdict",
+                args(|a| a.verdict = strings(&["dropped"])),
+                [false, true, true, false],
+            ),
+            (
+                "verdict or",
+                args(|a| a.verdict = strings(&["FORWARDED", "DROPPED"])),
+                [true, true, true, true],
+            ),
+            (
+                "protocol http",
+                args(|a| a.protocol = strings(&["http"])),
+                [true, true, false, true],
+            ),
+            (
+                "protocol tcp",
+                args(|a| a.protocol = strings(&["TCP"])),
+                [true, true, true, true],
+            ),
+            (
+                "status exact",
+                args(|a| a.http_status = strings(&["403"])),
+                [false, true, false, false],
+            ),
+            (
+                "status prefix",
+                args(|a| a.http_status = strings(&["2+"])),
+                [true, false, false, true],
+            ),
+            (
+                "status two-digit prefix",
+                args(|a| a.http_status = strings(&["40+"])),
+                [false, true, false, false],
+            ),
+            (
+                "method",
+                args(|a| a.http_method = strings(&["put"])),
+                [false, true, false, false],
+            ),
+            (
+                "path regex",
+                args(|a| a.http_path = strings(&["^/v1/request"])),
+                [true, false, false, true],
+            ),
+            (
+                "path ignores authority",
+                args(|a| a.http_path = strings(&["deathstar"])),
+                [false, false, false, false],
+            ),
+            (
+                "pod either side",
+                args(|a| a.pod = strings(&["deathstar"])),
+                [true, true, true, true],
+            ),
+            (
+                "pod with namespace",
+                args(|a| a.pod = strings(&["default/xwing"])),
+                [false, false, true, false],
+            ),
+            (
+                "pod other namespace",
+                args(|a| a.pod = strings(&["kube-system/"])),
+                [false, false, false, false],
+            ),
+            (
+                "whole namespace",
+                args(|a| a.pod = strings(&["default/"])),
+                [true, true, true, true],
+            ),
+            (
+                "from pod",
+                args(|a| a.from_pod = strings(&["tie"])),
+                [true, true, false, false],
+            ),
+            (
+                "to pod is destination only",
+                args(|a| a.to_pod = strings(&["tiefighter"])),
+                [false, false, false, false],
+            ),
             (
                 "flags are ANDed",
                 args(|a| {
@@ -729,18 +919,42 @@ pub(crate) mod tests {
     #[test]
     fn bad_filters_are_rejected_with_the_flag_named() {
         let cases: Vec<(FilterArgs, &str)> = vec![
-            (args(|a| a.verdict = strings(&["ALLOWED"])), "--verdict \"ALLOWED\""),
-            (args(|a| a.protocol = strings(&["udp"])), "--protocol \"udp\""),
-            (args(|a| a.http_status = strings(&["4xx"])), "--http-status \"4xx\""),
-            (args(|a| a.http_status = strings(&["404+"])), "--http-status \"404+\""),
-            (args(|a| a.http_status = strings(&["40"])), "--http-status \"40\""),
-            (args(|a| a.http_path = strings(&["(unclosed"])), "--http-path \"(unclosed\""),
-            (args(|a| a.to_pod = strings(&["/deathstar"])), "--to-pod \"/deathstar\""),
+            (
+                args(|a| a.verdict = strings(&["ALLOWED"])),
+                "--verdict \"ALLOWED\"",
+            ),
+            (
+                args(|a| a.protocol = strings(&["udp"])),
+                "--protocol \"udp\"",
+            ),
+            (
+                args(|a| a.http_status = strings(&["4xx"])),
+                "--http-status \"4xx\"",
+            ),
+            (
+                args(|a| a.http_status = strings(&["404+"])),
+                "--http-status \"404+\"",
+            ),
+            (
+                args(|a| a.http_status = strings(&["40"])),
+                "--http-status \"40\"",
+            ),
+            (
+                args(|a| a.http_path = strings(&["(unclosed"])),
+                "--http-path \"(unclosed\"",
+            ),
+            (
+                args(|a| a.to_pod = strings(&["/deathstar"])),
+                "--to-pod \"/deathstar\"",
+            ),
             (args(|a| a.pod = strings(&["a/b/c"])), "--pod \"a/b/c\""),
         ];
         for (filter_args, message_start) in cases {
             let err = FlowFilter::parse(&filter_args).expect_err(message_start);
-            assert!(err.to_string().starts_with(message_start), "{err} should start with {message_start}");
+            assert!(
+                err.to_string().starts_with(message_start),
+                "{err} should start with {message_start}"
+            );
         }
     }
 
@@ -772,7 +986,8 @@ pub(crate) mod tests {
         assert_eq!(all[1].summary, record(xwing_l4_denied()).summary);
         let newest = log.recent(&FlowFilter::default(), 1);
         assert_eq!(newest, vec![record(xwing_l4_denied())]);
-        let http_only = FlowFilter::parse(&args(|a| a.protocol = strings(&["http"]))).expect("valid");
+        let http_only =
+            FlowFilter::parse(&args(|a| a.protocol = strings(&["http"]))).expect("valid");
         assert_eq!(log.recent(&http_only, 10), vec![record(exhaust_denied())]);
     }
 
@@ -785,6 +1000,20 @@ pub(crate) mod tests {
         log.record(exhaust_denied());
         let next = feed.next().await.expect("feed open");
         assert_eq!(*next, record(exhaust_denied()));
+    }
+
+    #[tokio::test]
+    async fn events_from_the_proxy_sink_are_recorded() {
+        let (sink, events) = sluice_proxy::FlowSink::new(8);
+        let log = FlowLog::new(8, Metrics::new());
+        sink.send(landing_ok());
+        sink.send(exhaust_denied());
+        drop(sink);
+        record_from(events, log.clone()).await;
+        assert_eq!(
+            log.recent(&FlowFilter::default(), 10),
+            vec![record(landing_ok()), record(exhaust_denied())]
+        );
     }
 
     #[tokio::test]

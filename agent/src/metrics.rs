@@ -23,7 +23,9 @@ pub const LOST_SOURCE_PROXY_QUEUE: &str = "observer_events_queue";
 pub const LOST_SOURCE_FOLLOWER: &str = "hubble_ring_buffer";
 
 /// Prometheus' default buckets, which Hubble uses for `http_request_duration_seconds`.
-const DURATION_BUCKETS: [f64; 11] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+const DURATION_BUCKETS: [f64; 11] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct FlowLabels {
@@ -111,29 +113,81 @@ type Field<T> = fn(&T) -> u64;
 /// `sluice_proxy_<name>`: (name, help, value). Counters get `_total` appended by the encoder.
 const PROXY_GAUGES: [(&str, &str, Field<ProxySample>); 4] = [
     ("workers", "Proxy worker threads", |s| s.workers),
-    ("listeners", "Listeners the proxy has bound", |s| s.listeners),
-    ("downstream_cx_active", "Downstream connections open now", |s| s.downstream_cx_active),
-    ("upstream_cx_active", "Upstream connections open now, over all clusters", |s| s.upstream_cx_active),
+    ("listeners", "Listeners the proxy has bound", |s| {
+        s.listeners
+    }),
+    (
+        "downstream_cx_active",
+        "Downstream connections open now",
+        |s| s.downstream_cx_active,
+    ),
+    (
+        "upstream_cx_active",
+        "Upstream connections open now, over all clusters",
+        |s| s.upstream_cx_active,
+    ),
 ];
 const PROXY_COUNTERS: [(&str, &str, Field<ProxySample>); 2] = [
-    ("downstream_cx", "Downstream connections accepted", |s| s.downstream_cx_total),
-    ("downstream_rq", "Downstream requests received", |s| s.downstream_rq_total),
+    ("downstream_cx", "Downstream connections accepted", |s| {
+        s.downstream_cx_total
+    }),
+    ("downstream_rq", "Downstream requests received", |s| {
+        s.downstream_rq_total
+    }),
 ];
 /// `sluice_proxy_cluster_<name>{cluster}`.
 const CLUSTER_GAUGES: [(&str, &str, Field<ClusterSample>); 3] = [
-    ("upstream_cx_active", "Open connections to the cluster's hosts", |c| c.upstream_cx_active),
-    ("upstream_rq_active", "Requests in flight to the cluster", |c| c.upstream_rq_active),
-    ("ejections_active", "Hosts ejected by outlier detection now", |c| c.ejections_active),
+    (
+        "upstream_cx_active",
+        "Open connections to the cluster's hosts",
+        |c| c.upstream_cx_active,
+    ),
+    (
+        "upstream_rq_active",
+        "Requests in flight to the cluster",
+        |c| c.upstream_rq_active,
+    ),
+    (
+        "ejections_active",
+        "Hosts ejected by outlier detection now",
+        |c| c.ejections_active,
+    ),
 ];
 const CLUSTER_COUNTERS: [(&str, &str, Field<ClusterSample>); 8] = [
-    ("upstream_cx_overflow", "Connections opened past max_connections", |c| c.upstream_cx_overflow),
-    ("upstream_cx_connect_fail", "Connection attempts that failed or timed out", |c| c.upstream_cx_connect_fail),
-    ("upstream_rq", "Upstream attempts (first tries and retries)", |c| c.upstream_rq_total),
-    ("upstream_rq_pending_overflow", "Requests refused by the circuit breaker (503)", |c| c.upstream_rq_pending_overflow),
+    (
+        "upstream_cx_overflow",
+        "Connections opened past max_connections",
+        |c| c.upstream_cx_overflow,
+    ),
+    (
+        "upstream_cx_connect_fail",
+        "Connection attempts that failed or timed out",
+        |c| c.upstream_cx_connect_fail,
+    ),
+    (
+        "upstream_rq",
+        "Upstream attempts (first tries and retries)",
+        |c| c.upstream_rq_total,
+    ),
+    (
+        "upstream_rq_pending_overflow",
+        "Requests refused by the circuit breaker (503)",
+        |c| c.upstream_rq_pending_overflow,
+    ),
     ("upstream_rq_retry", "Retries made", |c| c.upstream_rq_retry),
-    ("upstream_rq_retry_overflow", "Retries not made because max_retries were running", |c| c.upstream_rq_retry_overflow),
-    ("upstream_rq_timeout", "Attempts that hit the per-try or route timeout", |c| c.upstream_rq_timeout),
-    ("ejections_enforced", "Outlier ejections enforced", |c| c.ejections_enforced_total),
+    (
+        "upstream_rq_retry_overflow",
+        "Retries not made because max_retries were running",
+        |c| c.upstream_rq_retry_overflow,
+    ),
+    (
+        "upstream_rq_timeout",
+        "Attempts that hit the per-try or route timeout",
+        |c| c.upstream_rq_timeout,
+    ),
+    ("ejections_enforced", "Outlier ejections enforced", |c| {
+        c.ejections_enforced_total
+    }),
 ];
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -176,32 +230,81 @@ impl Metrics {
         let mut registry = Registry::default();
         let hubble = registry.sub_registry_with_prefix("hubble");
         let flows_processed = Family::default();
-        hubble.register("flows_processed", "Total number of flows processed", flows_processed.clone());
+        hubble.register(
+            "flows_processed",
+            "Total number of flows processed",
+            flows_processed.clone(),
+        );
         let drops = Family::default();
         hubble.register("drop", "Number of drops", drops.clone());
         let http_requests = Family::default();
-        hubble.register("http_requests", "Count of HTTP requests", http_requests.clone());
+        hubble.register(
+            "http_requests",
+            "Count of HTTP requests",
+            http_requests.clone(),
+        );
         let http_responses = Family::default();
-        hubble.register("http_responses", "Count of HTTP responses", http_responses.clone());
-        let http_duration =
-            Family::<HttpDurationLabels, Histogram>::new_with_constructor(duration_histogram as fn() -> Histogram);
-        hubble.register("http_request_duration_seconds", "Quantiles of HTTP request duration in seconds", http_duration.clone());
+        hubble.register(
+            "http_responses",
+            "Count of HTTP responses",
+            http_responses.clone(),
+        );
+        let http_duration = Family::<HttpDurationLabels, Histogram>::new_with_constructor(
+            duration_histogram as fn() -> Histogram,
+        );
+        hubble.register(
+            "http_request_duration_seconds",
+            "Quantiles of HTTP request duration in seconds",
+            http_duration.clone(),
+        );
         let policy_verdicts = Family::default();
-        hubble.register("policy_verdicts", "Number of policy verdicts", policy_verdicts.clone());
+        hubble.register(
+            "policy_verdicts",
+            "Number of policy verdicts",
+            policy_verdicts.clone(),
+        );
         let lost_events = Family::<LostLabels, Counter>::default();
         hubble.register("lost_events", "Number of lost events", lost_events.clone());
-        let lost_proxy_queue = lost_events.get_or_create(&LostLabels { source: LOST_SOURCE_PROXY_QUEUE }).clone();
-        let lost_follower = lost_events.get_or_create(&LostLabels { source: LOST_SOURCE_FOLLOWER }).clone();
+        let lost_proxy_queue = lost_events
+            .get_or_create(&LostLabels {
+                source: LOST_SOURCE_PROXY_QUEUE,
+            })
+            .clone();
+        let lost_follower = lost_events
+            .get_or_create(&LostLabels {
+                source: LOST_SOURCE_FOLLOWER,
+            })
+            .clone();
 
         let sluice = registry.sub_registry_with_prefix("sluice");
-        let config_errors: Gauge = register(sluice, "config_errors", "Configuration errors currently reported (the objects keep their last good state)");
-        let tables_generation: Gauge = register(sluice, "tables_generation", "Generation of the proxy tables currently applied");
+        let config_errors: Gauge = register(
+            sluice,
+            "config_errors",
+            "Configuration errors currently reported (the objects keep their last good state)",
+        );
+        let tables_generation: Gauge = register(
+            sluice,
+            "tables_generation",
+            "Generation of the proxy tables currently applied",
+        );
         let proxy = sluice.sub_registry_with_prefix("proxy");
-        let proxy_gauges = PROXY_GAUGES.iter().map(|(name, help, _)| register(proxy, name, help)).collect();
-        let proxy_counters = PROXY_COUNTERS.iter().map(|(name, help, _)| register(proxy, name, help)).collect();
+        let proxy_gauges = PROXY_GAUGES
+            .iter()
+            .map(|(name, help, _)| register(proxy, name, help))
+            .collect();
+        let proxy_counters = PROXY_COUNTERS
+            .iter()
+            .map(|(name, help, _)| register(proxy, name, help))
+            .collect();
         let cluster = proxy.sub_registry_with_prefix("cluster");
-        let cluster_gauges = CLUSTER_GAUGES.iter().map(|(name, help, _)| register(cluster, name, help)).collect();
-        let cluster_counters = CLUSTER_COUNTERS.iter().map(|(name, help, _)| register(cluster, name, help)).collect();
+        let cluster_gauges = CLUSTER_GAUGES
+            .iter()
+            .map(|(name, help, _)| register(cluster, name, help))
+            .collect();
+        let cluster_counters = CLUSTER_COUNTERS
+            .iter()
+            .map(|(name, help, _)| register(cluster, name, help))
+            .collect();
 
         Self {
             registry: Arc::new(registry),
@@ -230,22 +333,41 @@ impl Metrics {
             (None, Verdict::Dropped) => ("Drop", ""),
             (None, _) => ("Trace", "to-endpoint"),
         };
-        self.flows_processed.get_or_create(&FlowLabels { r#type, subtype, verdict }).inc();
+        self.flows_processed
+            .get_or_create(&FlowLabels {
+                r#type,
+                subtype,
+                verdict,
+            })
+            .inc();
 
         if event.verdict == Verdict::Dropped {
             let reason = event.drop_reason.map_or("UNKNOWN", drop_reason_name);
-            self.drops.get_or_create(&DropLabels { reason, protocol: "TCP" }).inc();
+            self.drops
+                .get_or_create(&DropLabels {
+                    reason,
+                    protocol: "TCP",
+                })
+                .inc();
         }
 
         if let Some(http) = &event.http {
             let reporter = reporter(event.direction);
             let method = http.method.clone();
             self.http_requests
-                .get_or_create(&HttpRequestLabels { method: method.clone(), protocol: http.protocol, reporter })
+                .get_or_create(&HttpRequestLabels {
+                    method: method.clone(),
+                    protocol: http.protocol,
+                    reporter,
+                })
                 .inc();
             if let Some(status) = http.status {
                 self.http_responses
-                    .get_or_create(&HttpResponseLabels { method: method.clone(), status: status.to_string(), reporter })
+                    .get_or_create(&HttpResponseLabels {
+                        method: method.clone(),
+                        status: status.to_string(),
+                        reporter,
+                    })
                     .inc();
                 self.http_duration
                     .get_or_create(&HttpDurationLabels { method, reporter })
@@ -272,8 +394,10 @@ impl Metrics {
 
     /// The agent's view of its configuration after an apply.
     pub fn set_config_state(&self, errors: usize, tables_generation: u64) {
-        self.config_errors.set(i64::try_from(errors).unwrap_or(i64::MAX));
-        self.tables_generation.set(saturating_i64(tables_generation));
+        self.config_errors
+            .set(i64::try_from(errors).unwrap_or(i64::MAX));
+        self.tables_generation
+            .set(saturating_i64(tables_generation));
     }
 
     pub fn set_proxy_stats(&self, sample: &ProxySample) {
@@ -285,7 +409,9 @@ impl Metrics {
         for ((_, _, value), counter) in PROXY_COUNTERS.iter().zip(&self.proxy_counters) {
             counter.inner().store(value(sample), Ordering::Relaxed);
         }
-        self.lost_proxy_queue.inner().store(sample.flows_lost, Ordering::Relaxed);
+        self.lost_proxy_queue
+            .inner()
+            .store(sample.flows_lost, Ordering::Relaxed);
         // A cluster that is gone from the tables loses its series.
         for family in &self.cluster_gauges {
             family.clear();
@@ -294,12 +420,19 @@ impl Metrics {
             family.clear();
         }
         for cluster in &sample.clusters {
-            let labels = ClusterLabels { cluster: cluster.name.clone() };
+            let labels = ClusterLabels {
+                cluster: cluster.name.clone(),
+            };
             for ((_, _, value), family) in CLUSTER_GAUGES.iter().zip(&self.cluster_gauges) {
-                family.get_or_create(&labels).set(saturating_i64(value(cluster)));
+                family
+                    .get_or_create(&labels)
+                    .set(saturating_i64(value(cluster)));
             }
             for ((_, _, value), family) in CLUSTER_COUNTERS.iter().zip(&self.cluster_counters) {
-                family.get_or_create(&labels).inner().store(value(cluster), Ordering::Relaxed);
+                family
+                    .get_or_create(&labels)
+                    .inner()
+                    .store(value(cluster), Ordering::Relaxed);
             }
         }
     }
@@ -314,7 +447,11 @@ impl Metrics {
     }
 }
 
-fn register<M: prometheus_client::registry::Metric + Clone + Default>(registry: &mut Registry, name: &str, help: &str) -> M {
+fn register<M: prometheus_client::registry::Metric + Clone + Default>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+) -> M {
     let metric = M::default();
     registry.register(name, help, metric.clone());
     metric
@@ -351,7 +488,11 @@ fn policy_verdict(event: &FlowEvent) -> Option<PolicyVerdictLabels> {
         Verdict::Forwarded => "forwarded",
         Verdict::Dropped | Verdict::Error => "dropped",
     };
-    Some(PolicyVerdictLabels { direction, r#match, action })
+    Some(PolicyVerdictLabels {
+        direction,
+        r#match,
+        action,
+    })
 }
 
 const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -359,12 +500,23 @@ const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.
 fn handle(metrics: &Metrics, request: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match (request.method(), request.uri().path()) {
         (&Method::GET, "/metrics") => (StatusCode::OK, OPENMETRICS_CONTENT_TYPE, metrics.encode()),
-        (_, "/metrics") => (StatusCode::METHOD_NOT_ALLOWED, "text/plain", "use GET\n".to_owned()),
-        _ => (StatusCode::NOT_FOUND, "text/plain", "metrics are at /metrics\n".to_owned()),
+        (_, "/metrics") => (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "use GET\n".to_owned(),
+        ),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "metrics are at /metrics\n".to_owned(),
+        ),
     };
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
-    response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(content_type));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
     response
 }
 
@@ -377,7 +529,10 @@ pub async fn serve_metrics(addr: SocketAddr, metrics: Metrics) -> anyhow::Result
     serve_metrics_on(listener, metrics).await
 }
 
-async fn serve_metrics_on(listener: tokio::net::TcpListener, metrics: Metrics) -> anyhow::Result<()> {
+async fn serve_metrics_on(
+    listener: tokio::net::TcpListener,
+    metrics: Metrics,
+) -> anyhow::Result<()> {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -393,7 +548,10 @@ async fn serve_metrics_on(listener: tokio::net::TcpListener, metrics: Metrics) -
                 async move { Ok::<_, std::convert::Infallible>(response) }
             });
             let io = hyper_util::rt::TokioIo::new(stream);
-            if let Err(err) = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await {
+            if let Err(err) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await
+            {
                 tracing::debug!(%err, %peer, "metrics connection ended with an error");
             }
         });
@@ -407,7 +565,9 @@ mod tests {
     use http_body_util::{BodyExt, Empty};
 
     fn lines_with<'a>(text: &'a str, prefix: &str) -> Vec<&'a str> {
-        text.lines().filter(|line| line.starts_with(prefix)).collect()
+        text.lines()
+            .filter(|line| line.starts_with(prefix))
+            .collect()
     }
 
     #[test]
@@ -418,7 +578,11 @@ mod tests {
         metrics.observe_flow(&ok_ingress);
         metrics.observe_flow(&ok_ingress);
         metrics.observe_flow(&exhaust_denied());
-        metrics.observe_flow(&event(Verdict::Dropped, Some(DropReason::PolicyDenied), None));
+        metrics.observe_flow(&event(
+            Verdict::Dropped,
+            Some(DropReason::PolicyDenied),
+            None,
+        ));
         let text = metrics.encode();
 
         let mut processed = lines_with(&text, "hubble_flows_processed_total{");
@@ -431,29 +595,60 @@ mod tests {
                 r#"hubble_flows_processed_total{type="L7",subtype="HTTP",verdict="FORWARDED"} 2"#,
             ]
         );
-        assert!(text.contains(r#"hubble_drop_total{reason="L7_POLICY_DENIED",protocol="TCP"} 1"#), "{text}");
-        assert!(text.contains(r#"hubble_drop_total{reason="POLICY_DENIED",protocol="TCP"} 1"#), "{text}");
+        assert!(
+            text.contains(r#"hubble_drop_total{reason="L7_POLICY_DENIED",protocol="TCP"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"hubble_drop_total{reason="POLICY_DENIED",protocol="TCP"} 1"#),
+            "{text}"
+        );
         assert!(text.contains(r#"hubble_http_requests_total{method="POST",protocol="HTTP/1.1",reporter="server"} 2"#), "{text}");
         assert!(text.contains(r#"hubble_http_requests_total{method="PUT",protocol="HTTP/1.1",reporter="server"} 1"#), "{text}");
-        assert!(text.contains(r#"hubble_http_responses_total{method="POST",status="200",reporter="server"} 2"#), "{text}");
-        assert!(text.contains(r#"hubble_http_responses_total{method="PUT",status="403",reporter="server"} 1"#), "{text}");
+        assert!(
+            text.contains(
+                r#"hubble_http_responses_total{method="POST",status="200",reporter="server"} 2"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"hubble_http_responses_total{method="PUT",status="403",reporter="server"} 1"#
+            ),
+            "{text}"
+        );
         // 3 ms lands in the 5 ms bucket and every one above it.
         assert!(text.contains(r#"hubble_http_request_duration_seconds_bucket{le="0.005",method="POST",reporter="server"} 2"#), "{text}");
-        assert!(text.contains(r#"hubble_http_request_duration_seconds_count{method="POST",reporter="server"} 2"#), "{text}");
+        assert!(
+            text.contains(
+                r#"hubble_http_request_duration_seconds_count{method="POST",reporter="server"} 2"#
+            ),
+            "{text}"
+        );
         assert!(text.contains(r#"hubble_policy_verdicts_total{direction="ingress",match="l7/http",action="forwarded"} 2"#), "{text}");
         assert!(text.contains(r#"hubble_policy_verdicts_total{direction="ingress",match="l7/http",action="dropped"} 1"#), "{text}");
         assert!(text.contains(r#"hubble_policy_verdicts_total{direction="ingress",match="none",action="dropped"} 1"#), "{text}");
-        assert!(text.contains(r#"hubble_lost_events_total{source="observer_events_queue"} 0"#), "{text}");
+        assert!(
+            text.contains(r#"hubble_lost_events_total{source="observer_events_queue"} 0"#),
+            "{text}"
+        );
     }
 
     #[test]
     fn a_flow_without_a_deciding_policy_is_no_policy_verdict() {
         let metrics = Metrics::new();
-        let mut unpoliced = event(Verdict::Forwarded, None, Some(http("GET", "/", Some(200), 1)));
+        let mut unpoliced = event(
+            Verdict::Forwarded,
+            None,
+            Some(http("GET", "/", Some(200), 1)),
+        );
         unpoliced.policy = None;
         metrics.observe_flow(&unpoliced);
         let text = metrics.encode();
-        assert!(lines_with(&text, "hubble_policy_verdicts_total{").is_empty(), "{text}");
+        assert!(
+            lines_with(&text, "hubble_policy_verdicts_total{").is_empty(),
+            "{text}"
+        );
         assert!(text.contains(r#"hubble_http_requests_total{method="GET",protocol="HTTP/1.1",reporter="unknown"} 1"#), "{text}");
     }
 
@@ -479,7 +674,10 @@ mod tests {
             downstream_rq_total: 100,
             upstream_cx_active: 4,
             flows_lost: 9,
-            clusters: vec![cluster("default/envoy-lb/deathstar-v1", 3), cluster("default/envoy-lb/deathstar-v2", 0)],
+            clusters: vec![
+                cluster("default/envoy-lb/deathstar-v1", 3),
+                cluster("default/envoy-lb/deathstar-v2", 0),
+            ],
         };
         // Samples are cumulative: setting the same one twice must not double the counters.
         metrics.set_proxy_stats(&sample);
@@ -501,14 +699,20 @@ mod tests {
             r#"hubble_lost_events_total{source="observer_events_queue"} 9"#,
             r#"hubble_lost_events_total{source="hubble_ring_buffer"} 4"#,
         ] {
-            assert!(text.lines().any(|got| got == line), "missing {line:?} in\n{text}");
+            assert!(
+                text.lines().any(|got| got == line),
+                "missing {line:?} in\n{text}"
+            );
         }
         assert_eq!(metrics.lost_events(), 13);
 
         sample.clusters.truncate(1);
         metrics.set_proxy_stats(&sample);
         let text = metrics.encode();
-        assert!(!text.contains("deathstar-v2"), "a removed cluster keeps its series:\n{text}");
+        assert!(
+            !text.contains("deathstar-v2"),
+            "a removed cluster keeps its series:\n{text}"
+        );
         assert!(text.contains(r#"sluice_proxy_cluster_upstream_rq_retry_total{cluster="default/envoy-lb/deathstar-v1"} 3"#));
     }
 
@@ -521,14 +725,27 @@ mod tests {
         let server = tokio::spawn(serve_metrics_on(listener, metrics));
 
         let stream = tokio::net::TcpStream::connect(addr).await?;
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
         tokio::spawn(connection);
-        let scrape = |path: &str| Request::get(path).header("host", "localhost").body(Empty::<Bytes>::new());
+        let scrape = |path: &str| {
+            Request::get(path)
+                .header("host", "localhost")
+                .body(Empty::<Bytes>::new())
+        };
         let response = sender.send_request(scrape("/metrics")?).await?;
         assert_eq!(response.status(), StatusCode::OK);
-        assert_eq!(response.headers()[http::header::CONTENT_TYPE], OPENMETRICS_CONTENT_TYPE);
+        assert_eq!(
+            response.headers()[http::header::CONTENT_TYPE],
+            OPENMETRICS_CONTENT_TYPE
+        );
         let body = String::from_utf8(response.into_body().collect().await?.to_bytes().to_vec())?;
-        assert!(body.contains(r#"hubble_flows_processed_total{type="L7",subtype="HTTP",verdict="FORWARDED"} 1"#), "{body}");
+        assert!(
+            body.contains(
+                r#"hubble_flows_processed_total{type="L7",subtype="HTTP",verdict="FORWARDED"} 1"#
+            ),
+            "{body}"
+        );
         assert!(body.ends_with("# EOF\n"), "{body}");
 
         let missing = sender.send_request(scrape("/")?).await?;

@@ -19,11 +19,13 @@ fn align(lines: &[Vec<&str>]) -> String {
         let _ = writeln!(writer, "{}", cells.join("\t"));
     }
     let bytes = writer.into_inner().unwrap_or_default();
-    String::from_utf8_lossy(&bytes).lines().fold(String::new(), |mut out, line| {
-        out.push_str(line.trim_end());
-        out.push('\n');
-        out
-    })
+    String::from_utf8_lossy(&bytes)
+        .lines()
+        .fold(String::new(), |mut out, line| {
+            out.push_str(line.trim_end());
+            out.push('\n');
+            out
+        })
 }
 
 /// A header and rows. A cell may span several lines (one label per line, as cilium-dbg prints
@@ -33,7 +35,11 @@ fn table(header: &[&str], rows: &[Vec<Vec<String>>]) -> String {
     for row in rows {
         let height = row.iter().map(Vec::len).max().unwrap_or(0).max(1);
         for line in 0..height {
-            lines.push(row.iter().map(|cell| cell.get(line).map_or("", String::as_str)).collect());
+            lines.push(
+                row.iter()
+                    .map(|cell| cell.get(line).map_or("", String::as_str))
+                    .collect(),
+            );
         }
     }
     align(&lines)
@@ -64,29 +70,60 @@ pub fn render_status(status: &StatusView) -> String {
         "none" => "none (gateway mode)".to_owned(),
         other => other.to_owned(),
     };
-    let applied = match DateTime::from_timestamp(i64::try_from(status.last_applied_unix).unwrap_or(i64::MAX), 0) {
-        Some(time) if status.last_applied_unix > 0 => time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+    let applied = match DateTime::from_timestamp(
+        i64::try_from(status.last_applied_unix).unwrap_or(i64::MAX),
+        0,
+    ) {
+        Some(time) if status.last_applied_unix > 0 => {
+            time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        }
         _ => "never".to_owned(),
     };
     let objects = if status.objects.is_empty() {
         "none".to_owned()
     } else {
-        status.objects.iter().map(|(kind, count)| format!("{kind} {count}")).collect::<Vec<_>>().join(", ")
+        status
+            .objects
+            .iter()
+            .map(|(kind, count)| format!("{kind} {count}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     };
     let rows = [
         ("Node:", status.node.clone()),
         ("Datapath:", datapath),
         ("Config dir:", status.config_dir.clone()),
-        ("Proxy tables:", format!("generation {}, applied {applied}", status.generation)),
+        (
+            "Proxy tables:",
+            format!("generation {}, applied {applied}", status.generation),
+        ),
         ("Objects:", objects),
-        ("Proxy:", format!("{} workers, {} listeners", status.proxy_workers, status.listeners)),
-        ("Flows:", format!("{} seen, {} lost", status.flows_seen, status.flows_lost)),
+        (
+            "Proxy:",
+            format!(
+                "{} workers, {} listeners",
+                status.proxy_workers, status.listeners
+            ),
+        ),
+        (
+            "Flows:",
+            format!("{} seen, {} lost", status.flows_seen, status.flows_lost),
+        ),
         ("Config errors:", status.errors.len().to_string()),
         ("Warnings:", status.warnings.len().to_string()),
     ];
-    let lines: Vec<Vec<&str>> = rows.iter().map(|(key, value)| vec![*key, value.as_str()]).collect();
+    let lines: Vec<Vec<&str>> = rows
+        .iter()
+        .map(|(key, value)| vec![*key, value.as_str()])
+        .collect();
     let mut out = align(&lines);
-    for (title, items) in [("Config errors (the objects keep their last good state):", &status.errors), ("Warnings:", &status.warnings)] {
+    for (title, items) in [
+        (
+            "Config errors (the objects keep their last good state):",
+            &status.errors,
+        ),
+        ("Warnings:", &status.warnings),
+    ] {
         if !items.is_empty() {
             let _ = writeln!(out, "\n{title}");
             for item in items {
@@ -113,7 +150,15 @@ pub fn render_endpoints(endpoints: &[EndpointView]) -> String {
         })
         .collect();
     table(
-        &["ENDPOINT", "IDENTITY", "POLICY (ingress) ENFORCEMENT", "POLICY (egress) ENFORCEMENT", "IP", "NODE", "LABELS"],
+        &[
+            "ENDPOINT",
+            "IDENTITY",
+            "POLICY (ingress) ENFORCEMENT",
+            "POLICY (egress) ENFORCEMENT",
+            "IP",
+            "NODE",
+            "LABELS",
+        ],
         &rows,
     )
 }
@@ -121,7 +166,13 @@ pub fn render_endpoints(endpoints: &[EndpointView]) -> String {
 pub fn render_identities(identities: &[IdentityView]) -> String {
     let rows: Vec<_> = identities
         .iter()
-        .map(|identity| vec![cell(identity.id), lines_or_dash(&identity.labels), lines_or_dash(&identity.endpoints)])
+        .map(|identity| {
+            vec![
+                cell(identity.id),
+                lines_or_dash(&identity.labels),
+                lines_or_dash(&identity.endpoints),
+            ]
+        })
         .collect();
     table(&["ID", "LABELS", "ENDPOINTS"], &rows)
 }
@@ -154,14 +205,28 @@ pub fn render_services(services: &[ServiceView]) -> String {
             vec![
                 cell(&service.name),
                 cell(&service.kind),
-                cell(service.frontend.map_or_else(|| "-".to_owned(), |frontend| frontend.to_string())),
+                cell(
+                    service
+                        .frontend
+                        .map_or_else(|| "-".to_owned(), |frontend| frontend.to_string()),
+                ),
                 cell(&service.listener),
                 cell(service.envoy_config.as_deref().unwrap_or("-")),
                 lines_or_dash(&backends),
             ]
         })
         .collect();
-    table(&["SERVICE", "KIND", "FRONTEND", "LISTENER", "ENVOY CONFIG", "BACKENDS"], &rows)
+    table(
+        &[
+            "SERVICE",
+            "KIND",
+            "FRONTEND",
+            "LISTENER",
+            "ENVOY CONFIG",
+            "BACKENDS",
+        ],
+        &rows,
+    )
 }
 
 /// `default/tiefighter:40000 (ID:257)`; the address when no pod is known; `(world)` for reserved identities.
@@ -207,7 +272,17 @@ pub fn render_flows_table(records: &[FlowRecord]) -> String {
             ]
         })
         .collect();
-    table(&["TIMESTAMP", "SOURCE", "DESTINATION", "TYPE", "VERDICT", "SUMMARY"], &rows)
+    table(
+        &[
+            "TIMESTAMP",
+            "SOURCE",
+            "DESTINATION",
+            "TYPE",
+            "VERDICT",
+            "SUMMARY",
+        ],
+        &rows,
+    )
 }
 
 #[cfg(test)]
@@ -235,7 +310,10 @@ mod tests {
 
     #[test]
     fn flow_table_splits_type_and_summary() {
-        let records = [FlowRecord::from_event(&landing_ok()), FlowRecord::from_event(&exhaust_denied())];
+        let records = [
+            FlowRecord::from_event(&landing_ok()),
+            FlowRecord::from_event(&exhaust_denied()),
+        ];
         assert_eq!(
             render_flows_table(&records),
             "\
@@ -253,7 +331,10 @@ Nov 22 19:01:02.123   default/tiefighter:40000 (ID:257)   default/deathstar-0:80
             ip: format!("198.18.0.2{replica}").parse().expect("ip"),
             node: "node-1".to_owned(),
             identity: 258,
-            labels: vec!["k8s:class=deathstar".to_owned(), "k8s:org=empire".to_owned()],
+            labels: vec![
+                "k8s:class=deathstar".to_owned(),
+                "k8s:org=empire".to_owned(),
+            ],
             ingress_enforced: true,
             egress_enforced: false,
             ingress: vec![RuleView {
@@ -285,11 +366,21 @@ default/deathstar-1   258        Enabled                        Disabled        
     #[test]
     fn identity_table_lists_labels_and_endpoints() {
         let identities = [
-            IdentityView { id: 2, labels: vec!["reserved:world".to_owned()], endpoints: vec![] },
+            IdentityView {
+                id: 2,
+                labels: vec!["reserved:world".to_owned()],
+                endpoints: vec![],
+            },
             IdentityView {
                 id: 258,
-                labels: vec!["k8s:class=deathstar".to_owned(), "k8s:org=empire".to_owned()],
-                endpoints: vec!["default/deathstar-0".to_owned(), "default/deathstar-1".to_owned()],
+                labels: vec![
+                    "k8s:class=deathstar".to_owned(),
+                    "k8s:org=empire".to_owned(),
+                ],
+                endpoints: vec![
+                    "default/deathstar-0".to_owned(),
+                    "default/deathstar-1".to_owned(),
+                ],
             },
         ];
         assert_eq!(
@@ -310,8 +401,13 @@ ID    LABELS                ENDPOINTS
             namespace: Some("default".to_owned()),
             name: "rule1".to_owned(),
             file: "sw_l3_l4_l7_policy.yaml".to_owned(),
-            rules: vec!["spec: ingress from org=empire to 80/TCP, HTTP POST /v1/request-landing".to_owned()],
-            selects: vec!["default/deathstar-0".to_owned(), "default/deathstar-1".to_owned()],
+            rules: vec![
+                "spec: ingress from org=empire to 80/TCP, HTTP POST /v1/request-landing".to_owned(),
+            ],
+            selects: vec![
+                "default/deathstar-0".to_owned(),
+                "default/deathstar-1".to_owned(),
+            ],
         }];
         assert_eq!(
             render_policies(&policies),
