@@ -71,8 +71,8 @@ impl Default for Thresholds {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutlierDetection {
-    /// `consecutive_5xx` (5).
-    #[serde(default = "d5")]
+    /// `consecutive_5xx` (5). Protobuf's JSON name `consecutive5xx` has no case change to undo.
+    #[serde(default = "d5", alias = "consecutive5xx")]
     pub consecutive_5xx: u32,
     /// `interval` between ejection sweeps (10 s).
     #[serde(default = "d10s", deserialize_with = "duration::required")]
@@ -90,7 +90,7 @@ pub struct OutlierDetection {
     #[serde(default = "d10")]
     pub max_ejection_percent: u32,
     /// `enforcing_consecutive_5xx` (100).
-    #[serde(default = "d100")]
+    #[serde(default = "d100", alias = "enforcing_consecutive5xx")]
     pub enforcing_consecutive_5xx: u32,
     /// `enforcing_success_rate` (100).
     #[serde(default = "d100")]
