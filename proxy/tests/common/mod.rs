@@ -1,0 +1,390 @@
+//! Test harness: real backends, real clients and table builders on loopback (each test its own ports).
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use regex::Regex;
+use sluice_proxy::flow::FlowEvent;
+use sluice_proxy::tables::*;
+use sluice_proxy::{FlowSink, Handle, ProxyConfig, ProxyTables};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+// ---------------------------------------------------------------------------------------------
+// Proxy
+// ---------------------------------------------------------------------------------------------
+
+pub struct Proxy {
+    pub handle: Handle,
+    pub flows: tokio::sync::mpsc::Receiver<FlowEvent>,
+}
+
+impl Proxy {
+    /// The proxy on its own runtime, as the agent runs it.
+    pub fn start() -> Proxy {
+        let (sink, flows) = FlowSink::new(100_000);
+        let handle = Handle::start(ProxyConfig { workers: 2, flows: sink }).expect("proxy starts");
+        Proxy { handle, flows }
+    }
+
+    /// The proxy on the test's runtime, so paused time governs its timers too.
+    pub fn start_here() -> Proxy {
+        let (sink, flows) = FlowSink::new(100_000);
+        let handle = Handle::start_on(tokio::runtime::Handle::current(), sink);
+        Proxy { handle, flows }
+    }
+
+    /// Applies `tables` and returns the address of the listener named `name`.
+    pub fn apply(&self, tables: ProxyTables) -> SocketAddr {
+        let applied = self.handle.apply(tables).expect("tables apply");
+        applied.listeners[0].addr
+    }
+
+    /// Flow events recorded so far.
+    pub fn drain_flows(&mut self) -> Vec<FlowEvent> {
+        let mut events = Vec::new();
+        while let Ok(event) = self.flows.try_recv() {
+            events.push(event);
+        }
+        events
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backends
+// ---------------------------------------------------------------------------------------------
+
+pub type Reply = Pin<Box<dyn Future<Output = Response<Full<Bytes>>> + Send>>;
+type Handler = Arc<dyn Fn(usize, SeenRequest) -> Reply + Send + Sync>;
+
+/// What a backend saw of one request.
+#[derive(Debug, Clone)]
+pub struct SeenRequest {
+    pub method: String,
+    pub path: String,
+    pub headers: HeaderMap,
+    pub version: http::Version,
+    pub body: Bytes,
+}
+
+/// A real HTTP server (HTTP/1.1 and HTTP/2 prior knowledge) that records what it receives.
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub name: String,
+    seen: Arc<Mutex<Vec<SeenRequest>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Backend {
+    /// Answers `200` with body `name` and header `x-backend: name`.
+    pub async fn echo(name: &str) -> Backend {
+        Self::echo_on(name, IpAddr::from([127, 0, 0, 1])).await
+    }
+
+    pub async fn echo_on(name: &str, ip: IpAddr) -> Backend {
+        let label = name.to_owned();
+        Self::start_on(name, ip, move |_, _| {
+            let label = label.clone();
+            Box::pin(async move { reply(StatusCode::OK, &label) })
+        })
+        .await
+    }
+
+    /// Calls `handler(hit_index, request)` for every request (hit_index counts from 0).
+    pub async fn start(name: &str, handler: impl Fn(usize, SeenRequest) -> Reply + Send + Sync + 'static) -> Backend {
+        Self::start_on(name, IpAddr::from([127, 0, 0, 1]), handler).await
+    }
+
+    pub async fn start_on(
+        name: &str,
+        ip: IpAddr,
+        handler: impl Fn(usize, SeenRequest) -> Reply + Send + Sync + 'static,
+    ) -> Backend {
+        let listener = TcpListener::bind(SocketAddr::new(ip, 0)).await.expect("backend binds");
+        let addr = listener.local_addr().expect("backend addr");
+        let seen: Arc<Mutex<Vec<SeenRequest>>> = Arc::default();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let handler: Handler = Arc::new(handler);
+        let task = {
+            let seen = Arc::clone(&seen);
+            tokio::spawn(async move {
+                loop {
+                    let Ok((stream, _)) = listener.accept().await else { continue };
+                    let seen = Arc::clone(&seen);
+                    let hits = Arc::clone(&hits);
+                    let handler = Arc::clone(&handler);
+                    tokio::spawn(async move {
+                        let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                            let seen = Arc::clone(&seen);
+                            let hits = Arc::clone(&hits);
+                            let handler = Arc::clone(&handler);
+                            async move {
+                                let (parts, body) = request.into_parts();
+                                let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                                let request = SeenRequest {
+                                    method: parts.method.to_string(),
+                                    path: parts.uri.path_and_query().map_or("/".into(), |pq| pq.to_string()),
+                                    headers: parts.headers,
+                                    version: parts.version,
+                                    body,
+                                };
+                                seen.lock().unwrap().push(request.clone());
+                                let index = hits.fetch_add(1, Ordering::SeqCst);
+                                Ok::<_, Infallible>(handler(index, request).await)
+                            }
+                        });
+                        let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await;
+                    });
+                }
+            })
+        };
+        Backend { addr, name: name.to_owned(), seen, task }
+    }
+
+    pub fn hits(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+
+    pub fn seen(&self) -> Vec<SeenRequest> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+pub fn reply(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("x-backend", body)
+        .body(Full::new(Bytes::from(body.to_owned())))
+        .unwrap()
+}
+
+/// A TCP server that reads a request and closes the connection without answering.
+pub async fn resetting_backend() -> (SocketAddr, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&accepted);
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else { continue };
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buffer = [0u8; 4096];
+                let _ = tokio::io::AsyncReadExt::read(&mut stream, &mut buffer).await;
+                drop(stream);
+            });
+        }
+    });
+    (addr, accepted, task)
+}
+
+/// An address where nothing listens (connections are refused).
+pub async fn refused_addr() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    listener.local_addr().unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clients
+// ---------------------------------------------------------------------------------------------
+
+/// A response as the client saw it.
+#[derive(Debug)]
+pub struct Got {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: String,
+}
+
+/// One HTTP/1.1 request on a fresh connection from `source` (any 127/8 address).
+pub async fn get_from(source: IpAddr, proxy: SocketAddr, path: &str) -> Result<Got, hyper::Error> {
+    let mut sender = http1_connect(source, proxy).await;
+    let request = Request::get(path).header("host", "app.test").body(Full::new(Bytes::new())).unwrap();
+    send(&mut sender, request).await
+}
+
+pub async fn get(proxy: SocketAddr, path: &str) -> Got {
+    get_from(IpAddr::from([127, 0, 0, 1]), proxy, path).await.expect("proxy answers")
+}
+
+pub async fn http1_connect(source: IpAddr, proxy: SocketAddr) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
+    let stream = connect_from(source, proxy).await;
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(connection);
+    sender
+}
+
+pub async fn connect_from(source: IpAddr, target: SocketAddr) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(source, 0)).unwrap();
+    socket.connect(target).await.unwrap()
+}
+
+pub async fn send(
+    sender: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    request: Request<Full<Bytes>>,
+) -> Result<Got, hyper::Error> {
+    sender.ready().await?;
+    let response = sender.send_request(request).await?;
+    collect(response).await
+}
+
+pub async fn collect(response: Response<Incoming>) -> Result<Got, hyper::Error> {
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await?.to_bytes();
+    Ok(Got { status: parts.status, headers: parts.headers, body: String::from_utf8_lossy(&body).into_owned() })
+}
+
+/// A keep-alive client that sends every request from `source`.
+pub fn pooled_client(source: IpAddr) -> hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>> {
+    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    connector.set_local_address(Some(source));
+    connector.set_nodelay(true);
+    hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build(connector)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tables
+// ---------------------------------------------------------------------------------------------
+
+pub fn hcm(routes: Vec<Route>) -> HttpConnectionManager {
+    HttpConnectionManager {
+        stat_prefix: "test".into(),
+        route_config: Arc::new(RouteConfig {
+            name: "routes".into(),
+            virtual_hosts: vec![virtual_host(routes)],
+            request_headers_to_add: vec![],
+            request_headers_to_remove: vec![],
+            response_headers_to_add: vec![],
+            response_headers_to_remove: vec![],
+        }),
+        normalize_path: true,
+        merge_slashes: true,
+        escaped_slashes: EscapedSlashesAction::default(),
+        stream_idle_timeout: Some(Duration::from_secs(300)),
+        max_request_headers_bytes: 60 * 1024,
+        max_headers_count: 100,
+        idle_timeout: Some(Duration::from_secs(3600)),
+        use_remote_address: false,
+        skip_xff_append: false,
+        upgrades: vec![],
+    }
+}
+
+pub fn virtual_host(routes: Vec<Route>) -> VirtualHost {
+    VirtualHost {
+        name: "all".into(),
+        domains: vec!["*".into()],
+        routes,
+        retry_policy: None,
+        request_body_buffer_limit: 1024 * 1024,
+        include_request_attempt_count: true,
+    }
+}
+
+pub fn prefix_route(prefix: &str, action: ForwardAction) -> Route {
+    Route {
+        name: format!("route{prefix}"),
+        matcher: RouteMatch { path: PathMatch::Prefix(prefix.into()), case_sensitive: true, headers: vec![], query_parameters: vec![] },
+        action: RouteAction::Forward(Arc::new(action)),
+    }
+}
+
+pub fn to_clusters(weights: &[(&str, u32)]) -> ForwardAction {
+    ForwardAction {
+        clusters: weights.iter().map(|(name, weight)| WeightedCluster { name: (*name).into(), weight: *weight }).collect(),
+        rewrite: None,
+        host_rewrite_literal: None,
+        timeout: Some(Duration::from_secs(15)),
+        retry_policy: None,
+        mirrors: vec![],
+        cluster_not_found_status: 503,
+    }
+}
+
+pub fn to_cluster(name: &str) -> ForwardAction {
+    to_clusters(&[(name, 1)])
+}
+
+pub fn retry_policy(retry_on: RetryOn, num_retries: u32) -> RetryPolicy {
+    RetryPolicy {
+        retry_on,
+        num_retries,
+        per_try_timeout: None,
+        retriable_status_codes: vec![],
+        base_interval: Duration::from_millis(25),
+        max_interval: Duration::from_millis(250),
+        avoid_previous_hosts: false,
+        host_selection_retry_max_attempts: 1,
+    }
+}
+
+pub fn cluster(name: &str, endpoints: &[SocketAddr]) -> Cluster {
+    Cluster {
+        name: name.into(),
+        endpoints: endpoints.iter().map(|addr| Endpoint { addr: *addr, weight: 1 }).collect(),
+        lb_policy: LbPolicy::RoundRobin,
+        connect_timeout: Duration::from_secs(5),
+        circuit_breakers: CircuitBreakers::default(),
+        outlier_detection: None,
+        protocol: UpstreamProtocol::Http1,
+    }
+}
+
+/// One auto-port listener named `main` plus the given clusters.
+pub fn tables(generation: u64, http: HttpConnectionManager, clusters: Vec<Cluster>) -> ProxyTables {
+    ProxyTables {
+        generation,
+        listeners: vec![Listener { name: "main".into(), bind: Bind::LoopbackAuto, http: Arc::new(http) }],
+        clusters: clusters.into_iter().map(|c| (c.name.clone(), Arc::new(c))).collect(),
+        peers: BTreeMap::new(),
+        policies: BTreeMap::new(),
+    }
+}
+
+pub fn peer(identity: Identity, name: &str) -> Peer {
+    Peer { identity, name: name.into(), labels: vec![] }
+}
+
+/// An allow rule for `remotes` on TCP `port`, restricted to `http` rules when given.
+pub fn allow(remotes: &[Identity], port: u16, http: Option<Vec<HttpRule>>, origin: &str) -> AllowRule {
+    AllowRule {
+        l4: L4Match {
+            remotes: Remotes::Only(remotes.iter().copied().collect::<BTreeSet<_>>()),
+            ports: vec![PortRange { protocol: Protocol::Tcp, start: port, end: port }],
+        },
+        http,
+        auth_required: false,
+        origin: origin.into(),
+    }
+}
+
+pub fn http_rule(method: &str, path: &str) -> HttpRule {
+    HttpRule { method: Some(Regex::new(method).unwrap()), path: Some(Regex::new(path).unwrap()), host: None, headers: vec![] }
+}
+
+pub fn ingress_only(default_deny: bool, allow: Vec<AllowRule>) -> Arc<EndpointPolicy> {
+    Arc::new(EndpointPolicy {
+        ingress: DirectionPolicy { default_deny, deny: vec![], allow },
+        egress: DirectionPolicy::default(),
+    })
+}
