@@ -5,14 +5,15 @@
 //! `<state-dir>/identities.json`) across restarts, and never handed to another label set: flow
 //! logs, metrics and a future kernel datapath all key on it.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use sluice_envoy_config::labels::{
+    CLUSTER_LABEL, NAMESPACE_LABELS_PREFIX, POD_NAMESPACE_LABEL, SERVICE_ACCOUNT_LABEL, SOURCE_K8S, SOURCE_RESERVED,
+};
+use sluice_envoy_config::LabelSet;
 use sluice_proxy::tables::Identity;
-
-/// `source:key=value` labels, sorted.
-pub type LabelSet = BTreeSet<String>;
 
 /// Cilium's reserved identities and their (only) label.
 pub const RESERVED: [(Identity, &str); 7] = [
@@ -55,7 +56,11 @@ pub fn reserved_by_name(name: &str) -> Option<Identity> {
 }
 
 pub fn reserved_labels(id: Identity) -> Option<LabelSet> {
-    RESERVED.iter().find(|(i, _)| *i == id).map(|(_, name)| LabelSet::from([format!("reserved:{name}")]))
+    RESERVED.iter().find(|(i, _)| *i == id).map(|(_, name)| {
+        let mut set = LabelSet::new();
+        set.insert(SOURCE_RESERVED, name, "");
+        set
+    })
 }
 
 /// The security-relevant labels of a pod (cilium.md §1.3).
@@ -65,15 +70,31 @@ pub fn pod_security_labels(
     service_account: &str,
     namespace_labels: &BTreeMap<String, String>,
 ) -> LabelSet {
-    let mut set: LabelSet = pod_labels
-        .iter()
-        .filter(|(k, _)| !NON_IDENTITY_LABELS.contains(&k.as_str()))
-        .map(|(k, v)| format!("k8s:{k}={v}"))
-        .collect();
-    set.insert(format!("k8s:io.kubernetes.pod.namespace={namespace}"));
-    set.insert(format!("k8s:io.cilium.k8s.policy.serviceaccount={service_account}"));
-    set.insert(format!("k8s:io.cilium.k8s.policy.cluster={CLUSTER_NAME}"));
-    set.extend(namespace_labels.iter().map(|(k, v)| format!("k8s:io.cilium.k8s.namespace.labels.{k}={v}")));
+    let mut set = LabelSet::new();
+    for (key, value) in pod_labels.iter().filter(|(k, _)| !NON_IDENTITY_LABELS.contains(&k.as_str())) {
+        set.insert(SOURCE_K8S, key, value);
+    }
+    set.insert(SOURCE_K8S, POD_NAMESPACE_LABEL, namespace);
+    set.insert(SOURCE_K8S, SERVICE_ACCOUNT_LABEL, service_account);
+    set.insert(SOURCE_K8S, CLUSTER_LABEL, CLUSTER_NAME);
+    for (key, value) in namespace_labels {
+        set.insert(SOURCE_K8S, &format!("{NAMESPACE_LABELS_PREFIX}.{key}"), value);
+    }
+    set
+}
+
+/// `source:key=value` strings, sorted: how labels are shown and persisted.
+pub fn label_strings(labels: &LabelSet) -> Vec<String> {
+    labels.iter().map(|(source, key, value)| format!("{source}:{key}={value}")).collect()
+}
+
+fn parse_label_strings(items: &[String]) -> LabelSet {
+    let mut set = LabelSet::new();
+    for item in items {
+        let (source, rest) = item.split_once(':').unwrap_or(("any", item));
+        let (key, value) = rest.split_once('=').unwrap_or((rest, ""));
+        set.insert(source, key, value);
+    }
     set
 }
 
@@ -85,7 +106,7 @@ struct StateFile {
 #[derive(Debug, Serialize, Deserialize)]
 struct StateEntry {
     id: Identity,
-    labels: LabelSet,
+    labels: Vec<String>,
 }
 
 /// The allocation table. Reserved identities are implicit and never stored.
@@ -114,7 +135,7 @@ impl Identities {
             serde_json::from_str(&text).map_err(|source| IdentityError::Corrupt { path: path.to_path_buf(), source })?;
         for entry in state.identities {
             if entry.id >= FIRST_ALLOCATED && !identities.by_id.contains_key(&entry.id) {
-                identities.insert(entry.id, entry.labels);
+                identities.insert(entry.id, parse_label_strings(&entry.labels));
             }
         }
         Ok(identities)
@@ -149,7 +170,7 @@ impl Identities {
     pub fn save(&self) -> Result<(), IdentityError> {
         let Some(path) = &self.path else { return Ok(()) };
         let state = StateFile {
-            identities: self.by_id.iter().map(|(id, labels)| StateEntry { id: *id, labels: labels.clone() }).collect(),
+            identities: self.by_id.iter().map(|(id, labels)| StateEntry { id: *id, labels: label_strings(labels) }).collect(),
         };
         let io_error = |source| IdentityError::Io { path: path.clone(), source };
         let text = serde_json::to_string_pretty(&state)
@@ -168,7 +189,7 @@ mod tests {
     use super::*;
 
     fn labels(items: &[&str]) -> LabelSet {
-        items.iter().map(|s| s.to_string()).collect()
+        parse_label_strings(&items.iter().map(|s| s.to_string()).collect::<Vec<_>>())
     }
 
     #[test]
@@ -179,14 +200,14 @@ mod tests {
         ]);
         let ns = BTreeMap::from([("team".to_string(), "red".to_string())]);
         assert_eq!(
-            pod_security_labels(&pod, "default", "default", &ns),
-            labels(&[
+            label_strings(&pod_security_labels(&pod, "default", "default", &ns)),
+            vec![
                 "k8s:io.cilium.k8s.namespace.labels.team=red",
                 "k8s:io.cilium.k8s.policy.cluster=default",
                 "k8s:io.cilium.k8s.policy.serviceaccount=default",
                 "k8s:io.kubernetes.pod.namespace=default",
                 "k8s:org=empire",
-            ])
+            ]
         );
     }
 
@@ -199,7 +220,7 @@ mod tests {
         assert_eq!(ids.allocate(&b), (257, true));
         assert_eq!(ids.allocate(&a), (256, false));
         assert_eq!(ids.labels(257), Some(b));
-        assert_eq!(ids.labels(2), Some(labels(&["reserved:world"])));
+        assert_eq!(ids.labels(2).map(|l| label_strings(&l)), Some(vec!["reserved:world=".to_string()]));
     }
 
     #[test]

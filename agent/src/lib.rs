@@ -1,6 +1,7 @@
 //! sluice-agent: the node agent's parts (sources -> model -> compile -> datapath), used by the
 //! `sluice` binary and by the golden and end-to-end tests.
 
+pub mod compile;
 pub mod demo;
 pub mod identity;
 pub mod source;

@@ -220,7 +220,7 @@ mod tests {
         assert_eq!(scheduled.services[0].cluster_ip, Ipv4Addr::new(127, 0, 10, 1));
         assert_eq!(scheduled.pods[0].labels.get("class").map(String::as_str), Some("deathstar"));
         let reparsed: Vec<Value> = serde_yaml::Deserializer::from_str(&scheduled.text)
-            .map(|d| serde::Deserialize::deserialize(d))
+            .map(serde::Deserialize::deserialize)
             .collect::<Result<_, _>>()?;
         let xwing = reparsed.iter().find(|d| str_at(d, &["metadata", "name"]) == Some("xwing"));
         assert_eq!(xwing.and_then(|x| str_at(x, &["status", "podIP"])), Some("127.0.1.4"));

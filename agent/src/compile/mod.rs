@@ -1,0 +1,309 @@
+//! compile (pure): model + identities -> `ProxyTables` and the views `sluice` shows about them.
+//!
+//! No I/O and no clock: the same model, identities and node always give the same output, which
+//! is what the golden tests under `agent/tests/golden/` pin down.
+
+pub mod envoy;
+pub mod policy;
+pub mod services;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use sluice_envoy_config::{LabelSet, Model, Pod};
+use sluice_proxy::tables::{
+    AllowRule, DirectionPolicy, EndpointPolicy, Identity, L4Match, Peer, PortRange, Protocol, ProxyTables, Remotes,
+    IDENTITY_HOST,
+};
+
+use crate::identity::{self, Identities, IDENTITY_REMOTE_NODE, RESERVED};
+use crate::view::{EndpointView, IdentityView, PolicyView, RuleView, ServiceView};
+use policy::{NamedPolicy, PolicySubject, Universe, Warnings};
+
+/// Everything `compile` produces.
+#[derive(Debug, Default)]
+pub struct Compiled {
+    pub tables: ProxyTables,
+    /// Accepted but not (fully) enforced, sorted.
+    pub warnings: Vec<String>,
+    /// References that do not resolve (the rest of the configuration still applies).
+    pub errors: Vec<String>,
+    pub endpoints: Vec<EndpointView>,
+    pub identities: Vec<IdentityView>,
+    /// `file` is left empty: the model does not know files; the caller fills it in.
+    pub policies: Vec<PolicyView>,
+    /// `frontend` is the configured address; automatic ports are known only after apply.
+    pub services: Vec<ServiceView>,
+}
+
+/// The security-relevant labels of `pod` in `model` (its namespace's labels included).
+pub fn pod_labels(model: &Model, pod: &Pod) -> LabelSet {
+    let empty = BTreeMap::new();
+    let namespace_labels = model.namespaces().find(|n| n.name == pod.namespace).map_or(&empty, |n| &n.labels);
+    identity::pod_security_labels(&pod.labels, &pod.namespace, &pod.service_account, namespace_labels)
+}
+
+struct PodEntry<'a> {
+    pod: &'a Pod,
+    labels: LabelSet,
+    identity: Identity,
+}
+
+pub fn compile(model: &Model, identities: &Identities, node: &str, generation: u64) -> Compiled {
+    let mut warnings = Warnings::new();
+    let mut errors = Vec::new();
+
+    let mut pods = Vec::new();
+    for pod in model.pods().filter(|p| !p.pod_ips.is_empty()) {
+        let labels = pod_labels(model, pod);
+        match identities.get(&labels) {
+            Some(identity) => pods.push(PodEntry { pod, labels, identity }),
+            None => errors.push(format!("Pod {}/{}: no identity allocated for its labels", pod.namespace, pod.name)),
+        }
+    }
+
+    // Peers: nodes first, so a pod address that is also a node address resolves to the pod.
+    let mut peers = BTreeMap::new();
+    for n in model.nodes() {
+        let identity = if n.name == node { IDENTITY_HOST } else { IDENTITY_REMOTE_NODE };
+        for ip in &n.addresses {
+            peers.insert(*ip, Peer { identity, name: n.name.clone(), labels: Vec::new() });
+        }
+    }
+    let mut owners: BTreeMap<IpAddr, String> = BTreeMap::new();
+    for entry in &pods {
+        let name = format!("{}/{}", entry.pod.namespace, entry.pod.name);
+        for ip in &entry.pod.pod_ips {
+            if let Some(first) = owners.get(ip) {
+                errors.push(format!("Pod {name}: IP {ip} is already the address of Pod {first}; it keeps that identity"));
+                continue;
+            }
+            owners.insert(*ip, name.clone());
+            peers.insert(
+                *ip,
+                Peer { identity: entry.identity, name: name.clone(), labels: identity::label_strings(&entry.labels) },
+            );
+        }
+    }
+
+    let mut universe = Universe { own_node: node.to_string(), ..Universe::default() };
+    for (id, _) in RESERVED {
+        if let Some(labels) = identity::reserved_labels(id) {
+            universe.identities.insert(id, labels);
+        }
+    }
+    for entry in &pods {
+        universe.identities.insert(entry.identity, entry.labels.clone());
+        universe.pod_identities.insert(entry.identity);
+        universe.ports_by_identity.entry(entry.identity).or_default().extend(entry.pod.container_ports.iter().cloned());
+    }
+    for n in model.nodes() {
+        universe.nodes.insert(n.name.clone(), LabelSet::from_k8s(&n.labels));
+    }
+
+    let names: Vec<String> = model
+        .network_policies()
+        .map(|p| match &p.namespace {
+            Some(namespace) => format!("CiliumNetworkPolicy {namespace}/{}", p.name),
+            None => format!("CiliumClusterwideNetworkPolicy {}", p.name),
+        })
+        .collect();
+    let named: Vec<NamedPolicy<'_>> =
+        model.network_policies().zip(&names).map(|(policy, name)| NamedPolicy { name, policy }).collect();
+
+    let mut policies = BTreeMap::new();
+    let mut endpoints = Vec::new();
+    for entry in &pods {
+        let subject = PolicySubject { labels: &entry.labels, container_ports: &entry.pod.container_ports };
+        let compiled = policy::endpoint_policy(&subject, &named, &universe, &mut warnings);
+        if let Some(compiled) = &compiled {
+            let shared = Arc::new(compiled.clone());
+            for ip in &entry.pod.pod_ips {
+                if owners.get(ip).is_some_and(|owner| *owner == format!("{}/{}", entry.pod.namespace, entry.pod.name)) {
+                    policies.insert(*ip, shared.clone());
+                }
+            }
+        }
+        endpoints.push(endpoint_view(entry, node, compiled.as_ref()));
+    }
+
+    let own_labels = model.nodes().find(|n| n.name == node).map(|n| LabelSet::from_k8s(&n.labels)).unwrap_or_default();
+    let frontends = services::compile_frontends(model, &own_labels, &mut warnings);
+    errors.extend(frontends.errors);
+
+    Compiled {
+        tables: ProxyTables {
+            generation,
+            listeners: frontends.listeners,
+            clusters: frontends.clusters,
+            peers,
+            policies,
+        },
+        warnings: warnings.into_iter().collect(),
+        errors,
+        identities: identity_views(&pods),
+        policies: policy_views(&named, &pods),
+        endpoints,
+        services: frontends.views,
+    }
+}
+
+fn endpoint_view(entry: &PodEntry<'_>, node: &str, policy: Option<&EndpointPolicy>) -> EndpointView {
+    let empty = EndpointPolicy::default();
+    let policy = policy.unwrap_or(&empty);
+    EndpointView {
+        namespace: entry.pod.namespace.clone(),
+        name: entry.pod.name.clone(),
+        ip: entry.pod.pod_ips[0],
+        node: entry.pod.node_name.clone().unwrap_or_else(|| node.to_string()),
+        identity: entry.identity,
+        labels: identity::label_strings(&entry.labels),
+        ingress_enforced: policy.ingress.default_deny,
+        egress_enforced: policy.egress.default_deny,
+        ingress: rule_views(&policy.ingress),
+        egress: rule_views(&policy.egress),
+    }
+}
+
+fn remotes_view(remotes: &Remotes) -> Vec<u32> {
+    match remotes {
+        Remotes::Any => Vec::new(),
+        Remotes::Only(ids) => ids.iter().copied().collect(),
+    }
+}
+
+fn port_view(range: &PortRange) -> String {
+    let protocol = match range.protocol {
+        Protocol::Tcp => "TCP",
+        Protocol::Udp => "UDP",
+        Protocol::Sctp => "SCTP",
+        Protocol::Any => "ANY",
+    };
+    match (range.start, range.end) {
+        (0, _) => format!("all/{protocol}"),
+        (start, end) if end > start => format!("{start}-{end}/{protocol}"),
+        (start, _) => format!("{start}/{protocol}"),
+    }
+}
+
+fn ports_view(l4: &L4Match) -> Vec<String> {
+    if l4.ports.is_empty() {
+        vec!["any".to_string()]
+    } else {
+        l4.ports.iter().map(port_view).collect()
+    }
+}
+
+/// The policy's own text of an anchored `^(?:...)$` regex.
+fn regex_text(regex: &regex::Regex) -> &str {
+    let text = regex.as_str();
+    text.strip_prefix("^(?:").and_then(|t| t.strip_suffix(")$")).unwrap_or(text)
+}
+
+fn http_view(rule: &AllowRule) -> Option<Vec<String>> {
+    rule.http.as_ref().map(|rules| {
+        rules
+            .iter()
+            .map(|h| {
+                let mut parts = vec![
+                    h.method.as_ref().map_or("*", regex_text).to_string(),
+                    h.path.as_ref().map_or("*", regex_text).to_string(),
+                ];
+                if let Some(host) = &h.host {
+                    parts.push(format!("host={}", regex_text(host)));
+                }
+                for header in &h.headers {
+                    let value = header.value.as_deref().map(|v| format!(": {v}")).unwrap_or_default();
+                    let mismatch = header.mismatch.map(|m| format!(" (mismatch {m:?})")).unwrap_or_default();
+                    parts.push(format!("[{}{value}]{mismatch}", header.name));
+                }
+                parts.join(" ")
+            })
+            .collect()
+    })
+}
+
+fn rule_views(direction: &DirectionPolicy) -> Vec<RuleView> {
+    let denies = direction.deny.iter().map(|deny| RuleView {
+        action: "deny".to_string(),
+        remotes: remotes_view(&deny.remotes),
+        ports: ports_view(deny),
+        http: None,
+        auth_required: false,
+        origin: String::new(),
+    });
+    let allows = direction.allow.iter().map(|allow| RuleView {
+        action: "allow".to_string(),
+        remotes: remotes_view(&allow.l4.remotes),
+        ports: ports_view(&allow.l4),
+        http: http_view(allow),
+        auth_required: allow.auth_required,
+        origin: allow.origin.to_string(),
+    });
+    denies.chain(allows).collect()
+}
+
+fn identity_views(pods: &[PodEntry<'_>]) -> Vec<IdentityView> {
+    let mut by_id: BTreeMap<Identity, (Vec<String>, BTreeSet<String>)> = BTreeMap::new();
+    for (id, _) in RESERVED {
+        let labels = identity::reserved_labels(id).map(|l| identity::label_strings(&l)).unwrap_or_default();
+        by_id.insert(id, (labels, BTreeSet::new()));
+    }
+    for entry in pods {
+        by_id
+            .entry(entry.identity)
+            .or_insert_with(|| (identity::label_strings(&entry.labels), BTreeSet::new()))
+            .1
+            .insert(format!("{}/{}", entry.pod.namespace, entry.pod.name));
+    }
+    by_id
+        .into_iter()
+        .map(|(id, (labels, endpoints))| IdentityView { id, labels, endpoints: endpoints.into_iter().collect() })
+        .collect()
+}
+
+fn policy_views(named: &[NamedPolicy<'_>], pods: &[PodEntry<'_>]) -> Vec<PolicyView> {
+    named
+        .iter()
+        .map(|n| {
+            let mut selects = BTreeSet::new();
+            let rules = n
+                .policy
+                .rules
+                .iter()
+                .map(|rule| {
+                    let subject = match &rule.subject {
+                        sluice_envoy_config::policy::Subject::Endpoints(selector) => {
+                            for entry in pods.iter().filter(|e| selector.matches(&e.labels)) {
+                                selects.insert(format!("{}/{}", entry.pod.namespace, entry.pod.name));
+                            }
+                            format!("endpoints {selector}")
+                        }
+                        sluice_envoy_config::policy::Subject::Nodes(selector) => format!("nodes {selector}"),
+                    };
+                    format!(
+                        "{}: {subject}: {} ingress, {} ingressDeny, {} egress, {} egressDeny",
+                        rule.path,
+                        rule.ingress.len(),
+                        rule.ingress_deny.len(),
+                        rule.egress.len(),
+                        rule.egress_deny.len()
+                    )
+                })
+                .collect();
+            let (kind, namespace) = match &n.policy.namespace {
+                Some(namespace) => ("CiliumNetworkPolicy", Some(namespace.clone())),
+                None => ("CiliumClusterwideNetworkPolicy", None),
+            };
+            PolicyView {
+                kind: kind.to_string(),
+                namespace,
+                name: n.policy.name.clone(),
+                file: String::new(),
+                rules,
+                selects: selects.into_iter().collect(),
+            }
+        })
+        .collect()
+}
