@@ -140,10 +140,15 @@ pub(crate) async fn forward(
             AttemptOutcome::Overflow => {}
             _ => cluster.record(&host, OutlierSignal::LocalFailure, random),
         }
-        if outcome == AttemptOutcome::PerTryTimeout {
-            bump(&cluster.counters.upstream_rq_timeout);
-        }
         let route_expired = plan.deadline.at.is_some_and(|at| Instant::now() >= at);
+        if outcome == AttemptOutcome::PerTryTimeout {
+            let counter = if route_expired {
+                &cluster.counters.upstream_rq_timeout
+            } else {
+                &cluster.counters.upstream_rq_per_try_timeout
+            };
+            bump(counter);
+        }
         let retry = !last_try
             && !route_expired
             && outgoing.body.can_replay()
@@ -166,6 +171,7 @@ pub(crate) async fn forward(
                 if let Some(at) = plan.deadline.at {
                     tokio::time::sleep_until(at).await;
                 }
+                bump(&cluster.counters.upstream_rq_timeout);
                 return Forwarded { result: Err(plan.deadline.failure()), attempts, upstream: host.addr };
             }
             tokio::time::sleep_until(wake).await;

@@ -59,26 +59,29 @@ impl RequestHead {
     }
 }
 
+/// A request head as `normalize_request` would produce it, for unit tests of the decisions.
+#[cfg(test)]
+pub(crate) fn test_head(method: &str, path_and_query: &str, authority: &str, headers: &[(&str, &str)]) -> RequestHead {
+    let mut map = http::HeaderMap::new();
+    for (name, value) in headers {
+        map.append(
+            http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+            http::HeaderValue::from_str(value).unwrap(),
+        );
+    }
+    RequestHead {
+        method: http::Method::from_bytes(method.as_bytes()).unwrap(),
+        path_and_query: path_and_query.to_owned(),
+        authority: authority.to_owned(),
+        headers: map,
+        version: http::Version::HTTP_11,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    pub(crate) fn head(method: &str, path_and_query: &str, authority: &str, headers: &[(&str, &str)]) -> RequestHead {
-        let mut map = http::HeaderMap::new();
-        for (name, value) in headers {
-            map.append(
-                http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
-                http::HeaderValue::from_str(value).unwrap(),
-            );
-        }
-        RequestHead {
-            method: http::Method::from_bytes(method.as_bytes()).unwrap(),
-            path_and_query: path_and_query.to_owned(),
-            authority: authority.to_owned(),
-            headers: map,
-            version: http::Version::HTTP_11,
-        }
-    }
+    use crate::request::test_head as head;
 
     #[test]
     fn path_and_query_split_at_the_first_question_mark() {
@@ -101,5 +104,3 @@ mod tests {
     }
 }
 
-#[cfg(test)]
-pub(crate) use tests::head as test_head;

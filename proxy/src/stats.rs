@@ -43,8 +43,10 @@ pub struct ClusterStats {
     pub upstream_rq_retry: u64,
     /// Retries not made because `max_retries` concurrent retries were already running.
     pub upstream_rq_retry_overflow: u64,
-    /// Attempts that hit the per-try or route timeout.
+    /// Requests that ran out of their route timeout (504).
     pub upstream_rq_timeout: u64,
+    /// Attempts that ran out of their `per_try_timeout`.
+    pub upstream_rq_per_try_timeout: u64,
     /// Outlier ejections enforced (`outlier_detection.ejections_enforced_total`).
     pub ejections_enforced_total: u64,
     /// Hosts ejected right now (`outlier_detection.ejections_active`).
@@ -72,6 +74,7 @@ pub(crate) struct ClusterCounters {
     pub upstream_rq_retry: AtomicU64,
     pub upstream_rq_retry_overflow: AtomicU64,
     pub upstream_rq_timeout: AtomicU64,
+    pub upstream_rq_per_try_timeout: AtomicU64,
     pub ejections_enforced_total: AtomicU64,
     pub pending_active: AtomicU64,
     pub retries_active: AtomicU64,
@@ -90,6 +93,7 @@ impl ClusterCounters {
             upstream_rq_retry: get(&self.upstream_rq_retry),
             upstream_rq_retry_overflow: get(&self.upstream_rq_retry_overflow),
             upstream_rq_timeout: get(&self.upstream_rq_timeout),
+            upstream_rq_per_try_timeout: get(&self.upstream_rq_per_try_timeout),
             ejections_enforced_total: get(&self.ejections_enforced_total),
             ejections_active,
         }

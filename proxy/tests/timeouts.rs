@@ -1,0 +1,91 @@
+//! Per-try, route and stream-idle timeouts under paused tokio time (the proxy runs on the
+//! test's runtime, so its timers follow the paused clock and nothing here waits for real).
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use http::StatusCode;
+use sluice_proxy::flow::{DropReason, Verdict};
+use sluice_proxy::tables::RetryOn;
+
+/// A backend that reads the request and never answers.
+async fn hanging() -> Backend {
+    Backend::start("hang", |_, _| Box::pin(std::future::pending())).await
+}
+
+fn on_5xx() -> RetryOn {
+    RetryOn { server_error_5xx: true, ..RetryOn::default() }
+}
+
+#[tokio::test(start_paused = true)]
+async fn per_try_timeouts_are_retried_until_the_route_timeout_gives_504() {
+    let backend = hanging().await;
+    let mut proxy = Proxy::start_here();
+    let mut policy = retry_policy(on_5xx(), 3);
+    policy.per_try_timeout = Some(Duration::from_millis(250));
+    let mut action = to_cluster("svc");
+    action.timeout = Some(Duration::from_secs(1));
+    action.retry_policy = Some(policy);
+    let addr = proxy.apply(tables(1, hcm(vec![prefix_route("/", action)]), vec![cluster("svc", &[backend.addr])]));
+
+    let got = get(addr, "/").await;
+    assert_eq!(got.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(got.body, "upstream request timeout");
+    let flow = &proxy.drain_flows()[0];
+    // 250 ms tries with jittered back-off (< 25, 75, 175 ms) inside 1 s: 3 or 4 attempts.
+    assert!((3..=4).contains(&flow.attempts), "attempts {}", flow.attempts);
+    assert_eq!(backend.hits() as u32, flow.attempts);
+    assert_eq!((flow.verdict, flow.drop_reason), (Verdict::Error, Some(DropReason::UpstreamTimeout)));
+    let counts: Vec<String> = backend.seen().iter().map(|r| r.headers["x-envoy-attempt-count"].to_str().unwrap().to_owned()).collect();
+    assert_eq!(counts.first().map(String::as_str), Some("1"));
+    let stats = proxy.handle.stats().clusters["svc"];
+    assert_eq!((stats.upstream_rq_timeout, stats.upstream_rq_per_try_timeout), (1, u64::from(flow.attempts) - 1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_per_try_timeout_the_route_timeout_leaves_no_time_to_retry() {
+    let backend = hanging().await;
+    let mut proxy = Proxy::start_here();
+    let mut action = to_cluster("svc");
+    action.timeout = Some(Duration::from_secs(1));
+    action.retry_policy = Some(retry_policy(on_5xx(), 3));
+    let addr = proxy.apply(tables(1, hcm(vec![prefix_route("/", action)]), vec![cluster("svc", &[backend.addr])]));
+
+    let started = tokio::time::Instant::now();
+    assert_eq!(get(addr, "/").await.status, StatusCode::GATEWAY_TIMEOUT);
+    // Paused clock: this is the proxy's timer, not wall time.
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    assert_eq!(backend.hits(), 1);
+    assert_eq!(proxy.drain_flows()[0].attempts, 1);
+    let stats = proxy.handle.stats().clusters["svc"];
+    assert_eq!((stats.upstream_rq_timeout, stats.upstream_rq_per_try_timeout), (1, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_stream_idle_timeout_answers_408_when_it_ends_first() {
+    let backend = hanging().await;
+    let mut proxy = Proxy::start_here();
+    let mut http = hcm(vec![prefix_route("/", to_cluster("svc"))]);
+    http.stream_idle_timeout = Some(Duration::from_secs(2));
+    let addr = proxy.apply(tables(1, http, vec![cluster("svc", &[backend.addr])]));
+    assert_eq!(get(addr, "/").await.status, StatusCode::REQUEST_TIMEOUT);
+    assert_eq!(proxy.drain_flows()[0].drop_reason, Some(DropReason::UpstreamTimeout));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_zero_route_timeout_disables_it() {
+    let backend = Backend::start("slow", |_, _| {
+        Box::pin(async {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            reply(StatusCode::OK, "slow")
+        })
+    })
+    .await;
+    let proxy = Proxy::start_here();
+    let mut action = to_cluster("svc");
+    action.timeout = Some(Duration::ZERO);
+    let addr = proxy.apply(tables(1, hcm(vec![prefix_route("/", action)]), vec![cluster("svc", &[backend.addr])]));
+    assert_eq!(get(addr, "/").await.status, StatusCode::OK);
+}
