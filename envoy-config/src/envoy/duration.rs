@@ -16,6 +16,17 @@ enum RawDuration {
     },
 }
 
+/// google.protobuf.Duration's range: ±10000 years.
+const MAX_SECONDS: u64 = 315_576_000_000;
+
+fn bounded(duration: Duration) -> Result<Duration, String> {
+    if duration.as_secs() > MAX_SECONDS {
+        Err(format!("a duration may not exceed {MAX_SECONDS}s"))
+    } else {
+        Ok(duration)
+    }
+}
+
 /// Parses the protobuf JSON form: decimal seconds with an `s` suffix, e.g. `"0.25s"`.
 pub(crate) fn parse(text: &str) -> Result<Duration, String> {
     let invalid = || format!("`{text}` is not a duration (expected e.g. \"1s\", \"0.25s\")");
@@ -34,7 +45,7 @@ pub(crate) fn parse(text: &str) -> Result<Duration, String> {
         let scale = 10u32.pow(9 - fraction.len() as u32);
         fraction.parse::<u32>().map_err(|_| invalid())? * scale
     };
-    Ok(Duration::new(seconds, nanos))
+    bounded(Duration::new(seconds, nanos))
 }
 
 fn from_raw(raw: RawDuration) -> Result<Duration, String> {
@@ -46,7 +57,7 @@ fn from_raw(raw: RawDuration) -> Result<Duration, String> {
                 .ok()
                 .filter(|n| *n < 1_000_000_000)
                 .ok_or_else(|| "nanos must be within 0..1000000000".to_string())?;
-            Ok(Duration::new(seconds, nanos))
+            bounded(Duration::new(seconds, nanos))
         }
     }
 }
@@ -75,5 +86,6 @@ mod tests {
         assert!(parse("-1s").is_err());
         assert!(parse("1ms").is_err());
         assert!(parse(".5s").is_err());
+        assert!(parse("315576000001s").is_err());
     }
 }

@@ -840,7 +840,12 @@ impl TryFrom<RawRetryPolicy> for RetryPolicy {
             Some(back_off) => {
                 // Envoy rounds sub-millisecond bases up to 1 ms.
                 let base = back_off.base_interval.max(Duration::from_millis(1));
-                let max = back_off.max_interval.unwrap_or(base * 10);
+                let max = match back_off.max_interval {
+                    Some(max) => max,
+                    None => base
+                        .checked_mul(10)
+                        .ok_or_else(|| "retry_back_off.base_interval is too large".to_string())?,
+                };
                 if max < base {
                     return Err("retry_back_off.max_interval must not be below base_interval".to_string());
                 }

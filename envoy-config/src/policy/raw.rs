@@ -760,6 +760,12 @@ impl RuleContext<'_> {
                 ));
             }
         }
+        if raw.ports.len() > MAX_PORTS_PER_RULE {
+            return Err(FieldError::new(
+                join(&path, "ports"),
+                format!("at most {MAX_PORTS_PER_RULE} ports per toPorts entry (Cilium's limit), got {}", raw.ports.len()),
+            ));
+        }
         let ports = raw
             .ports
             .into_iter()
@@ -860,6 +866,9 @@ impl RuleContext<'_> {
         })
     }
 }
+
+/// Cilium's CRD caps `toPorts[].ports` at 40 entries.
+const MAX_PORTS_PER_RULE: usize = 40;
 
 fn parse_cidr(text: &str, path: &str) -> Result<IpNet, FieldError> {
     if let Ok(net) = text.parse::<IpNet>() {
