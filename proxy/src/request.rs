@@ -80,7 +80,6 @@ pub(crate) fn test_head(method: &str, path_and_query: &str, authority: &str, hea
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use crate::request::test_head as head;
 
     #[test]
