@@ -52,9 +52,15 @@ impl Body for ProxyBody {
                 None => Pin::new(rest).poll_frame(cx),
             },
             Self::Incoming { body, lease } => {
-                let polled = Pin::new(body).poll_frame(cx);
-                if let Poll::Ready(None) = polled {
-                    // Finished cleanly: the connection may be reused right away.
+                let polled = Pin::new(&mut *body).poll_frame(cx);
+                // Finished cleanly: the connection may be reused. hyper stops polling once
+                // `is_end_stream` holds, so the end is checked after every frame too.
+                let ended = match &polled {
+                    Poll::Ready(None) => true,
+                    Poll::Ready(Some(Ok(_))) => body.is_end_stream(),
+                    _ => false,
+                };
+                if ended {
                     if let Some(lease) = lease.as_mut() {
                         lease.finished();
                     }

@@ -53,6 +53,9 @@ async fn round_robin_spreads_evenly_and_zero_weight_cluster_gets_nothing() {
     assert_eq!(counts.get("a"), Some(&500), "{counts:?}");
     assert_eq!(counts.get("b"), Some(&500), "{counts:?}");
     assert_eq!(unused.hits(), 0);
+    // Keep-alive pooling: a thousand sequential requests reuse a handful of connections.
+    let open = proxy.handle.stats().clusters["pair"].upstream_cx_active;
+    assert!((2..=10).contains(&open), "{open} upstream connections for 1000 requests");
 }
 
 #[tokio::test]
