@@ -1,5 +1,9 @@
 //! Splitting a file into documents and dispatching each by kind: sources -> **model**.
 
+// `Result<Object, ConfigError>` is the public per-document shape; both sides are large, the
+// values are produced once per document (not on a request path), so boxing buys nothing.
+#![allow(clippy::result_large_err)]
+
 use serde::Deserialize;
 
 use crate::envoy::parse_envoy_config;
@@ -77,7 +81,11 @@ fn text_field<'a>(value: &'a serde_json::Value, pointer: &str) -> Result<Option<
     }
 }
 
-fn parse_document(file: &str, document: usize, value: serde_json::Value) -> Result<Object, ConfigError> {
+fn parse_document(
+    file: &str,
+    document: usize,
+    value: serde_json::Value,
+) -> Result<Object, ConfigError> {
     let error = |object: Option<ObjectKey>, failure: FieldError| ConfigError {
         file: file.to_string(),
         document,
@@ -86,10 +94,17 @@ fn parse_document(file: &str, document: usize, value: serde_json::Value) -> Resu
         reason: failure.reason,
     };
     if !value.is_object() {
-        return Err(error(None, FieldError::new("", "a document must be a mapping with apiVersion and kind")));
+        return Err(error(
+            None,
+            FieldError::new("", "a document must be a mapping with apiVersion and kind"),
+        ));
     }
-    let read = |pointer: &str, path: &str| text_field(&value, pointer).map_err(|r| error(None, FieldError::new(path, r)));
-    let api_version = read("/apiVersion", "apiVersion")?.unwrap_or_default().to_string();
+    let read = |pointer: &str, path: &str| {
+        text_field(&value, pointer).map_err(|r| error(None, FieldError::new(path, r)))
+    };
+    let api_version = read("/apiVersion", "apiVersion")?
+        .unwrap_or_default()
+        .to_string();
     let Some(kind_name) = read("/kind", "kind")?.map(str::to_string) else {
         return Err(error(None, FieldError::new("kind", "is required")));
     };
@@ -97,12 +112,17 @@ fn parse_document(file: &str, document: usize, value: serde_json::Value) -> Resu
     let written_namespace = read("/metadata/namespace", "metadata.namespace")?.map(str::to_string);
 
     let kind = Kind::from_kind_name(&kind_name);
-    let known = KNOWN.iter().any(|(version, known_kind)| *known_kind == kind && *version == api_version);
+    let known = KNOWN
+        .iter()
+        .any(|(version, known_kind)| *known_kind == kind && *version == api_version);
     if !known {
         if !matches!(kind, Kind::Other(_)) && api_version.starts_with("cilium.io/") {
             return Err(error(
                 None,
-                FieldError::new("apiVersion", format!("`{api_version}` is not supported for {kind_name} (use cilium.io/v2)")),
+                FieldError::new(
+                    "apiVersion",
+                    format!("`{api_version}` is not supported for {kind_name} (use cilium.io/v2)"),
+                ),
             ));
         }
         let group = api_version.rsplit_once('/').map(|(group, _)| group);
@@ -110,20 +130,32 @@ fn parse_document(file: &str, document: usize, value: serde_json::Value) -> Resu
             (Some(group), k) if !matches!(k, Kind::Other(_)) => format!("{kind_name}.{group}"),
             _ => kind_name,
         };
-        return Ok(Object::Ignored { kind, namespace: written_namespace, name: name.unwrap_or_default() });
+        return Ok(Object::Ignored {
+            kind,
+            namespace: written_namespace,
+            name: name.unwrap_or_default(),
+        });
     }
     let Some(name) = name.filter(|n| !n.is_empty()) else {
         return Err(error(None, FieldError::new("metadata.name", "is required")));
     };
-    let namespace = kind.is_namespaced().then(|| written_namespace.unwrap_or_else(|| "default".to_string()));
-    let key = ObjectKey { kind: kind.clone(), namespace: namespace.clone(), name: name.clone() };
+    let namespace = kind
+        .is_namespaced()
+        .then(|| written_namespace.unwrap_or_else(|| "default".to_string()));
+    let key = ObjectKey {
+        kind: kind.clone(),
+        namespace: namespace.clone(),
+        name: name.clone(),
+    };
     let ns = namespace.as_deref().unwrap_or_default();
     let parsed = match kind {
         Kind::Namespace => k8s::parse_namespace(value, &name).map(Object::Namespace),
         Kind::Node => k8s::parse_node(value, &name).map(Object::Node),
         Kind::Pod => k8s::parse_pod(value, ns, &name).map(Object::Pod),
         Kind::Service => k8s::parse_service(value, ns, &name).map(Object::Service),
-        Kind::EndpointSlice => k8s::parse_endpoint_slice(value, ns, &name).map(Object::EndpointSlice),
+        Kind::EndpointSlice => {
+            k8s::parse_endpoint_slice(value, ns, &name).map(Object::EndpointSlice)
+        }
         Kind::Deployment => k8s::parse_deployment(value, ns, &name).map(Object::Deployment),
         Kind::CiliumNetworkPolicy | Kind::CiliumClusterwideNetworkPolicy => {
             parse_network_policy(value, namespace.as_deref(), &name).map(Object::NetworkPolicy)
@@ -131,7 +163,11 @@ fn parse_document(file: &str, document: usize, value: serde_json::Value) -> Resu
         Kind::CiliumEnvoyConfig | Kind::CiliumClusterwideEnvoyConfig => {
             envoy_config(value, namespace.as_deref(), &name).map(Object::EnvoyConfig)
         }
-        Kind::Other(other) => Ok(Object::Ignored { kind: other, namespace: namespace.clone(), name: name.clone() }),
+        Kind::Other(other) => Ok(Object::Ignored {
+            kind: other,
+            namespace: namespace.clone(),
+            name: name.clone(),
+        }),
     };
     parsed.map_err(|failure| error(Some(key), failure))
 }
@@ -144,7 +180,9 @@ fn envoy_config(
     let serde_json::Value::Object(mut fields) = value else {
         return Err(FieldError::new("", "a document must be a mapping"));
     };
-    let spec = fields.remove("spec").ok_or_else(|| FieldError::new("spec", "is required"))?;
+    let spec = fields
+        .remove("spec")
+        .ok_or_else(|| FieldError::new("spec", "is required"))?;
     for (key, _) in fields {
         if !matches!(key.as_str(), "apiVersion" | "kind" | "metadata" | "status") {
             return Err(FieldError::new(

@@ -47,7 +47,10 @@ pub(crate) struct FieldError {
 
 impl FieldError {
     pub(crate) fn new(path: impl Into<String>, reason: impl Into<String>) -> FieldError {
-        FieldError { path: path.into(), reason: reason.into() }
+        FieldError {
+            path: path.into(),
+            reason: reason.into(),
+        }
     }
 }
 
@@ -99,7 +102,9 @@ pub(crate) fn regex_reason(pattern: &str, error: &regex::Error) -> String {
             .find_map(|line| line.strip_prefix("error: "))
             .unwrap_or(text.as_str())
             .to_string(),
-        regex::Error::CompiledTooBig(limit) => format!("compiled regex exceeds the size limit of {limit} bytes"),
+        regex::Error::CompiledTooBig(limit) => {
+            format!("compiled regex exceeds the size limit of {limit} bytes")
+        }
         other => other.to_string(),
     };
     format!("invalid regex `{pattern}`: {detail}")

@@ -402,12 +402,22 @@ fn container_ports(containers: Vec<RawContainer>) -> Vec<ContainerPort> {
     containers
         .into_iter()
         .flat_map(|container| container.ports)
-        .map(|port| ContainerPort { name: port.name, port: port.container_port, protocol: port.protocol })
+        .map(|port| ContainerPort {
+            name: port.name,
+            port: port.container_port,
+            protocol: port.protocol,
+        })
         .collect()
 }
 
-pub(crate) fn parse_namespace(document: serde_json::Value, name: &str) -> Result<Namespace, FieldError> {
-    Ok(Namespace { name: name.to_string(), labels: labels_of(&document)? })
+pub(crate) fn parse_namespace(
+    document: serde_json::Value,
+    name: &str,
+) -> Result<Namespace, FieldError> {
+    Ok(Namespace {
+        name: name.to_string(),
+        labels: labels_of(&document)?,
+    })
 }
 
 pub(crate) fn parse_node(document: serde_json::Value, name: &str) -> Result<Node, FieldError> {
@@ -420,10 +430,18 @@ pub(crate) fn parse_node(document: serde_json::Value, name: &str) -> Result<Node
             addresses.push(parse_ip(&address.address, &path)?);
         }
     }
-    Ok(Node { name: name.to_string(), labels, addresses })
+    Ok(Node {
+        name: name.to_string(),
+        labels,
+        addresses,
+    })
 }
 
-pub(crate) fn parse_pod(document: serde_json::Value, namespace: &str, name: &str) -> Result<Pod, FieldError> {
+pub(crate) fn parse_pod(
+    document: serde_json::Value,
+    namespace: &str,
+    name: &str,
+) -> Result<Pod, FieldError> {
     let labels = labels_of(&document)?;
     let raw: RawPod = from_value(document, "")?;
     let mut pod_ips = Vec::new();
@@ -442,14 +460,21 @@ pub(crate) fn parse_pod(document: serde_json::Value, namespace: &str, name: &str
         namespace: namespace.to_string(),
         name: name.to_string(),
         labels,
-        service_account: raw.spec.service_account_name.unwrap_or_else(|| DEFAULT_SERVICE_ACCOUNT.to_string()),
+        service_account: raw
+            .spec
+            .service_account_name
+            .unwrap_or_else(|| DEFAULT_SERVICE_ACCOUNT.to_string()),
         node_name: raw.spec.node_name,
         pod_ips,
         container_ports: container_ports(raw.spec.containers),
     })
 }
 
-pub(crate) fn parse_service(document: serde_json::Value, namespace: &str, name: &str) -> Result<Service, FieldError> {
+pub(crate) fn parse_service(
+    document: serde_json::Value,
+    namespace: &str,
+    name: &str,
+) -> Result<Service, FieldError> {
     let labels = labels_of(&document)?;
     let raw: RawService = from_value(document, "")?;
     let cluster_ip = match raw.spec.cluster_ip.as_deref() {
@@ -466,11 +491,20 @@ pub(crate) fn parse_service(document: serde_json::Value, namespace: &str, name: 
                 Err(_) if is_port_name(&text) => TargetPort::Name(text),
                 Err(_) => {
                     let path = join(&format!("spec.ports[{index}]"), "targetPort");
-                    return Err(FieldError::new(path, format!("`{text}` is neither a port number nor a port name")));
+                    return Err(FieldError::new(
+                        path,
+                        format!("`{text}` is neither a port number nor a port name"),
+                    ));
                 }
             },
         };
-        ports.push(ServicePort { name: port.name, port: port.port, target_port, protocol: port.protocol, node_port: port.node_port });
+        ports.push(ServicePort {
+            name: port.name,
+            port: port.port,
+            target_port,
+            protocol: port.protocol,
+            node_port: port.node_port,
+        });
     }
     Ok(Service {
         namespace: namespace.to_string(),
@@ -493,13 +527,20 @@ pub(crate) fn parse_endpoint_slice(
     let ports = raw
         .ports
         .into_iter()
-        .map(|port| EndpointPort { name: port.name, port: port.port, protocol: port.protocol })
+        .map(|port| EndpointPort {
+            name: port.name,
+            port: port.port,
+            protocol: port.protocol,
+        })
         .collect();
     let mut endpoints = Vec::new();
     for (index, endpoint) in raw.endpoints.into_iter().enumerate() {
         let mut addresses = Vec::new();
         for (address_index, address) in endpoint.addresses.iter().enumerate() {
-            addresses.push(parse_ip(address, &format!("endpoints[{index}].addresses[{address_index}]"))?);
+            addresses.push(parse_ip(
+                address,
+                &format!("endpoints[{index}].addresses[{address_index}]"),
+            )?);
         }
         let target_pod = endpoint
             .target_ref
@@ -547,7 +588,9 @@ pub(crate) fn parse_deployment(
 pub(crate) fn is_port_name(text: &str) -> bool {
     !text.is_empty()
         && text.len() <= 15
-        && text.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && text.bytes().any(|b| b.is_ascii_lowercase())
         && !text.starts_with('-')
         && !text.ends_with('-')

@@ -99,7 +99,11 @@ pub struct ObjectKey {
 impl ObjectKey {
     /// Builds a key from its parts.
     pub fn new(kind: Kind, namespace: Option<&str>, name: &str) -> ObjectKey {
-        ObjectKey { kind, namespace: namespace.map(str::to_string), name: name.to_string() }
+        ObjectKey {
+            kind,
+            namespace: namespace.map(str::to_string),
+            name: name.to_string(),
+        }
     }
 }
 

@@ -43,7 +43,10 @@ impl LabelKey {
 
     /// Builds a key from source and key.
     pub fn new(source: &str, key: &str) -> LabelKey {
-        LabelKey { source: source.to_string(), key: key.to_string() }
+        LabelKey {
+            source: source.to_string(),
+            key: key.to_string(),
+        }
     }
 
     /// Whether a label of `source` satisfies this key's source (`any` accepts every source).
@@ -81,12 +84,15 @@ impl LabelSet {
 
     /// Adds (or replaces) one label.
     pub fn insert(&mut self, source: &str, key: &str, value: &str) {
-        self.labels.insert((source.to_string(), key.to_string()), value.to_string());
+        self.labels
+            .insert((source.to_string(), key.to_string()), value.to_string());
     }
 
     /// The value of an exact (source, key).
     pub fn get(&self, source: &str, key: &str) -> Option<&str> {
-        self.labels.get(&(source.to_string(), key.to_string())).map(String::as_str)
+        self.labels
+            .get(&(source.to_string(), key.to_string()))
+            .map(String::as_str)
     }
 
     /// Values of every label that `key` accepts (several when the key's source is `any`).
@@ -99,7 +105,9 @@ impl LabelSet {
 
     /// All labels as (source, key, value), ordered.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str, &str)> {
-        self.labels.iter().map(|((source, key), value)| (source.as_str(), key.as_str(), value.as_str()))
+        self.labels
+            .iter()
+            .map(|((source, key), value)| (source.as_str(), key.as_str(), value.as_str()))
     }
 
     /// Number of labels.
@@ -173,17 +181,23 @@ pub struct Selector {
 impl Selector {
     /// Whether `labels` satisfy every requirement.
     pub fn matches(&self, labels: &LabelSet) -> bool {
-        self.requirements.iter().all(|requirement| requirement.matches(labels))
+        self.requirements
+            .iter()
+            .all(|requirement| requirement.matches(labels))
     }
 
     /// Whether some requirement is about exactly `source:key`.
     pub fn has_key(&self, source: &str, key: &str) -> bool {
-        self.requirements.iter().any(|r| r.key.source == source && r.key.key == key)
+        self.requirements
+            .iter()
+            .any(|r| r.key.source == source && r.key.key == key)
     }
 
     /// Whether some requirement's key has `source` and its key starts with `prefix`.
     pub fn has_key_prefix(&self, source: &str, prefix: &str) -> bool {
-        self.requirements.iter().any(|r| r.key.source == source && r.key.key.starts_with(prefix))
+        self.requirements
+            .iter()
+            .any(|r| r.key.source == source && r.key.key.starts_with(prefix))
     }
 
     /// Whether some requirement uses a key of `source`.

@@ -47,19 +47,27 @@ impl Object {
             Object::Node(o) => ObjectKey::new(Kind::Node, None, &o.name),
             Object::Pod(o) => ObjectKey::new(Kind::Pod, Some(&o.namespace), &o.name),
             Object::Service(o) => ObjectKey::new(Kind::Service, Some(&o.namespace), &o.name),
-            Object::EndpointSlice(o) => ObjectKey::new(Kind::EndpointSlice, Some(&o.namespace), &o.name),
+            Object::EndpointSlice(o) => {
+                ObjectKey::new(Kind::EndpointSlice, Some(&o.namespace), &o.name)
+            }
             Object::Deployment(o) => ObjectKey::new(Kind::Deployment, Some(&o.namespace), &o.name),
             Object::NetworkPolicy(o) => match &o.namespace {
-                Some(namespace) => ObjectKey::new(Kind::CiliumNetworkPolicy, Some(namespace), &o.name),
+                Some(namespace) => {
+                    ObjectKey::new(Kind::CiliumNetworkPolicy, Some(namespace), &o.name)
+                }
                 None => ObjectKey::new(Kind::CiliumClusterwideNetworkPolicy, None, &o.name),
             },
             Object::EnvoyConfig(o) => match &o.namespace {
-                Some(namespace) => ObjectKey::new(Kind::CiliumEnvoyConfig, Some(namespace), &o.name),
+                Some(namespace) => {
+                    ObjectKey::new(Kind::CiliumEnvoyConfig, Some(namespace), &o.name)
+                }
                 None => ObjectKey::new(Kind::CiliumClusterwideEnvoyConfig, None, &o.name),
             },
-            Object::Ignored { kind, namespace, name } => {
-                ObjectKey::new(Kind::Other(kind.clone()), namespace.as_deref(), name)
-            }
+            Object::Ignored {
+                kind,
+                namespace,
+                name,
+            } => ObjectKey::new(Kind::Other(kind.clone()), namespace.as_deref(), name),
         }
     }
 }
@@ -110,67 +118,98 @@ impl Model {
         self.objects.iter()
     }
 
+    fn of_kind<'a, T: 'a>(
+        &'a self,
+        pick: fn(&'a Object) -> Option<&'a T>,
+    ) -> impl Iterator<Item = &'a T> + 'a {
+        self.objects.values().filter_map(pick)
+    }
+
     /// Namespaces.
     pub fn namespaces(&self) -> impl Iterator<Item = &Namespace> {
-        self.objects.values().filter_map(|o| match o {
-            Object::Namespace(v) => Some(v),
-            _ => None,
+        self.of_kind(|o| {
+            if let Object::Namespace(v) = o {
+                Some(v)
+            } else {
+                None
+            }
         })
     }
 
     /// Nodes.
     pub fn nodes(&self) -> impl Iterator<Item = &Node> {
-        self.objects.values().filter_map(|o| match o {
-            Object::Node(v) => Some(v),
-            _ => None,
+        self.of_kind(|o| {
+            if let Object::Node(v) = o {
+                Some(v)
+            } else {
+                None
+            }
         })
     }
 
     /// Pods.
     pub fn pods(&self) -> impl Iterator<Item = &Pod> {
-        self.objects.values().filter_map(|o| match o {
-            Object::Pod(v) => Some(v),
-            _ => None,
+        self.of_kind(|o| {
+            if let Object::Pod(v) = o {
+                Some(v)
+            } else {
+                None
+            }
         })
     }
 
     /// Services.
     pub fn services(&self) -> impl Iterator<Item = &Service> {
-        self.objects.values().filter_map(|o| match o {
-            Object::Service(v) => Some(v),
-            _ => None,
+        self.of_kind(|o| {
+            if let Object::Service(v) = o {
+                Some(v)
+            } else {
+                None
+            }
         })
     }
 
     /// EndpointSlices.
     pub fn endpoint_slices(&self) -> impl Iterator<Item = &EndpointSlice> {
-        self.objects.values().filter_map(|o| match o {
-            Object::EndpointSlice(v) => Some(v),
-            _ => None,
+        self.of_kind(|o| {
+            if let Object::EndpointSlice(v) = o {
+                Some(v)
+            } else {
+                None
+            }
         })
     }
 
     /// Deployments.
     pub fn deployments(&self) -> impl Iterator<Item = &Deployment> {
-        self.objects.values().filter_map(|o| match o {
-            Object::Deployment(v) => Some(v),
-            _ => None,
+        self.of_kind(|o| {
+            if let Object::Deployment(v) = o {
+                Some(v)
+            } else {
+                None
+            }
         })
     }
 
     /// CNPs and CCNPs.
     pub fn network_policies(&self) -> impl Iterator<Item = &NetworkPolicy> {
-        self.objects.values().filter_map(|o| match o {
-            Object::NetworkPolicy(v) => Some(v),
-            _ => None,
+        self.of_kind(|o| {
+            if let Object::NetworkPolicy(v) = o {
+                Some(v)
+            } else {
+                None
+            }
         })
     }
 
     /// CECs and CCECs.
     pub fn envoy_configs(&self) -> impl Iterator<Item = &EnvoyConfig> {
-        self.objects.values().filter_map(|o| match o {
-            Object::EnvoyConfig(v) => Some(v),
-            _ => None,
+        self.of_kind(|o| {
+            if let Object::EnvoyConfig(v) = o {
+                Some(v)
+            } else {
+                None
+            }
         })
     }
 }

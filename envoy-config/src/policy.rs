@@ -406,7 +406,10 @@ impl AnchoredRegex {
     /// Compiles `source` anchored at both ends.
     pub fn new(source: &str) -> Result<AnchoredRegex, regex::Error> {
         let regex = Regex::new(&format!("^(?:{source})$"))?;
-        Ok(AnchoredRegex { source: source.to_string(), regex })
+        Ok(AnchoredRegex {
+            source: source.to_string(),
+            regex,
+        })
     }
 
     /// Whether the WHOLE of `text` matches.

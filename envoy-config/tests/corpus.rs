@@ -43,17 +43,28 @@ fn every_cilium_document_is_read_not_skipped() -> Result<()> {
 fn star_wars_app_yields_service_deployment_and_two_pods() -> Result<()> {
     let objects = example("http-sw-app.yaml")?;
     let kinds: Vec<Kind> = objects.iter().map(|o| o.key().kind).collect();
-    assert_eq!(kinds, vec![Kind::Service, Kind::Deployment, Kind::Pod, Kind::Pod]);
+    assert_eq!(
+        kinds,
+        vec![Kind::Service, Kind::Deployment, Kind::Pod, Kind::Pod]
+    );
     let model: Model = objects.into_iter().collect();
     let deathstar = model.deployments().next().expect("deployment");
     assert_eq!(deathstar.replicas, 2);
-    assert_eq!(deathstar.pod_labels.get("class").map(String::as_str), Some("deathstar"));
+    assert_eq!(
+        deathstar.pod_labels.get("class").map(String::as_str),
+        Some("deathstar")
+    );
     let service = model.services().next().expect("service");
     assert_eq!(service.ports[0].port, 80);
-    assert_eq!(service.ports[0].target_port, sluice_envoy_config::k8s::TargetPort::Number(80));
+    assert_eq!(
+        service.ports[0].target_port,
+        sluice_envoy_config::k8s::TargetPort::Number(80)
+    );
     let names: Vec<&str> = model.pods().map(|p| p.name.as_str()).collect();
     assert_eq!(names, vec!["tiefighter", "xwing"]);
-    assert!(model.pods().all(|p| p.namespace == "default" && p.service_account == "default"));
+    assert!(model
+        .pods()
+        .all(|p| p.namespace == "default" && p.service_account == "default"));
     Ok(())
 }
 
@@ -73,8 +84,14 @@ fn configmaps_are_skipped_as_ignored() -> Result<()> {
 
 #[test]
 fn templates_render_every_placeholder() -> Result<()> {
-    assert_eq!(render_template("a {{.ExternalTarget}} b {{ .TestNamespace }}")?, "a one.one.one.one. b cilium-test-1");
-    assert_eq!(render_template("x-{{trimSuffix .ExternalTarget \".\"}}")?, "x-one.one.one.one");
+    assert_eq!(
+        render_template("a {{.ExternalTarget}} b {{ .TestNamespace }}")?,
+        "a one.one.one.one. b cilium-test-1"
+    );
+    assert_eq!(
+        render_template("x-{{trimSuffix .ExternalTarget \".\"}}")?,
+        "x-one.one.one.one"
+    );
     assert!(render_template("{{.Unknown}}").is_err());
     Ok(())
 }

@@ -7,8 +7,8 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use common::{example, one};
 use sluice_envoy_config::envoy::{
-    qualify, Action, ClusterSpecifier, Discovery, HeaderMatchRule, LbPolicy, PathMatch, QueryMatchRule, RetryOn,
-    RouteSource, StringPattern, Thresholds, WeightedCluster,
+    qualify, Action, ClusterSpecifier, Discovery, HeaderMatchRule, LbPolicy, PathMatch,
+    QueryMatchRule, RetryOn, RouteSource, StringPattern, Thresholds, WeightedCluster,
 };
 use sluice_envoy_config::{EnvoyConfig, Object};
 
@@ -69,16 +69,26 @@ fn qualify_follows_cilium_resource_qualified_name() {
 fn cec_names_are_forced_for_listeners_routes_and_virtual_hosts_only() -> Result<()> {
     let config = cec(Some("team"), LISTENER_AND_ROUTES)?;
     assert_eq!(config.listeners[0].name, "team/cfg/ingress");
-    let RouteSource::Rds(rds) = &config.listeners[0].filter_chains[0].http_connection_manager.routes else {
+    let RouteSource::Rds(rds) = &config.listeners[0].filter_chains[0]
+        .http_connection_manager
+        .routes
+    else {
         bail!("expected rds")
     };
     assert_eq!(rds, "team/cfg/routes");
     assert_eq!(config.route_configurations[0].name, "team/cfg/routes");
-    assert_eq!(config.route_configurations[0].virtual_hosts[0].name, "team/cfg/vh");
-    let Action::Route(action) = &config.route_configurations[0].virtual_hosts[0].routes[0].action else {
+    assert_eq!(
+        config.route_configurations[0].virtual_hosts[0].name,
+        "team/cfg/vh"
+    );
+    let Action::Route(action) = &config.route_configurations[0].virtual_hosts[0].routes[0].action
+    else {
         bail!("expected a route action")
     };
-    assert_eq!(action.cluster, ClusterSpecifier::Cluster("default/echo".into()));
+    assert_eq!(
+        action.cluster,
+        ClusterSpecifier::Cluster("default/echo".into())
+    );
     assert_eq!(config.clusters[0].name, "local-cluster");
 
     let clusterwide = cec(None, LISTENER_AND_ROUTES)?;
@@ -93,30 +103,55 @@ fn example_ccec_references_pass_through_and_services_get_namespaces() -> Result<
     let listener = &admin.listeners[0];
     assert_eq!(listener.name, "/envoy-admin-listener/envoy-admin-listener");
     let address = listener.address.as_ref().expect("address");
-    assert_eq!((address.address.to_string(), address.port_value, address.ipv4_compat), ("::".into(), 9901, true));
+    assert_eq!(
+        (
+            address.address.to_string(),
+            address.port_value,
+            address.ipv4_compat
+        ),
+        ("::".into(), 9901, true)
+    );
     let hcm = &listener.filter_chains[0].http_connection_manager;
     assert!(hcm.use_remote_address && hcm.skip_xff_append);
-    let RouteSource::Inline(routes) = &hcm.routes else { bail!("expected inline routes") };
+    let RouteSource::Inline(routes) = &hcm.routes else {
+        bail!("expected inline routes")
+    };
     assert_eq!(routes.name, "/envoy-admin-listener/admin_route");
-    assert_eq!(routes.virtual_hosts[0].name, "/envoy-admin-listener/admin_route");
+    assert_eq!(
+        routes.virtual_hosts[0].name,
+        "/envoy-admin-listener/admin_route"
+    );
 
     let canary = config(example("envoy-helloworld-v1-90-v2-10.yaml")?.remove(0))?;
     assert_eq!(canary.namespace.as_deref(), Some("default"));
     assert_eq!(canary.services[0].namespace, "default");
-    assert_eq!(canary.services[0].listener, "default/envoy-lb-listener/envoy-lb-listener");
+    assert_eq!(
+        canary.services[0].listener,
+        "default/envoy-lb-listener/envoy-lb-listener"
+    );
     assert_eq!(canary.backend_services.len(), 2);
-    let Action::Route(action) = &canary.route_configurations[0].virtual_hosts[0].routes[0].action else {
+    let Action::Route(action) = &canary.route_configurations[0].virtual_hosts[0].routes[0].action
+    else {
         bail!("expected a route action")
     };
     assert_eq!(
         action.cluster,
         ClusterSpecifier::Weighted(vec![
-            WeightedCluster { name: "default/helloworld-v1".into(), weight: 90 },
-            WeightedCluster { name: "default/helloworld-v2".into(), weight: 10 },
+            WeightedCluster {
+                name: "default/helloworld-v1".into(),
+                weight: 90
+            },
+            WeightedCluster {
+                name: "default/helloworld-v2".into(),
+                weight: 10
+            },
         ])
     );
     let retry = action.retry_policy.as_ref().expect("retry policy");
-    assert_eq!(retry.retry_on.iter().copied().collect::<Vec<_>>(), vec![RetryOn::FiveXx]);
+    assert_eq!(
+        retry.retry_on.iter().copied().collect::<Vec<_>>(),
+        vec![RetryOn::FiveXx]
+    );
     assert_eq!(retry.num_retries, 3);
     assert_eq!(retry.per_try_timeout, Some(Duration::from_secs(1)));
     assert_eq!(canary.clusters[1].connect_timeout, Duration::from_secs(3));
@@ -179,15 +214,31 @@ fn camel_case_and_snake_case_spellings_parse_identically() -> Result<()> {
     )?;
     assert_eq!(snake, camel);
     let cluster = &snake.clusters[0];
-    assert_eq!(cluster.discovery, Discovery::Eds { service_name: Some("default/echo:8080".into()) });
-    assert_eq!(cluster.lb_policy, LbPolicy::LeastRequest { choice_count: 2 });
+    assert_eq!(
+        cluster.discovery,
+        Discovery::Eds {
+            service_name: Some("default/echo:8080".into())
+        }
+    );
+    assert_eq!(
+        cluster.lb_policy,
+        LbPolicy::LeastRequest { choice_count: 2 }
+    );
     assert!(cluster.http2);
     assert_eq!(
         cluster.circuit_breakers,
-        Thresholds { max_connections: 1024, max_pending_requests: 1, max_requests: 2, max_retries: 3 }
+        Thresholds {
+            max_connections: 1024,
+            max_pending_requests: 1,
+            max_requests: 2,
+            max_retries: 3
+        }
     );
     let outlier = cluster.outlier_detection.expect("outlier detection");
-    assert_eq!((outlier.consecutive_5xx, outlier.base_ejection_time), (3, Duration::from_millis(500)));
+    assert_eq!(
+        (outlier.consecutive_5xx, outlier.base_ejection_time),
+        (3, Duration::from_millis(500))
+    );
     Ok(())
 }
 
@@ -212,16 +263,23 @@ fn absent_fields_take_envoy_defaults() -> Result<()> {
     )?;
     let routes = &config.route_configurations[0];
     assert_eq!(routes.max_direct_response_body_size_bytes, 4096);
-    let Action::Route(action) = &routes.virtual_hosts[0].routes[0].action else { bail!("route") };
+    let Action::Route(action) = &routes.virtual_hosts[0].routes[0].action else {
+        bail!("route")
+    };
     assert_eq!(action.timeout, Some(Duration::from_secs(15)));
     assert_eq!(action.cluster_not_found_response_code, 503);
     let retry = action.retry_policy.as_ref().expect("retry");
     assert_eq!(retry.num_retries, 1);
     assert_eq!(retry.per_try_timeout, None);
-    assert_eq!((retry.base_interval, retry.max_interval), (Duration::from_millis(25), Duration::from_millis(250)));
+    assert_eq!(
+        (retry.base_interval, retry.max_interval),
+        (Duration::from_millis(25), Duration::from_millis(250))
+    );
     assert_eq!(retry.host_selection_retry_max_attempts, 1);
     assert!(routes.virtual_hosts[0].routes[0].route_match.case_sensitive);
-    let Action::Route(no_timeout) = &routes.virtual_hosts[0].routes[1].action else { bail!("route") };
+    let Action::Route(no_timeout) = &routes.virtual_hosts[0].routes[1].action else {
+        bail!("route")
+    };
     assert_eq!(no_timeout.timeout, None);
 
     let cluster = &config.clusters[0];
@@ -230,7 +288,12 @@ fn absent_fields_take_envoy_defaults() -> Result<()> {
     assert_eq!(cluster.connect_timeout, Duration::from_secs(5));
     assert_eq!(
         cluster.circuit_breakers,
-        Thresholds { max_connections: 1024, max_pending_requests: 1024, max_requests: 1024, max_retries: 3 }
+        Thresholds {
+            max_connections: 1024,
+            max_pending_requests: 1024,
+            max_requests: 1024,
+            max_retries: 3
+        }
     );
     assert!(!cluster.http2);
     let outlier = cluster.outlier_detection.expect("outlier");
@@ -253,7 +316,10 @@ fn absent_fields_take_envoy_defaults() -> Result<()> {
     assert_eq!(hcm.stream_idle_timeout, Some(Duration::from_secs(300)));
     assert_eq!(hcm.request_timeout, None);
     assert_eq!(hcm.max_request_headers_kb, 60);
-    assert_eq!(hcm.common_http_protocol_options.idle_timeout, Duration::from_secs(3600));
+    assert_eq!(
+        hcm.common_http_protocol_options.idle_timeout,
+        Duration::from_secs(3600)
+    );
     assert_eq!(hcm.common_http_protocol_options.max_headers_count, 100);
     assert!(!hcm.normalize_path && !hcm.merge_slashes && !hcm.use_remote_address);
     assert_eq!(listener.listeners[0].address, None);
@@ -291,35 +357,77 @@ fn route_matchers_rewrites_and_local_replies_parse() -> Result<()> {
 "#,
     )?;
     let vhost = &config.route_configurations[0].virtual_hosts[0];
-    assert_eq!(vhost.domains, vec!["example.com".to_string(), "*.example.com".to_string()]);
+    assert_eq!(
+        vhost.domains,
+        vec!["example.com".to_string(), "*.example.com".to_string()]
+    );
     let vhost_retry = vhost.retry_policy.as_ref().expect("vhost retry");
     assert!(vhost_retry.avoid_previous_hosts);
     assert!(vhost_retry.retry_on.contains(&RetryOn::GrpcUnavailable));
 
     let first = &vhost.routes[0];
-    assert_eq!(first.route_match.path, PathMatch::PathSeparatedPrefix("/api".into()));
+    assert_eq!(
+        first.route_match.path,
+        PathMatch::PathSeparatedPrefix("/api".into())
+    );
     assert!(!first.route_match.case_sensitive);
     assert_eq!(first.route_match.headers[0].name, "x-canary");
-    let HeaderMatchRule::String(canary) = &first.route_match.headers[0].rule else { bail!("string match") };
+    let HeaderMatchRule::String(canary) = &first.route_match.headers[0].rule else {
+        bail!("string match")
+    };
     assert!(canary.matches("YES") && !canary.matches("no"));
     assert!(first.route_match.headers[1].invert_match);
-    assert_eq!(first.route_match.headers[2].rule, HeaderMatchRule::Range { start: 1, end: 10 });
-    assert_eq!(first.route_match.query_parameters[0].rule, QueryMatchRule::Present);
-    let Action::Route(action) = &first.action else { bail!("route") };
+    assert_eq!(
+        first.route_match.headers[2].rule,
+        HeaderMatchRule::Range { start: 1, end: 10 }
+    );
+    assert_eq!(
+        first.route_match.query_parameters[0].rule,
+        QueryMatchRule::Present
+    );
+    let Action::Route(action) = &first.action else {
+        bail!("route")
+    };
     let rewrite = action.regex_rewrite.as_ref().expect("rewrite");
-    assert_eq!(rewrite.pattern.unanchored.replace_all("/api/users", rewrite.substitution.replace("\\1", "$1").as_str()), "/users");
-    assert_eq!(action.host_rewrite_literal.as_deref(), Some("backend.local"));
-    assert_eq!(action.request_mirror_policies[0].fraction_per_million, 250_000);
+    assert_eq!(
+        rewrite.pattern.unanchored.replace_all(
+            "/api/users",
+            rewrite.substitution.replace("\\1", "$1").as_str()
+        ),
+        "/users"
+    );
+    assert_eq!(
+        action.host_rewrite_literal.as_deref(),
+        Some("backend.local")
+    );
+    assert_eq!(
+        action.request_mirror_policies[0].fraction_per_million,
+        250_000
+    );
 
-    let PathMatch::SafeRegex(regex) = &vhost.routes[1].route_match.path else { bail!("regex") };
+    let PathMatch::SafeRegex(regex) = &vhost.routes[1].route_match.path else {
+        bail!("regex")
+    };
     assert!(regex.is_full_match("/v2/users"));
-    assert!(!regex.is_full_match("/x/v2/users"), "safe_regex is a full match");
-    let Action::DirectResponse(direct) = &vhost.routes[1].action else { bail!("direct") };
-    assert_eq!((direct.status, direct.body.as_deref()), (418, Some("teapot")));
-    let Action::Redirect(redirect) = &vhost.routes[2].action else { bail!("redirect") };
+    assert!(
+        !regex.is_full_match("/x/v2/users"),
+        "safe_regex is a full match"
+    );
+    let Action::DirectResponse(direct) = &vhost.routes[1].action else {
+        bail!("direct")
+    };
+    assert_eq!(
+        (direct.status, direct.body.as_deref()),
+        (418, Some("teapot"))
+    );
+    let Action::Redirect(redirect) = &vhost.routes[2].action else {
+        bail!("redirect")
+    };
     assert_eq!((redirect.response_code, redirect.strip_query), (302, true));
     let legacy = &first.route_match.headers[1].rule;
-    assert!(matches!(legacy, HeaderMatchRule::String(m) if m.pattern == StringPattern::Prefix("abc".into())));
+    assert!(
+        matches!(legacy, HeaderMatchRule::String(m) if m.pattern == StringPattern::Prefix("abc".into()))
+    );
     Ok(())
 }
 
@@ -342,10 +450,19 @@ fn static_cluster_keeps_its_load_assignment() -> Result<()> {
     endpoints: [{lbEndpoints: [{endpoint: {address: {socketAddress: {address: "::1", portValue: 9}}}}], priority: 1}]
 "#,
     )?;
-    let assignment = config.clusters[0].load_assignment.as_ref().expect("assignment");
+    let assignment = config.clusters[0]
+        .load_assignment
+        .as_ref()
+        .expect("assignment");
     let endpoints = &assignment.endpoints[0].lb_endpoints;
     assert_eq!(endpoints[0].address.port_value, 8080);
-    assert_eq!((endpoints[0].load_balancing_weight, endpoints[1].load_balancing_weight), (1, 3));
+    assert_eq!(
+        (
+            endpoints[0].load_balancing_weight,
+            endpoints[1].load_balancing_weight
+        ),
+        (1, 3)
+    );
     assert_eq!(config.load_assignments[0].cluster_name, "other");
     assert_eq!(config.load_assignments[0].endpoints[0].priority, 1);
     Ok(())

@@ -18,15 +18,32 @@ fn pod_reads_identity_placement_addresses_and_named_ports() -> Result<()> {
     else {
         bail!("not a pod")
     };
-    assert_eq!((pod.namespace.as_str(), pod.name.as_str()), ("shop", "web-0"));
+    assert_eq!(
+        (pod.namespace.as_str(), pod.name.as_str()),
+        ("shop", "web-0")
+    );
     assert_eq!(pod.service_account, "web-sa");
     assert_eq!(pod.node_name.as_deref(), Some("node-a"));
-    assert_eq!(pod.pod_ips, vec!["198.18.0.5".parse::<std::net::IpAddr>()?, "fd00::5".parse()?]);
+    assert_eq!(
+        pod.pod_ips,
+        vec![
+            "198.18.0.5".parse::<std::net::IpAddr>()?,
+            "fd00::5".parse()?
+        ]
+    );
     assert_eq!(
         pod.container_ports,
         vec![
-            ContainerPort { name: Some("http".into()), port: 8080, protocol: L4Protocol::Tcp },
-            ContainerPort { name: None, port: 53, protocol: L4Protocol::Udp },
+            ContainerPort {
+                name: Some("http".into()),
+                port: 8080,
+                protocol: L4Protocol::Tcp
+            },
+            ContainerPort {
+                name: None,
+                port: 53,
+                protocol: L4Protocol::Udp
+            },
         ]
     );
     Ok(())
@@ -44,9 +61,19 @@ fn service_defaults_target_port_and_treats_none_as_headless() -> Result<()> {
     assert_eq!(service.namespace, "default");
     assert_eq!(service.cluster_ip, None);
     assert_eq!(service.service_type, ServiceType::NodePort);
-    assert_eq!(service.ports[0].target_port, TargetPort::Name("http".into()));
+    assert_eq!(
+        service.ports[0].target_port,
+        TargetPort::Name("http".into())
+    );
     assert_eq!(service.ports[1].target_port, TargetPort::Number(443));
-    assert_eq!(service.selector.as_ref().and_then(|s| s.get("app")).map(String::as_str), Some("api"));
+    assert_eq!(
+        service
+            .selector
+            .as_ref()
+            .and_then(|s| s.get("app"))
+            .map(String::as_str),
+        Some("api")
+    );
     let Object::Service(manual) = one("apiVersion: v1\nkind: Service\nmetadata: {name: ext}\nspec:\n  clusterIP: 198.19.0.10\n  ports: [{port: 80}]\n")?
     else {
         bail!("not a service")
@@ -69,23 +96,38 @@ fn endpoint_slice_and_node_and_namespace_parse() -> Result<()> {
          ---\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {team: blue}}\n",
     );
     assert_eq!(results.len(), 3, "empty documents are skipped");
-    let model: Model = results.into_iter().collect::<Result<Vec<_>, _>>()?.into_iter().collect();
+    let model: Model = results
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .collect();
     let slice = model.endpoint_slices().next().expect("slice");
     assert_eq!(slice.service_name.as_deref(), Some("ext"));
     assert_eq!(slice.ports[0].port, Some(8080));
     assert_eq!(slice.endpoints[0].target_pod.as_deref(), Some("web-0"));
     assert!(slice.endpoints[0].ready && !slice.endpoints[1].ready);
     let node = model.nodes().next().expect("node");
-    assert_eq!(node.addresses, vec!["10.0.0.1".parse::<std::net::IpAddr>()?]);
+    assert_eq!(
+        node.addresses,
+        vec!["10.0.0.1".parse::<std::net::IpAddr>()?]
+    );
     let namespace = model.namespaces().next().expect("namespace");
-    assert_eq!(namespace.labels.get("team").map(String::as_str), Some("blue"));
+    assert_eq!(
+        namespace.labels.get("team").map(String::as_str),
+        Some("blue")
+    );
     Ok(())
 }
 
 #[test]
 fn bad_pod_ip_is_reported_at_its_path() -> Result<()> {
-    let error = common::one_error("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nstatus: {podIP: 300.1.1.1}\n")?;
-    assert_eq!(error, "test.yaml: document 1 (Pod default/p): status.podIP: `300.1.1.1` is not an IP address");
+    let error = common::one_error(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nstatus: {podIP: 300.1.1.1}\n",
+    )?;
+    assert_eq!(
+        error,
+        "test.yaml: document 1 (Pod default/p): status.podIP: `300.1.1.1` is not an IP address"
+    );
     Ok(())
 }
 
@@ -101,7 +143,9 @@ fn model_keys_replace_and_remove_objects() -> Result<()> {
     assert_eq!(model.len(), 1);
     let key = ObjectKey::new(Kind::Pod, Some("default"), "a");
     assert_eq!(key.to_string(), "Pod default/a");
-    let Some(Object::Pod(pod)) = model.get(&key) else { bail!("pod missing") };
+    let Some(Object::Pod(pod)) = model.get(&key) else {
+        bail!("pod missing")
+    };
     assert_eq!(pod.labels.get("v").map(String::as_str), Some("2"));
     assert!(model.remove(&key).is_some());
     assert!(model.is_empty());

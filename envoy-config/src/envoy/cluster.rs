@@ -63,7 +63,12 @@ pub struct Thresholds {
 
 impl Default for Thresholds {
     fn default() -> Thresholds {
-        Thresholds { max_connections: 1024, max_pending_requests: 1024, max_requests: 1024, max_retries: 3 }
+        Thresholds {
+            max_connections: 1024,
+            max_pending_requests: 1024,
+            max_requests: 1024,
+            max_retries: 3,
+        }
     }
 }
 
@@ -259,7 +264,10 @@ impl TryFrom<RawLbEndpoint> for LbEndpoint {
         if weight == 0 {
             return Err("load_balancing_weight must be at least 1".to_string());
         }
-        Ok(LbEndpoint { address: raw.endpoint.address.socket_address, load_balancing_weight: weight })
+        Ok(LbEndpoint {
+            address: raw.endpoint.address.socket_address,
+            load_balancing_weight: weight,
+        })
     }
 }
 
@@ -411,12 +419,18 @@ struct RawExplicitHttpConfig {
 struct RawHttp1Options {}
 
 /// Decodes a Cluster resource at `path` (names are never qualified for clusters).
-pub(crate) fn cluster_from_value(value: serde_json::Value, path: &str) -> Result<Cluster, FieldError> {
+pub(crate) fn cluster_from_value(
+    value: serde_json::Value,
+    path: &str,
+) -> Result<Cluster, FieldError> {
     let mut raw: RawCluster = from_value(value, path)?;
     let discovery = match raw.discovery_type {
         None | Some(RawDiscoveryType::Static) => {
             if raw.eds_cluster_config.is_some() {
-                return Err(FieldError::new(join(path, "eds_cluster_config"), "only allowed with type EDS"));
+                return Err(FieldError::new(
+                    join(path, "eds_cluster_config"),
+                    "only allowed with type EDS",
+                ));
             }
             Discovery::Static
         }
@@ -427,8 +441,15 @@ pub(crate) fn cluster_from_value(value: serde_json::Value, path: &str) -> Result
             });
             Discovery::Eds { service_name }
         }
-        Some(RawDiscoveryType::StrictDns | RawDiscoveryType::LogicalDns | RawDiscoveryType::OriginalDst) => {
-            return Err(FieldError::new(join(path, "type"), "unsupported cluster type (supported: STATIC, EDS)"));
+        Some(
+            RawDiscoveryType::StrictDns
+            | RawDiscoveryType::LogicalDns
+            | RawDiscoveryType::OriginalDst,
+        ) => {
+            return Err(FieldError::new(
+                join(path, "type"),
+                "unsupported cluster type (supported: STATIC, EDS)",
+            ));
         }
     };
     let lb_policy = lb_policy(&raw, path)?;
@@ -438,7 +459,11 @@ pub(crate) fn cluster_from_value(value: serde_json::Value, path: &str) -> Result
             if thresholds.priority != RawPriority::Default {
                 continue;
             }
-            if index > 0 && breakers.thresholds[..index].iter().any(|t| t.priority == RawPriority::Default) {
+            if index > 0
+                && breakers.thresholds[..index]
+                    .iter()
+                    .any(|t| t.priority == RawPriority::Default)
+            {
                 return Err(FieldError::new(
                     join(path, &format!("circuit_breakers.thresholds[{index}]")),
                     "priority DEFAULT is listed twice",
@@ -446,8 +471,12 @@ pub(crate) fn cluster_from_value(value: serde_json::Value, path: &str) -> Result
             }
             let defaults = Thresholds::default();
             circuit_breakers = Thresholds {
-                max_connections: thresholds.max_connections.unwrap_or(defaults.max_connections),
-                max_pending_requests: thresholds.max_pending_requests.unwrap_or(defaults.max_pending_requests),
+                max_connections: thresholds
+                    .max_connections
+                    .unwrap_or(defaults.max_connections),
+                max_pending_requests: thresholds
+                    .max_pending_requests
+                    .unwrap_or(defaults.max_pending_requests),
                 max_requests: thresholds.max_requests.unwrap_or(defaults.max_requests),
                 max_retries: thresholds.max_retries.unwrap_or(defaults.max_retries),
             };
@@ -466,11 +495,17 @@ pub(crate) fn cluster_from_value(value: serde_json::Value, path: &str) -> Result
         if options.type_url != HTTP_PROTOCOL_OPTIONS_TYPE {
             return Err(FieldError::new(
                 join(&options_path, "@type"),
-                format!("expected {HTTP_PROTOCOL_OPTIONS_TYPE}, got {}", options.type_url),
+                format!(
+                    "expected {HTTP_PROTOCOL_OPTIONS_TYPE}, got {}",
+                    options.type_url
+                ),
             ));
         }
         if let Some(explicit) = options.explicit_http_config {
-            match (explicit.http_protocol_options, explicit.http2_protocol_options) {
+            match (
+                explicit.http_protocol_options,
+                explicit.http2_protocol_options,
+            ) {
                 (Some(_), None) => http2 = false,
                 (None, Some(_)) => http2 = true,
                 _ => {
@@ -484,7 +519,10 @@ pub(crate) fn cluster_from_value(value: serde_json::Value, path: &str) -> Result
     }
     let connect_timeout = raw.connect_timeout.unwrap_or(Duration::from_secs(5));
     if connect_timeout.is_zero() {
-        return Err(FieldError::new(join(path, "connect_timeout"), "must be greater than 0s"));
+        return Err(FieldError::new(
+            join(path, "connect_timeout"),
+            "must be greater than 0s",
+        ));
     }
     Ok(Cluster {
         name: raw.name,
@@ -495,15 +533,21 @@ pub(crate) fn cluster_from_value(value: serde_json::Value, path: &str) -> Result
         outlier_detection: raw.outlier_detection,
         http2,
         load_assignment: raw.load_assignment,
-        per_connection_buffer_limit_bytes: raw.per_connection_buffer_limit_bytes.unwrap_or(1024 * 1024),
+        per_connection_buffer_limit_bytes: raw
+            .per_connection_buffer_limit_bytes
+            .unwrap_or(1024 * 1024),
     })
 }
 
 fn lb_policy(raw: &RawCluster, path: &str) -> Result<LbPolicy, FieldError> {
     let misplaced = |field: &str, policy: &str| {
-        FieldError::new(join(path, field), format!("only allowed with lb_policy {policy}"))
+        FieldError::new(
+            join(path, field),
+            format!("only allowed with lb_policy {policy}"),
+        )
     };
-    if raw.least_request_lb_config.is_some() && !matches!(raw.lb_policy, RawLbPolicy::LeastRequest) {
+    if raw.least_request_lb_config.is_some() && !matches!(raw.lb_policy, RawLbPolicy::LeastRequest)
+    {
         return Err(misplaced("least_request_lb_config", "LEAST_REQUEST"));
     }
     if raw.ring_hash_lb_config.is_some() && !matches!(raw.lb_policy, RawLbPolicy::RingHash) {
@@ -516,26 +560,45 @@ fn lb_policy(raw: &RawCluster, path: &str) -> Result<LbPolicy, FieldError> {
         RawLbPolicy::RoundRobin => LbPolicy::RoundRobin,
         RawLbPolicy::Random => LbPolicy::Random,
         RawLbPolicy::LeastRequest => {
-            let choice_count = raw.least_request_lb_config.as_ref().and_then(|c| c.choice_count).unwrap_or(2);
+            let choice_count = raw
+                .least_request_lb_config
+                .as_ref()
+                .and_then(|c| c.choice_count)
+                .unwrap_or(2);
             if choice_count < 2 {
-                return Err(FieldError::new(join(path, "least_request_lb_config.choice_count"), "must be at least 2"));
+                return Err(FieldError::new(
+                    join(path, "least_request_lb_config.choice_count"),
+                    "must be at least 2",
+                ));
             }
             LbPolicy::LeastRequest { choice_count }
         }
         RawLbPolicy::RingHash => {
             let config = raw.ring_hash_lb_config.as_ref();
             let minimum_ring_size = config.and_then(|c| c.minimum_ring_size).unwrap_or(1024);
-            let maximum_ring_size = config.and_then(|c| c.maximum_ring_size).unwrap_or(8 * 1024 * 1024);
-            if minimum_ring_size == 0 || minimum_ring_size > maximum_ring_size || maximum_ring_size > 8 * 1024 * 1024 {
+            let maximum_ring_size = config
+                .and_then(|c| c.maximum_ring_size)
+                .unwrap_or(8 * 1024 * 1024);
+            if minimum_ring_size == 0
+                || minimum_ring_size > maximum_ring_size
+                || maximum_ring_size > 8 * 1024 * 1024
+            {
                 return Err(FieldError::new(
                     join(path, "ring_hash_lb_config"),
                     "ring sizes must satisfy 1 <= minimum_ring_size <= maximum_ring_size <= 8388608",
                 ));
             }
-            LbPolicy::RingHash { minimum_ring_size, maximum_ring_size }
+            LbPolicy::RingHash {
+                minimum_ring_size,
+                maximum_ring_size,
+            }
         }
         RawLbPolicy::Maglev => {
-            let table_size = raw.maglev_lb_config.as_ref().and_then(|c| c.table_size).unwrap_or(65537);
+            let table_size = raw
+                .maglev_lb_config
+                .as_ref()
+                .and_then(|c| c.table_size)
+                .unwrap_or(65537);
             if !is_prime(table_size) || table_size > 5_000_011 {
                 return Err(FieldError::new(
                     join(path, "maglev_lb_config.table_size"),

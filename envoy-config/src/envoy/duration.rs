@@ -52,7 +52,8 @@ fn from_raw(raw: RawDuration) -> Result<Duration, String> {
     match raw {
         RawDuration::Text(text) => parse(&text),
         RawDuration::Parts { seconds, nanos } => {
-            let seconds = u64::try_from(seconds).map_err(|_| "a duration cannot be negative".to_string())?;
+            let seconds =
+                u64::try_from(seconds).map_err(|_| "a duration cannot be negative".to_string())?;
             let nanos = u32::try_from(nanos)
                 .ok()
                 .filter(|n| *n < 1_000_000_000)
@@ -68,7 +69,9 @@ pub(crate) fn required<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Dur
 }
 
 /// serde `deserialize_with` for an `Option<Duration>` (use with `#[serde(default)]`).
-pub(crate) fn optional<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Duration>, D::Error> {
+pub(crate) fn optional<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Duration>, D::Error> {
     required(deserializer).map(Some)
 }
 

@@ -45,11 +45,17 @@ impl TryFrom<RawSocketAddress> for SocketAddress {
 
     fn try_from(raw: RawSocketAddress) -> Result<SocketAddress, String> {
         let _: Option<RawSocketProtocol> = raw.protocol;
-        let address = raw
-            .address
-            .parse()
-            .map_err(|_| format!("`{}` is not an IP address (DNS names are not resolved)", raw.address))?;
-        Ok(SocketAddress { address, port_value: raw.port_value, ipv4_compat: raw.ipv4_compat })
+        let address = raw.address.parse().map_err(|_| {
+            format!(
+                "`{}` is not an IP address (DNS names are not resolved)",
+                raw.address
+            )
+        })?;
+        Ok(SocketAddress {
+            address,
+            port_value: raw.port_value,
+            ipv4_compat: raw.ipv4_compat,
+        })
     }
 }
 
@@ -127,7 +133,10 @@ pub enum EscapedSlashesAction {
 #[serde(deny_unknown_fields)]
 pub struct CommonHttpProtocolOptions {
     /// `idle_timeout` of a connection without streams (default 1 h; zero disables).
-    #[serde(default = "default_idle_timeout", deserialize_with = "duration::required")]
+    #[serde(
+        default = "default_idle_timeout",
+        deserialize_with = "duration::required"
+    )]
     pub idle_timeout: Duration,
     /// `max_headers_count` (default 100).
     #[serde(default = "default_max_headers_count")]
@@ -136,7 +145,10 @@ pub struct CommonHttpProtocolOptions {
 
 impl Default for CommonHttpProtocolOptions {
     fn default() -> CommonHttpProtocolOptions {
-        CommonHttpProtocolOptions { idle_timeout: default_idle_timeout(), max_headers_count: default_max_headers_count() }
+        CommonHttpProtocolOptions {
+            idle_timeout: default_idle_timeout(),
+            max_headers_count: default_max_headers_count(),
+        }
     }
 }
 
@@ -190,7 +202,8 @@ fn cidr_ranges<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<
             let address: IpAddr = range.address_prefix.parse().map_err(|_| {
                 serde::de::Error::custom(format!("`{}` is not an IP address", range.address_prefix))
             })?;
-            IpNet::new(address, range.prefix_len).map_err(|e| serde::de::Error::custom(e.to_string()))
+            IpNet::new(address, range.prefix_len)
+                .map_err(|e| serde::de::Error::custom(e.to_string()))
         })
         .collect()
 }
@@ -325,20 +338,33 @@ struct RawRds {
 const DEFAULT_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Decodes a Listener resource at `path` (without qualifying names).
-pub(crate) fn listener_from_value(value: serde_json::Value, path: &str) -> Result<Listener, FieldError> {
+pub(crate) fn listener_from_value(
+    value: serde_json::Value,
+    path: &str,
+) -> Result<Listener, FieldError> {
     let raw: RawListener = from_value(value, path)?;
     for (index, filter) in raw.listener_filters.iter().enumerate() {
         let filter_path = join(path, &format!("listener_filters[{index}]"));
         if filter.name != ORIGINAL_DST_NAME {
             return Err(FieldError::new(
                 join(&filter_path, "name"),
-                format!("listener filter `{}` is not supported (supported: {ORIGINAL_DST_NAME})", filter.name),
+                format!(
+                    "listener filter `{}` is not supported (supported: {ORIGINAL_DST_NAME})",
+                    filter.name
+                ),
             ));
         }
-        expect_type_only(filter.typed_config.clone(), ORIGINAL_DST_TYPE, &join(&filter_path, "typed_config"))?;
+        expect_type_only(
+            filter.typed_config.clone(),
+            ORIGINAL_DST_TYPE,
+            &join(&filter_path, "typed_config"),
+        )?;
     }
     if raw.filter_chains.is_empty() {
-        return Err(FieldError::new(join(path, "filter_chains"), "a listener needs at least one filter chain"));
+        return Err(FieldError::new(
+            join(path, "filter_chains"),
+            "a listener needs at least one filter chain",
+        ));
     }
     let mut filter_chains = Vec::new();
     for (chain_index, chain) in raw.filter_chains.into_iter().enumerate() {
@@ -354,37 +380,65 @@ pub(crate) fn listener_from_value(value: serde_json::Value, path: &str) -> Resul
         if filter.name != HCM_NAME {
             return Err(FieldError::new(
                 join(&filter_path, "name"),
-                format!("network filter `{}` is not supported (supported: {HCM_NAME})", filter.name),
+                format!(
+                    "network filter `{}` is not supported (supported: {HCM_NAME})",
+                    filter.name
+                ),
             ));
         }
         let config_path = join(&filter_path, "typed_config");
         let Some(config) = filter.typed_config else {
-            return Err(FieldError::new(config_path, format!("typed_config ({HCM_TYPE}) is required")));
+            return Err(FieldError::new(
+                config_path,
+                format!("typed_config ({HCM_TYPE}) is required"),
+            ));
         };
         let http_connection_manager = hcm_from_value(config, &config_path)?;
-        filter_chains.push(FilterChain { name: chain.name, http_connection_manager });
+        filter_chains.push(FilterChain {
+            name: chain.name,
+            http_connection_manager,
+        });
     }
     Ok(Listener {
         name: raw.name,
         address: raw.address.map(|a| a.socket_address),
         filter_chains,
-        per_connection_buffer_limit_bytes: raw.per_connection_buffer_limit_bytes.unwrap_or(1024 * 1024),
+        per_connection_buffer_limit_bytes: raw
+            .per_connection_buffer_limit_bytes
+            .unwrap_or(1024 * 1024),
     })
 }
 
-fn expect_type_only(config: Option<serde_json::Value>, type_url: &str, path: &str) -> Result<(), FieldError> {
+fn expect_type_only(
+    config: Option<serde_json::Value>,
+    type_url: &str,
+    path: &str,
+) -> Result<(), FieldError> {
     let Some(config) = config else { return Ok(()) };
     let raw: RawTypeOnly = from_value(config, path)?;
     if raw.type_url != type_url {
-        return Err(FieldError::new(join(path, "@type"), format!("expected {type_url}, got {}", raw.type_url)));
+        return Err(FieldError::new(
+            join(path, "@type"),
+            format!("expected {type_url}, got {}", raw.type_url),
+        ));
     }
     Ok(())
 }
 
-fn hcm_from_value(value: serde_json::Value, path: &str) -> Result<HttpConnectionManager, FieldError> {
-    let type_url = value.get("@type").and_then(serde_json::Value::as_str).unwrap_or_default().to_string();
+fn hcm_from_value(
+    value: serde_json::Value,
+    path: &str,
+) -> Result<HttpConnectionManager, FieldError> {
+    let type_url = value
+        .get("@type")
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or_default()
+        .to_string();
     if type_url != HCM_TYPE {
-        return Err(FieldError::new(join(path, "@type"), format!("expected {HCM_TYPE}, got `{type_url}`")));
+        return Err(FieldError::new(
+            join(path, "@type"),
+            format!("expected {HCM_TYPE}, got `{type_url}`"),
+        ));
     }
     let raw: RawHcm = from_value(value, path)?;
     let _: String = raw.type_url;
@@ -394,8 +448,18 @@ fn hcm_from_value(value: serde_json::Value, path: &str) -> Result<HttpConnection
             RouteSource::Rds(rds.route_config_name)
         }
         (None, Some(inline)) => RouteSource::Inline(inline),
-        (Some(_), Some(_)) => return Err(FieldError::new(path, "only one of rds, route_config may be set")),
-        (None, None) => return Err(FieldError::new(path, "one of rds, route_config is required")),
+        (Some(_), Some(_)) => {
+            return Err(FieldError::new(
+                path,
+                "only one of rds, route_config may be set",
+            ))
+        }
+        (None, None) => {
+            return Err(FieldError::new(
+                path,
+                "one of rds, route_config is required",
+            ))
+        }
     };
     let filters_path = join(path, "http_filters");
     let router_index = raw.http_filters.len().checked_sub(1);
@@ -404,20 +468,36 @@ fn hcm_from_value(value: serde_json::Value, path: &str) -> Result<HttpConnection
         if filter.name != ROUTER_NAME {
             return Err(FieldError::new(
                 join(&filter_path, "name"),
-                format!("HTTP filter `{}` is not supported (supported: {ROUTER_NAME}, last)", filter.name),
+                format!(
+                    "HTTP filter `{}` is not supported (supported: {ROUTER_NAME}, last)",
+                    filter.name
+                ),
             ));
         }
         if Some(index) != router_index {
-            return Err(FieldError::new(filter_path, format!("{ROUTER_NAME} must be the last HTTP filter")));
+            return Err(FieldError::new(
+                filter_path,
+                format!("{ROUTER_NAME} must be the last HTTP filter"),
+            ));
         }
-        expect_type_only(filter.typed_config, ROUTER_TYPE, &join(&filter_path, "typed_config"))?;
+        expect_type_only(
+            filter.typed_config,
+            ROUTER_TYPE,
+            &join(&filter_path, "typed_config"),
+        )?;
     }
     if router_index.is_none() {
-        return Err(FieldError::new(filters_path, format!("the last HTTP filter must be {ROUTER_NAME}")));
+        return Err(FieldError::new(
+            filters_path,
+            format!("the last HTTP filter must be {ROUTER_NAME}"),
+        ));
     }
     let max_request_headers_kb = raw.max_request_headers_kb.unwrap_or(60);
     if !(1..=8192).contains(&max_request_headers_kb) {
-        return Err(FieldError::new(join(path, "max_request_headers_kb"), "must be within 1..=8192"));
+        return Err(FieldError::new(
+            join(path, "max_request_headers_kb"),
+            "must be within 1..=8192",
+        ));
     }
     Ok(HttpConnectionManager {
         stat_prefix: raw.stat_prefix,

@@ -49,9 +49,13 @@ impl TryFrom<RawRegexMatcher> for RegexMatcher {
     fn try_from(raw: RawRegexMatcher) -> Result<RegexMatcher, String> {
         let _: Option<RawGoogleRe2> = raw.google_re2;
         let unanchored = Regex::new(&raw.regex).map_err(|e| regex_reason(&raw.regex, &e))?;
-        let anchored =
-            Regex::new(&format!("^(?:{})$", raw.regex)).map_err(|e| regex_reason(&raw.regex, &e))?;
-        Ok(RegexMatcher { regex: raw.regex, anchored, unanchored })
+        let anchored = Regex::new(&format!("^(?:{})$", raw.regex))
+            .map_err(|e| regex_reason(&raw.regex, &e))?;
+        Ok(RegexMatcher {
+            regex: raw.regex,
+            anchored,
+            unanchored,
+        })
     }
 }
 
@@ -83,7 +87,13 @@ pub struct StringMatcher {
 impl StringMatcher {
     /// Whether `value` matches.
     pub fn matches(&self, value: &str) -> bool {
-        let fold = |s: &str| if self.ignore_case { s.to_ascii_lowercase() } else { s.to_string() };
+        let fold = |s: &str| {
+            if self.ignore_case {
+                s.to_ascii_lowercase()
+            } else {
+                s.to_string()
+            }
+        };
         match &self.pattern {
             StringPattern::Exact(expected) => fold(value) == fold(expected),
             StringPattern::Prefix(prefix) => fold(value).starts_with(&fold(prefix)),
@@ -140,7 +150,10 @@ impl TryFrom<RawStringMatcher> for StringMatcher {
             patterns.push(StringPattern::SafeRegex(value));
         }
         let pattern = exactly_one(patterns, "exact, prefix, suffix, contains, safe_regex")?;
-        Ok(StringMatcher { pattern, ignore_case: raw.ignore_case })
+        Ok(StringMatcher {
+            pattern,
+            ignore_case: raw.ignore_case,
+        })
     }
 }
 
@@ -228,7 +241,9 @@ fn int64<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<i64, D::Er
     }
     match Int64::deserialize(deserializer)? {
         Int64::Number(n) => Ok(n),
-        Int64::Text(text) => text.parse().map_err(|_| serde::de::Error::custom(format!("`{text}` is not an int64"))),
+        Int64::Text(text) => text
+            .parse()
+            .map_err(|_| serde::de::Error::custom(format!("`{text}` is not an int64"))),
     }
 }
 
@@ -236,7 +251,12 @@ impl TryFrom<RawHeaderMatcher> for HeaderMatcher {
     type Error = String;
 
     fn try_from(raw: RawHeaderMatcher) -> Result<HeaderMatcher, String> {
-        let legacy = |pattern: StringPattern| HeaderMatchRule::String(StringMatcher { pattern, ignore_case: false });
+        let legacy = |pattern: StringPattern| {
+            HeaderMatchRule::String(StringMatcher {
+                pattern,
+                ignore_case: false,
+            })
+        };
         let mut rules = Vec::new();
         if let Some(matcher) = raw.string_match {
             rules.push(HeaderMatchRule::String(matcher));
@@ -246,21 +266,36 @@ impl TryFrom<RawHeaderMatcher> for HeaderMatcher {
         }
         if let Some(range) = raw.range_match {
             if range.start >= range.end {
-                return Err(format!("range_match start {} must be below end {}", range.start, range.end));
+                return Err(format!(
+                    "range_match start {} must be below end {}",
+                    range.start, range.end
+                ));
             }
-            rules.push(HeaderMatchRule::Range { start: range.start, end: range.end });
+            rules.push(HeaderMatchRule::Range {
+                start: range.start,
+                end: range.end,
+            });
         }
         if let Some(value) = raw.exact_match {
             rules.push(legacy(StringPattern::Exact(value)));
         }
         if let Some(value) = raw.prefix_match {
-            rules.push(legacy(StringPattern::Prefix(non_empty("prefix_match", value)?)));
+            rules.push(legacy(StringPattern::Prefix(non_empty(
+                "prefix_match",
+                value,
+            )?)));
         }
         if let Some(value) = raw.suffix_match {
-            rules.push(legacy(StringPattern::Suffix(non_empty("suffix_match", value)?)));
+            rules.push(legacy(StringPattern::Suffix(non_empty(
+                "suffix_match",
+                value,
+            )?)));
         }
         if let Some(value) = raw.contains_match {
-            rules.push(legacy(StringPattern::Contains(non_empty("contains_match", value)?)));
+            rules.push(legacy(StringPattern::Contains(non_empty(
+                "contains_match",
+                value,
+            )?)));
         }
         if let Some(regex) = raw.safe_regex_match {
             rules.push(legacy(StringPattern::SafeRegex(regex)));
@@ -326,9 +361,16 @@ impl TryFrom<RawQueryParameterMatcher> for QueryParameterMatcher {
             (Some(matcher), None) => QueryMatchRule::String(matcher),
             (None, Some(true)) => QueryMatchRule::Present,
             (None, Some(false)) => return Err("present_match must be true when set".to_string()),
-            (None, None) => return Err("one of string_match, present_match is required".to_string()),
-            (Some(_), Some(_)) => return Err("only one of string_match, present_match may be set".to_string()),
+            (None, None) => {
+                return Err("one of string_match, present_match is required".to_string())
+            }
+            (Some(_), Some(_)) => {
+                return Err("only one of string_match, present_match may be set".to_string())
+            }
         };
-        Ok(QueryParameterMatcher { name: raw.name, rule })
+        Ok(QueryParameterMatcher {
+            name: raw.name,
+            rule,
+        })
     }
 }

@@ -13,20 +13,21 @@ use std::collections::BTreeSet;
 use serde::Deserialize;
 
 pub use cluster::{
-    Cluster, ClusterLoadAssignment, Discovery, LbEndpoint, LbPolicy, LocalityLbEndpoints, OutlierDetection,
-    Thresholds,
+    Cluster, ClusterLoadAssignment, Discovery, LbEndpoint, LbPolicy, LocalityLbEndpoints,
+    OutlierDetection, Thresholds,
 };
 pub use listener::{
     CodecType, CommonHttpProtocolOptions, EscapedSlashesAction, FilterChain, HttpConnectionManager,
     InternalAddressConfig, Listener, RouteSource, SocketAddress, UpgradeConfig,
 };
 pub use matcher::{
-    HeaderMatchRule, HeaderMatcher, QueryMatchRule, QueryParameterMatcher, RegexMatcher, StringMatcher, StringPattern,
+    HeaderMatchRule, HeaderMatcher, QueryMatchRule, QueryParameterMatcher, RegexMatcher,
+    StringMatcher, StringPattern,
 };
 pub use route::{
-    Action, AppendAction, ClusterSpecifier, DirectResponse, HeaderValueOption, MirrorPolicy, PathMatch, Redirect,
-    RedirectPath, RegexRewrite, Route, RouteAction, RouteConfiguration, RouteMatch, RetryOn, RetryPolicy,
-    VirtualHost, WeightedCluster,
+    Action, AppendAction, ClusterSpecifier, DirectResponse, HeaderValueOption, MirrorPolicy,
+    PathMatch, Redirect, RedirectPath, RegexRewrite, RetryOn, RetryPolicy, Route, RouteAction,
+    RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster,
 };
 
 use crate::error::{from_value, join, FieldError};
@@ -183,7 +184,10 @@ pub(crate) fn parse_envoy_config(
 
     let node_selector = match raw.node_selector {
         None => None,
-        Some(value) => Some(crate::policy::selector_from_value(value, "spec.nodeSelector")?),
+        Some(value) => Some(crate::policy::selector_from_value(
+            value,
+            "spec.nodeSelector",
+        )?),
     };
 
     let mut config = EnvoyConfig {
@@ -205,7 +209,10 @@ pub(crate) fn parse_envoy_config(
         let path = format!("spec.resources[{index}]");
         let resource = normalize::snake_case_keys(resource);
         let serde_json::Value::Object(mut fields) = resource else {
-            return Err(FieldError::new(path, "a resource must be an object with \"@type\""));
+            return Err(FieldError::new(
+                path,
+                "a resource must be an object with \"@type\"",
+            ));
         };
         let type_url = match fields.remove("@type") {
             Some(serde_json::Value::String(type_url)) => type_url,
@@ -277,7 +284,10 @@ pub(crate) fn parse_envoy_config(
             }
         };
         if resource_name.is_empty() {
-            return Err(FieldError::new(join(&path, "name"), format!("a {kind} needs a name")));
+            return Err(FieldError::new(
+                join(&path, "name"),
+                format!("a {kind} needs a name"),
+            ));
         }
         if !seen.insert((kind, resource_name.clone())) {
             return Err(FieldError::new(
@@ -288,7 +298,11 @@ pub(crate) fn parse_envoy_config(
     }
 
     for (path, route_name) in rds_references {
-        if !config.route_configurations.iter().any(|r| r.name == route_name) {
+        if !config
+            .route_configurations
+            .iter()
+            .any(|r| r.name == route_name)
+        {
             return Err(FieldError::new(
                 path,
                 format!("`{route_name}` names no RouteConfiguration in this config"),
@@ -316,7 +330,12 @@ pub(crate) fn parse_envoy_config(
             }
             None => match config.listeners.first() {
                 Some(first) => first.name.clone(),
-                None => return Err(FieldError::new(path, "no Listener in this config to redirect the service to")),
+                None => {
+                    return Err(FieldError::new(
+                        path,
+                        "no Listener in this config to redirect the service to",
+                    ))
+                }
             },
         };
         config.services.push(ServiceListener {
@@ -362,7 +381,10 @@ fn check_route_configuration(routes: &RouteConfiguration) -> Result<(), String> 
             }
         }
         for route in &virtual_host.routes {
-            if let Action::DirectResponse(DirectResponse { body: Some(body), .. }) = &route.action {
+            if let Action::DirectResponse(DirectResponse {
+                body: Some(body), ..
+            }) = &route.action
+            {
                 if body.len() > routes.max_direct_response_body_size_bytes as usize {
                     return Err(format!(
                         "virtual host `{}`: direct_response body of {} bytes exceeds \

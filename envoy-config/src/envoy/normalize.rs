@@ -8,9 +8,14 @@
 pub(crate) fn snake_case_keys(value: serde_json::Value) -> serde_json::Value {
     match value {
         serde_json::Value::Object(fields) => serde_json::Value::Object(
-            fields.into_iter().map(|(key, value)| (snake_case(key), snake_case_keys(value))).collect(),
+            fields
+                .into_iter()
+                .map(|(key, value)| (snake_case(key), snake_case_keys(value)))
+                .collect(),
         ),
-        serde_json::Value::Array(items) => serde_json::Value::Array(items.into_iter().map(snake_case_keys).collect()),
+        serde_json::Value::Array(items) => {
+            serde_json::Value::Array(items.into_iter().map(snake_case_keys).collect())
+        }
         other => other,
     }
 }

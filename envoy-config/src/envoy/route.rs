@@ -99,7 +99,10 @@ impl TryFrom<RawVirtualHost> for VirtualHost {
 
     fn try_from(raw: RawVirtualHost) -> Result<VirtualHost, String> {
         if raw.domains.is_empty() {
-            return Err(format!("virtual host `{}` needs at least one domain", raw.name));
+            return Err(format!(
+                "virtual host `{}` needs at least one domain",
+                raw.name
+            ));
         }
         let domains: Vec<String> = raw.domains.iter().map(|d| d.to_ascii_lowercase()).collect();
         let mut seen = BTreeSet::new();
@@ -108,7 +111,10 @@ impl TryFrom<RawVirtualHost> for VirtualHost {
                 return Err(format!("virtual host `{}` has an empty domain", raw.name));
             }
             if !seen.insert(domain.as_str()) {
-                return Err(format!("virtual host `{}` lists domain `{domain}` twice", raw.name));
+                return Err(format!(
+                    "virtual host `{}` lists domain `{domain}` twice",
+                    raw.name
+                ));
             }
         }
         Ok(VirtualHost {
@@ -180,7 +186,9 @@ impl TryFrom<RawHeaderValueOption> for HeaderValueOption {
 
     fn try_from(raw: RawHeaderValueOption) -> Result<HeaderValueOption, String> {
         let append_action = match (raw.append_action, raw.append) {
-            (Some(_), Some(_)) => return Err("only one of append_action, append may be set".to_string()),
+            (Some(_), Some(_)) => {
+                return Err("only one of append_action, append may be set".to_string())
+            }
             (Some(action), None) => action,
             (None, Some(false)) => AppendAction::OverwriteIfExistsOrAdd,
             (None, Some(true)) | (None, None) => AppendAction::AppendIfExistsOrAdd,
@@ -456,10 +464,17 @@ impl TryFrom<RawMirrorPolicy> for MirrorPolicy {
                     Denominator::TenThousand => 100,
                     Denominator::Million => 1,
                 };
-                fraction.default_value.numerator.saturating_mul(scale).min(1_000_000)
+                fraction
+                    .default_value
+                    .numerator
+                    .saturating_mul(scale)
+                    .min(1_000_000)
             }
         };
-        Ok(MirrorPolicy { cluster: raw.cluster, fraction_per_million })
+        Ok(MirrorPolicy {
+            cluster: raw.cluster,
+            fraction_per_million,
+        })
     }
 }
 
@@ -519,7 +534,9 @@ impl TryFrom<RawRouteAction> for RouteAction {
             }
             let total: u64 = weighted.clusters.iter().map(|c| u64::from(c.weight)).sum();
             if total == 0 || total > u64::from(u32::MAX) {
-                return Err(format!("weighted_clusters weights must sum to 1..=4294967295, not {total}"));
+                return Err(format!(
+                    "weighted_clusters weights must sum to 1..=4294967295, not {total}"
+                ));
             }
             specifiers.push(ClusterSpecifier::Weighted(weighted.clusters));
         }
@@ -578,9 +595,15 @@ impl TryFrom<RawDirectResponse> for DirectResponse {
 
     fn try_from(raw: RawDirectResponse) -> Result<DirectResponse, String> {
         if !(200..=599).contains(&raw.status) {
-            return Err(format!("direct_response status {} is outside 200..=599", raw.status));
+            return Err(format!(
+                "direct_response status {} is outside 200..=599",
+                raw.status
+            ));
         }
-        Ok(DirectResponse { status: raw.status, body: raw.body.map(|b| b.inline_string) })
+        Ok(DirectResponse {
+            status: raw.status,
+            body: raw.body.map(|b| b.inline_string),
+        })
     }
 }
 
@@ -652,7 +675,9 @@ impl TryFrom<RawRedirect> for Redirect {
 
     fn try_from(raw: RawRedirect) -> Result<Redirect, String> {
         let scheme = match (raw.https_redirect, raw.scheme_redirect) {
-            (true, Some(_)) => return Err("only one of https_redirect, scheme_redirect may be set".to_string()),
+            (true, Some(_)) => {
+                return Err("only one of https_redirect, scheme_redirect may be set".to_string())
+            }
             (true, None) => Some("https".to_string()),
             (false, scheme) => scheme,
         };
@@ -662,7 +687,10 @@ impl TryFrom<RawRedirect> for Redirect {
         paths.extend(raw.regex_rewrite.map(RedirectPath::Regex));
         let path = match paths.len() {
             0 => None,
-            _ => Some(exactly_one(paths, "path_redirect, prefix_rewrite, regex_rewrite")?),
+            _ => Some(exactly_one(
+                paths,
+                "path_redirect, prefix_rewrite, regex_rewrite",
+            )?),
         };
         Ok(Redirect {
             scheme,
@@ -814,7 +842,12 @@ impl TryFrom<RawRetryPolicy> for RetryPolicy {
 
     fn try_from(raw: RawRetryPolicy) -> Result<RetryPolicy, String> {
         let mut retry_on = BTreeSet::new();
-        for name in raw.retry_on.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        for name in raw
+            .retry_on
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+        {
             let condition = RetryOn::from_name(name).ok_or_else(|| {
                 format!(
                     "retry_on: unsupported condition `{name}` (supported: 5xx, gateway-error, reset, \
@@ -826,13 +859,17 @@ impl TryFrom<RawRetryPolicy> for RetryPolicy {
             retry_on.insert(condition);
         }
         let num_retries = match (raw.num_retries, raw.max_retries) {
-            (Some(_), Some(_)) => return Err("only one of num_retries, max_retries may be set".to_string()),
+            (Some(_), Some(_)) => {
+                return Err("only one of num_retries, max_retries may be set".to_string())
+            }
             (Some(n), None) | (None, Some(n)) => n,
             (None, None) => 1,
         };
         for code in &raw.retriable_status_codes {
             if !(100..=599).contains(code) {
-                return Err(format!("retriable_status_codes: {code} is not an HTTP status"));
+                return Err(format!(
+                    "retriable_status_codes: {code} is not an HTTP status"
+                ));
             }
         }
         let (base_interval, max_interval) = match raw.retry_back_off {
@@ -847,7 +884,9 @@ impl TryFrom<RawRetryPolicy> for RetryPolicy {
                         .ok_or_else(|| "retry_back_off.base_interval is too large".to_string())?,
                 };
                 if max < base {
-                    return Err("retry_back_off.max_interval must not be below base_interval".to_string());
+                    return Err(
+                        "retry_back_off.max_interval must not be below base_interval".to_string(),
+                    );
                 }
                 (base, max)
             }
@@ -862,7 +901,9 @@ impl TryFrom<RawRetryPolicy> for RetryPolicy {
             }
             if let Some(config) = predicate.typed_config {
                 if config.type_url != PREVIOUS_HOSTS_TYPE {
-                    return Err(format!("retry_host_predicate typed_config must be {PREVIOUS_HOSTS_TYPE}"));
+                    return Err(format!(
+                        "retry_host_predicate typed_config must be {PREVIOUS_HOSTS_TYPE}"
+                    ));
                 }
             }
             avoid_previous_hosts = true;

@@ -11,8 +11,8 @@ use super::*;
 use crate::error::{from_value, join, regex_reason, FieldError};
 use crate::k8s::is_port_name;
 use crate::labels::{
-    LabelKey, Operator, Requirement, Selector, NAMESPACE_LABELS_PREFIX, POD_NAMESPACE_LABEL, SOURCE_ANY, SOURCE_K8S,
-    SOURCE_RESERVED,
+    LabelKey, Operator, Requirement, Selector, NAMESPACE_LABELS_PREFIX, POD_NAMESPACE_LABEL,
+    SOURCE_ANY, SOURCE_K8S, SOURCE_RESERVED,
 };
 
 #[derive(Deserialize)]
@@ -413,11 +413,19 @@ pub(crate) fn parse_network_policy(
         .into_iter()
         .map(|(path, rule)| convert_rule(rule, path, namespace))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(NetworkPolicy { namespace: namespace.map(str::to_string), name: name.to_string(), description: raw.description, rules })
+    Ok(NetworkPolicy {
+        namespace: namespace.map(str::to_string),
+        name: name.to_string(),
+        description: raw.description,
+        rules,
+    })
 }
 
 /// Decodes a plain label selector (no namespace injection), e.g. a CEC `nodeSelector`.
-pub(crate) fn selector_from_value(value: serde_json::Value, path: &str) -> Result<Selector, FieldError> {
+pub(crate) fn selector_from_value(
+    value: serde_json::Value,
+    path: &str,
+) -> Result<Selector, FieldError> {
     let raw: RawSelector = from_value(value, path)?;
     convert_selector(raw, path)
 }
@@ -429,7 +437,10 @@ fn convert_selector(raw: RawSelector, path: &str) -> Result<Selector, FieldError
     }
     let mut requirements: Vec<Requirement> = labels
         .into_iter()
-        .map(|(key, value)| Requirement { key, operator: Operator::In(vec![value]) })
+        .map(|(key, value)| Requirement {
+            key,
+            operator: Operator::In(vec![value]),
+        })
         .collect();
     for (index, expression) in raw.match_expressions.into_iter().enumerate() {
         let expression_path = join(path, &format!("matchExpressions[{index}]"));
@@ -440,7 +451,10 @@ fn convert_selector(raw: RawSelector, path: &str) -> Result<Selector, FieldError
             RawOperator::Exists if !has_values => Operator::Exists,
             RawOperator::DoesNotExist if !has_values => Operator::DoesNotExist,
             RawOperator::In | RawOperator::NotIn => {
-                return Err(FieldError::new(join(&expression_path, "values"), "In and NotIn need at least one value"))
+                return Err(FieldError::new(
+                    join(&expression_path, "values"),
+                    "In and NotIn need at least one value",
+                ))
             }
             RawOperator::Exists | RawOperator::DoesNotExist => {
                 return Err(FieldError::new(
@@ -449,7 +463,10 @@ fn convert_selector(raw: RawSelector, path: &str) -> Result<Selector, FieldError
                 ))
             }
         };
-        requirements.push(Requirement { key: LabelKey::parse(&expression.key), operator });
+        requirements.push(Requirement {
+            key: LabelKey::parse(&expression.key),
+            operator,
+        });
     }
     Ok(Selector { requirements })
 }
@@ -463,8 +480,16 @@ fn pod_namespace_key() -> LabelKey {
 fn subject_selector(raw: RawSelector, path: &str, namespace: &str) -> Result<Selector, FieldError> {
     let mut selector = convert_selector(raw, path)?;
     let key = pod_namespace_key();
-    selector.requirements.retain(|r| !(r.key == key && matches!(&r.operator, Operator::In(v) if v.len() == 1)));
-    selector.requirements.insert(0, Requirement { key, operator: Operator::In(vec![namespace.to_string()]) });
+    selector
+        .requirements
+        .retain(|r| !(r.key == key && matches!(&r.operator, Operator::In(v) if v.len() == 1)));
+    selector.requirements.insert(
+        0,
+        Requirement {
+            key,
+            operator: Operator::In(vec![namespace.to_string()]),
+        },
+    );
     Ok(selector)
 }
 
@@ -474,21 +499,30 @@ fn peer_selector(raw: RawSelector, path: &str, scope: Scope<'_>) -> Result<Selec
     if selector.has_source(SOURCE_RESERVED) {
         return Ok(selector);
     }
-    if selector.has_key(SOURCE_K8S, POD_NAMESPACE_LABEL) || selector.has_key(SOURCE_ANY, POD_NAMESPACE_LABEL) {
+    if selector.has_key(SOURCE_K8S, POD_NAMESPACE_LABEL)
+        || selector.has_key(SOURCE_ANY, POD_NAMESPACE_LABEL)
+    {
         return Ok(selector);
     }
     match scope {
         Scope::Clusterwide { matches_init: true } => {}
-        Scope::Clusterwide { matches_init: false } => {
-            selector.requirements.push(Requirement { key: pod_namespace_key(), operator: Operator::Exists });
+        Scope::Clusterwide {
+            matches_init: false,
+        } => {
+            selector.requirements.push(Requirement {
+                key: pod_namespace_key(),
+                operator: Operator::Exists,
+            });
         }
         Scope::Namespaced(namespace) => {
-            let uses_namespace_labels = selector.has_key_prefix(SOURCE_K8S, NAMESPACE_LABELS_PREFIX)
+            let uses_namespace_labels = selector
+                .has_key_prefix(SOURCE_K8S, NAMESPACE_LABELS_PREFIX)
                 || selector.has_key_prefix(SOURCE_ANY, NAMESPACE_LABELS_PREFIX);
             if !uses_namespace_labels {
-                selector
-                    .requirements
-                    .push(Requirement { key: pod_namespace_key(), operator: Operator::In(vec![namespace.to_string()]) });
+                selector.requirements.push(Requirement {
+                    key: pod_namespace_key(),
+                    operator: Operator::In(vec![namespace.to_string()]),
+                });
             }
         }
     }
@@ -517,18 +551,26 @@ fn convert_rule(raw: RawRule, path: String, namespace: Option<&str>) -> Result<R
     };
     let scope = match (namespace, &subject) {
         (Some(ns), _) => Scope::Namespaced(ns),
-        (None, Subject::Endpoints(selector)) => {
-            Scope::Clusterwide { matches_init: selector.has_key(SOURCE_RESERVED, "init") }
-        }
-        (None, Subject::Nodes(_)) => Scope::Clusterwide { matches_init: false },
+        (None, Subject::Endpoints(selector)) => Scope::Clusterwide {
+            matches_init: selector.has_key(SOURCE_RESERVED, "init"),
+        },
+        (None, Subject::Nodes(_)) => Scope::Clusterwide {
+            matches_init: false,
+        },
     };
     let host_policy = matches!(subject, Subject::Nodes(_));
-    let context = RuleContext { scope, namespace, host_policy };
+    let context = RuleContext {
+        scope,
+        namespace,
+        host_policy,
+    };
     let convert_list = |rules: Vec<RawPeerRule>, field: &str, direction: Direction| {
         rules
             .into_iter()
             .enumerate()
-            .map(|(index, rule)| context.peer_rule(rule, join(&path, &format!("{field}[{index}]")), direction))
+            .map(|(index, rule)| {
+                context.peer_rule(rule, join(&path, &format!("{field}[{index}]")), direction)
+            })
             .collect::<Result<Vec<_>, _>>()
     };
     let ingress = convert_list(raw.ingress, "ingress", Direction::Ingress)?;
@@ -544,12 +586,19 @@ fn convert_rule(raw: RawRule, path: String, namespace: Option<&str>) -> Result<R
         egress_deny,
         enable_default_deny: raw
             .enable_default_deny
-            .map(|d| DefaultDeny { ingress: d.ingress, egress: d.egress })
+            .map(|d| DefaultDeny {
+                ingress: d.ingress,
+                egress: d.egress,
+            })
             .unwrap_or_default(),
         labels: raw
             .labels
             .into_iter()
-            .map(|l| RuleLabel { source: l.source, key: l.key, value: l.value })
+            .map(|l| RuleLabel {
+                source: l.source,
+                key: l.key,
+                value: l.value,
+            })
             .collect(),
         description: raw.description,
         log: raw.log.map(|l| l.value),
@@ -591,7 +640,12 @@ fn misplaced(path: &str, field: &str, direction: Direction) -> FieldError {
 }
 
 impl RuleContext<'_> {
-    fn peer_rule(&self, raw: RawPeerRule, path: String, direction: Direction) -> Result<PeerRule, FieldError> {
+    fn peer_rule(
+        &self,
+        raw: RawPeerRule,
+        path: String,
+        direction: Direction,
+    ) -> Result<PeerRule, FieldError> {
         // Reject fields of the other direction (and L7/FQDN/auth in deny rules) by name.
         let wrong_side: &[(&str, bool)] = if direction.is_ingress() {
             &[
@@ -627,29 +681,30 @@ impl RuleContext<'_> {
                 return Err(misplaced(&path, "toFQDNs", direction));
             }
         }
-        let (endpoints, requires, cidr, cidr_set, entities, groups, nodes, prefix) = if direction.is_ingress() {
-            (
-                raw.from_endpoints,
-                raw.from_requires,
-                raw.from_cidr,
-                raw.from_cidr_set,
-                raw.from_entities,
-                raw.from_groups,
-                raw.from_nodes,
-                "from",
-            )
-        } else {
-            (
-                raw.to_endpoints,
-                raw.to_requires,
-                raw.to_cidr,
-                raw.to_cidr_set,
-                raw.to_entities,
-                raw.to_groups,
-                raw.to_nodes,
-                "to",
-            )
-        };
+        let (endpoints, requires, cidr, cidr_set, entities, groups, nodes, prefix) =
+            if direction.is_ingress() {
+                (
+                    raw.from_endpoints,
+                    raw.from_requires,
+                    raw.from_cidr,
+                    raw.from_cidr_set,
+                    raw.from_entities,
+                    raw.from_groups,
+                    raw.from_nodes,
+                    "from",
+                )
+            } else {
+                (
+                    raw.to_endpoints,
+                    raw.to_requires,
+                    raw.to_cidr,
+                    raw.to_cidr_set,
+                    raw.to_entities,
+                    raw.to_groups,
+                    raw.to_nodes,
+                    "to",
+                )
+            };
         let field = |name: &str, index: usize| join(&path, &format!("{prefix}{name}[{index}]"));
         let endpoints = endpoints
             .into_iter()
@@ -669,7 +724,12 @@ impl RuleContext<'_> {
         let mut cidrs = Vec::new();
         for (index, text) in cidr.iter().enumerate() {
             let net = parse_cidr(text, &field("CIDR", index))?;
-            cidrs.push(CidrRule { cidr: Some(net), except: Vec::new(), group_ref: None, group_selector: None });
+            cidrs.push(CidrRule {
+                cidr: Some(net),
+                except: Vec::new(),
+                group_ref: None,
+                group_selector: None,
+            });
         }
         for (index, set) in cidr_set.into_iter().enumerate() {
             cidrs.push(cidr_rule(set, &field("CIDRSet", index))?);
@@ -731,20 +791,33 @@ impl RuleContext<'_> {
     }
 
     fn service_selector(&self, raw: RawService, path: &str) -> Result<ServiceSelector, FieldError> {
-        let default_namespace = |ns: Option<String>| ns.or_else(|| self.namespace.map(str::to_string));
+        let default_namespace =
+            |ns: Option<String>| ns.or_else(|| self.namespace.map(str::to_string));
         match (raw.k8s_service, raw.k8s_service_selector) {
-            (Some(service), None) => {
-                Ok(ServiceSelector::Name { name: service.service_name, namespace: default_namespace(service.namespace) })
-            }
+            (Some(service), None) => Ok(ServiceSelector::Name {
+                name: service.service_name,
+                namespace: default_namespace(service.namespace),
+            }),
             (None, Some(selector)) => Ok(ServiceSelector::Selector {
-                selector: convert_selector(selector.selector, &join(path, "k8sServiceSelector.selector"))?,
+                selector: convert_selector(
+                    selector.selector,
+                    &join(path, "k8sServiceSelector.selector"),
+                )?,
                 namespace: default_namespace(selector.namespace),
             }),
-            _ => Err(FieldError::new(path, "exactly one of k8sService, k8sServiceSelector is required")),
+            _ => Err(FieldError::new(
+                path,
+                "exactly one of k8sService, k8sServiceSelector is required",
+            )),
         }
     }
 
-    fn port_rule(&self, raw: RawPortRule, path: String, direction: Direction) -> Result<PortRule, FieldError> {
+    fn port_rule(
+        &self,
+        raw: RawPortRule,
+        path: String,
+        direction: Direction,
+    ) -> Result<PortRule, FieldError> {
         if direction.is_deny() {
             let l7_field = [
                 ("rules", raw.rules.is_some()),
@@ -763,7 +836,10 @@ impl RuleContext<'_> {
         if raw.ports.len() > MAX_PORTS_PER_RULE {
             return Err(FieldError::new(
                 join(&path, "ports"),
-                format!("at most {MAX_PORTS_PER_RULE} ports per toPorts entry (Cilium's limit), got {}", raw.ports.len()),
+                format!(
+                    "at most {MAX_PORTS_PER_RULE} ports per toPorts entry (Cilium's limit), got {}",
+                    raw.ports.len()
+                ),
             ));
         }
         let ports = raw
@@ -800,10 +876,18 @@ impl RuleContext<'_> {
         match kinds.iter().filter(|present| **present).count() {
             0 => return Ok(None),
             1 => {}
-            _ => return Err(FieldError::new(path, "only one of http, dns, kafka, l7proto may be set")),
+            _ => {
+                return Err(FieldError::new(
+                    path,
+                    "only one of http, dns, kafka, l7proto may be set",
+                ))
+            }
         }
         if self.host_policy && raw.dns.is_none() {
-            return Err(FieldError::new(path, "host policies (nodeSelector) only allow dns L7 rules"));
+            return Err(FieldError::new(
+                path,
+                "host policies (nodeSelector) only allow dns L7 rules",
+            ));
         }
         if let Some(http) = raw.http {
             let rules = http
@@ -838,7 +922,10 @@ impl RuleContext<'_> {
             .l7proto
             .filter(|p| !p.is_empty())
             .ok_or_else(|| FieldError::new(join(path, "l7proto"), "l7 rules need l7proto"))?;
-        Ok(Some(L7Rules::Generic { proto, rules: raw.l7.unwrap_or_default() }))
+        Ok(Some(L7Rules::Generic {
+            proto,
+            rules: raw.l7.unwrap_or_default(),
+        }))
     }
 
     fn listener_ref(&self, raw: RawListenerRef, path: &str) -> Result<ListenerRef, FieldError> {
@@ -855,7 +942,10 @@ impl RuleContext<'_> {
         };
         if let Some(priority) = raw.priority {
             if !(1..=100).contains(&priority) {
-                return Err(FieldError::new(join(path, "priority"), "must be within 1..=100"));
+                return Err(FieldError::new(
+                    join(path, "priority"),
+                    "must be within 1..=100",
+                ));
             }
         }
         Ok(ListenerRef {
@@ -880,18 +970,32 @@ fn parse_cidr(text: &str, path: &str) -> Result<IpNet, FieldError> {
 }
 
 fn cidr_rule(raw: RawCidrSet, path: &str) -> Result<CidrRule, FieldError> {
-    let sources = [raw.cidr.is_some(), raw.cidr_group_ref.is_some(), raw.cidr_group_selector.is_some()];
+    let sources = [
+        raw.cidr.is_some(),
+        raw.cidr_group_ref.is_some(),
+        raw.cidr_group_selector.is_some(),
+    ];
     if sources.iter().filter(|present| **present).count() != 1 {
-        return Err(FieldError::new(path, "exactly one of cidr, cidrGroupRef, cidrGroupSelector is required"));
+        return Err(FieldError::new(
+            path,
+            "exactly one of cidr, cidrGroupRef, cidrGroupSelector is required",
+        ));
     }
-    let cidr = raw.cidr.as_deref().map(|text| parse_cidr(text, &join(path, "cidr"))).transpose()?;
+    let cidr = raw
+        .cidr
+        .as_deref()
+        .map(|text| parse_cidr(text, &join(path, "cidr")))
+        .transpose()?;
     let mut except = Vec::new();
     for (index, text) in raw.except.iter().enumerate() {
         let except_path = join(path, &format!("except[{index}]"));
         let net = parse_cidr(text, &except_path)?;
         if let Some(outer) = cidr {
             if !outer.contains(&net) {
-                return Err(FieldError::new(except_path, format!("{net} is not inside {outer}")));
+                return Err(FieldError::new(
+                    except_path,
+                    format!("{net} is not inside {outer}"),
+                ));
             }
         }
         except.push(net);
@@ -900,33 +1004,49 @@ fn cidr_rule(raw: RawCidrSet, path: &str) -> Result<CidrRule, FieldError> {
         .cidr_group_selector
         .map(|s| convert_selector(s, &join(path, "cidrGroupSelector")))
         .transpose()?;
-    Ok(CidrRule { cidr, except, group_ref: raw.cidr_group_ref, group_selector })
+    Ok(CidrRule {
+        cidr,
+        except,
+        group_ref: raw.cidr_group_ref,
+        group_selector,
+    })
 }
 
 fn fqdn_selector(raw: RawFqdn, path: &str) -> Result<FqdnSelector, FieldError> {
     match (raw.match_name, raw.match_pattern) {
         (Some(name), None) => {
             validate_dns_text(&name, false, &join(path, "matchName"))?;
-            Ok(FqdnSelector::Name(name.trim_end_matches('.').to_ascii_lowercase()))
+            Ok(FqdnSelector::Name(
+                name.trim_end_matches('.').to_ascii_lowercase(),
+            ))
         }
         (None, Some(pattern)) => {
             validate_dns_text(&pattern, true, &join(path, "matchPattern"))?;
-            Ok(FqdnSelector::Pattern(pattern.trim_end_matches('.').to_ascii_lowercase()))
+            Ok(FqdnSelector::Pattern(
+                pattern.trim_end_matches('.').to_ascii_lowercase(),
+            ))
         }
-        _ => Err(FieldError::new(path, "exactly one of matchName, matchPattern is required")),
+        _ => Err(FieldError::new(
+            path,
+            "exactly one of matchName, matchPattern is required",
+        )),
     }
 }
 
 /// Cilium's CRD patterns: `^([-a-zA-Z0-9_]+[.]?)+$`, plus `*` for patterns.
 fn validate_dns_text(text: &str, pattern: bool, path: &str) -> Result<(), FieldError> {
-    let allowed = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_' || (pattern && c == '*');
+    let allowed =
+        |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_' || (pattern && c == '*');
     let labels_ok = text.split('.').enumerate().all(|(index, label)| {
         let last = index == text.split('.').count() - 1;
         (label.is_empty() && last && index > 0) || (!label.is_empty() && label.chars().all(allowed))
     });
     if text.is_empty() || !labels_ok {
         let what = if pattern { "DNS pattern" } else { "DNS name" };
-        return Err(FieldError::new(path, format!("`{text}` is not a valid {what}")));
+        return Err(FieldError::new(
+            path,
+            format!("`{text}` is not a valid {what}"),
+        ));
     }
     Ok(())
 }
@@ -935,10 +1055,11 @@ fn port_protocol(raw: RawPortProtocol, path: &str) -> Result<PortProtocol, Field
     let port_path = join(path, "port");
     let port = match raw.port {
         None => Port::Number(0),
-        Some(RawPortValue::Number(number)) => Port::Number(
-            u16::try_from(number)
-                .map_err(|_| FieldError::new(&port_path, format!("port {number} is outside 0..=65535")))?,
-        ),
+        Some(RawPortValue::Number(number)) => {
+            Port::Number(u16::try_from(number).map_err(|_| {
+                FieldError::new(&port_path, format!("port {number} is outside 0..=65535"))
+            })?)
+        }
         Some(RawPortValue::Text(text)) if text.is_empty() => Port::Number(0),
         Some(RawPortValue::Text(text)) if text.bytes().all(|b| b.is_ascii_digit()) => {
             Port::Number(text.parse::<u16>().map_err(|_| {
@@ -963,12 +1084,18 @@ fn port_protocol(raw: RawPortProtocol, path: &str) -> Result<PortProtocol, Field
         None | Some(0) => None,
         Some(end) => {
             let end_path = join(path, "endPort");
-            let end = u16::try_from(end)
-                .map_err(|_| FieldError::new(&end_path, format!("endPort {end} is outside 0..=65535")))?;
+            let end = u16::try_from(end).map_err(|_| {
+                FieldError::new(&end_path, format!("endPort {end} is outside 0..=65535"))
+            })?;
             match &port {
-                Port::Name(_) => return Err(FieldError::new(end_path, "endPort needs a numeric port")),
+                Port::Name(_) => {
+                    return Err(FieldError::new(end_path, "endPort needs a numeric port"))
+                }
                 Port::Number(start) if end < *start => {
-                    return Err(FieldError::new(end_path, format!("endPort {end} is below port {start}")))
+                    return Err(FieldError::new(
+                        end_path,
+                        format!("endPort {end} is below port {start}"),
+                    ))
                 }
                 Port::Number(_) => Some(end),
             }
@@ -988,12 +1115,19 @@ fn port_protocol(raw: RawPortProtocol, path: &str) -> Result<PortProtocol, Field
             ))
         }
     };
-    Ok(PortProtocol { port, end_port, protocol })
+    Ok(PortProtocol {
+        port,
+        end_port,
+        protocol,
+    })
 }
 
 fn compile(field: Option<String>, path: &str) -> Result<Option<AnchoredRegex>, FieldError> {
     field
-        .map(|source| AnchoredRegex::new(&source).map_err(|e| FieldError::new(path, regex_reason(&source, &e))))
+        .map(|source| {
+            AnchoredRegex::new(&source)
+                .map_err(|e| FieldError::new(path, regex_reason(&source, &e)))
+        })
         .transpose()
 }
 
@@ -1005,20 +1139,30 @@ fn http_rule(raw: RawHttpRule, path: &str) -> Result<HttpRule, FieldError> {
     for (index, header) in raw.headers.iter().enumerate() {
         // Cilium: split on the first space; "Name: value" is an exact match, "Name" presence.
         let requirement = match header.split_once(' ') {
-            Some((name, value)) => {
-                HeaderRequirement { name: name.trim_end_matches(':').to_string(), value: Some(value.to_string()) }
-            }
-            None => HeaderRequirement { name: header.clone(), value: None },
+            Some((name, value)) => HeaderRequirement {
+                name: name.trim_end_matches(':').to_string(),
+                value: Some(value.to_string()),
+            },
+            None => HeaderRequirement {
+                name: header.clone(),
+                value: None,
+            },
         };
         if requirement.name.is_empty() {
-            return Err(FieldError::new(join(path, &format!("headers[{index}]")), "header name is empty"));
+            return Err(FieldError::new(
+                join(path, &format!("headers[{index}]")),
+                "header name is empty",
+            ));
         }
         headers.push(requirement);
     }
     let mut header_matches = Vec::new();
     for (index, raw_match) in raw.header_matches.into_iter().enumerate() {
         if raw_match.name.is_empty() {
-            return Err(FieldError::new(join(path, &format!("headerMatches[{index}].name")), "must not be empty"));
+            return Err(FieldError::new(
+                join(path, &format!("headerMatches[{index}].name")),
+                "must not be empty",
+            ));
         }
         header_matches.push(HeaderMatch {
             name: raw_match.name,
@@ -1032,11 +1176,20 @@ fn http_rule(raw: RawHttpRule, path: &str) -> Result<HttpRule, FieldError> {
             }),
         });
     }
-    Ok(HttpRule { method, path: request_path, host, headers, header_matches })
+    Ok(HttpRule {
+        method,
+        path: request_path,
+        host,
+        headers,
+        header_matches,
+    })
 }
 
 fn secret_ref(raw: RawSecretRef) -> SecretRef {
-    SecretRef { namespace: raw.namespace, name: raw.name }
+    SecretRef {
+        namespace: raw.namespace,
+        name: raw.name,
+    }
 }
 
 fn tls_context(raw: RawTls) -> TlsContext {
@@ -1089,13 +1242,20 @@ fn icmp_rule(raw: RawIcmp, path: &str) -> Result<IcmpRule, FieldError> {
     for (index, field) in raw.fields.into_iter().enumerate() {
         let type_path = join(path, &format!("fields[{index}].type"));
         let icmp_type = match field.icmp_type {
-            RawPortValue::Number(number) => IcmpType::Number(
-                u8::try_from(number).map_err(|_| FieldError::new(&type_path, format!("{number} is outside 0..=255")))?,
-            ),
+            RawPortValue::Number(number) => {
+                IcmpType::Number(u8::try_from(number).map_err(|_| {
+                    FieldError::new(&type_path, format!("{number} is outside 0..=255"))
+                })?)
+            }
             RawPortValue::Text(text) => match text.parse::<u8>() {
                 Ok(number) => IcmpType::Number(number),
                 Err(_) if ICMP_TYPE_NAMES.contains(&text.as_str()) => IcmpType::Name(text),
-                Err(_) => return Err(FieldError::new(type_path, format!("unknown ICMP type `{text}`"))),
+                Err(_) => {
+                    return Err(FieldError::new(
+                        type_path,
+                        format!("unknown ICMP type `{text}`"),
+                    ))
+                }
             },
         };
         let family = match field.family {

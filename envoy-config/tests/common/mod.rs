@@ -32,16 +32,25 @@ pub fn render_template(text: &str) -> Result<String> {
         let action = rest[start + 2..end].trim();
         let (trim_dot, field) = match action.strip_prefix("trimSuffix ") {
             Some(args) => {
-                let field = args.split_whitespace().next().context("trimSuffix without field")?;
+                let field = args
+                    .split_whitespace()
+                    .next()
+                    .context("trimSuffix without field")?;
                 (true, field)
             }
             None => (false, action),
         };
-        let field = field.strip_prefix('.').context("placeholder without a field")?;
+        let field = field
+            .strip_prefix('.')
+            .context("placeholder without a field")?;
         let Some((_, value)) = TEMPLATE_VALUES.iter().find(|(name, _)| *name == field) else {
             bail!("no value for template field {field}");
         };
-        out.push_str(if trim_dot { value.trim_end_matches('.') } else { value });
+        out.push_str(if trim_dot {
+            value.trim_end_matches('.')
+        } else {
+            value
+        });
         rest = &rest[end + 2..];
     }
     out.push_str(rest);
@@ -56,7 +65,11 @@ pub fn corpus() -> Result<Vec<(String, String)>> {
         if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
             continue;
         }
-        let name = path.file_name().context("file name")?.to_string_lossy().to_string();
+        let name = path
+            .file_name()
+            .context("file name")?
+            .to_string_lossy()
+            .to_string();
         let text = std::fs::read_to_string(&path)?;
         files.push((name, render_template(&text)?));
     }
