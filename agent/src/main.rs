@@ -4,6 +4,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use sluice_agent::agent::{self, AgentConfig};
+use sluice_agent::cli::{self, ClientCommand};
 
 #[derive(Debug, Parser)]
 #[command(name = "sluice", version, about = "Sidecarless service-mesh data plane and L7 gateway")]
@@ -23,6 +25,8 @@ enum Command {
     Agent(AgentArgs),
     /// Run the Star Wars demo in gateway mode on loopback and print what happened.
     Demo,
+    #[command(flatten)]
+    Client(ClientCommand),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -58,9 +62,10 @@ enum LogFormat {
     Json,
 }
 
-fn init_logging(format: LogFormat) {
+/// `default_level` applies unless `RUST_LOG` says otherwise.
+fn init_logging(format: LogFormat, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -70,7 +75,10 @@ fn init_logging(format: LogFormat) {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    // The demo tells its own story on stdout; the agent's info logs would drown it.
+    let default_level = if matches!(cli.command, Command::Demo) { "warn" } else { "info" };
+    init_logging(cli.log_format, default_level);
+    let runtime = tokio::runtime::Runtime::new()?;
     match cli.command {
         Command::Agent(args) => {
             if args.datapath == Datapath::Ebpf {
@@ -78,8 +86,25 @@ fn main() -> anyhow::Result<()> {
                     "--datapath ebpf: the eBPF datapath is not built yet (issue #3); run with --datapath none (gateway mode)"
                 );
             }
-            anyhow::bail!("agent runtime lands with the proxy runtime API")
+            let workers = args
+                .proxy_workers
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            runtime.block_on(agent::run(AgentConfig {
+                config_dir: args.config_dir,
+                node: args.node,
+                state_dir: cli.state_dir,
+                proxy_workers: workers,
+                metrics_address: Some(args.metrics_address),
+                serve_api: true,
+            }))
         }
-        Command::Demo => anyhow::bail!("demo lands with the agent runtime"),
+        Command::Demo => {
+            let passed = runtime.block_on(sluice_agent::demo::run())?;
+            if !passed {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        Command::Client(command) => runtime.block_on(cli::run_client(command, &cli.state_dir)),
     }
 }

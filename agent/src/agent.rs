@@ -1,0 +1,245 @@
+//! The agent runtime: wires source -> reconcile -> proxy, and the flows, API and metrics around it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use arc_swap::ArcSwap;
+use sluice_proxy::{FlowSink, Handle, ProxyConfig};
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::flows::{self, FlowLog};
+use crate::identity::Identities;
+use crate::metrics::{self, ClusterSample, Metrics, ProxySample};
+use crate::reconcile::Reconciler;
+use crate::source::{self, ConfigDir};
+use crate::view::{SharedSnapshot, Snapshot};
+
+/// Quiet period after a burst of file changes before the directory is read again.
+const DEBOUNCE: Duration = Duration::from_millis(100);
+/// How often proxy counters are copied into metrics and status.
+const STATS_INTERVAL: Duration = Duration::from_secs(1);
+/// Capacity of the proxy's flow-event queue.
+const FLOW_QUEUE: usize = 16 * 1024;
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub config_dir: PathBuf,
+    pub node: String,
+    pub state_dir: PathBuf,
+    pub proxy_workers: usize,
+    /// `None`: no metrics endpoint (the in-process demo).
+    pub metrics_address: Option<SocketAddr>,
+    /// Serve the local API on `<state-dir>/api.sock`.
+    pub serve_api: bool,
+}
+
+/// A started agent. Stop it with `stop`; dropping it also stops the proxy.
+pub struct RunningAgent {
+    snapshot: SharedSnapshot,
+    applied: watch::Receiver<u64>,
+    flows: FlowLog,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+    side_tasks: Vec<JoinHandle<()>>,
+    proxy: Handle,
+    socket: Option<PathBuf>,
+}
+
+fn proxy_sample(proxy: &Handle, workers: usize, listeners: usize) -> ProxySample {
+    let stats = proxy.stats();
+    ProxySample {
+        workers: workers as u64,
+        listeners: listeners as u64,
+        downstream_cx_active: stats.downstream_cx_active,
+        downstream_cx_total: stats.downstream_cx_total,
+        downstream_rq_total: stats.downstream_rq_total,
+        upstream_cx_active: stats.upstream_cx_active,
+        flows_lost: stats.flows_lost,
+        clusters: stats
+            .clusters
+            .into_iter()
+            .map(|(name, c)| ClusterSample {
+                name,
+                upstream_cx_active: c.upstream_cx_active,
+                upstream_cx_overflow: c.upstream_cx_overflow,
+                upstream_cx_connect_fail: c.upstream_cx_connect_fail,
+                upstream_rq_active: c.upstream_rq_active,
+                upstream_rq_total: c.upstream_rq_total,
+                upstream_rq_pending_overflow: c.upstream_rq_pending_overflow,
+                upstream_rq_retry: c.upstream_rq_retry,
+                upstream_rq_retry_overflow: c.upstream_rq_retry_overflow,
+                upstream_rq_timeout: c.upstream_rq_timeout,
+                ejections_enforced_total: c.ejections_enforced_total,
+                ejections_active: c.ejections_active,
+            })
+            .collect(),
+    }
+}
+
+fn load_identities(config: &AgentConfig) -> Identities {
+    match Identities::load(&config.state_dir.join("identities.json")) {
+        Ok(identities) => identities,
+        Err(e) => {
+            // The broken file is left alone for inspection; numbers are not persisted this run.
+            tracing::error!(error = %e, "using an in-memory identity table; numbers may differ from before and are not persisted");
+            Identities::in_memory()
+        }
+    }
+}
+
+pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
+    let mut dir = ConfigDir::new(&config.config_dir);
+    // Watch before the first scan, so a change during startup is not missed.
+    let (debouncer, mut changed) = source::watch(dir.root(), DEBOUNCE)?;
+    let first = dir.rescan()?;
+
+    let metrics = Metrics::new();
+    let flow_log = FlowLog::new(flows::DEFAULT_FLOW_CAPACITY, metrics.clone());
+    let (sink, events) = FlowSink::new(FLOW_QUEUE);
+    let proxy = Handle::start(ProxyConfig { workers: config.proxy_workers, flows: sink })?;
+    let snapshot: SharedSnapshot = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
+    let mut side_tasks = vec![tokio::spawn(flows::record_from(events, flow_log.clone()))];
+
+    let mut reconciler = Reconciler::new(
+        config.node.clone(),
+        config.config_dir.clone(),
+        config.proxy_workers,
+        load_identities(&config),
+        proxy.clone(),
+        snapshot.clone(),
+        metrics.clone(),
+    );
+    reconciler.take_changes(first);
+    let (applied_tx, applied) = watch::channel(reconciler.reconcile().unwrap_or(0));
+
+    let socket = if config.serve_api {
+        let socket = crate::api::socket_path(&config.state_dir);
+        let api = crate::api::serve_api(socket.clone(), snapshot.clone(), flow_log.clone());
+        side_tasks.push(tokio::spawn(async move {
+            if let Err(e) = api.await {
+                tracing::error!(error = %format!("{e:#}"), "local API stopped");
+            }
+        }));
+        Some(socket)
+    } else {
+        None
+    };
+    if let Some(addr) = config.metrics_address {
+        let metrics = metrics.clone();
+        side_tasks.push(tokio::spawn(async move {
+            if let Err(e) = metrics::serve_metrics(addr, metrics).await {
+                tracing::error!(error = %format!("{e:#}"), "metrics endpoint stopped");
+            }
+        }));
+    }
+
+    let (stop_tx, mut stop_rx) = oneshot::channel();
+    let task = {
+        let proxy = proxy.clone();
+        let snapshot = snapshot.clone();
+        let flow_log = flow_log.clone();
+        let workers = config.proxy_workers;
+        tokio::spawn(async move {
+            let _watching = debouncer;
+            let mut ticker = tokio::time::interval(STATS_INTERVAL);
+            loop {
+                tokio::select! {
+                    _ = &mut stop_rx => break,
+                    signal = changed.recv() => {
+                        if signal.is_none() {
+                            tracing::error!("config dir watcher stopped; no further changes are applied");
+                            break;
+                        }
+                        while changed.try_recv().is_ok() {}
+                        match dir.rescan() {
+                            Ok(changes) if changes.is_empty() => {}
+                            Ok(changes) => {
+                                reconciler.take_changes(changes);
+                                if let Some(generation) = reconciler.reconcile() {
+                                    let _ = applied_tx.send(generation);
+                                }
+                            }
+                            Err(e) => tracing::error!(error = %e, "cannot read the config dir; keeping the current state"),
+                        }
+                    }
+                    _ = ticker.tick() => {
+                        let current = snapshot.load();
+                        metrics.set_proxy_stats(&proxy_sample(&proxy, workers, current.status.listeners));
+                        let mut next = (**current).clone();
+                        next.status.flows_seen = flow_log.seen();
+                        next.status.flows_lost = flow_log.lost();
+                        snapshot.store(Arc::new(next));
+                    }
+                }
+            }
+        })
+    };
+
+    Ok(RunningAgent { snapshot, applied, flows: flow_log, stop: Some(stop_tx), task, side_tasks, proxy, socket })
+}
+
+impl RunningAgent {
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    pub fn flows(&self) -> &FlowLog {
+        &self.flows
+    }
+
+    /// Waits until a generation newer than `after` is applied, and returns the snapshot.
+    pub async fn wait_for_generation_after(&mut self, after: u64, timeout: Duration) -> anyhow::Result<Arc<Snapshot>> {
+        tokio::time::timeout(timeout, self.applied.wait_for(|g| *g > after))
+            .await
+            .context("timed out waiting for the agent to apply the change")?
+            .context("the agent stopped")?;
+        Ok(self.snapshot())
+    }
+
+    /// Stops watching, stops the proxy (open connections get a moment to finish), stops the
+    /// API and removes its socket.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        (&mut self.task).await.context("agent loop panicked")?;
+        let proxy = self.proxy.clone();
+        tokio::task::spawn_blocking(move || proxy.shutdown()).await.context("proxy shutdown panicked")?;
+        for task in &self.side_tasks {
+            task.abort();
+        }
+        if let Some(socket) = &self.socket {
+            if let Err(e) = std::fs::remove_file(socket) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(socket = %socket.display(), error = %e, "cannot remove the API socket");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for RunningAgent {
+    fn drop(&mut self) {
+        self.task.abort();
+        for task in &self.side_tasks {
+            task.abort();
+        }
+    }
+}
+
+/// `sluice agent`: runs until SIGINT or SIGTERM, then shuts down cleanly.
+pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
+    let agent = start(config).await?;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+        _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
+    }
+    agent.stop().await
+}

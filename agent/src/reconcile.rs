@@ -1,0 +1,212 @@
+//! Reconcile (compile -> datapath): file changes -> store -> model -> identities -> compile ->
+//! `apply` to the proxy -> the snapshot the API serves.
+//!
+//! A failed apply leaves the proxy on its previous tables; the error is reported in status and
+//! the next change tries again.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use sluice_envoy_config::{parse_file, Kind, Model, Object, ObjectKey};
+use sluice_proxy::{Applied, Handle};
+
+use crate::compile::{self, Compiled};
+use crate::identity::Identities;
+use crate::metrics::Metrics;
+use crate::source::FileChange;
+use crate::store::{Parsed, Store};
+use crate::view::{SharedSnapshot, Snapshot, StatusView};
+
+pub struct Reconciler {
+    pub node: String,
+    pub config_dir: PathBuf,
+    pub proxy_workers: usize,
+    store: Store<ObjectKey, Object>,
+    identities: Identities,
+    proxy: Handle,
+    snapshot: SharedSnapshot,
+    metrics: Metrics,
+    /// The generation the next compile gets; never reused, so flows name one table set.
+    next_generation: u64,
+}
+
+fn to_parsed(result: Result<Object, sluice_envoy_config::ConfigError>) -> Parsed<ObjectKey, Object> {
+    match result {
+        Ok(object) => Parsed::Object { key: object.key(), object },
+        Err(error) => Parsed::Error { key: error.object.clone(), message: error.to_string() },
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+impl Reconciler {
+    pub fn new(
+        node: String,
+        config_dir: PathBuf,
+        proxy_workers: usize,
+        identities: Identities,
+        proxy: Handle,
+        snapshot: SharedSnapshot,
+        metrics: Metrics,
+    ) -> Self {
+        Self {
+            node,
+            config_dir,
+            proxy_workers,
+            store: Store::new(),
+            identities,
+            proxy,
+            snapshot,
+            metrics,
+            next_generation: 1,
+        }
+    }
+
+    /// Feeds file changes into the store, logging every document error.
+    pub fn take_changes(&mut self, changes: Vec<FileChange>) {
+        for change in changes {
+            match change {
+                FileChange::Changed { file, text: Ok(text) } => {
+                    let results: Vec<_> = parse_file(&file, &text).into_iter().map(to_parsed).collect();
+                    for result in &results {
+                        if let Parsed::Error { message, .. } = result {
+                            tracing::warn!(error = %message, "configuration error");
+                        }
+                    }
+                    let update = self.store.set_file(&file, results);
+                    for kept in update.kept_last_good {
+                        tracing::warn!(file = %file, object = %kept, "document is invalid; keeping the object's last good version");
+                    }
+                    tracing::info!(file = %file, errors = update.errors, "loaded");
+                }
+                FileChange::Changed { file, text: Err(reason) } => {
+                    tracing::warn!(file = %file, error = %reason, "cannot read; keeping what it defined");
+                    self.store.set_unreadable(&file, reason);
+                }
+                FileChange::Removed { file } => {
+                    if self.store.remove_file(&file) {
+                        tracing::info!(file = %file, "removed; its objects are gone");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Compiles the current store and applies it. Returns the applied generation, or `None`
+    /// when the proxy refused the tables (the previous ones stay in place).
+    pub fn reconcile(&mut self) -> Option<u64> {
+        let merged = self.store.merged();
+        let files: BTreeMap<ObjectKey, String> =
+            merged.objects.iter().map(|(key, (file, _))| (key.clone(), (*file).to_string())).collect();
+        let model: Model = merged.objects.values().map(|(_, object)| (*object).clone()).collect();
+        let config_errors = merged.errors;
+
+        let mut allocated = false;
+        for pod in model.pods().filter(|p| !p.pod_ips.is_empty()) {
+            let (identity, new) = self.identities.allocate(&compile::pod_labels(&model, pod));
+            if new {
+                tracing::info!(pod = %format!("{}/{}", pod.namespace, pod.name), identity, "allocated identity");
+                allocated = true;
+            }
+        }
+        if allocated {
+            if let Err(e) = self.identities.save() {
+                tracing::error!(error = %e, "cannot persist identities; numbers may change after a restart");
+            }
+        }
+
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        let compiled = compile::compile(&model, &self.identities, &self.node, generation);
+        let tables = compiled.tables.clone();
+        match self.proxy.apply(tables) {
+            Ok(applied) => {
+                let snapshot = self.snapshot_of(&model, &files, config_errors, compiled, &applied);
+                for error in &snapshot.status.errors {
+                    tracing::warn!(%error, "configuration error");
+                }
+                tracing::info!(
+                    generation,
+                    listeners = applied.listeners.len(),
+                    errors = snapshot.status.errors.len(),
+                    warnings = snapshot.status.warnings.len(),
+                    "applied"
+                );
+                self.metrics.set_config_state(snapshot.status.errors.len(), generation);
+                self.snapshot.store(Arc::new(snapshot));
+                Some(generation)
+            }
+            Err(e) => {
+                let message = format!("proxy refused generation {generation}: {e}; generation {} stays in place", self.snapshot.load().status.generation);
+                tracing::error!(error = %message, "apply failed");
+                let mut previous = (**self.snapshot.load()).clone();
+                previous.status.errors = config_errors;
+                previous.status.errors.extend(compiled.errors);
+                previous.status.errors.push(message);
+                self.metrics.set_config_state(previous.status.errors.len(), previous.status.generation);
+                self.snapshot.store(Arc::new(previous));
+                None
+            }
+        }
+    }
+
+    fn snapshot_of(
+        &self,
+        model: &Model,
+        files: &BTreeMap<ObjectKey, String>,
+        mut errors: Vec<String>,
+        compiled: Compiled,
+        applied: &Applied,
+    ) -> Snapshot {
+        let mut objects: BTreeMap<String, usize> = BTreeMap::new();
+        for (key, _) in model.iter() {
+            *objects.entry(key.kind.to_string()).or_default() += 1;
+        }
+        errors.extend(compiled.errors);
+        let bound: BTreeMap<&str, std::net::SocketAddr> =
+            applied.listeners.iter().map(|l| (l.name.as_str(), l.addr)).collect();
+        let services = compiled
+            .services
+            .into_iter()
+            .map(|mut service| {
+                service.frontend = bound.get(service.listener.as_str()).copied().or(service.frontend);
+                service
+            })
+            .collect();
+        let policies = compiled
+            .policies
+            .into_iter()
+            .map(|mut policy| {
+                let kind = Kind::from_kind_name(&policy.kind);
+                let key = ObjectKey::new(kind, policy.namespace.as_deref(), &policy.name);
+                policy.file = files.get(&key).cloned().unwrap_or_default();
+                policy
+            })
+            .collect();
+        let previous = self.snapshot.load();
+        Snapshot {
+            status: StatusView {
+                node: self.node.clone(),
+                datapath: "none".to_string(),
+                config_dir: self.config_dir.display().to_string(),
+                generation: applied.generation,
+                last_applied_unix: unix_now(),
+                objects: objects.into_iter().collect(),
+                errors,
+                warnings: compiled.warnings,
+                proxy_workers: self.proxy_workers,
+                listeners: applied.listeners.len(),
+                flows_seen: previous.status.flows_seen,
+                flows_lost: previous.status.flows_lost,
+            },
+            endpoints: compiled.endpoints,
+            identities: compiled.identities,
+            policies,
+            services,
+        }
+    }
+}
