@@ -329,8 +329,9 @@ struct RawCluster {
 struct RawEdsClusterConfig {
     #[serde(default)]
     service_name: Option<String>,
-    #[serde(default)]
-    eds_config: Option<RawConfigSource>,
+    /// Accepted in its ADS form only: the agent is the one EDS source.
+    #[serde(default, rename = "eds_config")]
+    _eds_config: Option<RawConfigSource>,
 }
 
 #[derive(Deserialize)]
@@ -435,10 +436,10 @@ pub(crate) fn cluster_from_value(
             Discovery::Static
         }
         Some(RawDiscoveryType::Eds) => {
-            let service_name = raw.eds_cluster_config.take().and_then(|config| {
-                let _: Option<RawConfigSource> = config.eds_config;
-                config.service_name
-            });
+            let service_name = raw
+                .eds_cluster_config
+                .take()
+                .and_then(|config| config.service_name);
             Discovery::Eds { service_name }
         }
         Some(

@@ -30,8 +30,9 @@ struct RawSocketAddress {
     port_value: u16,
     #[serde(default)]
     ipv4_compat: bool,
-    #[serde(default)]
-    protocol: Option<RawSocketProtocol>,
+    /// Only TCP exists for sluice listeners and endpoints.
+    #[serde(default, rename = "protocol")]
+    _protocol: Option<RawSocketProtocol>,
 }
 
 #[derive(Deserialize)]
@@ -44,7 +45,6 @@ impl TryFrom<RawSocketAddress> for SocketAddress {
     type Error = String;
 
     fn try_from(raw: RawSocketAddress) -> Result<SocketAddress, String> {
-        let _: Option<RawSocketProtocol> = raw.protocol;
         let address = raw.address.parse().map_err(|_| {
             format!(
                 "`{}` is not an IP address (DNS names are not resolved)",
@@ -290,8 +290,9 @@ struct RawExtension {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawHcm {
+    /// Checked against HCM_TYPE before decoding.
     #[serde(rename = "@type")]
-    type_url: String,
+    _type_url: String,
     stat_prefix: String,
     #[serde(default)]
     codec_type: CodecType,
@@ -331,8 +332,9 @@ struct RawHcm {
 #[serde(deny_unknown_fields)]
 struct RawRds {
     route_config_name: String,
-    #[serde(default)]
-    config_source: Option<super::RawConfigSource>,
+    /// Accepted in its ADS form only: routes come from the same config.
+    #[serde(default, rename = "config_source")]
+    _config_source: Option<super::RawConfigSource>,
 }
 
 const DEFAULT_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -441,12 +443,8 @@ fn hcm_from_value(
         ));
     }
     let raw: RawHcm = from_value(value, path)?;
-    let _: String = raw.type_url;
     let routes = match (raw.rds, raw.route_config) {
-        (Some(rds), None) => {
-            let _: Option<super::RawConfigSource> = rds.config_source;
-            RouteSource::Rds(rds.route_config_name)
-        }
+        (Some(rds), None) => RouteSource::Rds(rds.route_config_name),
         (None, Some(inline)) => RouteSource::Inline(inline),
         (Some(_), Some(_)) => {
             return Err(FieldError::new(

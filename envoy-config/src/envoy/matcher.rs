@@ -34,8 +34,9 @@ impl PartialEq for RegexMatcher {
 #[serde(deny_unknown_fields)]
 struct RawRegexMatcher {
     regex: String,
-    #[serde(default)]
-    google_re2: Option<RawGoogleRe2>,
+    /// Accepted and validated; the regex crate is always the engine.
+    #[serde(default, rename = "google_re2")]
+    _google_re2: Option<RawGoogleRe2>,
 }
 
 /// `google_re2: {}` (its `max_program_size` is deprecated; the regex crate has its own limits).
@@ -47,7 +48,6 @@ impl TryFrom<RawRegexMatcher> for RegexMatcher {
     type Error = String;
 
     fn try_from(raw: RawRegexMatcher) -> Result<RegexMatcher, String> {
-        let _: Option<RawGoogleRe2> = raw.google_re2;
         let unanchored = Regex::new(&raw.regex).map_err(|e| regex_reason(&raw.regex, &e))?;
         let anchored = Regex::new(&format!("^(?:{})$", raw.regex))
             .map_err(|e| regex_reason(&raw.regex, &e))?;

@@ -427,8 +427,9 @@ struct RawMirrorPolicy {
 #[serde(deny_unknown_fields)]
 struct RawRuntimeFraction {
     default_value: RawFractionalPercent,
-    #[serde(default)]
-    runtime_key: Option<String>,
+    /// Names a runtime override; sluice has no runtime layer, so the default value applies.
+    #[serde(default, rename = "runtime_key")]
+    _runtime_key: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -456,9 +457,6 @@ impl TryFrom<RawMirrorPolicy> for MirrorPolicy {
         let fraction_per_million = match raw.runtime_fraction {
             None => 1_000_000,
             Some(fraction) => {
-                // The runtime key only names an override; sluice has no runtime layer, so the
-                // default value is the fraction.
-                let _: Option<String> = fraction.runtime_key;
                 let scale = match fraction.default_value.denominator {
                     Denominator::Hundred => 10_000,
                     Denominator::TenThousand => 100,
@@ -514,8 +512,9 @@ enum ClusterNotFoundCode {
 #[serde(deny_unknown_fields)]
 struct RawWeightedClusters {
     clusters: Vec<WeightedCluster>,
-    #[serde(default)]
-    total_weight: Option<u32>,
+    /// Deprecated; Envoy ignores it and uses the sum of the weights.
+    #[serde(default, rename = "total_weight")]
+    _total_weight: Option<u32>,
 }
 
 const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -527,8 +526,6 @@ impl TryFrom<RawRouteAction> for RouteAction {
         let mut specifiers = Vec::new();
         specifiers.extend(raw.cluster.map(ClusterSpecifier::Cluster));
         if let Some(weighted) = raw.weighted_clusters {
-            // Envoy ignores the deprecated total_weight and uses the sum of weights.
-            let _: Option<u32> = weighted.total_weight;
             if weighted.clusters.is_empty() {
                 return Err("weighted_clusters.clusters must not be empty".to_string());
             }
