@@ -190,7 +190,7 @@ struct flow_event {
 	__u16 sport; /* host order */
 	__u16 dport; /* host order */
 	__u16 drop_reason; /* 0 unless verdict is VERDICT_DROPPED */
-	__u16 proxy_port;  /* host order, with VERDICT_REDIRECTED */
+	__u16 proxy_port;  /* host order: the proxy a REDIRECTED flow went to, or could not reach */
 	__u8 verdict;
 	__u8 direction;   /* DIR_* of the policy that decided */
 	__u8 protocol;

@@ -125,6 +125,14 @@ static __always_inline int drop(const struct pkt *p, const struct event_ctx *ec,
 	return TC_ACT_SHOT;
 }
 
+/* A flow that should reach the proxy on `proxy_port` but cannot: the event names the port. */
+static __always_inline int drop_proxied(const struct pkt *p, const struct event_ctx *ec, __u16 reason,
+					__u8 direction, __u16 proxy_port)
+{
+	emit_event(p, ec, VERDICT_DROPPED, reason, direction, proxy_port);
+	return TC_ACT_SHOT;
+}
+
 static __always_inline __u32 ipcache_identity(__u32 addr)
 {
 	struct ipcache_key key = {.prefixlen = 32, .addr = addr};
@@ -179,8 +187,6 @@ static __always_inline __u16 assign_to_proxy(struct __sk_buff *skb, const struct
 	struct bpf_sock *sk;
 	long err;
 
-	if (p->protocol != IPPROTO_TCP)
-		return DROP_PROXY_UNKNOWN_PROTO;
 	__builtin_memset(&tuple, 0, sizeof(tuple));
 	tuple.ipv4.saddr = p->saddr;
 	tuple.ipv4.daddr = p->daddr;
@@ -210,13 +216,17 @@ assign:
 	return 0;
 }
 
+/* Sends the packet to the proxy, or drops it when that is impossible (fail closed). A new flow
+ * is reported as REDIRECTED once it reached the proxy. */
 static __always_inline int redirect(struct __sk_buff *skb, const struct pkt *p, const struct event_ctx *ec,
-				    __u16 proxy_port, __u8 direction)
+				    __u16 proxy_port, __u8 direction, int new_flow)
 {
 	__u16 reason = assign_to_proxy(skb, p, proxy_port);
 
 	if (reason)
-		return drop(p, ec, reason, direction);
+		return drop_proxied(p, ec, reason, direction, proxy_port);
+	if (new_flow)
+		emit_event(p, ec, VERDICT_REDIRECTED, 0, direction, proxy_port);
 	return TC_ACT_OK;
 }
 
@@ -252,7 +262,7 @@ int sluice_from_container(struct __sk_buff *skb)
 	ct = bpf_map_lookup_elem(&sluice_ct, &ct_key);
 	if (ct) {
 		if (ct->proxy_port)
-			return redirect(skb, &p, &ec, ct->proxy_port, DIR_EGRESS);
+			return redirect(skb, &p, &ec, ct->proxy_port, DIR_EGRESS, 0);
 		if (dst_ep)
 			skb->mark = MARK_MAGIC_POLICY_DONE;
 		return TC_ACT_OK;
@@ -288,10 +298,12 @@ int sluice_from_container(struct __sk_buff *skb)
 	}
 
 admit:
+	if (proxy_port && p.protocol != IPPROTO_TCP)
+		return drop_proxied(&p, &ec, DROP_PROXY_UNKNOWN_PROTO, direction, proxy_port);
 	ct_create(&p, ec.src_identity, ec.dst_identity, proxy_port);
-	emit_event(&p, &ec, proxy_port ? VERDICT_REDIRECTED : VERDICT_FORWARDED, 0, direction, proxy_port);
 	if (proxy_port)
-		return redirect(skb, &p, &ec, proxy_port, direction);
+		return redirect(skb, &p, &ec, proxy_port, direction, 1);
+	emit_event(&p, &ec, VERDICT_FORWARDED, 0, direction, 0);
 	if (dst_ep)
 		skb->mark = MARK_MAGIC_POLICY_DONE;
 	return TC_ACT_OK;

@@ -47,7 +47,7 @@ pub const POLICY_PREFIX_BASE: u32 = 72;
 pub const POLICY_PREFIX_L4_MAX: u32 = 24;
 
 #[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct IpcacheKeyData {
     pub addr: u32,
 }
@@ -60,7 +60,7 @@ pub struct IpcacheValue {
 }
 
 #[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct EndpointKey {
     pub addr: u32,
 }
@@ -75,7 +75,7 @@ pub struct EndpointInfo {
 }
 
 #[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct PolicyKeyData {
     pub endpoint_addr: u32,
     pub remote_identity: u32,
@@ -95,7 +95,7 @@ pub struct PolicyValue {
 }
 
 #[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct ServiceKey {
     pub vip: u32,
     pub dport: u16,
@@ -114,13 +114,13 @@ pub struct ServiceValue {
 }
 
 #[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct BackendKey {
     pub backend_id: u32,
 }
 
 #[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct BackendValue {
     pub addr: u32,
     pub port: u16,
@@ -129,7 +129,7 @@ pub struct BackendValue {
 }
 
 #[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct MaglevKey {
     pub service_id: u32,
     pub slot: u32,
@@ -142,7 +142,7 @@ pub struct MaglevValue {
 }
 
 #[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct SockRevnatKey {
     pub cookie: u64,
     pub backend_addr: u32,
@@ -159,7 +159,7 @@ pub struct SockRevnatValue {
 }
 
 #[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct CtKey {
     pub saddr: u32,
     pub daddr: u32,
