@@ -387,8 +387,8 @@ struct RawThresholds {
     max_retries: Option<u32>,
 }
 
-/// `Http2ProtocolOptions`: sluice uses its own HTTP/2 settings, so only an empty message or
-/// the stream/window limits are accepted.
+/// `Http2ProtocolOptions`: sluice uses its own HTTP/2 settings, so only an empty message is
+/// accepted (any tuning field is reported as unsupported).
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawHttp2Options {}

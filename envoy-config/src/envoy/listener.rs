@@ -490,6 +490,9 @@ fn hcm_from_value(
             format!("the last HTTP filter must be {ROUTER_NAME}"),
         ));
     }
+    if raw.stat_prefix.is_empty() {
+        return Err(FieldError::new(join(path, "stat_prefix"), "must not be empty"));
+    }
     let max_request_headers_kb = raw.max_request_headers_kb.unwrap_or(60);
     if !(1..=8192).contains(&max_request_headers_kb) {
         return Err(FieldError::new(
