@@ -368,7 +368,11 @@ fn netns_pods_tc_policy_and_socket_lb_end_to_end() -> Result<()> {
     let (client, server_a, server_b) = (&node.pods[0], &node.pods[1], &node.pods[2]);
     let vip = SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, 10), 80);
     let empty_vip = SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, 11), 80);
-    let server_policy = vec![rule(Some(CLIENT_ID), Protocol::Tcp, Some(80), PolicyAction::Allow)];
+    let server_policy = vec![
+        rule(Some(CLIENT_ID), Protocol::Tcp, Some(80), PolicyAction::Allow),
+        rule(Some(CLIENT_ID), Protocol::Tcp, Some(82), redirect(15001)),
+        rule(Some(CLIENT_ID), Protocol::Tcp, Some(83), redirect(15002)),
+    ];
     let endpoint = |pod: &testing::Pod, identity, enforce_ingress, policy: Vec<PolicyEntry>| Endpoint {
         ip: pod.ip,
         identity,
@@ -408,10 +412,13 @@ fn netns_pods_tc_policy_and_socket_lb_end_to_end() -> Result<()> {
         datapath.attach_interface(&pod.host_if)?;
     }
     datapath.attach_cgroup(&cgroup.path)?;
+    let cgroup_root = cgroup.path.parent().context("cgroup parent")?;
+    assert!(matches!(datapath.attach_cgroup(cgroup_root), Err(crate::DatapathError::RootCgroup(_))));
     let _servers = [
         PodServer::start(&server_a.netns, SocketAddrV4::new(server_a.ip, 80), "server-a")?,
         PodServer::start(&server_a.netns, SocketAddrV4::new(server_a.ip, 81), "server-a-81")?,
         PodServer::start(&server_b.netns, SocketAddrV4::new(server_b.ip, 80), "server-b")?,
+        PodServer::transparent_proxy(&node.netns, 15001)?,
     ];
 
     // TC policy: the allowed port answers, the other one's SYN is dropped at the client's veth.
@@ -425,6 +432,17 @@ fn netns_pods_tc_policy_and_socket_lb_end_to_end() -> Result<()> {
         && e.tcp_flags & 0x02 != 0
         && e.direction == Direction::Ingress
         && e.ifindex == client.ifindex), "{drops:?}");
+
+    // L7 redirect: the flow lands on the proxy's transparent listener, whose accepted socket has
+    // the original destination as its local address; with no listener the flow is refused.
+    let proxied = pod_connect(client, None, SocketAddrV4::new(server_a.ip, 82), 5)?;
+    let ConnectOutcome::Connected { peer, reply } = proxied else { panic!("redirected connect: {proxied:?}") };
+    assert_eq!(peer, SocketAddrV4::new(server_a.ip, 82));
+    assert!(reply.starts_with(&format!("proxy {}:82 {}:", server_a.ip, client.ip)), "{reply}");
+    assert_eq!(pod_connect(client, None, SocketAddrV4::new(server_a.ip, 83), 2)?, ConnectOutcome::TimedOut);
+    let proxy_events = events.drain();
+    assert!(proxy_events.iter().any(|e| e.verdict == Verdict::Redirected && e.proxy_port == 15001));
+    assert!(proxy_events.iter().any(|e| e.drop_reason == Some(DropReason::SocketLookupFailed) && e.proxy_port == 15002));
 
     // Socket LB: the VIP reaches both backends, and the application sees the VIP as its peer.
     let mut answered = std::collections::BTreeSet::new();

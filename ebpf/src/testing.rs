@@ -231,12 +231,32 @@ pub struct PodServer {
 
 impl PodServer {
     pub fn start(pod_netns: &str, addr: SocketAddrV4, reply: &str) -> Result<Self> {
+        let reply = reply.to_string();
+        Self::serve(pod_netns, move || TcpListener::bind(addr).context("bind"), move |_| reply.clone())
+    }
+
+    /// A transparent proxy listener (IP_TRANSPARENT, 127.0.0.1:port) in the node namespace
+    /// that answers "proxy <local address> <peer address>": the local address of an accepted
+    /// socket is the original destination when the datapath redirected the flow.
+    pub fn transparent_proxy(node_netns: &str, port: u16) -> Result<Self> {
+        Self::serve(node_netns, move || transparent_listener(port), |stream| {
+            let local = stream.local_addr().map(|a| a.to_string()).unwrap_or_default();
+            let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+            format!("proxy {local} {peer}")
+        })
+    }
+
+    fn serve(
+        netns: &str,
+        bind: impl FnOnce() -> Result<TcpListener> + Send + 'static,
+        reply: impl Fn(&std::net::TcpStream) -> String + Send + 'static,
+    ) -> Result<Self> {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
-        let (netns, reply, stop_flag) = (pod_netns.to_string(), reply.to_string(), stop.clone());
+        let (netns, stop_flag) = (netns.to_string(), stop.clone());
         let thread = std::thread::spawn(move || {
             let listener = NetnsGuard::enter(&netns).and_then(|guard| {
-                let listener = TcpListener::bind(addr).context("bind")?;
+                let listener = bind()?;
                 listener.set_nonblocking(true).context("nonblocking")?;
                 Ok((guard, listener))
             });
@@ -253,7 +273,8 @@ impl PodServer {
             while !stop_flag.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((mut stream, _)) => {
-                        let _ = std::io::Write::write_all(&mut stream, reply.as_bytes());
+                        let answer = reply(&stream);
+                        let _ = std::io::Write::write_all(&mut stream, answer.as_bytes());
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(10)),
                 }
@@ -261,6 +282,35 @@ impl PodServer {
         });
         ready_rx.recv().context("server thread")??;
         Ok(Self { stop, thread: Some(thread) })
+    }
+}
+
+fn transparent_listener(port: u16) -> Result<TcpListener> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain socket syscalls on a fresh fd owned by the returned listener.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            bail!("socket: {}", std::io::Error::last_os_error());
+        }
+        let listener = TcpListener::from_raw_fd(fd);
+        let one: libc::c_int = 1;
+        if libc::setsockopt(fd, libc::SOL_IP, libc::IP_TRANSPARENT, (&one as *const libc::c_int).cast(), 4) != 0 {
+            bail!("IP_TRANSPARENT: {}", std::io::Error::last_os_error());
+        }
+        let addr = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr { s_addr: u32::from(Ipv4Addr::LOCALHOST).to_be() },
+            sin_zero: [0; 8],
+        };
+        if libc::bind(fd, (&addr as *const libc::sockaddr_in).cast(), std::mem::size_of::<libc::sockaddr_in>() as u32) != 0 {
+            bail!("bind 127.0.0.1:{port}: {}", std::io::Error::last_os_error());
+        }
+        if libc::listen(fd, 64) != 0 {
+            bail!("listen: {}", std::io::Error::last_os_error());
+        }
+        Ok(listener)
     }
 }
 
