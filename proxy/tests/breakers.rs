@@ -11,20 +11,6 @@ use sluice_proxy::flow::{DropReason, Verdict};
 use sluice_proxy::tables::OutlierDetection;
 use sluice_proxy::Handle;
 
-/// A backend whose answers wait until `release` is sent `true`.
-async fn gated() -> (Backend, tokio::sync::watch::Sender<bool>) {
-    let (release, released) = tokio::sync::watch::channel(false);
-    let backend = Backend::start("gated", move |_, _| {
-        let mut released = released.clone();
-        Box::pin(async move {
-            let _ = released.wait_for(|r| *r).await;
-            reply(StatusCode::OK, "gated")
-        })
-    })
-    .await;
-    (backend, release)
-}
-
 async fn wait_until(what: &str, condition: impl Fn() -> bool) {
     for _ in 0..1000 {
         if condition() {
@@ -45,7 +31,7 @@ fn spawn_get(addr: SocketAddr) -> tokio::task::JoinHandle<Got> {
 
 #[tokio::test]
 async fn max_requests_overflow_is_a_503_with_x_envoy_overloaded() {
-    let (backend, release) = gated().await;
+    let (backend, release) = gated("gated").await;
     let mut proxy = Proxy::start();
     let mut svc = cluster("svc", &[backend.addr]);
     svc.circuit_breakers.max_requests = 1;
@@ -70,7 +56,7 @@ async fn max_requests_overflow_is_a_503_with_x_envoy_overloaded() {
 
 #[tokio::test]
 async fn requests_queue_at_max_connections_until_max_pending_requests_overflows() {
-    let (backend, release) = gated().await;
+    let (backend, release) = gated("gated").await;
     let proxy = Proxy::start();
     let mut svc = cluster("svc", &[backend.addr]);
     svc.circuit_breakers.max_connections = 1;

@@ -27,7 +27,7 @@ fn h2_get(path: &str) -> Request<Full<Bytes>> {
 async fn http2_prior_knowledge_downstream_to_an_http1_upstream() {
     let backend = Backend::echo("h1").await;
     let mut proxy = Proxy::start();
-    let addr = proxy.apply(tables(1, hcm(vec![prefix_route("/", to_cluster("svc"))]), vec![cluster("svc", &[backend.addr])]));
+    let addr = proxy.apply(svc_tables(to_cluster("svc"), &[backend.addr]));
     let mut client = h2_client([127, 0, 0, 1].into(), addr).await;
     let response = client.send_request(h2_get("/two?x=1")).await.unwrap();
     assert_eq!(response.version(), Version::HTTP_2);
@@ -64,13 +64,9 @@ async fn http2_upstreams_multiplex_over_one_connection() {
 async fn an_l4_denial_resets_the_stream_and_the_connection_carries_on() {
     let backend = Backend::echo_on("backend", [127, 0, 0, 10].into()).await;
     let proxy = Proxy::start();
-    let mut t = tables(1, hcm(vec![prefix_route("/", to_cluster("svc"))]), vec![cluster("svc", &[backend.addr])]);
-    t.peers.insert([127, 0, 0, 20].into(), peer(400, "default/client"));
+    let mut t = svc_tables(to_cluster("svc"), &[backend.addr]);
     // Identity 400 may GET /ok; everyone else is denied at L3/L4.
-    t.policies.insert(
-        backend.addr.ip(),
-        ingress_only(true, vec![allow(&[400], backend.addr.port(), Some(vec![http_rule("GET", "/ok")]), "rule")]),
-    );
+    guard(&mut t, backend.addr, vec![http_rule("GET", "/ok")]);
     let addr = proxy.apply(t);
 
     let mut allowed = h2_client([127, 0, 0, 20].into(), addr).await;

@@ -38,12 +38,8 @@ fn get_line(target: &str) -> String {
 async fn crafted_requests_never_reach_a_denied_path() {
     let backend = Backend::echo_on("backend", [127, 0, 0, 10].into()).await;
     let proxy = Proxy::start();
-    let mut t = tables(1, hcm(vec![prefix_route("/", to_cluster("svc"))]), vec![cluster("svc", &[backend.addr])]);
-    t.peers.insert([127, 0, 0, 20].into(), peer(400, "default/client"));
-    t.policies.insert(
-        backend.addr.ip(),
-        ingress_only(true, vec![allow(&[400], backend.addr.port(), Some(vec![http_rule("GET", "/public(/[^?]*)?")]), "public only")]),
-    );
+    let mut t = svc_tables(to_cluster("svc"), &[backend.addr]);
+    guard(&mut t, backend.addr, vec![http_rule("GET", "/public(/[^?]*)?")]);
     let addr = proxy.apply(t);
 
     assert_eq!(raw_status(addr, &get_line("/public/page")).await, Some(200));
@@ -79,7 +75,7 @@ async fn crafted_requests_never_reach_a_denied_path() {
 async fn the_backend_receives_the_canonical_path_that_policy_approved() {
     let backend = Backend::echo("backend").await;
     let proxy = Proxy::start();
-    let addr = proxy.apply(tables(1, hcm(vec![prefix_route("/", to_cluster("svc"))]), vec![cluster("svc", &[backend.addr])]));
+    let addr = proxy.apply(svc_tables(to_cluster("svc"), &[backend.addr]));
     assert_eq!(raw_status(addr, &get_line("/a/./b/../c//d?q=%2e")).await, Some(200));
     assert_eq!(raw_status(addr, &get_line("/%7euser")).await, Some(200));
     let seen: Vec<String> = backend.seen().into_iter().map(|r| r.path).collect();

@@ -19,7 +19,7 @@ const STRANGER: [u8; 4] = [127, 0, 0, 99];
 async fn ingress_policy_allows_denies_with_403_and_drops_at_l4() {
     let backend = Backend::echo_on("backend", IpAddr::from(BACKEND_IP)).await;
     let mut proxy = Proxy::start();
-    let mut tables = tables(1, hcm(vec![prefix_route("/", to_cluster("svc"))]), vec![cluster("svc", &[backend.addr])]);
+    let mut tables = svc_tables(to_cluster("svc"), &[backend.addr]);
     tables.peers.insert(IpAddr::from(BACKEND_IP), peer(300, "default/backend"));
     tables.peers.insert(IpAddr::from(FRONTEND), peer(400, "default/frontend"));
     tables.peers.insert(IpAddr::from(OTHER), peer(500, "default/other"));
@@ -76,7 +76,7 @@ async fn ingress_policy_allows_denies_with_403_and_drops_at_l4() {
 async fn the_sources_egress_policy_applies_too() {
     let backend = Backend::echo_on("backend", IpAddr::from(BACKEND_IP)).await;
     let proxy = Proxy::start();
-    let mut tables = tables(1, hcm(vec![prefix_route("/", to_cluster("svc"))]), vec![cluster("svc", &[backend.addr])]);
+    let mut tables = svc_tables(to_cluster("svc"), &[backend.addr]);
     tables.peers.insert(IpAddr::from(BACKEND_IP), peer(300, "default/backend"));
     tables.peers.insert(IpAddr::from(FRONTEND), peer(400, "default/frontend"));
     // The frontend may only GET /api/* from identity 300; the backend has no policy.
@@ -105,7 +105,7 @@ async fn the_sources_egress_policy_applies_too() {
 async fn an_l7_denial_keeps_the_keep_alive_connection() {
     let backend = Backend::echo_on("backend", IpAddr::from(BACKEND_IP)).await;
     let proxy = Proxy::start();
-    let mut tables = tables(1, hcm(vec![prefix_route("/", to_cluster("svc"))]), vec![cluster("svc", &[backend.addr])]);
+    let mut tables = svc_tables(to_cluster("svc"), &[backend.addr]);
     tables.peers.insert(IpAddr::from(FRONTEND), peer(400, "default/frontend"));
     tables.policies.insert(
         IpAddr::from(BACKEND_IP),

@@ -20,10 +20,11 @@ const CLIENT: [u8; 4] = [127, 0, 0, 20];
 fn generation(n: u64, blue: SocketAddr, green: SocketAddr) -> ProxyTables {
     // Even generations route to blue, odd ones to green; odd ones also carry an L7 policy that
     // allows the client's GETs, so policy compiles and swaps along with routes.
-    let target = if n % 2 == 0 { "blue" } else { "green" };
+    let green_generation = n % 2 == 1;
+    let target = if green_generation { "green" } else { "blue" };
     let mut t = tables(n, hcm(vec![prefix_route("/", to_cluster(target))]), vec![cluster("blue", &[blue]), cluster("green", &[green])]);
     t.peers.insert(IpAddr::from(CLIENT), peer(400, "default/client"));
-    if n % 2 == 1 {
+    if green_generation {
         let backend_ip = green.ip();
         t.policies.insert(backend_ip, ingress_only(true, vec![allow(&[400], green.port(), Some(vec![http_rule("GET", "/.*")]), "reload")]));
     }
@@ -87,17 +88,9 @@ async fn a_keep_alive_connection_survives_a_swap_and_sees_the_new_routes() {
 
 #[tokio::test]
 async fn a_removed_listener_stops_accepting_and_lets_in_flight_requests_finish() {
-    let (release, released) = tokio::sync::watch::channel(false);
-    let slow = Backend::start("slow", move |_, _| {
-        let mut released = released.clone();
-        Box::pin(async move {
-            let _ = released.wait_for(|r| *r).await;
-            reply(StatusCode::OK, "slow")
-        })
-    })
-    .await;
+    let (slow, release) = gated("slow").await;
     let proxy = Proxy::start();
-    let addr = proxy.apply(tables(1, hcm(vec![prefix_route("/", to_cluster("svc"))]), vec![cluster("svc", &[slow.addr])]));
+    let addr = proxy.apply(svc_tables(to_cluster("svc"), &[slow.addr]));
     let in_flight = tokio::spawn(async move { get(addr, "/").await });
     while slow.hits() == 0 {
         tokio::time::sleep(Duration::from_millis(10)).await;

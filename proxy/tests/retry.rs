@@ -30,6 +30,12 @@ async fn failing_first(failures: usize) -> Backend {
     .await
 }
 
+fn retrying(policy: sluice_proxy::tables::RetryPolicy) -> sluice_proxy::tables::ForwardAction {
+    let mut action = to_cluster("svc");
+    action.retry_policy = Some(policy);
+    action
+}
+
 fn attempt_counts(backend: &Backend) -> Vec<String> {
     backend.seen().iter().map(|r| r.headers["x-envoy-attempt-count"].to_str().unwrap().to_owned()).collect()
 }
@@ -38,9 +44,8 @@ fn attempt_counts(backend: &Backend) -> Vec<String> {
 async fn a_5xx_is_retried_once_by_default_policy() {
     let backend = failing_first(1).await;
     let mut proxy = Proxy::start();
-    let mut action = to_cluster("svc");
-    action.retry_policy = Some(retry_policy(on_5xx(), 1));
-    let addr = proxy.apply(tables(1, hcm(vec![prefix_route("/", action)]), vec![cluster("svc", &[backend.addr])]));
+    let action = retrying(retry_policy(on_5xx(), 1));
+    let addr = proxy.apply(svc_tables(action, &[backend.addr]));
 
     let got = get(addr, "/").await;
     assert_eq!(got.status, StatusCode::OK);
@@ -55,9 +60,8 @@ async fn a_5xx_is_retried_once_by_default_policy() {
 async fn retries_stop_at_num_retries_and_the_last_5xx_is_returned() {
     let backend = failing_first(10).await;
     let mut proxy = Proxy::start();
-    let mut action = to_cluster("svc");
-    action.retry_policy = Some(retry_policy(on_5xx(), 2));
-    let addr = proxy.apply(tables(1, hcm(vec![prefix_route("/", action)]), vec![cluster("svc", &[backend.addr])]));
+    let action = retrying(retry_policy(on_5xx(), 2));
+    let addr = proxy.apply(svc_tables(action, &[backend.addr]));
 
     assert_eq!(get(addr, "/").await.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(attempt_counts(&backend), vec!["1", "2", "3"]);
@@ -68,7 +72,7 @@ async fn retries_stop_at_num_retries_and_the_last_5xx_is_returned() {
 async fn without_a_retry_policy_a_5xx_is_final() {
     let backend = failing_first(1).await;
     let mut proxy = Proxy::start();
-    let addr = proxy.apply(tables(1, hcm(vec![prefix_route("/", to_cluster("svc"))]), vec![cluster("svc", &[backend.addr])]));
+    let addr = proxy.apply(svc_tables(to_cluster("svc"), &[backend.addr]));
     assert_eq!(get(addr, "/").await.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(backend.hits(), 1);
     assert_eq!(proxy.drain_flows()[0].attempts, 1);
@@ -102,9 +106,8 @@ async fn resetting_first(resets: usize) -> (SocketAddr, Arc<AtomicUsize>) {
 async fn a_reset_is_retried_under_retry_on_reset() {
     let (backend, accepted) = resetting_first(1).await;
     let mut proxy = Proxy::start();
-    let mut action = to_cluster("svc");
-    action.retry_policy = Some(retry_policy(RetryOn { reset: true, ..RetryOn::default() }, 1));
-    let addr = proxy.apply(tables(1, hcm(vec![prefix_route("/", action)]), vec![cluster("svc", &[backend])]));
+    let action = retrying(retry_policy(RetryOn { reset: true, ..RetryOn::default() }, 1));
+    let addr = proxy.apply(svc_tables(action, &[backend]));
 
     let got = get(addr, "/").await;
     assert_eq!((got.status, got.body.as_str()), (StatusCode::OK, "ok"));
@@ -116,7 +119,7 @@ async fn a_reset_is_retried_under_retry_on_reset() {
 async fn a_reset_without_retry_is_a_503() {
     let (backend, _accepted) = resetting_first(1).await;
     let mut proxy = Proxy::start();
-    let addr = proxy.apply(tables(1, hcm(vec![prefix_route("/", to_cluster("svc"))]), vec![cluster("svc", &[backend])]));
+    let addr = proxy.apply(svc_tables(to_cluster("svc"), &[backend]));
     assert_eq!(get(addr, "/").await.status, StatusCode::SERVICE_UNAVAILABLE);
     let flow = &proxy.drain_flows()[0];
     assert_eq!((flow.verdict, flow.drop_reason), (Verdict::Error, Some(DropReason::UpstreamFailure)));
@@ -131,7 +134,7 @@ async fn connect_failures_are_retried_on_another_host() {
     policy.avoid_previous_hosts = true;
     let mut action = to_cluster("svc");
     action.retry_policy = Some(policy);
-    let addr = proxy.apply(tables(1, hcm(vec![prefix_route("/", action)]), vec![cluster("svc", &[refused, backend.addr])]));
+    let addr = proxy.apply(svc_tables(action, &[refused, backend.addr]));
 
     for _ in 0..10 {
         assert_eq!(get(addr, "/").await.status, StatusCode::OK);
@@ -149,7 +152,7 @@ async fn connect_failures_are_retried_on_another_host() {
 async fn connect_failure_without_retry_is_a_503() {
     let refused = refused_addr().await;
     let proxy = Proxy::start();
-    let addr = proxy.apply(tables(1, hcm(vec![prefix_route("/", to_cluster("svc"))]), vec![cluster("svc", &[refused])]));
+    let addr = proxy.apply(svc_tables(to_cluster("svc"), &[refused]));
     let got = get(addr, "/").await;
     assert_eq!(got.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(proxy.handle.stats().clusters["svc"].upstream_cx_connect_fail, 1);
@@ -159,8 +162,7 @@ async fn connect_failure_without_retry_is_a_503() {
 async fn max_retries_zero_means_the_retry_overflows() {
     let backend = failing_first(1).await;
     let proxy = Proxy::start();
-    let mut action = to_cluster("svc");
-    action.retry_policy = Some(retry_policy(on_5xx(), 3));
+    let action = retrying(retry_policy(on_5xx(), 3));
     let mut svc = cluster("svc", &[backend.addr]);
     svc.circuit_breakers.max_retries = 0;
     let addr = proxy.apply(tables(1, hcm(vec![prefix_route("/", action)]), vec![svc]));
@@ -179,8 +181,7 @@ async fn post(addr: SocketAddr, body: Bytes) -> Got {
 async fn bodies_within_the_buffer_are_replayed_and_larger_ones_are_not_retried() {
     let backend = failing_first(1).await;
     let proxy = Proxy::start();
-    let mut action = to_cluster("svc");
-    action.retry_policy = Some(retry_policy(on_5xx(), 1));
+    let action = retrying(retry_policy(on_5xx(), 1));
     let mut http = hcm(vec![prefix_route("/", action)]);
     let mut route_config = (*http.route_config).clone();
     route_config.virtual_hosts[0].request_body_buffer_limit = 1024;
@@ -195,8 +196,7 @@ async fn bodies_within_the_buffer_are_replayed_and_larger_ones_are_not_retried()
 
     // Swap in a fresh failing backend for the large body.
     let large_backend = failing_first(1).await;
-    let mut action = to_cluster("svc");
-    action.retry_policy = Some(retry_policy(on_5xx(), 1));
+    let action = retrying(retry_policy(on_5xx(), 1));
     let mut http = hcm(vec![prefix_route("/", action)]);
     let mut route_config = (*http.route_config).clone();
     route_config.virtual_hosts[0].request_body_buffer_limit = 1024;

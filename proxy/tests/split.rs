@@ -77,15 +77,7 @@ async fn ring_hash_keeps_each_client_on_one_backend() {
 #[tokio::test]
 async fn least_request_avoids_the_busy_backend() {
     use std::time::Duration;
-    let (release, released) = tokio::sync::watch::channel(false);
-    let slow = Backend::start("slow", move |_, _| {
-        let mut released = released.clone();
-        Box::pin(async move {
-            let _ = released.wait_for(|r| *r).await;
-            reply(StatusCode::OK, "slow")
-        })
-    })
-    .await;
+    let (slow, release) = gated("slow").await;
     let fast = Backend::echo("fast").await;
     let proxy = Proxy::start();
     let mut least = cluster("least", &[slow.addr, fast.addr]);

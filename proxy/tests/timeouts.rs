@@ -28,7 +28,7 @@ async fn per_try_timeouts_are_retried_until_the_route_timeout_gives_504() {
     let mut action = to_cluster("svc");
     action.timeout = Some(Duration::from_secs(1));
     action.retry_policy = Some(policy);
-    let addr = proxy.apply(tables(1, hcm(vec![prefix_route("/", action)]), vec![cluster("svc", &[backend.addr])]));
+    let addr = proxy.apply(svc_tables(action, &[backend.addr]));
 
     let got = get(addr, "/").await;
     assert_eq!(got.status, StatusCode::GATEWAY_TIMEOUT);
@@ -51,7 +51,7 @@ async fn without_per_try_timeout_the_route_timeout_leaves_no_time_to_retry() {
     let mut action = to_cluster("svc");
     action.timeout = Some(Duration::from_secs(1));
     action.retry_policy = Some(retry_policy(on_5xx(), 3));
-    let addr = proxy.apply(tables(1, hcm(vec![prefix_route("/", action)]), vec![cluster("svc", &[backend.addr])]));
+    let addr = proxy.apply(svc_tables(action, &[backend.addr]));
 
     let started = tokio::time::Instant::now();
     assert_eq!(get(addr, "/").await.status, StatusCode::GATEWAY_TIMEOUT);
@@ -86,6 +86,6 @@ async fn a_zero_route_timeout_disables_it() {
     let proxy = Proxy::start_here();
     let mut action = to_cluster("svc");
     action.timeout = Some(Duration::ZERO);
-    let addr = proxy.apply(tables(1, hcm(vec![prefix_route("/", action)]), vec![cluster("svc", &[backend.addr])]));
+    let addr = proxy.apply(svc_tables(action, &[backend.addr]));
     assert_eq!(get(addr, "/").await.status, StatusCode::OK);
 }

@@ -107,8 +107,7 @@ async fn policy_denies_the_upgrade_request_with_403() {
     let (backend, _, heads) = upgrade_backend(SWITCH, true).await;
     let proxy = Proxy::start();
     let mut t = tables(1, websocket_listener(&["websocket"]), vec![cluster("ws", &[backend])]);
-    t.peers.insert([127, 0, 0, 20].into(), peer(400, "default/client"));
-    t.policies.insert(backend.ip(), ingress_only(true, vec![allow(&[400], backend.port(), Some(vec![http_rule("GET", "/api/.*")]), "no ws")]));
+    guard(&mut t, backend, vec![http_rule("GET", "/api/.*")]);
     let addr = proxy.apply(t);
     let mut client = connect_from([127, 0, 0, 20].into(), addr).await;
     client.write_all(UPGRADE_REQUEST).await.unwrap();

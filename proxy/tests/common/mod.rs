@@ -177,6 +177,22 @@ pub fn reply(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
         .unwrap()
 }
 
+/// A backend whose answers wait until the returned sender is sent `true`.
+pub async fn gated(name: &str) -> (Backend, tokio::sync::watch::Sender<bool>) {
+    let (release, released) = tokio::sync::watch::channel(false);
+    let label = name.to_owned();
+    let backend = Backend::start(name, move |_, _| {
+        let mut released = released.clone();
+        let label = label.clone();
+        Box::pin(async move {
+            let _ = released.wait_for(|r| *r).await;
+            reply(StatusCode::OK, &label)
+        })
+    })
+    .await;
+    (backend, release)
+}
+
 /// A TCP server that reads a request and closes the connection without answering.
 pub async fn resetting_backend() -> (SocketAddr, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -359,6 +375,21 @@ pub fn tables(generation: u64, http: HttpConnectionManager, clusters: Vec<Cluste
         peers: BTreeMap::new(),
         policies: BTreeMap::new(),
     }
+}
+
+/// Every path to `action`'s cluster, which must be `svc` with `endpoints`.
+pub fn svc_tables(action: ForwardAction, endpoints: &[SocketAddr]) -> ProxyTables {
+    tables(1, hcm(vec![prefix_route("/", action)]), vec![cluster("svc", endpoints)])
+}
+
+/// The client address that `guard` gives identity 400.
+pub const CLIENT_400: [u8; 4] = [127, 0, 0, 20];
+
+/// Gives `CLIENT_400` identity 400 and lets it reach `backend` only through `http` rules;
+/// every other identity is denied at L3/L4.
+pub fn guard(tables: &mut ProxyTables, backend: SocketAddr, http: Vec<HttpRule>) {
+    tables.peers.insert(IpAddr::from(CLIENT_400), peer(400, "default/client"));
+    tables.policies.insert(backend.ip(), ingress_only(true, vec![allow(&[400], backend.port(), Some(http), "guard")]));
 }
 
 pub fn peer(identity: Identity, name: &str) -> Peer {
