@@ -10,7 +10,10 @@
 //! - HTTP rule fields are compiled as anchored (`^(?:…)$`) regexes.
 //! - CiliumEnvoyConfig resources are decoded by `@type` into the Envoy subset sluice
 //!   implements, lowerCamelCase keys are accepted as their snake_case form, Envoy's defaults
-//!   are filled in, and names are qualified as Cilium does ([`envoy::qualify`]). Any field
+//!   are filled in, and names are qualified as Cilium does ([`envoy::qualify`]): forced
+//!   for Listener, RouteConfiguration and VirtualHost names and RDS references; without
+//!   force (names containing `/` pass through) for Cluster, ClusterLoadAssignment and
+//!   Secret names and every cluster reference in routes. Any field
 //!   outside that subset is an error naming its path; nothing is silently dropped.
 
 mod document;

@@ -66,7 +66,8 @@ fn qualify_follows_cilium_resource_qualified_name() {
 }
 
 #[test]
-fn cec_names_are_forced_for_listeners_routes_and_virtual_hosts_only() -> Result<()> {
+fn cec_names_are_forced_for_listeners_routes_and_virtual_hosts_and_slash_free_elsewhere(
+) -> Result<()> {
     let config = cec(Some("team"), LISTENER_AND_ROUTES)?;
     assert_eq!(config.listeners[0].name, "team/cfg/ingress");
     let RouteSource::Rds(rds) = &config.listeners[0].filter_chains[0]
@@ -89,7 +90,7 @@ fn cec_names_are_forced_for_listeners_routes_and_virtual_hosts_only() -> Result<
         action.cluster,
         ClusterSpecifier::Cluster("default/echo".into())
     );
-    assert_eq!(config.clusters[0].name, "local-cluster");
+    assert_eq!(config.clusters[0].name, "team/cfg/local-cluster");
 
     let clusterwide = cec(None, LISTENER_AND_ROUTES)?;
     assert_eq!(clusterwide.listeners[0].name, "/cfg/ingress");
@@ -120,6 +121,14 @@ fn example_ccec_references_pass_through_and_services_get_namespaces() -> Result<
     assert_eq!(
         routes.virtual_hosts[0].name,
         "/envoy-admin-listener/admin_route"
+    );
+    let Action::Route(admin_route) = &routes.virtual_hosts[0].routes[0].action else {
+        bail!("expected a route action")
+    };
+    assert_eq!(
+        admin_route.cluster,
+        ClusterSpecifier::Cluster("/envoy-admin-listener/envoy-admin".into()),
+        "a slash-free cluster reference is qualified (newer examples write `/envoy-admin`)"
     );
 
     let canary = config(example("envoy-helloworld-v1-90-v2-10.yaml")?.remove(0))?;
@@ -388,6 +397,8 @@ fn route_matchers_rewrites_and_local_replies_parse() -> Result<()> {
     let Action::Route(action) = &first.action else {
         bail!("route")
     };
+    assert_eq!(action.cluster, ClusterSpecifier::Cluster("ns/cfg/c".into()));
+    assert_eq!(action.request_mirror_policies[0].cluster, "ns/cfg/shadow");
     let rewrite = action.regex_rewrite.as_ref().expect("rewrite");
     assert_eq!(
         rewrite.pattern.unanchored.replace_all(
@@ -463,7 +474,9 @@ fn static_cluster_keeps_its_load_assignment() -> Result<()> {
         ),
         (1, 3)
     );
-    assert_eq!(config.load_assignments[0].cluster_name, "other");
+    assert_eq!(config.clusters[0].name, "/cfg/static");
+    assert_eq!(assignment.cluster_name, "/cfg/static");
+    assert_eq!(config.load_assignments[0].cluster_name, "/cfg/other");
     assert_eq!(config.load_assignments[0].endpoints[0].priority, 1);
     Ok(())
 }

@@ -181,7 +181,8 @@ fn d300s() -> Duration {
     Duration::from_secs(300)
 }
 
-/// An Envoy `Cluster`. Its name is NOT qualified (`default/echo` passes through).
+/// An Envoy `Cluster`. Its name is qualified without force: `echo` becomes `ns/cec/echo`,
+/// `default/echo` passes through.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Cluster {
     /// `name`.
@@ -206,7 +207,7 @@ pub struct Cluster {
     pub per_connection_buffer_limit_bytes: u32,
 }
 
-/// An Envoy `ClusterLoadAssignment`. `cluster_name` is NOT qualified.
+/// An Envoy `ClusterLoadAssignment`. `cluster_name` is qualified like a cluster name.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterLoadAssignment {
@@ -419,7 +420,7 @@ struct RawExplicitHttpConfig {
 #[serde(deny_unknown_fields)]
 struct RawHttp1Options {}
 
-/// Decodes a Cluster resource at `path` (names are never qualified for clusters).
+/// Decodes a Cluster resource at `path` (the caller qualifies its names).
 pub(crate) fn cluster_from_value(
     value: serde_json::Value,
     path: &str,

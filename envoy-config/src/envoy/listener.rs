@@ -491,7 +491,10 @@ fn hcm_from_value(
         ));
     }
     if raw.stat_prefix.is_empty() {
-        return Err(FieldError::new(join(path, "stat_prefix"), "must not be empty"));
+        return Err(FieldError::new(
+            join(path, "stat_prefix"),
+            "must not be empty",
+        ));
     }
     let max_request_headers_kb = raw.max_request_headers_kb.unwrap_or(60);
     if !(1..=8192).contains(&max_request_headers_kb) {

@@ -93,7 +93,7 @@ pub struct BackendService {
 /// An Envoy `Secret` resource. Only the name is used; the rest is kept as written.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Secret {
-    /// `name` (not qualified).
+    /// `name`, qualified like a cluster name.
     pub name: String,
     /// The other fields, as written.
     pub fields: serde_json::Map<String, serde_json::Value>,
@@ -180,7 +180,10 @@ pub(crate) fn parse_envoy_config(
 ) -> Result<EnvoyConfig, FieldError> {
     let raw: RawSpec = from_value(spec, "spec")?;
     let ns = namespace.unwrap_or("");
-    let q = |resource_name: &str| qualify(ns, name, resource_name, true);
+    let names = Qualifier {
+        namespace: ns,
+        config: name,
+    };
 
     let node_selector = match raw.node_selector {
         None => None,
@@ -223,18 +226,18 @@ pub(crate) fn parse_envoy_config(
         let (kind, resource_name) = match type_url.as_str() {
             LISTENER_TYPE => {
                 let mut listener = listener::listener_from_value(value, &path)?;
-                listener.name = q(&listener.name);
+                listener.name = names.forced(&listener.name);
                 for (chain_index, chain) in listener.filter_chains.iter_mut().enumerate() {
                     let hcm_path = format!("{path}.filter_chains[{chain_index}].filters[0].typed_config");
                     match &mut chain.http_connection_manager.routes {
                         RouteSource::Rds(route_name) => {
-                            *route_name = q(route_name);
+                            *route_name = names.forced(route_name);
                             rds_references.push((format!("{hcm_path}.rds.route_config_name"), route_name.clone()));
                         }
                         RouteSource::Inline(routes) => {
                             check_route_configuration(routes)
                                 .map_err(|reason| FieldError::new(join(&hcm_path, "route_config"), reason))?;
-                            qualify_routes(routes, &q);
+                            names.routes(routes);
                         }
                     }
                 }
@@ -245,19 +248,24 @@ pub(crate) fn parse_envoy_config(
             ROUTE_TYPE => {
                 let mut routes: RouteConfiguration = from_value(value, &path)?;
                 check_route_configuration(&routes).map_err(|reason| FieldError::new(path.clone(), reason))?;
-                qualify_routes(&mut routes, &q);
+                names.routes(&mut routes);
                 let key = routes.name.clone();
                 config.route_configurations.push(routes);
                 ("RouteConfiguration", key)
             }
             CLUSTER_TYPE => {
-                let cluster = cluster::cluster_from_value(value, &path)?;
+                let mut cluster = cluster::cluster_from_value(value, &path)?;
+                cluster.name = names.reference(&cluster.name);
+                if let Some(assignment) = &mut cluster.load_assignment {
+                    assignment.cluster_name = names.reference(&assignment.cluster_name);
+                }
                 let key = cluster.name.clone();
                 config.clusters.push(cluster);
                 ("Cluster", key)
             }
             CLA_TYPE => {
-                let assignment: ClusterLoadAssignment = from_value(value, &path)?;
+                let mut assignment: ClusterLoadAssignment = from_value(value, &path)?;
+                assignment.cluster_name = names.reference(&assignment.cluster_name);
                 let key = assignment.cluster_name.clone();
                 config.load_assignments.push(assignment);
                 ("ClusterLoadAssignment", key)
@@ -270,6 +278,7 @@ pub(crate) fn parse_envoy_config(
                     Some(serde_json::Value::String(secret_name)) => secret_name,
                     _ => return Err(FieldError::new(join(&path, "name"), "a Secret needs a string name")),
                 };
+                let secret_name = names.reference(&secret_name);
                 config.secrets.push(Secret { name: secret_name.clone(), fields });
                 ("Secret", secret_name)
             }
@@ -319,7 +328,7 @@ pub(crate) fn parse_envoy_config(
         };
         let listener = match service.listener {
             Some(listener_name) => {
-                let qualified = q(&listener_name);
+                let qualified = names.forced(&listener_name);
                 if !config.listeners.iter().any(|l| l.name == qualified) {
                     return Err(FieldError::new(
                         join(&path, "listener"),
@@ -359,10 +368,45 @@ pub(crate) fn parse_envoy_config(
     Ok(config)
 }
 
-fn qualify_routes(routes: &mut RouteConfiguration, q: &impl Fn(&str) -> String) {
-    routes.name = q(&routes.name);
-    for virtual_host in &mut routes.virtual_hosts {
-        virtual_host.name = q(&virtual_host.name);
+/// Cilium's name qualification for one config (`ns` is "" for a CCEC).
+struct Qualifier<'a> {
+    namespace: &'a str,
+    config: &'a str,
+}
+
+impl Qualifier<'_> {
+    /// Listener, RouteConfiguration and VirtualHost names, and RDS references.
+    fn forced(&self, name: &str) -> String {
+        qualify(self.namespace, self.config, name, true)
+    }
+
+    /// Cluster, ClusterLoadAssignment and Secret names and every cluster reference:
+    /// names with a `/` (such as `default/echo`) pass through.
+    fn reference(&self, name: &str) -> String {
+        qualify(self.namespace, self.config, name, false)
+    }
+
+    fn routes(&self, routes: &mut RouteConfiguration) {
+        routes.name = self.forced(&routes.name);
+        for virtual_host in &mut routes.virtual_hosts {
+            virtual_host.name = self.forced(&virtual_host.name);
+            for route in &mut virtual_host.routes {
+                let Action::Route(action) = &mut route.action else {
+                    continue;
+                };
+                match &mut action.cluster {
+                    ClusterSpecifier::Cluster(cluster) => *cluster = self.reference(cluster),
+                    ClusterSpecifier::Weighted(clusters) => {
+                        for weighted in clusters {
+                            weighted.name = self.reference(&weighted.name);
+                        }
+                    }
+                }
+                for mirror in &mut action.request_mirror_policies {
+                    mirror.cluster = self.reference(&mirror.cluster);
+                }
+            }
+        }
     }
 }
 

@@ -355,7 +355,7 @@ impl TryFrom<RawRouteMatch> for RouteMatch {
 /// Where a [`RouteAction`] sends the request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClusterSpecifier {
-    /// `cluster` (not qualified: `ns/svc` names pass through).
+    /// `cluster`, qualified without force (`c` -> `ns/cec/c`; `ns/svc` passes through).
     Cluster(String),
     /// `weighted_clusters.clusters`; weights sum to > 0 (`total_weight` is ignored, as Envoy does).
     Weighted(Vec<WeightedCluster>),
@@ -365,7 +365,7 @@ pub enum ClusterSpecifier {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WeightedCluster {
-    /// `name` of the cluster.
+    /// `name` of the cluster, qualified without force.
     pub name: String,
     /// `weight` (0 = never picked).
     #[serde(default)]
@@ -409,7 +409,7 @@ pub struct RegexRewrite {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(try_from = "RawMirrorPolicy")]
 pub struct MirrorPolicy {
-    /// `cluster` to shadow to.
+    /// `cluster` to shadow to, qualified without force.
     pub cluster: String,
     /// Share of requests mirrored, in millionths (`runtime_fraction.default_value`; default all).
     pub fraction_per_million: u32,
