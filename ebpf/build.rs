@@ -11,7 +11,8 @@ const BPF_OBJECTS: &[&str] = &["datapath", "lb_probe"];
 const HEADERS: &[&str] = &["abi.h", "maps.h", "lb.h", "policy.h"];
 
 fn main() {
-    let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let manifest_dir =
+        PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let out_dir = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let bpf_dir = manifest_dir.join("bpf");
     let clang = env::var("SLUICE_CLANG").unwrap_or_else(|_| "clang-19".to_string());
@@ -86,8 +87,16 @@ fn derive_layout(clang: &str, bpf_dir: &Path, out_dir: &Path) {
         match parts.as_slice() {
             ["S", name, size, align] => {
                 writeln!(structs, "    (\"{name}\", {size}, {align}),").unwrap();
-                writeln!(asserts, "_Static_assert(sizeof(struct {name}) == {size}, \"size {name}\");").unwrap();
-                writeln!(asserts, "_Static_assert(_Alignof(struct {name}) == {align}, \"align {name}\");").unwrap();
+                writeln!(
+                    asserts,
+                    "_Static_assert(sizeof(struct {name}) == {size}, \"size {name}\");"
+                )
+                .unwrap();
+                writeln!(
+                    asserts,
+                    "_Static_assert(_Alignof(struct {name}) == {align}, \"align {name}\");"
+                )
+                .unwrap();
             }
             ["F", name, field, offset, size] => {
                 writeln!(fields, "    (\"{name}\", \"{field}\", {offset}, {size}),").unwrap();
@@ -99,13 +108,25 @@ fn derive_layout(clang: &str, bpf_dir: &Path, out_dir: &Path) {
             }
             ["C", name, value] => {
                 writeln!(consts, "    (\"{name}\", {value}),").unwrap();
-                writeln!(asserts, "_Static_assert({name} == {value}, \"const {name}\");").unwrap();
+                writeln!(
+                    asserts,
+                    "_Static_assert({name} == {value}, \"const {name}\");"
+                )
+                .unwrap();
             }
             _ => panic!("sluice-ebpf: unexpected layout probe line {line:?}"),
         }
     }
-    writeln!(rust, "pub const C_STRUCTS: &[(&str, usize, usize)] = &[\n{structs}];").unwrap();
-    writeln!(rust, "pub const C_FIELDS: &[(&str, &str, usize, usize)] = &[\n{fields}];").unwrap();
+    writeln!(
+        rust,
+        "pub const C_STRUCTS: &[(&str, usize, usize)] = &[\n{structs}];"
+    )
+    .unwrap();
+    writeln!(
+        rust,
+        "pub const C_FIELDS: &[(&str, &str, usize, usize)] = &[\n{fields}];"
+    )
+    .unwrap();
     writeln!(rust, "pub const C_CONSTS: &[(&str, i64)] = &[\n{consts}];").unwrap();
     fs::write(out_dir.join("abi_layout.rs"), rust).expect("write abi_layout.rs");
 

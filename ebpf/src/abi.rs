@@ -277,7 +277,12 @@ mod tests {
             mirror!("ipcache_key", IpcacheKeyData, lpm = true, [addr]),
             mirror!("ipcache_value", IpcacheValue, lpm = false, [identity, _pad]),
             mirror!("endpoint_key", EndpointKey, lpm = false, [addr]),
-            mirror!("endpoint_info", EndpointInfo, lpm = false, [identity, ifindex, flags, _pad]),
+            mirror!(
+                "endpoint_info",
+                EndpointInfo,
+                lpm = false,
+                [identity, ifindex, flags, _pad]
+            ),
             mirror!(
                 "policy_key",
                 PolicyKeyData,
@@ -290,7 +295,12 @@ mod tests {
                 lpm = false,
                 [proxy_port, deny, auth_required, l4_prefixlen, _pad]
             ),
-            mirror!("service_key", ServiceKey, lpm = false, [vip, dport, protocol, _pad]),
+            mirror!(
+                "service_key",
+                ServiceKey,
+                lpm = false,
+                [vip, dport, protocol, _pad]
+            ),
             mirror!(
                 "service_value",
                 ServiceValue,
@@ -298,7 +308,12 @@ mod tests {
                 [service_id, maglev_size, backend_count, l7_proxy_port, flags]
             ),
             mirror!("backend_key", BackendKey, lpm = false, [backend_id]),
-            mirror!("backend_value", BackendValue, lpm = false, [addr, port, protocol, _pad]),
+            mirror!(
+                "backend_value",
+                BackendValue,
+                lpm = false,
+                [addr, port, protocol, _pad]
+            ),
             mirror!("maglev_key", MaglevKey, lpm = false, [service_id, slot]),
             mirror!("maglev_value", MaglevValue, lpm = false, [backend_id]),
             mirror!(
@@ -307,8 +322,18 @@ mod tests {
                 lpm = false,
                 [cookie, backend_addr, backend_port, _pad]
             ),
-            mirror!("sock_revnat_value", SockRevnatValue, lpm = false, [vip, vport, _pad]),
-            mirror!("ct_key", CtKey, lpm = false, [saddr, daddr, sport, dport, protocol, _pad]),
+            mirror!(
+                "sock_revnat_value",
+                SockRevnatValue,
+                lpm = false,
+                [vip, vport, _pad]
+            ),
+            mirror!(
+                "ct_key",
+                CtKey,
+                lpm = false,
+                [saddr, daddr, sport, dport, protocol, _pad]
+            ),
             mirror!(
                 "ct_value",
                 CtValue,
@@ -344,7 +369,11 @@ mod tests {
     #[test]
     fn every_c_struct_has_a_rust_mirror_with_the_same_size_and_alignment() {
         let mirrors = mirrors();
-        assert_eq!(mirrors.len(), c::C_STRUCTS.len(), "structs in abi.h vs abi.rs");
+        assert_eq!(
+            mirrors.len(),
+            c::C_STRUCTS.len(),
+            "structs in abi.h vs abi.rs"
+        );
         for (name, size, align) in c::C_STRUCTS {
             let mirror = mirrors
                 .iter()
@@ -360,15 +389,28 @@ mod tests {
     #[test]
     fn every_field_has_the_c_offset_and_size() {
         for mirror in mirrors() {
-            let c_fields: Vec<_> = c::C_FIELDS.iter().filter(|f| f.0 == mirror.c_name).collect();
+            let c_fields: Vec<_> = c::C_FIELDS
+                .iter()
+                .filter(|f| f.0 == mirror.c_name)
+                .collect();
             let expected_fields = mirror.fields.len() + usize::from(mirror.lpm);
-            assert_eq!(c_fields.len(), expected_fields, "field count of {}", mirror.c_name);
+            assert_eq!(
+                c_fields.len(),
+                expected_fields,
+                "field count of {}",
+                mirror.c_name
+            );
             for (field, offset, size) in &mirror.fields {
                 let c_field = c_fields
                     .iter()
                     .find(|f| f.1 == *field)
                     .unwrap_or_else(|| panic!("{}.{field} missing on the C side", mirror.c_name));
-                assert_eq!((c_field.2, c_field.3), (*offset, *size), "{}.{field} (offset, size)", mirror.c_name);
+                assert_eq!(
+                    (c_field.2, c_field.3),
+                    (*offset, *size),
+                    "{}.{field} (offset, size)",
+                    mirror.c_name
+                );
             }
         }
     }
@@ -390,7 +432,10 @@ mod tests {
             ("DROP_PROXY_SET_FAILED", DROP_PROXY_SET_FAILED.into()),
             ("DROP_PROXY_UNKNOWN_PROTO", DROP_PROXY_UNKNOWN_PROTO.into()),
             ("DROP_POLICY_DENY", DROP_POLICY_DENY.into()),
-            ("DROP_POLICY_AUTH_REQUIRED", DROP_POLICY_AUTH_REQUIRED.into()),
+            (
+                "DROP_POLICY_AUTH_REQUIRED",
+                DROP_POLICY_AUTH_REQUIRED.into(),
+            ),
             ("DIR_INGRESS", DIR_INGRESS.into()),
             ("DIR_EGRESS", DIR_EGRESS.into()),
             ("OBS_FROM_ENDPOINT", OBS_FROM_ENDPOINT.into()),
@@ -408,7 +453,11 @@ mod tests {
             ("POLICY_PREFIX_BASE", POLICY_PREFIX_BASE.into()),
             ("POLICY_PREFIX_L4_MAX", POLICY_PREFIX_L4_MAX.into()),
         ];
-        assert_eq!(rust.len(), c::C_CONSTS.len(), "constants in abi.h vs abi.rs");
+        assert_eq!(
+            rust.len(),
+            c::C_CONSTS.len(),
+            "constants in abi.h vs abi.rs"
+        );
         for (name, value) in c::C_CONSTS {
             let mirrored = rust
                 .iter()
@@ -420,10 +469,18 @@ mod tests {
 
     #[test]
     fn a_flow_event_record_reads_back_from_its_bytes() {
-        let record = FlowEventRecord { drop_reason: DROP_POLICY_DENY, dport: 80, verdict: VERDICT_DROPPED, ..Default::default() };
+        let record = FlowEventRecord {
+            drop_reason: DROP_POLICY_DENY,
+            dport: 80,
+            verdict: VERDICT_DROPPED,
+            ..Default::default()
+        };
         // SAFETY: Pod type viewed as bytes for the round trip.
         let bytes = unsafe {
-            std::slice::from_raw_parts((&record as *const FlowEventRecord).cast::<u8>(), size_of::<FlowEventRecord>())
+            std::slice::from_raw_parts(
+                (&record as *const FlowEventRecord).cast::<u8>(),
+                size_of::<FlowEventRecord>(),
+            )
         };
         assert_eq!(FlowEventRecord::from_bytes(bytes), Some(record));
         assert_eq!(FlowEventRecord::from_bytes(&bytes[..10]), None);

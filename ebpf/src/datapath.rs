@@ -18,20 +18,30 @@ use aya::{Ebpf, EbpfLoader, Pod};
 
 use crate::abi::{
     BackendKey, BackendValue, EndpointInfo, EndpointKey, IpcacheKeyData, IpcacheValue, MaglevValue,
-    PolicyKeyData, PolicyValue, ServiceValue, DIR_EGRESS, EP_F_ENFORCE_EGRESS, EP_F_ENFORCE_INGRESS,
-    MARK_MAGIC_MASK, MARK_MAGIC_TO_PROXY, POLICY_PREFIX_BASE, PROXY_ROUTE_TABLE, SVC_F_L7,
+    PolicyKeyData, PolicyValue, ServiceValue, DIR_EGRESS, EP_F_ENFORCE_EGRESS,
+    EP_F_ENFORCE_INGRESS, MARK_MAGIC_MASK, MARK_MAGIC_TO_PROXY, POLICY_PREFIX_BASE,
+    PROXY_ROUTE_TABLE, SVC_F_L7,
 };
 use crate::events::FlowEvents;
 use crate::mounts;
-use crate::plan::{addr_from_be, diff, plan, ExistingIds, LpmKey, MapContents, MapDiff, StateError};
-use crate::state::{Direction, IpcacheEntry, L4Protocol, PolicyAction, PortRange, Protocol};
+use crate::plan::{
+    addr_from_be, diff, plan, ExistingIds, LpmKey, MapContents, MapDiff, StateError,
+};
+use crate::state::{
+    Direction, IpcacheEntry, L4Protocol, PolicyAction, PolicyEntry, PortRange, Protocol,
+};
 
-pub(crate) static DATAPATH_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/datapath.o"));
+pub(crate) static DATAPATH_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/datapath.o"));
 
 pub(crate) const PROG_FROM_CONTAINER: &str = "sluice_from_container";
 pub(crate) const PROG_TO_CONTAINER: &str = "sluice_to_container";
-const SOCK_PROGRAMS: [&str; 4] =
-    ["sluice_sock_connect4", "sluice_sock_sendmsg4", "sluice_sock_recvmsg4", "sluice_sock_getpeername4"];
+const SOCK_PROGRAMS: [&str; 4] = [
+    "sluice_sock_connect4",
+    "sluice_sock_sendmsg4",
+    "sluice_sock_recvmsg4",
+    "sluice_sock_getpeername4",
+];
 
 const MAP_IPCACHE: &str = "sluice_ipcache";
 const MAP_ENDPOINTS: &str = "sluice_endpoints";
@@ -51,21 +61,46 @@ pub enum DatapathError {
     #[error("{}: the root of a cgroup hierarchy; attach to a child cgroup, never the machine's root", .0.display())]
     RootCgroup(PathBuf),
     #[error("{what} {}: {source}", path.display())]
-    Io { what: &'static str, path: PathBuf, #[source] source: io::Error },
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("program {name}: {source}")]
-    Program { name: &'static str, #[source] source: aya::programs::ProgramError },
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
     #[error("map {name}: {source}")]
-    Map { name: &'static str, #[source] source: aya::maps::MapError },
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
     #[error("{0} is missing from the eBPF object (or was taken already)")]
     Missing(&'static str),
     #[error("link {}: {source}", path.display())]
-    Link { path: PathBuf, #[source] source: aya::programs::links::LinkError },
+    Link {
+        path: PathBuf,
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
     #[error("pinning {}: {source}", path.display())]
-    Pin { path: PathBuf, #[source] source: aya::pin::PinError },
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
     #[error("interface {name}: {source}")]
-    Interface { name: String, #[source] source: io::Error },
+    Interface {
+        name: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("`ip {args}` failed: {stderr}")]
     IpCommand { args: String, stderr: String },
     #[error(transparent)]
@@ -98,7 +133,11 @@ pub struct MapChanges {
 
 impl MapChanges {
     fn of<K, V>(d: &MapDiff<K, V>) -> Self {
-        Self { added: d.added, updated: d.upserts.len() - d.added, removed: d.removals.len() }
+        Self {
+            added: d.added,
+            updated: d.upserts.len() - d.added,
+            removed: d.removals.len(),
+        }
     }
 }
 
@@ -124,16 +163,12 @@ pub struct KernelService {
     pub backends: Vec<SocketAddrV4>,
 }
 
-/// One policy-map entry as the kernel holds it (after range splitting and deny intersection).
+/// One policy-map entry as the kernel holds it (after range splitting and deny intersection):
+/// `entry.ports` is the port prefix the key covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KernelPolicyEntry {
     pub endpoint: std::net::Ipv4Addr,
-    pub direction: Direction,
-    pub remote_identity: Option<u32>,
-    pub protocol: Protocol,
-    pub ports: Option<PortRange>,
-    pub action: PolicyAction,
-    pub auth_required: bool,
+    pub entry: PolicyEntry,
 }
 
 /// The loaded kernel half. Dropping it leaves everything pinned and attached (an agent restart
@@ -147,24 +182,42 @@ impl Datapath {
     /// Loads the programs, creating the maps under `pin_dir` or reusing the ones pinned there
     /// by an earlier run (their contents are kept). `pin_dir` must be on a bpffs.
     pub fn load(pin_dir: &Path) -> Result<Self, DatapathError> {
-        let existing_ancestor = pin_dir.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
-        let on_bpffs = mounts::is_bpffs(existing_ancestor)
-            .map_err(|source| DatapathError::Io { what: "statfs", path: existing_ancestor.to_path_buf(), source })?;
+        let existing_ancestor = pin_dir
+            .ancestors()
+            .find(|p| p.exists())
+            .unwrap_or(Path::new("/"));
+        let on_bpffs = mounts::is_bpffs(existing_ancestor).map_err(|source| DatapathError::Io {
+            what: "statfs",
+            path: existing_ancestor.to_path_buf(),
+            source,
+        })?;
         if !on_bpffs {
             return Err(DatapathError::NotBpffs(pin_dir.to_path_buf()));
         }
         let links_dir = pin_dir.join(LINKS_DIR);
-        std::fs::create_dir_all(&links_dir)
-            .map_err(|source| DatapathError::Io { what: "creating pin directory", path: links_dir, source })?;
-        let mut ebpf = EbpfLoader::new().default_map_pin_directory(pin_dir).load(DATAPATH_OBJECT)?;
+        std::fs::create_dir_all(&links_dir).map_err(|source| DatapathError::Io {
+            what: "creating pin directory",
+            path: links_dir,
+            source,
+        })?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .load(DATAPATH_OBJECT)?;
         for name in [PROG_FROM_CONTAINER, PROG_TO_CONTAINER] {
-            classifier_mut(&mut ebpf, name)?.load().map_err(|source| DatapathError::Program { name, source })?;
+            classifier_mut(&mut ebpf, name)?
+                .load()
+                .map_err(|source| DatapathError::Program { name, source })?;
         }
         for name in SOCK_PROGRAMS {
-            sock_program_mut(&mut ebpf, name)?.load().map_err(|source| DatapathError::Program { name, source })?;
+            sock_program_mut(&mut ebpf, name)?
+                .load()
+                .map_err(|source| DatapathError::Program { name, source })?;
         }
         tracing::info!(pin_dir = %pin_dir.display(), "eBPF datapath loaded");
-        Ok(Self { ebpf, pin_dir: pin_dir.to_path_buf() })
+        Ok(Self {
+            ebpf,
+            pin_dir: pin_dir.to_path_buf(),
+        })
     }
 
     pub fn pin_dir(&self) -> &Path {
@@ -182,9 +235,10 @@ impl Datapath {
             // EEXIST: the interface already has its clsact qdisc.
             tracing::debug!(ifname, %error, "clsact not added");
         }
-        for (name, attach_type, suffix) in
-            [(PROG_FROM_CONTAINER, TcAttachType::Ingress, "ingress"), (PROG_TO_CONTAINER, TcAttachType::Egress, "egress")]
-        {
+        for (name, attach_type, suffix) in [
+            (PROG_FROM_CONTAINER, TcAttachType::Ingress, "ingress"),
+            (PROG_TO_CONTAINER, TcAttachType::Egress, "egress"),
+        ] {
             let pin = self.link_pin(&format!("tc_{ifindex}_{suffix}"));
             let program = classifier_mut(&mut self.ebpf, name)?;
             attach_tc_pinned(program, name, ifname, attach_type, &pin)?;
@@ -204,7 +258,13 @@ impl Datapath {
     /// Attaches the socket load-balancing hooks to a cgroup v2 directory. Refuses the root of
     /// a cgroup hierarchy. Re-attaching replaces the previous programs.
     pub fn attach_cgroup(&mut self, cgroup_dir: &Path) -> Result<(), DatapathError> {
-        let io_err = |what| move |source| DatapathError::Io { what, path: cgroup_dir.to_path_buf(), source };
+        let io_err = |what| {
+            move |source| DatapathError::Io {
+                what,
+                path: cgroup_dir.to_path_buf(),
+                source,
+            }
+        };
         if !mounts::is_cgroup2(cgroup_dir).map_err(io_err("statfs"))? {
             return Err(DatapathError::NotCgroup2(cgroup_dir.to_path_buf()));
         }
@@ -215,10 +275,7 @@ impl Datapath {
         let cgroup = std::fs::File::open(cgroup_dir).map_err(io_err("opening cgroup"))?;
         for name in SOCK_PROGRAMS {
             let pin = self.link_pin(&format!("cgroup_{inode}_{name}"));
-            let previous = match PinnedLink::from_pin(&pin) {
-                Ok(link) => Some(link),
-                Err(_) => None,
-            };
+            let previous = PinnedLink::from_pin(&pin).ok();
             let program = sock_program_mut(&mut self.ebpf, name)?;
             // bpf_link attachments to a cgroup always coexist with others (the kernel refuses
             // flags on link_create); `Single` is aya's "no flags".
@@ -229,13 +286,23 @@ impl Datapath {
                 .take_link(link_id)
                 .map_err(|source| DatapathError::Program { name, source })?
                 .try_into()
-                .map_err(|source| DatapathError::Link { path: pin.clone(), source })?;
+                .map_err(|source| DatapathError::Link {
+                    path: pin.clone(),
+                    source,
+                })?;
             // The new program runs next to the old one until the old link goes; both use the
             // same maps, so a connect() in between is translated once either way.
             if let Some(previous) = previous {
-                drop(previous.unpin().map_err(|source| DatapathError::Io { what: "unpinning", path: pin.clone(), source })?);
+                drop(previous.unpin().map_err(|source| DatapathError::Io {
+                    what: "unpinning",
+                    path: pin.clone(),
+                    source,
+                })?);
             }
-            link.pin(&pin).map_err(|source| DatapathError::Pin { path: pin.clone(), source })?;
+            link.pin(&pin).map_err(|source| DatapathError::Pin {
+                path: pin.clone(),
+                source,
+            })?;
         }
         tracing::info!(cgroup = %cgroup_dir.display(), "socket LB programs attached");
         Ok(())
@@ -244,7 +311,11 @@ impl Datapath {
     /// Detaches the socket hooks from a cgroup.
     pub fn detach_cgroup(&mut self, cgroup_dir: &Path) -> Result<(), DatapathError> {
         let inode = std::fs::metadata(cgroup_dir)
-            .map_err(|source| DatapathError::Io { what: "stat", path: cgroup_dir.to_path_buf(), source })?
+            .map_err(|source| DatapathError::Io {
+                what: "stat",
+                path: cgroup_dir.to_path_buf(),
+                source,
+            })?
             .ino();
         for name in SOCK_PROGRAMS {
             remove_link_pin(&self.link_pin(&format!("cgroup_{inode}_{name}")))?;
@@ -256,7 +327,10 @@ impl Datapath {
     /// in an order where no lookup meets a dangling reference.
     pub fn apply(&mut self, state: &crate::BpfState) -> Result<BpfDelta, DatapathError> {
         let current = self.read_maps()?;
-        let desired = plan(state, &ExistingIds::from_maps(&current.services, &current.backends))?;
+        let desired = plan(
+            state,
+            &ExistingIds::from_maps(&current.services, &current.backends),
+        )?;
         let d_ipcache = diff(&current.ipcache, &desired.ipcache);
         let d_endpoints = diff(&current.endpoints, &desired.endpoints);
         let d_policy = diff(&current.policy, &desired.policy);
@@ -292,30 +366,35 @@ impl Datapath {
 
     /// The endpoints map, sorted by address.
     pub fn kernel_endpoints(&self) -> Result<Vec<KernelEndpoint>, DatapathError> {
-        let mut endpoints: Vec<KernelEndpoint> = read_hash::<EndpointKey, EndpointInfo>(&self.ebpf, MAP_ENDPOINTS)?
-            .into_iter()
-            .map(|(k, v)| KernelEndpoint {
-                ip: addr_from_be(k.addr),
-                identity: v.identity,
-                ifindex: v.ifindex,
-                enforce_ingress: v.flags & EP_F_ENFORCE_INGRESS != 0,
-                enforce_egress: v.flags & EP_F_ENFORCE_EGRESS != 0,
-            })
-            .collect();
+        let mut endpoints: Vec<KernelEndpoint> =
+            read_hash::<EndpointKey, EndpointInfo>(&self.ebpf, MAP_ENDPOINTS)?
+                .into_iter()
+                .map(|(k, v)| KernelEndpoint {
+                    ip: addr_from_be(k.addr),
+                    identity: v.identity,
+                    ifindex: v.ifindex,
+                    enforce_ingress: v.flags & EP_F_ENFORCE_INGRESS != 0,
+                    enforce_egress: v.flags & EP_F_ENFORCE_EGRESS != 0,
+                })
+                .collect();
         endpoints.sort_by_key(|e| e.ip);
         Ok(endpoints)
     }
 
     /// The ipcache, sorted by prefix.
     pub fn kernel_ipcache(&self) -> Result<Vec<IpcacheEntry>, DatapathError> {
-        let mut entries: Vec<IpcacheEntry> = read_lpm::<IpcacheKeyData, IpcacheValue>(&self.ebpf, MAP_IPCACHE)?
-            .into_iter()
-            .filter_map(|((len, k), v)| {
-                ipnet::Ipv4Net::new(addr_from_be(k.addr), len as u8)
-                    .ok()
-                    .map(|cidr| IpcacheEntry { cidr, identity: v.identity })
-            })
-            .collect();
+        let mut entries: Vec<IpcacheEntry> =
+            read_lpm::<IpcacheKeyData, IpcacheValue>(&self.ebpf, MAP_IPCACHE)?
+                .into_iter()
+                .filter_map(|((len, k), v)| {
+                    ipnet::Ipv4Net::new(addr_from_be(k.addr), len as u8)
+                        .ok()
+                        .map(|cidr| IpcacheEntry {
+                            cidr,
+                            identity: v.identity,
+                        })
+                })
+                .collect();
         entries.sort_by_key(|e| (e.cidr.network(), e.cidr.prefix_len()));
         Ok(entries)
     }
@@ -325,11 +404,16 @@ impl Datapath {
         let maps = self.read_maps()?;
         let mut backends_of: HashMap<u32, BTreeSet<SocketAddrV4>> = HashMap::new();
         for (key, value) in &maps.maglev {
-            if let Some(backend) = maps.backends.get(&BackendKey { backend_id: value.backend_id }) {
+            if let Some(backend) = maps.backends.get(&BackendKey {
+                backend_id: value.backend_id,
+            }) {
                 backends_of
                     .entry(key.service_id)
                     .or_default()
-                    .insert(SocketAddrV4::new(addr_from_be(backend.addr), u16::from_be(backend.port)));
+                    .insert(SocketAddrV4::new(
+                        addr_from_be(backend.addr),
+                        u16::from_be(backend.port),
+                    ));
             }
         }
         let mut services: Vec<KernelService> = maps
@@ -343,7 +427,10 @@ impl Datapath {
                     l7_proxy_port: (v.flags & SVC_F_L7 != 0).then_some(v.l7_proxy_port),
                     backend_count: v.backend_count,
                     maglev_size: v.maglev_size,
-                    backends: backends_of.get(&v.service_id).map(|b| b.iter().copied().collect()).unwrap_or_default(),
+                    backends: backends_of
+                        .get(&v.service_id)
+                        .map(|b| b.iter().copied().collect())
+                        .unwrap_or_default(),
                 })
             })
             .collect();
@@ -353,43 +440,70 @@ impl Datapath {
 
     /// The policy map, sorted by endpoint, direction and key.
     pub fn kernel_policy(&self) -> Result<Vec<KernelPolicyEntry>, DatapathError> {
-        let entries: BTreeMap<_, _> = read_lpm::<PolicyKeyData, PolicyValue>(&self.ebpf, MAP_POLICY)?
-            .into_iter()
-            .filter_map(|((len, k), v)| {
-                let protocol = Protocol::from_number(k.protocol)?;
-                let port_bits = len.checked_sub(POLICY_PREFIX_BASE + 8).filter(|_| k.protocol != 0);
-                let ports = port_bits.filter(|&bits| bits > 0).map(|bits| {
-                    let first = u16::from_be(k.dport);
-                    let span = (1u32 << (16 - bits.min(16))) - 1;
-                    PortRange { first, last: (u32::from(first) + span) as u16 }
-                });
-                let action = if v.deny != 0 {
-                    PolicyAction::Deny
-                } else if v.proxy_port != 0 {
-                    PolicyAction::Redirect { proxy_port: v.proxy_port }
-                } else {
-                    PolicyAction::Allow
-                };
-                let entry = KernelPolicyEntry {
-                    endpoint: addr_from_be(k.endpoint_addr),
-                    direction: if k.egress == DIR_EGRESS { Direction::Egress } else { Direction::Ingress },
-                    remote_identity: (k.remote_identity != 0).then_some(k.remote_identity),
-                    protocol,
-                    ports,
-                    action,
-                    auth_required: v.auth_required != 0,
-                };
-                let order = (entry.endpoint, entry.direction, k.remote_identity, k.protocol, u16::from_be(k.dport), len);
-                Some((order, entry))
-            })
-            .collect();
+        let entries: BTreeMap<_, _> =
+            read_lpm::<PolicyKeyData, PolicyValue>(&self.ebpf, MAP_POLICY)?
+                .into_iter()
+                .filter_map(|((len, k), v)| {
+                    let protocol = Protocol::from_number(k.protocol)?;
+                    let port_bits = len
+                        .checked_sub(POLICY_PREFIX_BASE + 8)
+                        .filter(|_| k.protocol != 0);
+                    let ports = port_bits.filter(|&bits| bits > 0).map(|bits| {
+                        let first = u16::from_be(k.dport);
+                        let span = (1u32 << (16 - bits.min(16))) - 1;
+                        PortRange {
+                            first,
+                            last: (u32::from(first) + span) as u16,
+                        }
+                    });
+                    let action = if v.deny != 0 {
+                        PolicyAction::Deny
+                    } else if v.proxy_port != 0 {
+                        PolicyAction::Redirect {
+                            proxy_port: v.proxy_port,
+                        }
+                    } else {
+                        PolicyAction::Allow
+                    };
+                    let entry = KernelPolicyEntry {
+                        endpoint: addr_from_be(k.endpoint_addr),
+                        entry: PolicyEntry {
+                            direction: if k.egress == DIR_EGRESS {
+                                Direction::Egress
+                            } else {
+                                Direction::Ingress
+                            },
+                            remote_identity: (k.remote_identity != 0).then_some(k.remote_identity),
+                            protocol,
+                            ports,
+                            action,
+                            auth_required: v.auth_required != 0,
+                        },
+                    };
+                    let order = (
+                        entry.endpoint,
+                        entry.entry.direction,
+                        k.remote_identity,
+                        k.protocol,
+                        u16::from_be(k.dport),
+                        len,
+                    );
+                    Some((order, entry))
+                })
+                .collect();
         Ok(entries.into_values().collect())
     }
 
     /// The flow-event reader (once per `Datapath`: the ring buffer has one consumer).
     pub fn flow_events(&mut self) -> Result<FlowEvents, DatapathError> {
-        let map = self.ebpf.take_map(MAP_EVENTS).ok_or(DatapathError::Missing(MAP_EVENTS))?;
-        let ring = RingBuf::try_from(map).map_err(|source| DatapathError::Map { name: MAP_EVENTS, source })?;
+        let map = self
+            .ebpf
+            .take_map(MAP_EVENTS)
+            .ok_or(DatapathError::Missing(MAP_EVENTS))?;
+        let ring = RingBuf::try_from(map).map_err(|source| DatapathError::Map {
+            name: MAP_EVENTS,
+            source,
+        })?;
         Ok(FlowEvents::new(ring))
     }
 
@@ -400,9 +514,11 @@ impl Datapath {
         let link_pins = list_dir(&links_dir)?;
         // The proxy routing is installed with the first TC attachment, so only a datapath that
         // attached TC (in this run or an earlier one) owns it.
-        let owns_routing = link_pins
-            .iter()
-            .any(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("tc_")));
+        let owns_routing = link_pins.iter().any(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("tc_"))
+        });
         for pin in link_pins {
             remove_link_pin(&pin)?;
         }
@@ -443,14 +559,20 @@ impl Datapath {
     }
 }
 
-fn classifier_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier, DatapathError> {
+fn classifier_mut<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, DatapathError> {
     ebpf.program_mut(name)
         .ok_or(DatapathError::Missing(name))?
         .try_into()
         .map_err(|source| DatapathError::Program { name, source })
 }
 
-fn sock_program_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut CgroupSockAddr, DatapathError> {
+fn sock_program_mut<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut CgroupSockAddr, DatapathError> {
     ebpf.program_mut(name)
         .ok_or(DatapathError::Missing(name))?
         .try_into()
@@ -474,7 +596,10 @@ fn attach_tc_pinned(
                 .ok()
                 .and_then(|link| program.attach_to_link(link).ok());
             if replaced.is_none() {
-                tracing::warn!(ifname, "previous TC link unusable (interface recreated?), attaching anew");
+                tracing::warn!(
+                    ifname,
+                    "previous TC link unusable (interface recreated?), attaching anew"
+                );
             }
             replaced
         }
@@ -483,15 +608,25 @@ fn attach_tc_pinned(
     let link_id = match replaced {
         Some(id) => id,
         None => program
-            .attach_with_options(ifname, attach_type, TcAttachOptions::TcxOrder(LinkOrder::default()))
+            .attach_with_options(
+                ifname,
+                attach_type,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
             .map_err(program_err)?,
     };
     let link: FdLink = program
         .take_link(link_id)
         .map_err(program_err)?
         .try_into()
-        .map_err(|source| DatapathError::Link { path: pin.to_path_buf(), source })?;
-    link.pin(pin).map_err(|source| DatapathError::Pin { path: pin.to_path_buf(), source })?;
+        .map_err(|source| DatapathError::Link {
+            path: pin.to_path_buf(),
+            source,
+        })?;
+    link.pin(pin).map_err(|source| DatapathError::Pin {
+        path: pin.to_path_buf(),
+        source,
+    })?;
     Ok(())
 }
 
@@ -499,7 +634,11 @@ fn attach_tc_pinned(
 fn remove_link_pin(pin: &Path) -> Result<(), DatapathError> {
     match PinnedLink::from_pin(pin) {
         Ok(link) => {
-            drop(link.unpin().map_err(|source| DatapathError::Io { what: "unpinning", path: pin.to_path_buf(), source })?);
+            drop(link.unpin().map_err(|source| DatapathError::Io {
+                what: "unpinning",
+                path: pin.to_path_buf(),
+                source,
+            })?);
             Ok(())
         }
         Err(_) => remove_path(pin, |p: &Path| std::fs::remove_file(p)),
@@ -510,7 +649,11 @@ fn remove_path(path: &Path, remove: impl Fn(&Path) -> io::Result<()>) -> Result<
     match remove(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(DatapathError::Io { what: "removing", path: path.to_path_buf(), source }),
+        Err(source) => Err(DatapathError::Io {
+            what: "removing",
+            path: path.to_path_buf(),
+            source,
+        }),
     }
 }
 
@@ -518,12 +661,22 @@ fn list_dir(dir: &Path) -> Result<Vec<PathBuf>, DatapathError> {
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => return Err(DatapathError::Io { what: "listing", path: dir.to_path_buf(), source }),
+        Err(source) => {
+            return Err(DatapathError::Io {
+                what: "listing",
+                path: dir.to_path_buf(),
+                source,
+            })
+        }
     };
     entries
         .map(|entry| entry.map(|e| e.path()))
         .collect::<io::Result<Vec<_>>>()
-        .map_err(|source| DatapathError::Io { what: "listing", path: dir.to_path_buf(), source })
+        .map_err(|source| DatapathError::Io {
+            what: "listing",
+            path: dir.to_path_buf(),
+            source,
+        })
 }
 
 fn ifindex_of(ifname: &str) -> Result<u32, DatapathError> {
@@ -534,19 +687,30 @@ fn ifindex_of(ifname: &str) -> Result<u32, DatapathError> {
     // SAFETY: a valid NUL-terminated name; the call only reads it.
     let index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
     if index == 0 {
-        return Err(DatapathError::Interface { name: ifname.to_string(), source: io::Error::last_os_error() });
+        return Err(DatapathError::Interface {
+            name: ifname.to_string(),
+            source: io::Error::last_os_error(),
+        });
     }
     Ok(index)
 }
 
-fn read_hash<K: Pod + Hash + Eq, V: Pod>(ebpf: &Ebpf, name: &'static str) -> Result<HashMap<K, V>, DatapathError> {
+fn read_hash<K: Pod + Hash + Eq, V: Pod>(
+    ebpf: &Ebpf,
+    name: &'static str,
+) -> Result<HashMap<K, V>, DatapathError> {
     let map = ebpf.map(name).ok_or(DatapathError::Missing(name))?;
     let map_err = |source| DatapathError::Map { name, source };
     let hash = BpfHashMap::<&MapData, K, V>::try_from(map).map_err(map_err)?;
-    hash.iter().collect::<Result<HashMap<K, V>, _>>().map_err(map_err)
+    hash.iter()
+        .collect::<Result<HashMap<K, V>, _>>()
+        .map_err(map_err)
 }
 
-fn read_lpm<K: Pod + Hash + Eq, V: Pod>(ebpf: &Ebpf, name: &'static str) -> Result<HashMap<LpmKey<K>, V>, DatapathError> {
+fn read_lpm<K: Pod + Hash + Eq, V: Pod>(
+    ebpf: &Ebpf,
+    name: &'static str,
+) -> Result<HashMap<LpmKey<K>, V>, DatapathError> {
     let map = ebpf.map(name).ok_or(DatapathError::Missing(name))?;
     let map_err = |source| DatapathError::Map { name, source };
     let trie = LpmTrie::<&MapData, K, V>::try_from(map).map_err(map_err)?;
@@ -556,7 +720,11 @@ fn read_lpm<K: Pod + Hash + Eq, V: Pod>(ebpf: &Ebpf, name: &'static str) -> Resu
         .map_err(map_err)
 }
 
-fn write_hash<K: Pod, V: Pod>(ebpf: &mut Ebpf, name: &'static str, entries: &[(K, V)]) -> Result<(), DatapathError> {
+fn write_hash<K: Pod, V: Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    entries: &[(K, V)],
+) -> Result<(), DatapathError> {
     if entries.is_empty() {
         return Ok(());
     }
@@ -569,7 +737,11 @@ fn write_hash<K: Pod, V: Pod>(ebpf: &mut Ebpf, name: &'static str, entries: &[(K
     Ok(())
 }
 
-fn remove_hash<K: Pod, V: Pod>(ebpf: &mut Ebpf, name: &'static str, keys: &[K]) -> Result<(), DatapathError> {
+fn remove_hash<K: Pod, V: Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    keys: &[K],
+) -> Result<(), DatapathError> {
     if keys.is_empty() {
         return Ok(());
     }
@@ -582,7 +754,11 @@ fn remove_hash<K: Pod, V: Pod>(ebpf: &mut Ebpf, name: &'static str, keys: &[K]) 
     Ok(())
 }
 
-fn write_lpm<K: Pod, V: Pod>(ebpf: &mut Ebpf, name: &'static str, entries: &[(LpmKey<K>, V)]) -> Result<(), DatapathError> {
+fn write_lpm<K: Pod, V: Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    entries: &[(LpmKey<K>, V)],
+) -> Result<(), DatapathError> {
     if entries.is_empty() {
         return Ok(());
     }
@@ -590,12 +766,17 @@ fn write_lpm<K: Pod, V: Pod>(ebpf: &mut Ebpf, name: &'static str, entries: &[(Lp
     let map_err = |source| DatapathError::Map { name, source };
     let mut trie = LpmTrie::<&mut MapData, K, V>::try_from(map).map_err(map_err)?;
     for ((len, data), value) in entries {
-        trie.insert(&Key::new(*len, *data), value, 0).map_err(map_err)?;
+        trie.insert(&Key::new(*len, *data), value, 0)
+            .map_err(map_err)?;
     }
     Ok(())
 }
 
-fn remove_lpm<K: Pod, V: Pod>(ebpf: &mut Ebpf, name: &'static str, keys: &[LpmKey<K>]) -> Result<(), DatapathError> {
+fn remove_lpm<K: Pod, V: Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    keys: &[LpmKey<K>],
+) -> Result<(), DatapathError> {
     if keys.is_empty() {
         return Ok(());
     }
@@ -610,12 +791,17 @@ fn remove_lpm<K: Pod, V: Pod>(ebpf: &mut Ebpf, name: &'static str, keys: &[LpmKe
 
 /// The `ip rule` selector and table for proxy-bound packets: ("0x200/0xf00", "2004").
 fn proxy_rule() -> (String, String) {
-    (format!("{MARK_MAGIC_TO_PROXY:#x}/{MARK_MAGIC_MASK:#x}"), PROXY_ROUTE_TABLE.to_string())
+    (
+        format!("{MARK_MAGIC_TO_PROXY:#x}/{MARK_MAGIC_MASK:#x}"),
+        PROXY_ROUTE_TABLE.to_string(),
+    )
 }
 
 fn has_proxy_rule(mark: &str, table: &str) -> Result<bool, DatapathError> {
     let wanted = format!("fwmark {mark} lookup {table}");
-    Ok(ip(&["rule", "show"])?.lines().any(|line| line.contains(&wanted)))
+    Ok(ip(&["rule", "show"])?
+        .lines()
+        .any(|line| line.contains(&wanted)))
 }
 
 /// Packets assigned to the proxy's socket carry MARK_MAGIC_TO_PROXY; this rule and a local
@@ -626,7 +812,16 @@ fn install_proxy_routing() -> Result<(), DatapathError> {
     if !has_proxy_rule(&mark, &table)? {
         ip(&["rule", "add", "fwmark", &mark, "lookup", &table])?;
     }
-    ip(&["route", "replace", "local", "0.0.0.0/0", "dev", "lo", "table", &table])?;
+    ip(&[
+        "route",
+        "replace",
+        "local",
+        "0.0.0.0/0",
+        "dev",
+        "lo",
+        "table",
+        &table,
+    ])?;
     Ok(())
 }
 
@@ -643,11 +838,14 @@ fn remove_proxy_routing() -> Result<(), DatapathError> {
 }
 
 fn ip(args: &[&str]) -> Result<String, DatapathError> {
-    let output = Command::new("ip").args(args).output().map_err(|source| DatapathError::Io {
-        what: "running",
-        path: PathBuf::from("ip"),
-        source,
-    })?;
+    let output = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|source| DatapathError::Io {
+            what: "running",
+            path: PathBuf::from("ip"),
+            source,
+        })?;
     if !output.status.success() {
         return Err(DatapathError::IpCommand {
             args: args.join(" "),

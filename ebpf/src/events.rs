@@ -84,7 +84,9 @@ impl DropReason {
             Self::ServiceBackendNotFound => "SERVICE_BACKEND_NOT_FOUND",
             Self::SocketLookupFailed => "SOCKET_LOOKUP_FAILED",
             Self::SocketAssignFailed => "SOCKET_ASSIGN_FAILED",
-            Self::ProxyRedirectionNotSupportedForProtocol => "PROXY_REDIRECTION_NOT_SUPPORTED_FOR_PROTOCOL",
+            Self::ProxyRedirectionNotSupportedForProtocol => {
+                "PROXY_REDIRECTION_NOT_SUPPORTED_FOR_PROTOCOL"
+            }
             Self::PolicyDeny => "POLICY_DENY",
             Self::AuthRequired => "AUTH_REQUIRED",
             Self::Other(_) => "DROP_REASON_UNKNOWN",
@@ -145,14 +147,19 @@ impl FlowEvent {
         Some(Self {
             monotonic_ns: record.ktime_ns,
             verdict,
-            drop_reason: (verdict == Verdict::Dropped).then(|| DropReason::from_code(record.drop_reason)),
+            drop_reason: (verdict == Verdict::Dropped)
+                .then(|| DropReason::from_code(record.drop_reason)),
             source: SocketAddrV4::new(addr_from_be(record.saddr), record.sport),
             destination: SocketAddrV4::new(addr_from_be(record.daddr), record.dport),
             protocol: record.protocol,
             tcp_flags: record.tcp_flags,
             src_identity: record.src_identity,
             dst_identity: record.dst_identity,
-            direction: if record.direction == abi::DIR_EGRESS { Direction::Egress } else { Direction::Ingress },
+            direction: if record.direction == abi::DIR_EGRESS {
+                Direction::Egress
+            } else {
+                Direction::Ingress
+            },
             observation_point,
             ifindex: record.ifindex,
             proxy_port: record.proxy_port,
@@ -221,7 +228,10 @@ mod tests {
         };
         let event = FlowEvent::from_record(&record).expect("decodes");
         assert_eq!(event.verdict.hubble_name(), "DROPPED");
-        assert_eq!(event.drop_reason.map(|r| (r.code(), r.hubble_name())), Some((181, "POLICY_DENY")));
+        assert_eq!(
+            event.drop_reason.map(|r| (r.code(), r.hubble_name())),
+            Some((181, "POLICY_DENY"))
+        );
         assert_eq!(event.destination.to_string(), "198.18.0.11:81");
         assert_eq!(event.direction, Direction::Ingress);
         assert_eq!(event.protocol_kind(), Some(Protocol::Tcp));
@@ -229,7 +239,11 @@ mod tests {
 
     #[test]
     fn unknown_verdicts_are_not_decoded() {
-        let record = FlowEventRecord { verdict: 99, observation_point: abi::OBS_SOCK, ..Default::default() };
+        let record = FlowEventRecord {
+            verdict: 99,
+            observation_point: abi::OBS_SOCK,
+            ..Default::default()
+        };
         assert_eq!(FlowEvent::from_record(&record), None);
     }
 }

@@ -9,7 +9,10 @@ use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use aya::EbpfLoader;
 
 use crate::datapath::PROG_FROM_CONTAINER;
-use crate::state::{BpfState, Direction, Endpoint, IpcacheEntry, L4Protocol, PolicyAction, PolicyEntry, PortRange, Protocol, Service};
+use crate::state::{
+    BpfState, Direction, Endpoint, IpcacheEntry, L4Protocol, PolicyAction, PolicyEntry, PortRange,
+    Protocol, Service,
+};
 use crate::testing::{self, pod_connect, ConnectOutcome, Node, PodServer, TestCgroup, TestPins};
 use crate::{Datapath, DropReason, FlowEvent, FlowEvents, ObservationPoint, Verdict};
 
@@ -43,7 +46,10 @@ fn packet(src: SocketAddrV4, dst: SocketAddrV4, protocol: u8) -> Vec<u8> {
 }
 
 fn run_packet(program: &SchedClassifier, packet: &[u8]) -> Result<u32> {
-    let result = program.test_run(TestRunOptions { data_in: Some(packet), ..Default::default() })?;
+    let result = program.test_run(TestRunOptions {
+        data_in: Some(packet),
+        ..Default::default()
+    })?;
     Ok(result.return_value)
 }
 
@@ -59,16 +65,30 @@ fn two_pods(policy: Vec<PolicyEntry>) -> BpfState {
         policy,
     };
     BpfState {
-        endpoints: vec![endpoint(CLIENT, CLIENT_ID, false, vec![]), endpoint(SERVER, SERVER_ID, true, policy)],
+        endpoints: vec![
+            endpoint(CLIENT, CLIENT_ID, false, vec![]),
+            endpoint(SERVER, SERVER_ID, true, policy),
+        ],
         ipcache: vec![
-            IpcacheEntry { cidr: "198.18.0.10/32".parse().expect("cidr"), identity: CLIENT_ID },
-            IpcacheEntry { cidr: "198.18.0.11/32".parse().expect("cidr"), identity: SERVER_ID },
+            IpcacheEntry {
+                cidr: "198.18.0.10/32".parse().expect("cidr"),
+                identity: CLIENT_ID,
+            },
+            IpcacheEntry {
+                cidr: "198.18.0.11/32".parse().expect("cidr"),
+                identity: SERVER_ID,
+            },
         ],
         services: vec![],
     }
 }
 
-fn rule(identity: Option<u32>, protocol: Protocol, port: Option<u16>, action: PolicyAction) -> PolicyEntry {
+fn rule(
+    identity: Option<u32>,
+    protocol: Protocol,
+    port: Option<u16>,
+    action: PolicyAction,
+) -> PolicyEntry {
     PolicyEntry {
         direction: Direction::Ingress,
         remote_identity: identity,
@@ -95,7 +115,12 @@ impl Harness {
         let pins = TestPins::new(tag)?;
         let mut datapath = Datapath::load(&pins.path)?;
         let events = datapath.flow_events()?;
-        Ok(Self { datapath, events, _pins: pins, next_sport: 40000 })
+        Ok(Self {
+            datapath,
+            events,
+            _pins: pins,
+            next_sport: 40000,
+        })
     }
 
     /// Sends one new flow client -> server:dport and returns the TC verdict and its events.
@@ -105,8 +130,17 @@ impl Harness {
         self.send_tuple(protocol, sport, dport)
     }
 
-    fn send_tuple(&mut self, protocol: u8, sport: u16, dport: u16) -> Result<(u32, Vec<FlowEvent>)> {
-        let pkt = packet(SocketAddrV4::new(CLIENT, sport), SocketAddrV4::new(SERVER, dport), protocol);
+    fn send_tuple(
+        &mut self,
+        protocol: u8,
+        sport: u16,
+        dport: u16,
+    ) -> Result<(u32, Vec<FlowEvent>)> {
+        let pkt = packet(
+            SocketAddrV4::new(CLIENT, sport),
+            SocketAddrV4::new(SERVER, dport),
+            protocol,
+        );
         let verdict = run_packet(self.datapath.classifier(PROG_FROM_CONTAINER)?, &pkt)?;
         Ok((verdict, self.events.drain()))
     }
@@ -121,7 +155,10 @@ fn outcome(result: &(u32, Vec<FlowEvent>)) -> String {
             format!("redirect:{}", drop.proxy_port)
         }
         (&TC_ACT_SHOT, [drop]) if drop.verdict == Verdict::Dropped => {
-            format!("drop:{}", drop.drop_reason.map(|r| r.code()).unwrap_or_default())
+            format!(
+                "drop:{}",
+                drop.drop_reason.map(|r| r.code()).unwrap_or_default()
+            )
         }
         (&TC_ACT_OK, [forward]) if forward.verdict == Verdict::Forwarded => "forward".to_string(),
         _ => format!("unexpected {code} {events:?}"),
@@ -145,13 +182,24 @@ fn policy_lookup_follows_ciliums_precedence() -> Result<()> {
     ];
     for first in 0..levels.len() {
         h.datapath.apply(&two_pods(levels[first..].to_vec()))?;
-        assert_eq!(outcome(&h.send(6, 80)?), format!("redirect:{}", 10001 + first), "levels {}..6 installed", first + 1);
+        assert_eq!(
+            outcome(&h.send(6, 80)?),
+            format!("redirect:{}", 10001 + first),
+            "levels {}..6 installed",
+            first + 1
+        );
     }
     // Only entries for another identity and another port: nothing matches -> POLICY_DENIED.
-    h.datapath.apply(&two_pods(vec![rule(Some(4242), Protocol::Tcp, Some(80), PolicyAction::Allow), rule(None, Protocol::Tcp, Some(443), PolicyAction::Allow)]))?;
+    h.datapath.apply(&two_pods(vec![
+        rule(Some(4242), Protocol::Tcp, Some(80), PolicyAction::Allow),
+        rule(None, Protocol::Tcp, Some(443), PolicyAction::Allow),
+    ]))?;
     assert_eq!(outcome(&h.send(6, 80)?), "drop:133");
     // Port/protocol mismatch on UDP falls back to ANY/ANY; a redirect of UDP cannot be proxied.
-    h.datapath.apply(&two_pods(vec![rule(None, Protocol::Tcp, Some(53), PolicyAction::Allow), rule(None, Protocol::Any, None, redirect(10006))]))?;
+    h.datapath.apply(&two_pods(vec![
+        rule(None, Protocol::Tcp, Some(53), PolicyAction::Allow),
+        rule(None, Protocol::Any, None, redirect(10006)),
+    ]))?;
     assert_eq!(outcome(&h.send(17, 53)?), "drop:180");
     Ok(())
 }
@@ -163,19 +211,46 @@ fn deny_beats_allow_and_auth_requires_the_proxy() -> Result<()> {
     }
     let mut h = Harness::new("deny")?;
     h.datapath.apply(&two_pods(vec![
-        rule(Some(CLIENT_ID), Protocol::Tcp, Some(80), PolicyAction::Allow),
+        rule(
+            Some(CLIENT_ID),
+            Protocol::Tcp,
+            Some(80),
+            PolicyAction::Allow,
+        ),
         rule(None, Protocol::Any, None, PolicyAction::Deny),
     ]))?;
     let (verdict, events) = h.send(6, 80)?;
     assert_eq!(verdict, TC_ACT_SHOT);
-    let drop = events.iter().find(|e| e.verdict == Verdict::Dropped).context("drop event")?;
+    let drop = events
+        .iter()
+        .find(|e| e.verdict == Verdict::Dropped)
+        .context("drop event")?;
     assert_eq!(drop.drop_reason, Some(DropReason::PolicyDeny));
-    assert_eq!((drop.direction, drop.src_identity, drop.dst_identity), (Direction::Ingress, CLIENT_ID, SERVER_ID));
-    assert_eq!((drop.tcp_flags, drop.destination), (0x02, SocketAddrV4::new(SERVER, 80)));
+    assert_eq!(
+        (drop.direction, drop.src_identity, drop.dst_identity),
+        (Direction::Ingress, CLIENT_ID, SERVER_ID)
+    );
+    assert_eq!(
+        (drop.tcp_flags, drop.destination),
+        (0x02, SocketAddrV4::new(SERVER, 80))
+    );
 
-    let mut auth = rule(Some(CLIENT_ID), Protocol::Tcp, Some(80), PolicyAction::Allow);
+    let mut auth = rule(
+        Some(CLIENT_ID),
+        Protocol::Tcp,
+        Some(80),
+        PolicyAction::Allow,
+    );
     auth.auth_required = true;
-    h.datapath.apply(&two_pods(vec![auth, rule(Some(CLIENT_ID), Protocol::Tcp, Some(81), PolicyAction::Allow)]))?;
+    h.datapath.apply(&two_pods(vec![
+        auth,
+        rule(
+            Some(CLIENT_ID),
+            Protocol::Tcp,
+            Some(81),
+            PolicyAction::Allow,
+        ),
+    ]))?;
     assert_eq!(outcome(&h.send(6, 80)?), "drop:189");
     assert_eq!(outcome(&h.send(6, 81)?), "forward");
 
@@ -193,22 +268,37 @@ fn established_flows_survive_a_policy_change_new_flows_do_not() -> Result<()> {
         return Ok(());
     }
     let mut h = Harness::new("ct")?;
-    h.datapath.apply(&two_pods(vec![rule(Some(CLIENT_ID), Protocol::Tcp, Some(80), PolicyAction::Allow)]))?;
+    h.datapath.apply(&two_pods(vec![rule(
+        Some(CLIENT_ID),
+        Protocol::Tcp,
+        Some(80),
+        PolicyAction::Allow,
+    )]))?;
     let (verdict, events) = h.send_tuple(6, 45000, 80)?;
     assert_eq!(verdict, TC_ACT_OK);
-    assert!(events.iter().any(|e| e.verdict == Verdict::Forwarded && e.observation_point == ObservationPoint::FromEndpoint));
+    assert!(events.iter().any(|e| e.verdict == Verdict::Forwarded
+        && e.observation_point == ObservationPoint::FromEndpoint));
 
     h.datapath.apply(&two_pods(vec![]))?;
     let (verdict, events) = h.send_tuple(6, 45000, 80)?;
     assert_eq!(verdict, TC_ACT_OK, "the established flow keeps its verdict");
-    assert!(events.is_empty(), "established packets are not reported again: {events:?}");
-    assert_eq!(outcome(&h.send_tuple(6, 45001, 80)?), "drop:133", "a new flow meets the new policy");
+    assert!(
+        events.is_empty(),
+        "established packets are not reported again: {events:?}"
+    );
+    assert_eq!(
+        outcome(&h.send_tuple(6, 45001, 80)?),
+        "drop:133",
+        "a new flow meets the new policy"
+    );
     Ok(())
 }
 
 #[test]
 fn a_redirect_without_a_listener_fails_closed_and_with_one_reaches_the_proxy() -> Result<()> {
-    if !testing::privileged("a_redirect_without_a_listener_fails_closed_and_with_one_reaches_the_proxy") {
+    if !testing::privileged(
+        "a_redirect_without_a_listener_fails_closed_and_with_one_reaches_the_proxy",
+    ) {
         return Ok(());
     }
     let mut h = Harness::new("proxy")?;
@@ -216,20 +306,45 @@ fn a_redirect_without_a_listener_fails_closed_and_with_one_reaches_the_proxy() -
     let live_port = listener.local_addr()?.port();
     let dead_port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     h.datapath.apply(&two_pods(vec![
-        rule(Some(CLIENT_ID), Protocol::Tcp, Some(80), redirect(dead_port)),
-        rule(Some(CLIENT_ID), Protocol::Tcp, Some(81), redirect(live_port)),
+        rule(
+            Some(CLIENT_ID),
+            Protocol::Tcp,
+            Some(80),
+            redirect(dead_port),
+        ),
+        rule(
+            Some(CLIENT_ID),
+            Protocol::Tcp,
+            Some(81),
+            redirect(live_port),
+        ),
     ]))?;
     assert_eq!(outcome(&h.send(6, 80)?), format!("redirect:{dead_port}"));
     let (verdict, events) = h.send(6, 81)?;
-    let reasons: Vec<_> = events.iter().map(|e| (e.drop_reason, e.proxy_port)).collect();
+    let reasons: Vec<_> = events
+        .iter()
+        .map(|e| (e.drop_reason, e.proxy_port))
+        .collect();
     // BPF_PROG_TEST_RUN does not run at a real TC ingress hook, so bpf_sk_assign itself refuses
     // there: the listener was found (no SOCKET_LOOKUP_FAILED), the assign is what fails.
-    assert_eq!((verdict, reasons), (TC_ACT_SHOT, vec![(Some(DropReason::SocketAssignFailed), live_port)]));
+    assert_eq!(
+        (verdict, reasons),
+        (
+            TC_ACT_SHOT,
+            vec![(Some(DropReason::SocketAssignFailed), live_port)]
+        )
+    );
     Ok(())
 }
 
 /// Query/answer of `bpf/lb_probe.c`.
-fn lb_probe(program: &SchedClassifier, vip: Ipv4Addr, port: u16, protocol: u8, hash: u32) -> Result<(u8, SocketAddrV4)> {
+fn lb_probe(
+    program: &SchedClassifier,
+    vip: Ipv4Addr,
+    port: u16,
+    protocol: u8,
+    hash: u32,
+) -> Result<(u8, SocketAddrV4)> {
     let mut data = vec![0u8; 14];
     data.extend_from_slice(&u32::from(vip).to_be().to_ne_bytes());
     data.extend_from_slice(&port.to_be().to_ne_bytes());
@@ -237,9 +352,15 @@ fn lb_probe(program: &SchedClassifier, vip: Ipv4Addr, port: u16, protocol: u8, h
     data.extend_from_slice(&hash.to_ne_bytes());
     data.extend_from_slice(&[0u8; 8]);
     let mut out = vec![0u8; data.len()];
-    program.test_run(TestRunOptions { data_in: Some(&data), data_out: Some(&mut out), ..Default::default() })?;
+    program.test_run(TestRunOptions {
+        data_in: Some(&data),
+        data_out: Some(&mut out),
+        ..Default::default()
+    })?;
     let result = out[21];
-    let addr = Ipv4Addr::from(u32::from_be(u32::from_ne_bytes([out[26], out[27], out[28], out[29]])));
+    let addr = Ipv4Addr::from(u32::from_be(u32::from_ne_bytes([
+        out[26], out[27], out[28], out[29],
+    ])));
     let port = u16::from_be(u16::from_ne_bytes([out[30], out[31]]));
     Ok((result, SocketAddrV4::new(addr, port)))
 }
@@ -252,7 +373,9 @@ fn socket_lb_picks_the_maglev_backend_and_refuses_empty_services() -> Result<()>
     let pins = TestPins::new("lb")?;
     let mut datapath = Datapath::load(&pins.path)?;
     let vip = Ipv4Addr::new(198, 19, 0, 10);
-    let backends: Vec<SocketAddrV4> = (1..=3).map(|i| SocketAddrV4::new(Ipv4Addr::new(198, 18, 1, i), 8080)).collect();
+    let backends: Vec<SocketAddrV4> = (1..=3)
+        .map(|i| SocketAddrV4::new(Ipv4Addr::new(198, 18, 1, i), 8080))
+        .collect();
     let service = |vip: Ipv4Addr, backends: Vec<SocketAddrV4>, l7: Option<u16>| Service {
         vip,
         port: 80,
@@ -269,23 +392,49 @@ fn socket_lb_picks_the_maglev_backend_and_refuses_empty_services() -> Result<()>
         ..Default::default()
     };
     datapath.apply(&state)?;
-    let mut probe_obj = EbpfLoader::new().default_map_pin_directory(&pins.path).load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb_probe.o")))?;
-    let probe: &mut SchedClassifier = probe_obj.program_mut("sluice_lb_probe").context("probe program")?.try_into()?;
+    let mut probe_obj = EbpfLoader::new()
+        .default_map_pin_directory(&pins.path)
+        .load(aya::include_bytes_aligned!(concat!(
+            env!("OUT_DIR"),
+            "/lb_probe.o"
+        )))?;
+    let probe: &mut SchedClassifier = probe_obj
+        .program_mut("sluice_lb_probe")
+        .context("probe program")?
+        .try_into()?;
     probe.load()?;
 
     // The table keeps the size it got for three backends when one goes.
     let size = crate::maglev::table_size(backends.len());
-    let expect = |list: &[SocketAddrV4], hash: u32| list[crate::maglev::table(list, size)[(hash % size) as usize]];
+    let expect = |list: &[SocketAddrV4], hash: u32| {
+        list[crate::maglev::table(list, size)[(hash % size) as usize]]
+    };
     let mut seen = std::collections::HashSet::new();
     for hash in (0..2000u32).map(|i| i.wrapping_mul(2_654_435_761)) {
         let (result, backend) = lb_probe(probe, vip, 80, 6, hash)?;
-        assert_eq!((result, backend), (1, expect(&backends, hash)), "hash {hash}");
+        assert_eq!(
+            (result, backend),
+            (1, expect(&backends, hash)),
+            "hash {hash}"
+        );
         seen.insert(backend);
     }
     assert_eq!(seen.len(), 3, "every backend is reachable");
-    assert_eq!(lb_probe(probe, vip, 80, 17, 7)?.0, 0, "UDP on a TCP service is not translated");
-    assert_eq!(lb_probe(probe, Ipv4Addr::new(198, 19, 0, 11), 80, 6, 7)?.0, 2, "no backends: refused");
-    assert_eq!(lb_probe(probe, Ipv4Addr::new(198, 19, 0, 12), 80, 6, 7)?.0, 0, "L7 service keeps its VIP");
+    assert_eq!(
+        lb_probe(probe, vip, 80, 17, 7)?.0,
+        0,
+        "UDP on a TCP service is not translated"
+    );
+    assert_eq!(
+        lb_probe(probe, Ipv4Addr::new(198, 19, 0, 11), 80, 6, 7)?.0,
+        2,
+        "no backends: refused"
+    );
+    assert_eq!(
+        lb_probe(probe, Ipv4Addr::new(198, 19, 0, 12), 80, 6, 7)?.0,
+        0,
+        "L7 service keeps its VIP"
+    );
 
     // Removing a backend: slots of the others mostly stay, the removed one is never chosen.
     state.services[0].backends.remove(1);
@@ -301,7 +450,10 @@ fn socket_lb_picks_the_maglev_backend_and_refuses_empty_services() -> Result<()>
             kept += usize::from(backend == expect(&backends, hash));
         }
     }
-    assert!(kept * 100 >= survivors * 90, "{kept} of {survivors} kept their backend");
+    assert!(
+        kept * 100 >= survivors * 90,
+        "{kept} of {survivors} kept their backend"
+    );
     Ok(())
 }
 
@@ -312,7 +464,13 @@ fn apply_reconciles_reads_back_and_survives_a_restart() -> Result<()> {
     }
     let pins = TestPins::new("restart")?;
     let mut state = two_pods(vec![
-        PolicyEntry { ports: Some(PortRange { first: 8080, last: 8083 }), ..rule(Some(CLIENT_ID), Protocol::Tcp, None, PolicyAction::Allow) },
+        PolicyEntry {
+            ports: Some(PortRange {
+                first: 8080,
+                last: 8083,
+            }),
+            ..rule(Some(CLIENT_ID), Protocol::Tcp, None, PolicyAction::Allow)
+        },
         rule(None, Protocol::Tcp, Some(8081), PolicyAction::Deny),
     ]);
     state.services.push(Service {
@@ -322,31 +480,71 @@ fn apply_reconciles_reads_back_and_survives_a_restart() -> Result<()> {
         l7_proxy_port: None,
         backends: vec![SocketAddrV4::new(SERVER, 8080)],
     });
-    let first = {
+    let first_in_kernel = {
         let mut datapath = Datapath::load(&pins.path)?;
         let delta = datapath.apply(&state)?;
-        assert_eq!((delta.endpoints.added, delta.services.added, delta.maglev.added), (2, 1, 1));
-        assert!(datapath.apply(&state)?.is_empty(), "a second apply of the same state changes nothing");
+        assert_eq!(
+            (
+                delta.endpoints.added,
+                delta.services.added,
+                delta.maglev.added
+            ),
+            (2, 1, 1)
+        );
+        assert!(
+            datapath.apply(&state)?.is_empty(),
+            "a second apply of the same state changes nothing"
+        );
         datapath.kernel_policy()?
     };
     // A new process: the pinned maps are reused with their contents.
     let mut datapath = Datapath::load(&pins.path)?;
-    assert_eq!(datapath.kernel_policy()?, first);
-    assert!(datapath.apply(&state)?.is_empty(), "the restarted loader finds everything in place");
+    assert_eq!(datapath.kernel_policy()?, first_in_kernel);
+    assert!(
+        datapath.apply(&state)?.is_empty(),
+        "the restarted loader finds everything in place"
+    );
     let endpoints = datapath.kernel_endpoints()?;
-    assert_eq!(endpoints.iter().map(|e| (e.ip, e.identity, e.enforce_ingress)).collect::<Vec<_>>(), vec![(CLIENT, CLIENT_ID, false), (SERVER, SERVER_ID, true)]);
+    assert_eq!(
+        endpoints
+            .iter()
+            .map(|e| (e.ip, e.identity, e.enforce_ingress))
+            .collect::<Vec<_>>(),
+        vec![(CLIENT, CLIENT_ID, false), (SERVER, SERVER_ID, true)]
+    );
     let services = datapath.kernel_services()?;
     assert_eq!(services.len(), 1);
     assert_eq!(services[0].backends, vec![SocketAddrV4::new(SERVER, 8080)]);
-    let allow = first.iter().find(|e| e.action == PolicyAction::Allow).context("allow entry")?;
-    assert_eq!((allow.remote_identity, allow.ports), (Some(CLIENT_ID), Some(PortRange { first: 8080, last: 8083 })));
+    let first: Vec<PolicyEntry> = first_in_kernel.iter().map(|k| k.entry).collect();
+    let allow = first
+        .iter()
+        .find(|e| e.action == PolicyAction::Allow)
+        .context("allow entry")?;
+    assert_eq!(
+        (allow.remote_identity, allow.ports),
+        (
+            Some(CLIENT_ID),
+            Some(PortRange {
+                first: 8080,
+                last: 8083
+            })
+        )
+    );
     let overlap = Some(PortRange::single(8081));
-    assert!(first.iter().any(|e| e.action == PolicyAction::Deny && e.remote_identity == Some(CLIENT_ID) && e.ports == overlap), "deny written at the overlap: {first:?}");
+    assert!(
+        first.iter().any(|e| e.action == PolicyAction::Deny
+            && e.remote_identity == Some(CLIENT_ID)
+            && e.ports == overlap),
+        "deny written at the overlap: {first:?}"
+    );
 
     // Removing the server endpoint removes its policy entries too.
     state.endpoints.pop();
     let delta = datapath.apply(&state)?;
-    assert_eq!((delta.endpoints.removed, delta.policy.removed), (1, first.len()));
+    assert_eq!(
+        (delta.endpoints.removed, delta.policy.removed),
+        (1, first.len())
+    );
     assert!(datapath.kernel_policy()?.is_empty());
     let pin_dir = datapath.pin_dir().to_path_buf();
     datapath.cleanup()?;
@@ -369,18 +567,24 @@ fn netns_pods_tc_policy_and_socket_lb_end_to_end() -> Result<()> {
     let vip = SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, 10), 80);
     let empty_vip = SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, 11), 80);
     let server_policy = vec![
-        rule(Some(CLIENT_ID), Protocol::Tcp, Some(80), PolicyAction::Allow),
+        rule(
+            Some(CLIENT_ID),
+            Protocol::Tcp,
+            Some(80),
+            PolicyAction::Allow,
+        ),
         rule(Some(CLIENT_ID), Protocol::Tcp, Some(82), redirect(15001)),
         rule(Some(CLIENT_ID), Protocol::Tcp, Some(83), redirect(15002)),
     ];
-    let endpoint = |pod: &testing::Pod, identity, enforce_ingress, policy: Vec<PolicyEntry>| Endpoint {
-        ip: pod.ip,
-        identity,
-        ifindex: pod.ifindex,
-        enforce_ingress,
-        enforce_egress: false,
-        policy,
-    };
+    let endpoint =
+        |pod: &testing::Pod, identity, enforce_ingress, policy: Vec<PolicyEntry>| Endpoint {
+            ip: pod.ip,
+            identity,
+            ifindex: pod.ifindex,
+            enforce_ingress,
+            enforce_egress: false,
+            policy,
+        };
     let mut state = BpfState {
         endpoints: vec![
             endpoint(client, CLIENT_ID, false, vec![]),
@@ -402,9 +606,18 @@ fn netns_pods_tc_policy_and_socket_lb_end_to_end() -> Result<()> {
                 port: 80,
                 protocol: L4Protocol::Tcp,
                 l7_proxy_port: None,
-                backends: vec![SocketAddrV4::new(server_a.ip, 80), SocketAddrV4::new(server_b.ip, 80)],
+                backends: vec![
+                    SocketAddrV4::new(server_a.ip, 80),
+                    SocketAddrV4::new(server_b.ip, 80),
+                ],
             },
-            Service { vip: *empty_vip.ip(), port: 80, protocol: L4Protocol::Tcp, l7_proxy_port: None, backends: vec![] },
+            Service {
+                vip: *empty_vip.ip(),
+                port: 80,
+                protocol: L4Protocol::Tcp,
+                l7_proxy_port: None,
+                backends: vec![],
+            },
         ],
     };
     datapath.apply(&state)?;
@@ -413,36 +626,81 @@ fn netns_pods_tc_policy_and_socket_lb_end_to_end() -> Result<()> {
     }
     datapath.attach_cgroup(&cgroup.path)?;
     let cgroup_root = cgroup.path.parent().context("cgroup parent")?;
-    assert!(matches!(datapath.attach_cgroup(cgroup_root), Err(crate::DatapathError::RootCgroup(_))));
+    assert!(matches!(
+        datapath.attach_cgroup(cgroup_root),
+        Err(crate::DatapathError::RootCgroup(_))
+    ));
     let _servers = [
-        PodServer::start(&server_a.netns, SocketAddrV4::new(server_a.ip, 80), "server-a")?,
-        PodServer::start(&server_a.netns, SocketAddrV4::new(server_a.ip, 81), "server-a-81")?,
-        PodServer::start(&server_b.netns, SocketAddrV4::new(server_b.ip, 80), "server-b")?,
+        PodServer::start(
+            &server_a.netns,
+            SocketAddrV4::new(server_a.ip, 80),
+            "server-a",
+        )?,
+        PodServer::start(
+            &server_a.netns,
+            SocketAddrV4::new(server_a.ip, 81),
+            "server-a-81",
+        )?,
+        PodServer::start(
+            &server_b.netns,
+            SocketAddrV4::new(server_b.ip, 80),
+            "server-b",
+        )?,
         PodServer::transparent_proxy(&node.netns, 15001)?,
     ];
 
     // TC policy: the allowed port answers, the other one's SYN is dropped at the client's veth.
     let allowed = pod_connect(client, None, SocketAddrV4::new(server_a.ip, 80), 5)?;
-    assert_eq!(allowed, ConnectOutcome::Connected { peer: SocketAddrV4::new(server_a.ip, 80), reply: "server-a".into() });
-    assert_eq!(pod_connect(client, None, SocketAddrV4::new(server_a.ip, 81), 2)?, ConnectOutcome::TimedOut);
-    let drops: Vec<FlowEvent> = events.drain().into_iter().filter(|e| e.verdict == Verdict::Dropped).collect();
+    assert_eq!(
+        allowed,
+        ConnectOutcome::Connected {
+            peer: SocketAddrV4::new(server_a.ip, 80),
+            reply: "server-a".into()
+        }
+    );
+    assert_eq!(
+        pod_connect(client, None, SocketAddrV4::new(server_a.ip, 81), 2)?,
+        ConnectOutcome::TimedOut
+    );
+    let drops: Vec<FlowEvent> = events
+        .drain()
+        .into_iter()
+        .filter(|e| e.verdict == Verdict::Dropped)
+        .collect();
     assert!(!drops.is_empty());
-    assert!(drops.iter().all(|e| e.drop_reason == Some(DropReason::PolicyDenied)
-        && e.destination == SocketAddrV4::new(server_a.ip, 81)
-        && e.tcp_flags & 0x02 != 0
-        && e.direction == Direction::Ingress
-        && e.ifindex == client.ifindex), "{drops:?}");
+    assert!(
+        drops
+            .iter()
+            .all(|e| e.drop_reason == Some(DropReason::PolicyDenied)
+                && e.destination == SocketAddrV4::new(server_a.ip, 81)
+                && e.tcp_flags & 0x02 != 0
+                && e.direction == Direction::Ingress
+                && e.ifindex == client.ifindex),
+        "{drops:?}"
+    );
 
     // L7 redirect: the flow lands on the proxy's transparent listener, whose accepted socket has
     // the original destination as its local address; with no listener the flow is refused.
     let proxied = pod_connect(client, None, SocketAddrV4::new(server_a.ip, 82), 5)?;
-    let ConnectOutcome::Connected { peer, reply } = proxied else { panic!("redirected connect: {proxied:?}") };
+    let ConnectOutcome::Connected { peer, reply } = proxied else {
+        panic!("redirected connect: {proxied:?}")
+    };
     assert_eq!(peer, SocketAddrV4::new(server_a.ip, 82));
-    assert!(reply.starts_with(&format!("proxy {}:82 {}:", server_a.ip, client.ip)), "{reply}");
-    assert_eq!(pod_connect(client, None, SocketAddrV4::new(server_a.ip, 83), 2)?, ConnectOutcome::TimedOut);
+    assert!(
+        reply.starts_with(&format!("proxy {}:82 {}:", server_a.ip, client.ip)),
+        "{reply}"
+    );
+    assert_eq!(
+        pod_connect(client, None, SocketAddrV4::new(server_a.ip, 83), 2)?,
+        ConnectOutcome::TimedOut
+    );
     let proxy_events = events.drain();
-    assert!(proxy_events.iter().any(|e| e.verdict == Verdict::Redirected && e.proxy_port == 15001));
-    assert!(proxy_events.iter().any(|e| e.drop_reason == Some(DropReason::SocketLookupFailed) && e.proxy_port == 15002));
+    assert!(proxy_events
+        .iter()
+        .any(|e| e.verdict == Verdict::Redirected && e.proxy_port == 15001));
+    assert!(proxy_events
+        .iter()
+        .any(|e| e.drop_reason == Some(DropReason::SocketLookupFailed) && e.proxy_port == 15002));
 
     // Socket LB: the VIP reaches both backends, and the application sees the VIP as its peer.
     let mut answered = std::collections::BTreeSet::new();
@@ -455,15 +713,27 @@ fn netns_pods_tc_policy_and_socket_lb_end_to_end() -> Result<()> {
             other => panic!("connect to the VIP: {other:?}"),
         }
     }
-    assert_eq!(answered.into_iter().collect::<Vec<_>>(), vec!["server-a".to_string(), "server-b".to_string()]);
-    assert_eq!(pod_connect(client, Some(&cgroup.path), empty_vip, 5)?, ConnectOutcome::Refused);
-    assert!(events.drain().iter().any(|e| e.drop_reason == Some(DropReason::ServiceBackendNotFound) && e.destination == empty_vip));
+    assert_eq!(
+        answered.into_iter().collect::<Vec<_>>(),
+        vec!["server-a".to_string(), "server-b".to_string()]
+    );
+    assert_eq!(
+        pod_connect(client, Some(&cgroup.path), empty_vip, 5)?,
+        ConnectOutcome::Refused
+    );
+    assert!(events.drain().iter().any(|e| e.drop_reason
+        == Some(DropReason::ServiceBackendNotFound)
+        && e.destination == empty_vip));
 
     // A removed backend is no longer chosen.
-    state.services[0].backends.retain(|b| *b.ip() == server_a.ip);
+    state.services[0]
+        .backends
+        .retain(|b| *b.ip() == server_a.ip);
     datapath.apply(&state)?;
     for _ in 0..6 {
-        assert!(matches!(pod_connect(client, Some(&cgroup.path), vip, 5)?, ConnectOutcome::Connected { reply, .. } if reply == "server-a"));
+        assert!(
+            matches!(pod_connect(client, Some(&cgroup.path), vip, 5)?, ConnectOutcome::Connected { reply, .. } if reply == "server-a")
+        );
     }
     datapath.cleanup()?;
     Ok(())

@@ -7,20 +7,23 @@
 pub mod abi;
 mod datapath;
 pub mod events;
+#[cfg(test)]
+mod kernel_tests;
 pub mod maglev;
 mod mounts;
 pub mod plan;
 pub mod policy;
 pub mod state;
 #[cfg(test)]
-mod kernel_tests;
-#[cfg(test)]
 mod testing;
 
-pub use datapath::{BpfDelta, Datapath, DatapathError, KernelEndpoint, KernelPolicyEntry, KernelService, MapChanges};
+pub use datapath::{
+    BpfDelta, Datapath, DatapathError, KernelEndpoint, KernelPolicyEntry, KernelService, MapChanges,
+};
 pub use events::{DropReason, FlowEvent, FlowEvents, ObservationPoint, Verdict};
 pub use mounts::{ensure_bpffs, ensure_cgroup2};
 pub use plan::StateError;
 pub use state::{
-    BpfState, Direction, Endpoint, IpcacheEntry, L4Protocol, PolicyAction, PolicyEntry, PortRange, Protocol, Service,
+    BpfState, Direction, Endpoint, IpcacheEntry, L4Protocol, PolicyAction, PolicyEntry, PortRange,
+    Protocol, Service,
 };

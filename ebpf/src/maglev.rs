@@ -36,7 +36,11 @@ pub fn table(backends: &[SocketAddrV4], size: u32) -> Vec<usize> {
         .map(|&i| {
             let name = backends[i].to_string();
             let offset = fnv1a64(name.as_bytes(), OFFSET_SEED) % m;
-            let skip = if m == 1 { 1 } else { fnv1a64(name.as_bytes(), SKIP_SEED) % (m - 1) + 1 };
+            let skip = if m == 1 {
+                1
+            } else {
+                fnv1a64(name.as_bytes(), SKIP_SEED) % (m - 1) + 1
+            };
             (offset, skip)
         })
         .collect();
@@ -67,7 +71,9 @@ const SKIP_SEED: u64 = 0x8422_2325_cbf2_9ce4;
 /// FNV-1a: a hash that is stable across processes and Rust versions (std's hasher is not), so a
 /// restarted agent computes the same table and established sockets keep their backend.
 fn fnv1a64(bytes: &[u8], seed: u64) -> u64 {
-    bytes.iter().fold(seed, |hash, &b| (hash ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
+    bytes.iter().fold(seed, |hash, &b| {
+        (hash ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 #[cfg(test)]
@@ -76,7 +82,9 @@ mod tests {
     use std::net::Ipv4Addr;
 
     fn backends(n: u8) -> Vec<SocketAddrV4> {
-        (1..=n).map(|i| SocketAddrV4::new(Ipv4Addr::new(198, 18, 1, i), 8080)).collect()
+        (1..=n)
+            .map(|i| SocketAddrV4::new(Ipv4Addr::new(198, 18, 1, i), 8080))
+            .collect()
     }
 
     #[test]
@@ -87,7 +95,10 @@ mod tests {
         assert_eq!(table_size(3), 1021);
         assert_eq!(table_size(1000), 16381);
         for m in TABLE_SIZES {
-            assert!((2..m).take_while(|d| d * d <= m).all(|d| m % d != 0), "{m} is prime");
+            assert!(
+                (2..m).take_while(|d| d * d <= m).all(|d| m % d != 0),
+                "{m} is prime"
+            );
         }
     }
 
@@ -102,7 +113,10 @@ mod tests {
                 counts[slot] += 1;
             }
             let (min, max) = (counts.iter().min().copied(), counts.iter().max().copied());
-            assert!(min.zip(max).is_some_and(|(lo, hi)| hi - lo <= 1), "n={n} counts={counts:?}");
+            assert!(
+                min.zip(max).is_some_and(|(lo, hi)| hi - lo <= 1),
+                "n={n} counts={counts:?}"
+            );
         }
     }
 
@@ -113,12 +127,22 @@ mod tests {
         let before: Vec<SocketAddrV4> = table(&list, size).into_iter().map(|i| list[i]).collect();
         let removed = list[3];
         let remaining: Vec<SocketAddrV4> = list.iter().copied().filter(|b| *b != removed).collect();
-        let after: Vec<SocketAddrV4> = table(&remaining, size).into_iter().map(|i| remaining[i]).collect();
+        let after: Vec<SocketAddrV4> = table(&remaining, size)
+            .into_iter()
+            .map(|i| remaining[i])
+            .collect();
         assert!(after.iter().all(|b| *b != removed));
         let kept_slots = before.iter().filter(|b| **b != removed).count();
-        let unchanged = before.iter().zip(&after).filter(|(b, a)| **b != removed && b == a).count();
+        let unchanged = before
+            .iter()
+            .zip(&after)
+            .filter(|(b, a)| **b != removed && b == a)
+            .count();
         // Maglev's bound: only a small fraction of the surviving backends' slots move.
-        assert!(unchanged * 100 >= kept_slots * 90, "{unchanged} of {kept_slots} kept");
+        assert!(
+            unchanged * 100 >= kept_slots * 90,
+            "{unchanged} of {kept_slots} kept"
+        );
     }
 
     #[test]
@@ -128,7 +152,10 @@ mod tests {
         reversed.reverse();
         let size = table_size(5);
         let a: Vec<SocketAddrV4> = table(&list, size).into_iter().map(|i| list[i]).collect();
-        let b: Vec<SocketAddrV4> = table(&reversed, size).into_iter().map(|i| reversed[i]).collect();
+        let b: Vec<SocketAddrV4> = table(&reversed, size)
+            .into_iter()
+            .map(|i| reversed[i])
+            .collect();
         assert_eq!(a, b);
     }
 }

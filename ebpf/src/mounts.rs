@@ -40,7 +40,11 @@ pub(crate) fn is_mount_point(path: &Path) -> io::Result<bool> {
 
 fn ensure_mounted(mount_point: &Path, fstype: &str, magic: u64) -> Result<(), DatapathError> {
     let io_err = |what: &'static str| {
-        move |source| DatapathError::Io { what, path: mount_point.to_path_buf(), source }
+        move |source| DatapathError::Io {
+            what,
+            path: mount_point.to_path_buf(),
+            source,
+        }
     };
     if mount_point.exists() && filesystem_magic(mount_point).map_err(io_err("statfs"))? == magic {
         return Ok(());
@@ -48,9 +52,18 @@ fn ensure_mounted(mount_point: &Path, fstype: &str, magic: u64) -> Result<(), Da
     std::fs::create_dir_all(mount_point).map_err(io_err("creating mount point"))?;
     let target = CString::new(mount_point.as_os_str().as_bytes())
         .map_err(|e| io_err("mount point path")(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
-    let fstype_c = CString::new(fstype).map_err(|e| io_err("fs type")(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+    let fstype_c = CString::new(fstype)
+        .map_err(|e| io_err("fs type")(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
     // SAFETY: all pointers are valid NUL-terminated strings for the duration of the call.
-    let rc = unsafe { libc::mount(fstype_c.as_ptr(), target.as_ptr(), fstype_c.as_ptr(), 0, std::ptr::null()) };
+    let rc = unsafe {
+        libc::mount(
+            fstype_c.as_ptr(),
+            target.as_ptr(),
+            fstype_c.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
     if rc != 0 {
         return Err(io_err("mount")(io::Error::last_os_error()));
     }
@@ -59,7 +72,8 @@ fn ensure_mounted(mount_point: &Path, fstype: &str, magic: u64) -> Result<(), Da
 }
 
 fn filesystem_magic(path: &Path) -> io::Result<u64> {
-    let c_path = CString::new(path.as_os_str().as_bytes()).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let c_path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     // SAFETY: statfs writes into the zeroed struct we own; the path is NUL-terminated.
     let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
     let rc = unsafe { libc::statfs(c_path.as_ptr(), &mut buf) };

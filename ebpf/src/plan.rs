@@ -6,9 +6,9 @@ use std::hash::Hash;
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use crate::abi::{
-    BackendKey, BackendValue, EndpointInfo, EndpointKey, IpcacheKeyData, IpcacheValue, MaglevKey, MaglevValue,
-    PolicyKeyData, PolicyValue, ServiceKey, ServiceValue, DIR_EGRESS, DIR_INGRESS, EP_F_ENFORCE_EGRESS,
-    EP_F_ENFORCE_INGRESS, POLICY_PREFIX_BASE, SVC_F_L7,
+    BackendKey, BackendValue, EndpointInfo, EndpointKey, IpcacheKeyData, IpcacheValue, MaglevKey,
+    MaglevValue, PolicyKeyData, PolicyValue, ServiceKey, ServiceValue, DIR_EGRESS, DIR_INGRESS,
+    EP_F_ENFORCE_EGRESS, EP_F_ENFORCE_INGRESS, POLICY_PREFIX_BASE, SVC_F_L7,
 };
 use crate::maglev;
 use crate::policy::{compile_endpoint_policy, PolicyMatch};
@@ -39,7 +39,10 @@ pub struct ExistingIds {
 }
 
 impl ExistingIds {
-    pub fn from_maps(services: &HashMap<ServiceKey, ServiceValue>, backends: &HashMap<BackendKey, BackendValue>) -> Self {
+    pub fn from_maps(
+        services: &HashMap<ServiceKey, ServiceValue>,
+        backends: &HashMap<BackendKey, BackendValue>,
+    ) -> Self {
         Self {
             services: services.iter().map(|(k, v)| (*k, v.service_id)).collect(),
             backends: backends.iter().map(|(k, v)| (*v, k.backend_id)).collect(),
@@ -53,13 +56,22 @@ pub enum StateError {
     #[error("endpoint {0} is listed twice")]
     DuplicateEndpoint(Ipv4Addr),
     #[error("service {vip}:{port}/{protocol:?} is listed twice")]
-    DuplicateService { vip: Ipv4Addr, port: u16, protocol: crate::state::L4Protocol },
+    DuplicateService {
+        vip: Ipv4Addr,
+        port: u16,
+        protocol: crate::state::L4Protocol,
+    },
     #[error("endpoint {endpoint}: a redirect to the proxy needs a non-zero proxy port")]
     RedirectWithoutPort { endpoint: Ipv4Addr },
     #[error("service {vip}:{port}: an L7 service needs a non-zero proxy port")]
     L7ServiceWithoutPort { vip: Ipv4Addr, port: u16 },
     #[error("service {vip}:{port} has {count} backends, more than {max}")]
-    TooManyBackends { vip: Ipv4Addr, port: u16, count: usize, max: usize },
+    TooManyBackends {
+        vip: Ipv4Addr,
+        port: u16,
+        count: usize,
+        max: usize,
+    },
 }
 
 /// The map contents that enforce `state`.
@@ -67,20 +79,48 @@ pub fn plan(state: &BpfState, existing: &ExistingIds) -> Result<MapContents, Sta
     let mut out = MapContents::default();
     for entry in &state.ipcache {
         out.ipcache.insert(
-            (u32::from(entry.cidr.prefix_len()), IpcacheKeyData { addr: be_addr(entry.cidr.network()) }),
-            IpcacheValue { identity: entry.identity, _pad: 0 },
+            (
+                u32::from(entry.cidr.prefix_len()),
+                IpcacheKeyData {
+                    addr: be_addr(entry.cidr.network()),
+                },
+            ),
+            IpcacheValue {
+                identity: entry.identity,
+                _pad: 0,
+            },
         );
     }
     for endpoint in &state.endpoints {
-        let key = EndpointKey { addr: be_addr(endpoint.ip) };
-        let flags = (if endpoint.enforce_ingress { EP_F_ENFORCE_INGRESS } else { 0 })
-            | (if endpoint.enforce_egress { EP_F_ENFORCE_EGRESS } else { 0 });
-        let info = EndpointInfo { identity: endpoint.identity, ifindex: endpoint.ifindex, flags, _pad: 0 };
+        let key = EndpointKey {
+            addr: be_addr(endpoint.ip),
+        };
+        let flags = (if endpoint.enforce_ingress {
+            EP_F_ENFORCE_INGRESS
+        } else {
+            0
+        }) | (if endpoint.enforce_egress {
+            EP_F_ENFORCE_EGRESS
+        } else {
+            0
+        });
+        let info = EndpointInfo {
+            identity: endpoint.identity,
+            ifindex: endpoint.ifindex,
+            flags,
+            _pad: 0,
+        };
         if out.endpoints.insert(key, info).is_some() {
             return Err(StateError::DuplicateEndpoint(endpoint.ip));
         }
-        if endpoint.policy.iter().any(|e| e.action == PolicyAction::Redirect { proxy_port: 0 }) {
-            return Err(StateError::RedirectWithoutPort { endpoint: endpoint.ip });
+        if endpoint
+            .policy
+            .iter()
+            .any(|e| e.action == PolicyAction::Redirect { proxy_port: 0 })
+        {
+            return Err(StateError::RedirectWithoutPort {
+                endpoint: endpoint.ip,
+            });
         }
         for (matched, decision) in compile_endpoint_policy(endpoint.ip, &endpoint.policy) {
             out.policy.insert(
@@ -99,7 +139,11 @@ pub fn plan(state: &BpfState, existing: &ExistingIds) -> Result<MapContents, Sta
     Ok(out)
 }
 
-fn plan_services(state: &BpfState, existing: &ExistingIds, out: &mut MapContents) -> Result<(), StateError> {
+fn plan_services(
+    state: &BpfState,
+    existing: &ExistingIds,
+    out: &mut MapContents,
+) -> Result<(), StateError> {
     let mut service_ids = IdAllocator::new(existing.services.values().copied());
     let mut backend_ids = IdAllocator::new(existing.backends.values().copied());
     let mut backend_id_of: HashMap<BackendValue, u32> = HashMap::new();
@@ -111,10 +155,17 @@ fn plan_services(state: &BpfState, existing: &ExistingIds, out: &mut MapContents
             _pad: 0,
         };
         if out.services.contains_key(&key) {
-            return Err(StateError::DuplicateService { vip: service.vip, port: service.port, protocol: service.protocol });
+            return Err(StateError::DuplicateService {
+                vip: service.vip,
+                port: service.port,
+                protocol: service.protocol,
+            });
         }
         if service.l7_proxy_port == Some(0) {
-            return Err(StateError::L7ServiceWithoutPort { vip: service.vip, port: service.port });
+            return Err(StateError::L7ServiceWithoutPort {
+                vip: service.vip,
+                port: service.port,
+            });
         }
         let mut backends: Vec<SocketAddrV4> = service.backends.clone();
         backends.sort();
@@ -127,7 +178,11 @@ fn plan_services(state: &BpfState, existing: &ExistingIds, out: &mut MapContents
                 max: usize::from(u16::MAX),
             });
         }
-        let service_id = existing.services.get(&key).copied().unwrap_or_else(|| service_ids.next());
+        let service_id = existing
+            .services
+            .get(&key)
+            .copied()
+            .unwrap_or_else(|| service_ids.next());
         let needed = maglev::table_size(backends.len());
         let size = match existing.table_sizes.get(&key) {
             _ if service.l7_proxy_port.is_some() => 0,
@@ -141,7 +196,11 @@ fn plan_services(state: &BpfState, existing: &ExistingIds, out: &mut MapContents
                 maglev_size: size,
                 backend_count: backends.len() as u16,
                 l7_proxy_port: service.l7_proxy_port.unwrap_or(0),
-                flags: if service.l7_proxy_port.is_some() { SVC_F_L7 } else { 0 },
+                flags: if service.l7_proxy_port.is_some() {
+                    SVC_F_L7
+                } else {
+                    0
+                },
             },
         );
         if service.l7_proxy_port.is_some() {
@@ -158,7 +217,11 @@ fn plan_services(state: &BpfState, existing: &ExistingIds, out: &mut MapContents
                     _pad: 0,
                 };
                 let id = *backend_id_of.entry(value).or_insert_with(|| {
-                    existing.backends.get(&value).copied().unwrap_or_else(|| backend_ids.next())
+                    existing
+                        .backends
+                        .get(&value)
+                        .copied()
+                        .unwrap_or_else(|| backend_ids.next())
                 });
                 out.backends.insert(BackendKey { backend_id: id }, value);
                 id
@@ -166,8 +229,13 @@ fn plan_services(state: &BpfState, existing: &ExistingIds, out: &mut MapContents
             .collect();
         for (slot, index) in maglev::table(&backends, size).into_iter().enumerate() {
             out.maglev.insert(
-                MaglevKey { service_id, slot: slot as u32 },
-                MaglevValue { backend_id: ids[index] },
+                MaglevKey {
+                    service_id,
+                    slot: slot as u32,
+                },
+                MaglevValue {
+                    backend_id: ids[index],
+                },
             );
         }
     }
@@ -207,7 +275,10 @@ struct IdAllocator {
 
 impl IdAllocator {
     fn new(taken: impl Iterator<Item = u32>) -> Self {
-        Self { taken: taken.collect(), next_candidate: 1 }
+        Self {
+            taken: taken.collect(),
+            next_candidate: 1,
+        }
     }
 
     fn next(&mut self) -> u32 {
@@ -228,7 +299,10 @@ pub struct MapDiff<K, V> {
     pub removals: Vec<K>,
 }
 
-pub fn diff<K: Hash + Eq + Copy + Ord, V: PartialEq + Copy>(current: &HashMap<K, V>, desired: &HashMap<K, V>) -> MapDiff<K, V> {
+pub fn diff<K: Hash + Eq + Copy + Ord, V: PartialEq + Copy>(
+    current: &HashMap<K, V>,
+    desired: &HashMap<K, V>,
+) -> MapDiff<K, V> {
     let desired_sorted: BTreeMap<&K, &V> = desired.iter().collect();
     let mut added = Vec::new();
     let mut updated = Vec::new();
@@ -239,11 +313,19 @@ pub fn diff<K: Hash + Eq + Copy + Ord, V: PartialEq + Copy>(current: &HashMap<K,
             Some(_) => {}
         }
     }
-    let mut removals: Vec<K> = current.keys().filter(|k| !desired.contains_key(k)).copied().collect();
+    let mut removals: Vec<K> = current
+        .keys()
+        .filter(|k| !desired.contains_key(k))
+        .copied()
+        .collect();
     removals.sort();
     let added_count = added.len();
     added.extend(updated);
-    MapDiff { upserts: added, added: added_count, removals }
+    MapDiff {
+        upserts: added,
+        added: added_count,
+        removals,
+    }
 }
 
 #[cfg(test)]
@@ -257,7 +339,10 @@ mod tests {
             port: 80,
             protocol: L4Protocol::Tcp,
             l7_proxy_port: None,
-            backends: backends.iter().map(|b| SocketAddrV4::new(Ipv4Addr::from(*b), 8080)).collect(),
+            backends: backends
+                .iter()
+                .map(|b| SocketAddrV4::new(Ipv4Addr::from(*b), 8080))
+                .collect(),
         }
     }
 
@@ -275,19 +360,31 @@ mod tests {
     #[test]
     fn ids_survive_a_replan_and_new_services_take_free_ids() {
         let state = BpfState {
-            services: vec![service([198, 19, 0, 1], &[[198, 18, 0, 10]]), service([198, 19, 0, 2], &[[198, 18, 0, 11]])],
+            services: vec![
+                service([198, 19, 0, 1], &[[198, 18, 0, 10]]),
+                service([198, 19, 0, 2], &[[198, 18, 0, 11]]),
+            ],
             ..Default::default()
         };
         let first = plan(&state, &ExistingIds::default()).expect("valid state");
         let existing = ExistingIds::from_maps(&first.services, &first.backends);
         let mut changed = state.clone();
         changed.services.remove(0);
-        changed.services.push(service([198, 19, 0, 3], &[[198, 18, 0, 12]]));
+        changed
+            .services
+            .push(service([198, 19, 0, 3], &[[198, 18, 0, 12]]));
         let second = plan(&changed, &existing).expect("valid state");
         let id_of = |contents: &MapContents, vip: [u8; 4]| {
-            contents.services.iter().find(|(k, _)| k.vip == be_addr(Ipv4Addr::from(vip))).map(|(_, v)| v.service_id)
+            contents
+                .services
+                .iter()
+                .find(|(k, _)| k.vip == be_addr(Ipv4Addr::from(vip)))
+                .map(|(_, v)| v.service_id)
         };
-        assert_eq!(id_of(&first, [198, 19, 0, 2]), id_of(&second, [198, 19, 0, 2]));
+        assert_eq!(
+            id_of(&first, [198, 19, 0, 2]),
+            id_of(&second, [198, 19, 0, 2])
+        );
         // 198.19.0.1 is gone but its id is still in the kernel until the diff removes it, so the
         // new service does not reuse it within the same reconcile.
         assert_eq!(id_of(&second, [198, 19, 0, 3]), Some(3));
@@ -295,10 +392,26 @@ mod tests {
 
     #[test]
     fn a_maglev_table_keeps_its_size_when_backends_go() {
-        let three = BpfState { services: vec![service([198, 19, 0, 1], &[[198, 18, 0, 10], [198, 18, 0, 11], [198, 18, 0, 12]])], ..Default::default() };
+        let three = BpfState {
+            services: vec![service(
+                [198, 19, 0, 1],
+                &[[198, 18, 0, 10], [198, 18, 0, 11], [198, 18, 0, 12]],
+            )],
+            ..Default::default()
+        };
         let first = plan(&three, &ExistingIds::default()).expect("valid state");
-        let two = BpfState { services: vec![service([198, 19, 0, 1], &[[198, 18, 0, 10], [198, 18, 0, 11]])], ..Default::default() };
-        let second = plan(&two, &ExistingIds::from_maps(&first.services, &first.backends)).expect("valid state");
+        let two = BpfState {
+            services: vec![service(
+                [198, 19, 0, 1],
+                &[[198, 18, 0, 10], [198, 18, 0, 11]],
+            )],
+            ..Default::default()
+        };
+        let second = plan(
+            &two,
+            &ExistingIds::from_maps(&first.services, &first.backends),
+        )
+        .expect("valid state");
         let size = |c: &MapContents| c.services.values().next().map(|v| v.maglev_size);
         assert_eq!(size(&first), Some(1021));
         assert_eq!(size(&second), Some(1021));
@@ -309,12 +422,22 @@ mod tests {
     fn a_service_without_backends_has_no_table_and_an_l7_service_keeps_its_vip() {
         let mut l7 = service([198, 19, 0, 2], &[[198, 18, 0, 10]]);
         l7.l7_proxy_port = Some(15001);
-        let state = BpfState { services: vec![service([198, 19, 0, 1], &[]), l7], ..Default::default() };
+        let state = BpfState {
+            services: vec![service([198, 19, 0, 1], &[]), l7],
+            ..Default::default()
+        };
         let contents = plan(&state, &ExistingIds::default()).expect("valid state");
         assert!(contents.maglev.is_empty());
-        let l7_value = contents.services.values().find(|v| v.flags == SVC_F_L7).expect("the L7 service");
+        let l7_value = contents
+            .services
+            .values()
+            .find(|v| v.flags == SVC_F_L7)
+            .expect("the L7 service");
         assert_eq!(l7_value.l7_proxy_port, 15001);
-        assert!(contents.services.values().any(|v| v.backend_count == 0 && v.flags == 0));
+        assert!(contents
+            .services
+            .values()
+            .any(|v| v.backend_count == 0 && v.flags == 0));
     }
 
     #[test]
@@ -336,15 +459,34 @@ mod tests {
                     auth_required: false,
                 }],
             }],
-            ipcache: vec![IpcacheEntry { cidr: "198.18.0.0/24".parse().expect("cidr"), identity: 1001 }],
+            ipcache: vec![IpcacheEntry {
+                cidr: "198.18.0.0/24".parse().expect("cidr"),
+                identity: 1001,
+            }],
             services: vec![],
         };
         let contents = plan(&state, &ExistingIds::default()).expect("valid state");
         assert_eq!(
             contents.endpoints.get(&EndpointKey { addr: be_addr(ip) }),
-            Some(&EndpointInfo { identity: 1000, ifindex: 7, flags: EP_F_ENFORCE_INGRESS, _pad: 0 })
+            Some(&EndpointInfo {
+                identity: 1000,
+                ifindex: 7,
+                flags: EP_F_ENFORCE_INGRESS,
+                _pad: 0
+            })
         );
-        assert_eq!(contents.ipcache.get(&(24, IpcacheKeyData { addr: be_addr(Ipv4Addr::new(198, 18, 0, 0)) })).map(|v| v.identity), Some(1001));
+        assert_eq!(
+            contents
+                .ipcache
+                .get(&(
+                    24,
+                    IpcacheKeyData {
+                        addr: be_addr(Ipv4Addr::new(198, 18, 0, 0))
+                    }
+                ))
+                .map(|v| v.identity),
+            Some(1001)
+        );
         let (key, value) = contents.policy.iter().next().expect("one policy entry");
         assert_eq!(key.0, POLICY_PREFIX_BASE + 24);
         assert_eq!(key.1.dport, 80u16.to_be());
@@ -355,7 +497,13 @@ mod tests {
     fn invalid_states_are_refused() {
         let mut dup = service([198, 19, 0, 1], &[]);
         dup.backends.clear();
-        let state = BpfState { services: vec![dup.clone(), dup], ..Default::default() };
-        assert!(matches!(plan(&state, &ExistingIds::default()), Err(StateError::DuplicateService { .. })));
+        let state = BpfState {
+            services: vec![dup.clone(), dup],
+            ..Default::default()
+        };
+        assert!(matches!(
+            plan(&state, &ExistingIds::default()),
+            Err(StateError::DuplicateService { .. })
+        ));
     }
 }

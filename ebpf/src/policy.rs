@@ -6,7 +6,9 @@
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
-use crate::state::{Direction, PolicyAction, PolicyEntry, Protocol, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
+use crate::state::{
+    Direction, PolicyAction, PolicyEntry, Protocol, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
+};
 
 /// The match half of one policy-map entry: Cilium's key, led by the endpoint's address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -53,7 +55,11 @@ impl PolicyMatch {
         if len > u32::from(other.l4_prefix_len()) {
             return false;
         }
-        let mask = if len == 0 { 0 } else { (!0u32 << (24 - len)) & 0x00ff_ffff };
+        let mask = if len == 0 {
+            0
+        } else {
+            (!0u32 << (24 - len)) & 0x00ff_ffff
+        };
         self.l4_bits() & mask == other.l4_bits() & mask
     }
 }
@@ -68,7 +74,10 @@ pub struct PolicyDecision {
 }
 
 /// Compiles one endpoint's policy into its policy-map entries.
-pub fn compile_endpoint_policy(endpoint: Ipv4Addr, entries: &[PolicyEntry]) -> BTreeMap<PolicyMatch, PolicyDecision> {
+pub fn compile_endpoint_policy(
+    endpoint: Ipv4Addr,
+    entries: &[PolicyEntry],
+) -> BTreeMap<PolicyMatch, PolicyDecision> {
     let mut compiled: BTreeMap<PolicyMatch, PolicyDecision> = BTreeMap::new();
     for entry in entries {
         let decision = PolicyDecision {
@@ -96,13 +105,21 @@ pub fn compile_endpoint_policy(endpoint: Ipv4Addr, entries: &[PolicyEntry]) -> B
 /// authentication stays required.
 fn merge(a: PolicyDecision, b: PolicyDecision) -> PolicyDecision {
     if a.deny || b.deny {
-        return PolicyDecision { deny: true, proxy_port: 0, auth_required: false };
+        return PolicyDecision {
+            deny: true,
+            proxy_port: 0,
+            auth_required: false,
+        };
     }
     let proxy_port = match (a.proxy_port, b.proxy_port) {
         (0, port) | (port, 0) => port,
         (x, y) => x.min(y),
     };
-    PolicyDecision { deny: false, proxy_port, auth_required: a.auth_required || b.auth_required }
+    PolicyDecision {
+        deny: false,
+        proxy_port,
+        auth_required: a.auth_required || b.auth_required,
+    }
 }
 
 fn expand(endpoint: Ipv4Addr, entry: &PolicyEntry) -> Vec<PolicyMatch> {
@@ -128,12 +145,14 @@ fn expand(endpoint: Ipv4Addr, entry: &PolicyEntry) -> Vec<PolicyMatch> {
     protocols
         .iter()
         .flat_map(|&protocol| {
-            port_prefixes.iter().map(move |&(port, port_prefix_len)| PolicyMatch {
-                protocol,
-                port,
-                port_prefix_len,
-                ..base
-            })
+            port_prefixes
+                .iter()
+                .map(move |&(port, port_prefix_len)| PolicyMatch {
+                    protocol,
+                    port,
+                    port_prefix_len,
+                    ..base
+                })
         })
         .collect()
 }
@@ -144,7 +163,11 @@ pub fn port_range_prefixes(first: u16, last: u16) -> Vec<(u16, u8)> {
     let mut prefixes = Vec::new();
     let (mut start, end) = (u32::from(first), u32::from(last));
     while start <= end {
-        let mut block_bits = if start == 0 { 16 } else { start.trailing_zeros().min(16) };
+        let mut block_bits = if start == 0 {
+            16
+        } else {
+            start.trailing_zeros().min(16)
+        };
         while start + (1u32 << block_bits) - 1 > end {
             block_bits -= 1;
         }
@@ -158,9 +181,21 @@ pub fn port_range_prefixes(first: u16, last: u16) -> Vec<(u16, u8)> {
 /// least as specific as the allow in both identity and L4, so the kernel's precedence lookup
 /// reaches it (or an even more specific deny) before the allow.
 fn add_deny_intersections(compiled: &mut BTreeMap<PolicyMatch, PolicyDecision>) {
-    let denies: Vec<PolicyMatch> = compiled.iter().filter(|(_, d)| d.deny).map(|(k, _)| *k).collect();
-    let allows: Vec<PolicyMatch> = compiled.iter().filter(|(_, d)| !d.deny).map(|(k, _)| *k).collect();
-    let deny = PolicyDecision { deny: true, proxy_port: 0, auth_required: false };
+    let denies: Vec<PolicyMatch> = compiled
+        .iter()
+        .filter(|(_, d)| d.deny)
+        .map(|(k, _)| *k)
+        .collect();
+    let allows: Vec<PolicyMatch> = compiled
+        .iter()
+        .filter(|(_, d)| !d.deny)
+        .map(|(k, _)| *k)
+        .collect();
+    let deny = PolicyDecision {
+        deny: true,
+        proxy_port: 0,
+        auth_required: false,
+    };
     for d in &denies {
         for a in &allows {
             if let Some(intersection) = intersect(d, a) {
@@ -186,7 +221,10 @@ fn intersect(x: &PolicyMatch, y: &PolicyMatch) -> Option<PolicyMatch> {
     } else {
         return None;
     };
-    Some(PolicyMatch { remote_identity, ..*l4 })
+    Some(PolicyMatch {
+        remote_identity,
+        ..*l4
+    })
 }
 
 #[cfg(test)]
@@ -196,7 +234,12 @@ mod tests {
 
     const EP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
 
-    fn entry(identity: Option<u32>, protocol: Protocol, ports: Option<(u16, u16)>, action: PolicyAction) -> PolicyEntry {
+    fn entry(
+        identity: Option<u32>,
+        protocol: Protocol,
+        ports: Option<(u16, u16)>,
+        action: PolicyAction,
+    ) -> PolicyEntry {
         PolicyEntry {
             direction: Direction::Ingress,
             remote_identity: identity,
@@ -210,19 +253,30 @@ mod tests {
     /// The decision the kernel's precedence rule (`bpf/policy.h`) reaches for a packet, replayed
     /// over the compiled entries: longest match per identity lookup, then the longer L4 match,
     /// then the identity-specific one.
-    fn kernel_decision(compiled: &BTreeMap<PolicyMatch, PolicyDecision>, identity: u32, protocol: u8, port: u16) -> Option<PolicyDecision> {
+    fn kernel_decision(
+        compiled: &BTreeMap<PolicyMatch, PolicyDecision>,
+        identity: u32,
+        protocol: u8,
+        port: u16,
+    ) -> Option<PolicyDecision> {
         let lookup = |id: u32| {
             compiled
                 .iter()
                 .filter(|(k, _)| k.remote_identity == id && k.direction == Direction::Ingress)
                 .filter(|(k, _)| {
-                    k.protocol == 0 || (k.protocol == protocol && (k.port_range().0..=k.port_range().1).contains(&port))
+                    k.protocol == 0
+                        || (k.protocol == protocol
+                            && (k.port_range().0..=k.port_range().1).contains(&port))
                 })
                 .max_by_key(|(k, _)| k.l4_prefix_len())
                 .map(|(k, v)| (k.l4_prefix_len(), *v))
         };
         match (lookup(identity), lookup(0)) {
-            (Some(by_id), Some(by_any)) => Some(if by_any.0 > by_id.0 { by_any.1 } else { by_id.1 }),
+            (Some(by_id), Some(by_any)) => Some(if by_any.0 > by_id.0 {
+                by_any.1
+            } else {
+                by_id.1
+            }),
             (by_id, by_any) => by_id.or(by_any).map(|(_, v)| v),
         }
     }
@@ -234,16 +288,29 @@ mod tests {
         assert_eq!(port_range_prefixes(8080, 8083), vec![(8080, 14)]);
         assert_eq!(port_range_prefixes(79, 81), vec![(79, 16), (80, 15)]);
         assert!(port_range_prefixes(81, 80).is_empty());
-        let covered: u32 = port_range_prefixes(1000, 2999).iter().map(|&(_, len)| 1u32 << (16 - len)).sum();
+        let covered: u32 = port_range_prefixes(1000, 2999)
+            .iter()
+            .map(|&(_, len)| 1u32 << (16 - len))
+            .sum();
         assert_eq!(covered, 2000);
     }
 
     #[test]
     fn any_protocol_with_ports_expands_to_tcp_udp_sctp() {
-        let compiled = compile_endpoint_policy(EP, &[entry(Some(7), Protocol::Any, Some((53, 53)), PolicyAction::Allow)]);
+        let compiled = compile_endpoint_policy(
+            EP,
+            &[entry(
+                Some(7),
+                Protocol::Any,
+                Some((53, 53)),
+                PolicyAction::Allow,
+            )],
+        );
         let protocols: Vec<u8> = compiled.keys().map(|k| k.protocol).collect();
         assert_eq!(protocols, vec![IPPROTO_TCP, IPPROTO_UDP, IPPROTO_SCTP]);
-        assert!(compiled.keys().all(|k| k.port == 53 && k.port_prefix_len == 16));
+        assert!(compiled
+            .keys()
+            .all(|k| k.port == 53 && k.port_prefix_len == 16));
     }
 
     #[test]
@@ -267,14 +334,28 @@ mod tests {
             EP,
             &[
                 entry(None, Protocol::Tcp, Some((0, 1023)), PolicyAction::Deny),
-                entry(Some(7), Protocol::Tcp, Some((80, 80)), PolicyAction::Redirect { proxy_port: 15001 }),
-                entry(Some(7), Protocol::Tcp, Some((8080, 8080)), PolicyAction::Allow),
+                entry(
+                    Some(7),
+                    Protocol::Tcp,
+                    Some((80, 80)),
+                    PolicyAction::Redirect { proxy_port: 15001 },
+                ),
+                entry(
+                    Some(7),
+                    Protocol::Tcp,
+                    Some((8080, 8080)),
+                    PolicyAction::Allow,
+                ),
             ],
         );
         assert!(kernel_decision(&compiled, 7, IPPROTO_TCP, 80).is_some_and(|d| d.deny));
         assert_eq!(
             kernel_decision(&compiled, 7, IPPROTO_TCP, 8080),
-            Some(PolicyDecision { deny: false, proxy_port: 0, auth_required: false })
+            Some(PolicyDecision {
+                deny: false,
+                proxy_port: 0,
+                auth_required: false
+            })
         );
         assert_eq!(kernel_decision(&compiled, 7, IPPROTO_UDP, 80), None);
     }
@@ -289,7 +370,8 @@ mod tests {
             ],
         );
         for port in 64..=127u16 {
-            let decision = kernel_decision(&compiled, 7, IPPROTO_TCP, port).expect("covered by the allow");
+            let decision =
+                kernel_decision(&compiled, 7, IPPROTO_TCP, port).expect("covered by the allow");
             assert_eq!(decision.deny, port == 80 || port == 81, "port {port}");
         }
     }
@@ -300,7 +382,12 @@ mod tests {
             EP,
             &[
                 entry(Some(7), Protocol::Tcp, Some((80, 80)), PolicyAction::Allow),
-                entry(Some(7), Protocol::Tcp, Some((80, 80)), PolicyAction::Redirect { proxy_port: 15001 }),
+                entry(
+                    Some(7),
+                    Protocol::Tcp,
+                    Some((80, 80)),
+                    PolicyAction::Redirect { proxy_port: 15001 },
+                ),
             ],
         );
         assert_eq!(compiled.len(), 1);

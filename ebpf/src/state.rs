@@ -70,7 +70,10 @@ pub struct PortRange {
 
 impl PortRange {
     pub fn single(port: u16) -> Self {
-        Self { first: port, last: port }
+        Self {
+            first: port,
+            last: port,
+        }
     }
 }
 
@@ -80,7 +83,9 @@ pub enum PolicyAction {
     Deny,
     /// Allow through the L7 proxy listening transparently on this port (node namespace,
     /// 127.0.0.1 or wildcard). If nothing listens there, the flow is dropped.
-    Redirect { proxy_port: u16 },
+    Redirect {
+        proxy_port: u16,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -41,17 +41,28 @@ pub fn privileged(test: &str) -> bool {
     }
 }
 
-/// The bpffs all tests pin under, mounted once per process.
-pub fn bpffs_root() -> Result<&'static Path> {
-    static ROOT: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
-    let root = ROOT.get_or_init(|| {
-        let path = Path::new(TEST_ROOT).join("bpffs");
-        crate::ensure_bpffs(&path).map(|()| path).map_err(|e| e.to_string())
+type MountResult = std::result::Result<PathBuf, String>;
+
+/// Mounts a filesystem under the tests' root once per process (tests run in parallel threads).
+fn mount_once(
+    cell: &'static OnceLock<MountResult>,
+    name: &str,
+    ensure: fn(&Path) -> std::result::Result<(), crate::DatapathError>,
+) -> Result<&'static Path> {
+    let mounted = cell.get_or_init(|| {
+        let path = Path::new(TEST_ROOT).join(name);
+        ensure(&path).map(|()| path).map_err(|e| e.to_string())
     });
-    match root {
+    match mounted {
         Ok(path) => Ok(path.as_path()),
         Err(e) => bail!("{e}"),
     }
+}
+
+/// The bpffs all tests pin under.
+pub fn bpffs_root() -> Result<&'static Path> {
+    static ROOT: OnceLock<MountResult> = OnceLock::new();
+    mount_once(&ROOT, "bpffs", crate::ensure_bpffs)
 }
 
 /// A pin directory for one test, removed (detaching its pinned links) on drop.
@@ -92,7 +103,8 @@ impl TestCgroup {
     pub fn new(tag: &str) -> Result<Self> {
         let path = cgroup2_mount()?.join(format!("sle-{tag}"));
         if path.exists() {
-            fs::remove_dir(&path).with_context(|| format!("removing leftover cgroup {}", path.display()))?;
+            fs::remove_dir(&path)
+                .with_context(|| format!("removing leftover cgroup {}", path.display()))?;
         }
         fs::create_dir(&path).with_context(|| format!("creating cgroup {}", path.display()))?;
         Ok(Self { path })
@@ -110,15 +122,8 @@ impl Drop for TestCgroup {
 /// The cgroup v2 hierarchy, mounted (again) under /run: `ip netns exec` remounts /sys, so a
 /// cgroup path under /sys would not be visible to processes started in a pod.
 fn cgroup2_mount() -> Result<&'static Path> {
-    static MOUNT: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
-    let mount = MOUNT.get_or_init(|| {
-        let path = Path::new(TEST_ROOT).join("cgroup2");
-        crate::ensure_cgroup2(&path).map(|()| path).map_err(|e| e.to_string())
-    });
-    match mount {
-        Ok(path) => Ok(path.as_path()),
-        Err(e) => bail!("{e}"),
-    }
+    static MOUNT: OnceLock<MountResult> = OnceLock::new();
+    mount_once(&MOUNT, "cgroup2", crate::ensure_cgroup2)
 }
 
 /// A pod: its namespace, address, and host-side veth in the node namespace.
@@ -140,26 +145,76 @@ pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 255, 1);
 impl Node {
     pub fn new(tag: &str, pod_count: u8) -> Result<Self> {
         let prefix = format!("sle-{tag}-");
-        for leftover in run("ip", &["netns", "list"])?.lines().filter_map(|l| l.split_whitespace().next()) {
+        for leftover in run("ip", &["netns", "list"])?
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+        {
             if leftover.starts_with(&prefix) {
                 run("ip", &["netns", "del", leftover])?;
             }
         }
-        let mut node = Node { netns: format!("{prefix}node"), pods: Vec::new() };
+        let mut node = Node {
+            netns: format!("{prefix}node"),
+            pods: Vec::new(),
+        };
         run("ip", &["netns", "add", &node.netns])?;
         let ns = node.netns.clone();
         run("ip", &["-n", &ns, "link", "set", "lo", "up"])?;
-        run("ip", &["-n", &ns, "addr", "add", &format!("{NODE_IP}/32"), "dev", "lo"])?;
-        run("ip", &["netns", "exec", &ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        run(
+            "ip",
+            &[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{NODE_IP}/32"),
+                "dev",
+                "lo",
+            ],
+        )?;
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &ns,
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+            ],
+        )?;
         for i in 0..pod_count {
             let pod_ns = format!("{prefix}pod{i}");
-            node.pods.push(Pod { netns: pod_ns.clone(), ip: Ipv4Addr::new(198, 18, 0, 10 + i), host_if: format!("lxc{i}"), ifindex: 0 });
             run("ip", &["netns", "add", &pod_ns])?;
+            // Registered at once so that Drop removes it even if the setup below fails.
+            node.pods.push(Pod {
+                netns: pod_ns.clone(),
+                ip: Ipv4Addr::new(198, 18, 0, 10 + i),
+                host_if: format!("lxc{i}"),
+                ifindex: 0,
+            });
             let host_if = format!("lxc{i}");
             let ip = Ipv4Addr::new(198, 18, 0, 10 + i);
-            run("ip", &["-n", &ns, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &pod_ns])?;
+            run(
+                "ip",
+                &[
+                    "-n", &ns, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0",
+                    "netns", &pod_ns,
+                ],
+            )?;
             run("ip", &["-n", &ns, "link", "set", &host_if, "up"])?;
-            run("ip", &["-n", &ns, "route", "add", &format!("{ip}/32"), "dev", &host_if])?;
+            run(
+                "ip",
+                &[
+                    "-n",
+                    &ns,
+                    "route",
+                    "add",
+                    &format!("{ip}/32"),
+                    "dev",
+                    &host_if,
+                ],
+            )?;
             let link = run("ip", &["-n", &ns, "-o", "link", "show", &host_if])?;
             let mac = link
                 .split_whitespace()
@@ -167,13 +222,71 @@ impl Node {
                 .nth(1)
                 .context("host veth MAC")?
                 .to_string();
-            let ifindex: u32 = link.split(':').next().context("ifindex")?.trim().parse().context("ifindex")?;
+            let ifindex: u32 = link
+                .split(':')
+                .next()
+                .context("ifindex")?
+                .trim()
+                .parse()
+                .context("ifindex")?;
             run("ip", &["-n", &pod_ns, "link", "set", "lo", "up"])?;
-            run("ip", &["-n", &pod_ns, "addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
+            run(
+                "ip",
+                &[
+                    "-n",
+                    &pod_ns,
+                    "addr",
+                    "add",
+                    &format!("{ip}/32"),
+                    "dev",
+                    "eth0",
+                ],
+            )?;
             run("ip", &["-n", &pod_ns, "link", "set", "eth0", "up"])?;
-            run("ip", &["-n", &pod_ns, "route", "add", "169.254.1.1", "dev", "eth0", "scope", "link"])?;
-            run("ip", &["-n", &pod_ns, "route", "add", "default", "via", "169.254.1.1", "dev", "eth0"])?;
-            run("ip", &["-n", &pod_ns, "neigh", "add", "169.254.1.1", "lladdr", &mac, "dev", "eth0", "nud", "permanent"])?;
+            run(
+                "ip",
+                &[
+                    "-n",
+                    &pod_ns,
+                    "route",
+                    "add",
+                    "169.254.1.1",
+                    "dev",
+                    "eth0",
+                    "scope",
+                    "link",
+                ],
+            )?;
+            run(
+                "ip",
+                &[
+                    "-n",
+                    &pod_ns,
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    "169.254.1.1",
+                    "dev",
+                    "eth0",
+                ],
+            )?;
+            run(
+                "ip",
+                &[
+                    "-n",
+                    &pod_ns,
+                    "neigh",
+                    "add",
+                    "169.254.1.1",
+                    "lladdr",
+                    &mac,
+                    "dev",
+                    "eth0",
+                    "nud",
+                    "permanent",
+                ],
+            )?;
             if let Some(pod) = node.pods.last_mut() {
                 pod.ifindex = ifindex;
             }
@@ -189,7 +302,12 @@ impl Node {
 
 impl Drop for Node {
     fn drop(&mut self) {
-        for ns in self.pods.iter().map(|p| p.netns.as_str()).chain([self.netns.as_str()]) {
+        for ns in self
+            .pods
+            .iter()
+            .map(|p| p.netns.as_str())
+            .chain([self.netns.as_str()])
+        {
             if let Err(e) = run("ip", &["netns", "del", ns]) {
                 eprintln!("cleanup of netns {ns}: {e:#}");
             }
@@ -205,7 +323,8 @@ pub struct NetnsGuard {
 impl NetnsGuard {
     pub fn enter(netns: &str) -> Result<Self> {
         let original = fs::File::open("/proc/thread-self/ns/net").context("own netns")?;
-        let target = fs::File::open(format!("/run/netns/{netns}")).with_context(|| format!("netns {netns}"))?;
+        let target = fs::File::open(format!("/run/netns/{netns}"))
+            .with_context(|| format!("netns {netns}"))?;
         // SAFETY: valid fds; setns only changes this thread's namespace.
         if unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
             bail!("setns {netns}: {}", std::io::Error::last_os_error());
@@ -232,18 +351,32 @@ pub struct PodServer {
 impl PodServer {
     pub fn start(pod_netns: &str, addr: SocketAddrV4, reply: &str) -> Result<Self> {
         let reply = reply.to_string();
-        Self::serve(pod_netns, move || TcpListener::bind(addr).context("bind"), move |_| reply.clone())
+        Self::serve(
+            pod_netns,
+            move || TcpListener::bind(addr).context("bind"),
+            move |_| reply.clone(),
+        )
     }
 
     /// A transparent proxy listener (IP_TRANSPARENT, 127.0.0.1:port) in the node namespace
     /// that answers "proxy <local address> <peer address>": the local address of an accepted
     /// socket is the original destination when the datapath redirected the flow.
     pub fn transparent_proxy(node_netns: &str, port: u16) -> Result<Self> {
-        Self::serve(node_netns, move || transparent_listener(port), |stream| {
-            let local = stream.local_addr().map(|a| a.to_string()).unwrap_or_default();
-            let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-            format!("proxy {local} {peer}")
-        })
+        Self::serve(
+            node_netns,
+            move || transparent_listener(port),
+            |stream| {
+                let local = stream
+                    .local_addr()
+                    .map(|a| a.to_string())
+                    .unwrap_or_default();
+                let peer = stream
+                    .peer_addr()
+                    .map(|a| a.to_string())
+                    .unwrap_or_default();
+                format!("proxy {local} {peer}")
+            },
+        )
     }
 
     fn serve(
@@ -281,7 +414,10 @@ impl PodServer {
             }
         });
         ready_rx.recv().context("server thread")??;
-        Ok(Self { stop, thread: Some(thread) })
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
     }
 }
 
@@ -295,16 +431,30 @@ fn transparent_listener(port: u16) -> Result<TcpListener> {
         }
         let listener = TcpListener::from_raw_fd(fd);
         let one: libc::c_int = 1;
-        if libc::setsockopt(fd, libc::SOL_IP, libc::IP_TRANSPARENT, (&one as *const libc::c_int).cast(), 4) != 0 {
+        if libc::setsockopt(
+            fd,
+            libc::SOL_IP,
+            libc::IP_TRANSPARENT,
+            (&one as *const libc::c_int).cast(),
+            4,
+        ) != 0
+        {
             bail!("IP_TRANSPARENT: {}", std::io::Error::last_os_error());
         }
         let addr = libc::sockaddr_in {
             sin_family: libc::AF_INET as libc::sa_family_t,
             sin_port: port.to_be(),
-            sin_addr: libc::in_addr { s_addr: u32::from(Ipv4Addr::LOCALHOST).to_be() },
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(Ipv4Addr::LOCALHOST).to_be(),
+            },
             sin_zero: [0; 8],
         };
-        if libc::bind(fd, (&addr as *const libc::sockaddr_in).cast(), std::mem::size_of::<libc::sockaddr_in>() as u32) != 0 {
+        if libc::bind(
+            fd,
+            (&addr as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as u32,
+        ) != 0
+        {
             bail!("bind 127.0.0.1:{port}: {}", std::io::Error::last_os_error());
         }
         if libc::listen(fd, 64) != 0 {
@@ -327,7 +477,10 @@ impl Drop for PodServer {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConnectOutcome {
     /// Connected; `peer` is what getpeername() returned, `reply` what the server sent.
-    Connected { peer: SocketAddrV4, reply: String },
+    Connected {
+        peer: SocketAddrV4,
+        reply: String,
+    },
     Refused,
     TimedOut,
 }
@@ -351,7 +504,12 @@ print("OK %s:%d %s" % (peer[0], peer[1], s.recv(100).decode().strip()))
 "#;
 
 /// Runs a TCP client in `pod` (in `cgroup` when given, joined before the socket exists).
-pub fn pod_connect(pod: &Pod, cgroup: Option<&Path>, target: SocketAddrV4, timeout_secs: u32) -> Result<ConnectOutcome> {
+pub fn pod_connect(
+    pod: &Pod,
+    cgroup: Option<&Path>,
+    target: SocketAddrV4,
+    timeout_secs: u32,
+) -> Result<ConnectOutcome> {
     let cgroup_arg = cgroup.map(|p| p.display().to_string()).unwrap_or_default();
     let out = run(
         "ip",
@@ -372,15 +530,25 @@ pub fn pod_connect(pod: &Pod, cgroup: Option<&Path>, target: SocketAddrV4, timeo
     match line.split_whitespace().collect::<Vec<_>>().as_slice() {
         ["REFUSED"] => Ok(ConnectOutcome::Refused),
         ["TIMEOUT"] => Ok(ConnectOutcome::TimedOut),
-        ["OK", peer, reply @ ..] => Ok(ConnectOutcome::Connected { peer: peer.parse().context("peer")?, reply: reply.join(" ") }),
+        ["OK", peer, reply @ ..] => Ok(ConnectOutcome::Connected {
+            peer: peer.parse().context("peer")?,
+            reply: reply.join(" "),
+        }),
         _ => bail!("unexpected client output {line:?}"),
     }
 }
 
 pub fn run(program: &str, args: &[&str]) -> Result<String> {
-    let output = Command::new(program).args(args).output().with_context(|| format!("running {program}"))?;
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {program}"))?;
     if !output.status.success() {
-        bail!("{program} {}: {}", args.join(" "), String::from_utf8_lossy(&output.stderr).trim());
+        bail!(
+            "{program} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
