@@ -149,12 +149,20 @@ pub(crate) async fn forward(
             };
             bump(counter);
         }
-        let retry = !last_try
-            && !route_expired
-            && outgoing.body.can_replay()
-            && plan.retry_policy.is_some_and(|policy| is_retriable(policy, &outcome));
-        let slot = if retry { cluster.try_retry() } else { None };
-        let Some(slot) = slot else {
+        let retry_with = plan.retry_policy.filter(|policy| {
+            !last_try && !route_expired && outgoing.body.can_replay() && is_retriable(policy, &outcome)
+        });
+        // The next host is vetted (ejection, previous hosts, policy) before the result is
+        // given up, so a retry that cannot happen still returns the real last outcome.
+        let next = retry_with.and_then(|policy| {
+            if policy.avoid_previous_hosts {
+                tried.push(host.addr);
+            }
+            let input = PickInput { random: rand::random::<u64>(), source: plan.source };
+            cluster.pick(input, &tried).filter(|next| authorize(next)).cloned()
+        });
+        let slot = next.as_ref().and_then(|_| cluster.try_retry());
+        let (Some(policy), Some(next), Some(slot)) = (retry_with, next, slot) else {
             let result = match result {
                 Ok((response, lease)) => Ok(into_downstream(response, lease)),
                 Err(AttemptOutcome::PerTryTimeout) if route_expired => Err(plan.deadline.failure()),
@@ -164,28 +172,14 @@ pub(crate) async fn forward(
         };
         _retry_slot = Some(slot);
         drop(result);
-        if let Some(policy) = plan.retry_policy {
-            let pause = backoff(policy, attempts, rand::random::<u64>());
-            let wake = Instant::now() + pause;
-            if plan.deadline.at.is_some_and(|at| at <= wake) {
-                if let Some(at) = plan.deadline.at {
-                    tokio::time::sleep_until(at).await;
-                }
-                bump(&cluster.counters.upstream_rq_timeout);
-                return Forwarded { result: Err(plan.deadline.failure()), attempts, upstream: host.addr };
-            }
-            tokio::time::sleep_until(wake).await;
-            if policy.avoid_previous_hosts {
-                tried.push(host.addr);
-            }
+        let wake = Instant::now() + backoff(policy, attempts, rand::random::<u64>());
+        if let Some(at) = plan.deadline.at.filter(|at| *at <= wake) {
+            tokio::time::sleep_until(at).await;
+            bump(&cluster.counters.upstream_rq_timeout);
+            return Forwarded { result: Err(plan.deadline.failure()), attempts, upstream: host.addr };
         }
-        let input = PickInput { random: rand::random::<u64>(), source: plan.source };
-        match cluster.pick(input, &tried) {
-            Some(next) if authorize(next) => host = Arc::clone(next),
-            _ => {
-                return Forwarded { result: Err(Failure::Upstream), attempts, upstream: host.addr };
-            }
-        }
+        tokio::time::sleep_until(wake).await;
+        host = next;
     }
 }
 
