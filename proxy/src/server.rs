@@ -190,14 +190,19 @@ impl<'a> Exchange<'a> {
         };
         let mut headers = std::mem::take(&mut parts.headers);
         prepare_request_headers(&mut headers, &hcm.route_config, hcm, self.ctx.peer.ip(), &edits);
+        let rewritten = original_path.is_some();
         if let Some(original) = original_path {
             if let Ok(value) = HeaderValue::from_str(&original) {
                 headers.insert(ORIGINAL_PATH.clone(), value);
             }
         }
         let protocol = cluster.config.protocol;
-        let uri = upstream_uri(protocol, head);
-        set_upstream_host(&mut headers, protocol, head);
+        let uri = match protocol {
+            // Normalization left the canonical origin-form target in `parts.uri`.
+            UpstreamProtocol::Http1 if !rewritten => std::mem::take(&mut parts.uri),
+            _ => upstream_uri(protocol, head),
+        };
+        set_upstream_host(&mut headers, protocol, head, action.host_rewrite_literal.is_some());
         let deadline = Deadline::new(self.started, action.timeout, hcm.stream_idle_timeout);
         let vhost = selection.virtual_host;
 
@@ -455,8 +460,13 @@ fn prepare_request_headers(
     peer: IpAddr,
     edits: &[HeaderEdit],
 ) {
+    // `te: trailers` is the one TE value worth keeping (gRPC needs it); it is hop-by-hop
+    // otherwise.
+    let keeps_trailers = headers.get(http::header::TE).is_some_and(|te| te.as_bytes().eq_ignore_ascii_case(b"trailers"));
     strip_hop_by_hop(headers);
-    headers.remove(http::header::TE);
+    if !keeps_trailers {
+        headers.remove(http::header::TE);
+    }
     for name in &route_config.request_headers_to_remove {
         headers.remove(name.as_str());
     }
@@ -547,12 +557,15 @@ fn upstream_uri(protocol: UpstreamProtocol, head: &RequestHead) -> Uri {
     uri.unwrap_or_else(|_| Uri::from_static("/"))
 }
 
-/// HTTP/1.1 upstreams get `Host`; HTTP/2 upstreams carry the authority in the URI instead.
-fn set_upstream_host(headers: &mut HeaderMap, protocol: UpstreamProtocol, head: &RequestHead) {
+/// HTTP/1.1 upstreams get `Host` (normalization already set the canonical one; only a host
+/// rewrite changes it); HTTP/2 upstreams carry the authority in the URI instead.
+fn set_upstream_host(headers: &mut HeaderMap, protocol: UpstreamProtocol, head: &RequestHead, host_rewritten: bool) {
     match protocol {
         UpstreamProtocol::Http1 => {
-            if let Ok(value) = HeaderValue::from_str(&head.authority) {
-                headers.insert(HOST, value);
+            if host_rewritten {
+                if let Ok(value) = HeaderValue::from_str(&head.authority) {
+                    headers.insert(HOST, value);
+                }
             }
         }
         UpstreamProtocol::Http2 => {
