@@ -403,9 +403,10 @@ pub struct AnchoredRegex {
 }
 
 impl AnchoredRegex {
-    /// Compiles `source` anchored at both ends.
+    /// Compiles `source` anchored at both ends. The pattern must be valid on its own first:
+    /// otherwise `a)|(?:.*` would wrap into `^(?:a)|(?:.*)$`, which matches everything.
     pub fn new(source: &str) -> Result<AnchoredRegex, regex::Error> {
-        let regex = Regex::new(&format!("^(?:{source})$"))?;
+        let regex = anchored_regex(source)?;
         Ok(AnchoredRegex {
             source: source.to_string(),
             regex,
@@ -416,6 +417,12 @@ impl AnchoredRegex {
     pub fn is_match(&self, text: &str) -> bool {
         self.regex.is_match(text)
     }
+}
+
+/// `^(?:source)$`, after checking that `source` compiles by itself (see [`AnchoredRegex::new`]).
+pub fn anchored_regex(source: &str) -> Result<Regex, regex::Error> {
+    Regex::new(source)?;
+    Regex::new(&format!("^(?:{source})$"))
 }
 
 impl PartialEq for AnchoredRegex {
@@ -519,4 +526,22 @@ pub enum AuthenticationMode {
     Required,
     /// `test-always-fail`: authentication always fails (for tests).
     TestAlwaysFail,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AnchoredRegex;
+
+    #[test]
+    fn a_pattern_that_only_compiles_once_wrapped_is_rejected() {
+        assert!(AnchoredRegex::new("a)|(?:.*").is_err());
+    }
+
+    #[test]
+    fn anchoring_is_whole_value() {
+        let path = AnchoredRegex::new("/public|/health").expect("valid pattern");
+        assert!(path.is_match("/health"));
+        assert!(!path.is_match("/public/x"));
+        assert!(!path.is_match("/x/health"));
+    }
 }
