@@ -225,6 +225,10 @@ impl RuleContext<'_> {
             return Vec::new();
         }
         let remotes = self.remotes(rule, warnings);
+        if remotes == Remotes::Only(BTreeSet::new()) {
+            // Every peer was unenforceable (warned above): the rule allows nothing.
+            return Vec::new();
+        }
         let auth_required = match rule.authentication {
             Some(AuthenticationMode::Required) | Some(AuthenticationMode::TestAlwaysFail) => true,
             Some(AuthenticationMode::Disabled) | None => false,
@@ -273,7 +277,13 @@ impl RuleContext<'_> {
         if rule.has_no_peers() && rule.to_ports.is_empty() {
             return Vec::new();
         }
+        if !rule.groups.is_empty() || !rule.services.is_empty() || !rule.fqdns.is_empty() {
+            self.warn(warnings, rule, "this deny rule is enforced only for its other peers: traffic to the unresolved peers is NOT denied");
+        }
         let remotes = self.remotes(rule, warnings);
+        if remotes == Remotes::Only(BTreeSet::new()) {
+            return Vec::new();
+        }
         if rule.to_ports.is_empty() {
             return vec![L4Match { remotes, ports: Vec::new() }];
         }
