@@ -9,6 +9,7 @@ use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::error::{ApplyError, ProxyError};
 use crate::flow::FlowSink;
@@ -58,6 +59,8 @@ struct Inner {
     registry: Mutex<Registry>,
     /// Parent of every listener's stop token.
     root: CancellationToken,
+    /// The accept loops, so `shutdown` knows when every listening socket is closed.
+    accepting: TaskTracker,
     epoch: Instant,
 }
 
@@ -106,6 +109,7 @@ impl Handle {
                 owned_runtime: Mutex::new(owned),
                 registry: Mutex::new(Registry::default()),
                 root: CancellationToken::new(),
+                accepting: TaskTracker::new(),
                 epoch,
             }),
         }
@@ -224,7 +228,7 @@ impl Handle {
         // 4. Swap, then serve the new sockets and drain the removed ones.
         inner.shared.snapshot.store(Arc::new(snapshot));
         for (slot, bound, stop) in started {
-            inner.runtime.spawn(listener::accept_loop(bound, slot, Arc::clone(&inner.shared), stop));
+            inner.accepting.spawn_on(listener::accept_loop(bound, slot, Arc::clone(&inner.shared), stop), &inner.runtime);
         }
         for entry in removed {
             tracing::info!(listener = %entry.name, addr = %entry.addr, "closing listener");
@@ -254,17 +258,21 @@ impl Handle {
         }
     }
 
-    /// Stops accepting, lets open connections finish for up to a second, then stops the
-    /// runtime (when the proxy owns one). Blocks the caller while draining.
+    /// Stops accepting (every listening socket is closed when this returns), lets open
+    /// connections finish for up to a second, then stops the runtime. Blocks the caller while
+    /// draining. On a runtime given to `start_on` it only signals: listeners and connections
+    /// wind down on that runtime, which keeps running.
     pub fn shutdown(&self) {
         let inner = &*self.inner;
         inner.root.cancel();
         let owned = inner.owned_runtime.lock().unwrap_or_else(PoisonError::into_inner).take();
         let Some(runtime) = owned else { return };
         let mut waited = Duration::ZERO;
-        while waited < DRAIN_TIMEOUT
-            && inner.shared.counters.downstream_cx_active.load(std::sync::atomic::Ordering::Relaxed) > 0
-        {
+        let draining = || {
+            !inner.accepting.is_empty()
+                || inner.shared.counters.downstream_cx_active.load(std::sync::atomic::Ordering::Relaxed) > 0
+        };
+        while waited < DRAIN_TIMEOUT && draining() {
             std::thread::sleep(DRAIN_POLL);
             waited += DRAIN_POLL;
         }
