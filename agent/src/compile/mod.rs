@@ -307,3 +307,71 @@ fn policy_views(named: &[NamedPolicy<'_>], pods: &[PodEntry<'_>]) -> Vec<PolicyV
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PODS: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: web, labels: {app: web}}\nspec:\n  containers:\n  - ports: [{name: http, containerPort: 8080}]\nstatus: {podIP: 127.0.0.1}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: client, labels: {app: client, env: prod}}\nstatus: {podIP: 127.0.0.2}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: other, namespace: team, labels: {app: client}}\nstatus: {podIP: 127.0.0.3}\n";
+
+    /// Compiles `PODS` plus `policy` and returns the web pod's policy.
+    fn web_policy(policy: &str) -> Option<EndpointPolicy> {
+        let model: Model = sluice_envoy_config::parse_file("t.yaml", &format!("{PODS}---\n{policy}"))
+            .into_iter()
+            .filter_map(Result::ok)
+            .collect();
+        let mut identities = Identities::in_memory();
+        for pod in model.pods() {
+            identities.allocate(&pod_labels(&model, pod));
+        }
+        let compiled = compile(&model, &identities, "node-a", 1);
+        compiled.tables.policies.get(&IpAddr::from([127, 0, 0, 1])).map(|p| (**p).clone())
+    }
+
+    fn only(ids: &[Identity]) -> Remotes {
+        Remotes::Only(ids.iter().copied().collect())
+    }
+
+    #[test]
+    fn cnp_peers_stay_in_the_policy_namespace_and_named_ports_resolve() {
+        let policy = web_policy("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec:\n  endpointSelector: {matchLabels: {app: web}}\n  ingress:\n  - fromEndpoints: [{matchLabels: {app: client}}]\n    toPorts: [{ports: [{port: http, protocol: TCP}]}]\n");
+        let ingress = policy.map(|p| p.ingress).unwrap_or_default();
+        assert!(ingress.default_deny);
+        // Identities follow pod key order: default/client 256, default/web 257, team/other 258.
+        // `app: client` in a CNP of `default` is default/client only, not team/other.
+        assert_eq!(ingress.allow.len(), 1);
+        assert_eq!(ingress.allow[0].l4.remotes, only(&[256]));
+        assert_eq!(ingress.allow[0].l4.ports, vec![PortRange { protocol: Protocol::Tcp, start: 8080, end: 8080 }]);
+        assert_eq!(&*ingress.allow[0].origin, "CiliumNetworkPolicy default/p spec.ingress[0]");
+    }
+
+    #[test]
+    fn ccnp_entities_and_deny_rules() {
+        let policy = web_policy("apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata: {name: lockdown}\nspec:\n  endpointSelector: {}\n  ingress:\n  - fromEntities: [cluster]\n  ingressDeny:\n  - fromEntities: [world]\n  egress:\n  - toEndpoints: [{}]\n");
+        let policy = policy.unwrap_or_default();
+        assert_eq!(policy.ingress.deny.iter().map(|d| d.remotes.clone()).collect::<Vec<_>>(), vec![only(&[2])]);
+        assert_eq!(policy.ingress.allow[0].l4.remotes, only(&[1, 3, 4, 5, 6, 7, 256, 257, 258]));
+        // A CCNP `{}` peer means every pod of every namespace, not the reserved identities.
+        assert_eq!(policy.egress.allow[0].l4.remotes, only(&[256, 257, 258]));
+        assert!(policy.egress.default_deny);
+    }
+
+    #[test]
+    fn enable_default_deny_false_keeps_l7_rules_but_not_default_deny() {
+        let policy = web_policy("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec:\n  endpointSelector: {matchLabels: {app: web}}\n  enableDefaultDeny: {ingress: false}\n  ingress:\n  - toPorts:\n    - ports: [{port: \"8080\"}]\n      rules:\n        http: [{method: GET, path: /public}]\n");
+        let ingress = policy.map(|p| p.ingress).unwrap_or_default();
+        assert!(!ingress.default_deny);
+        assert_eq!(ingress.allow[0].l4.remotes, Remotes::Any);
+        let http = ingress.allow[0].http.clone().unwrap_or_default();
+        assert_eq!(http.len(), 1);
+        assert!(http[0].path.as_ref().is_some_and(|p| p.is_match("/public") && !p.is_match("/public/x")));
+    }
+
+    #[test]
+    fn from_requires_narrows_every_allowed_peer() {
+        let policy = web_policy("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec:\n  endpointSelector: {matchLabels: {app: web}}\n  ingress:\n  - fromRequires: [{matchLabels: {env: prod}}]\n  - fromEntities: [all]\n    toPorts: [{ports: [{port: \"8080\"}]}]\n");
+        let ingress = policy.map(|p| p.ingress).unwrap_or_default();
+        assert_eq!(ingress.allow.len(), 1);
+        assert_eq!(ingress.allow[0].l4.remotes, only(&[256]));
+    }
+}

@@ -380,3 +380,39 @@ pub fn compile_frontends(model: &Model, own_node_labels: &LabelSet, warnings: &m
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model(yaml: &str) -> Model {
+        sluice_envoy_config::parse_file("test.yaml", yaml).into_iter().filter_map(Result::ok).collect()
+    }
+
+    const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: echo}\nspec:\n  clusterIP: 10.96.0.10\n  selector: {app: echo}\n  ports:\n  - {name: web, port: 80, targetPort: http}\n";
+
+    #[test]
+    fn selector_backends_resolve_named_target_ports_per_pod() {
+        let m = model(&format!(
+            "{SERVICE}---\napiVersion: v1\nkind: Pod\nmetadata: {{name: a, labels: {{app: echo}}}}\nspec:\n  containers:\n  - ports: [{{name: http, containerPort: 8080}}]\nstatus: {{podIP: 127.0.0.1}}\n---\napiVersion: v1\nkind: Pod\nmetadata: {{name: b, labels: {{app: echo}}}}\nspec:\n  containers:\n  - ports: [{{name: http, containerPort: 9090}}]\nstatus: {{podIP: 127.0.0.2}}\n---\napiVersion: v1\nkind: Pod\nmetadata: {{name: c, labels: {{app: other}}}}\nstatus: {{podIP: 127.0.0.3}}\n"
+        ));
+        let service = m.services().next().cloned();
+        let service = service.as_ref().map(|s| service_port_backends(&m, s, &s.ports[0]));
+        assert_eq!(
+            service,
+            Some(vec![SocketAddr::from(([127, 0, 0, 1], 8080)), SocketAddr::from(([127, 0, 0, 2], 9090))])
+        );
+    }
+
+    #[test]
+    fn endpoint_slices_win_over_the_selector_and_skip_unready_endpoints() {
+        let m = model(&format!(
+            "{SERVICE}---\napiVersion: v1\nkind: Pod\nmetadata: {{name: a, labels: {{app: echo}}}}\nstatus: {{podIP: 127.0.0.1}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: echo-abc\n  labels: {{kubernetes.io/service-name: echo}}\naddressType: IPv4\nports: [{{name: web, port: 7070}}]\nendpoints:\n- addresses: [127.0.5.1]\n- addresses: [127.0.5.2]\n  conditions: {{ready: false}}\n"
+        ));
+        let frontends = compile_frontends(&m, &LabelSet::new(), &mut Warnings::new());
+        let view = frontends.views.iter().find(|v| v.name == "default/echo:80");
+        assert_eq!(view.map(|v| v.backends.clone()), Some(vec![SocketAddr::from(([127, 0, 5, 1], 7070))]));
+        // A cluster IP outside loopback is not this host's: the frontend gets an automatic port.
+        assert_eq!(frontends.listeners.iter().map(|l| (l.name.as_str(), l.bind.clone())).collect::<Vec<_>>(), vec![("svc:default/echo:80", Bind::LoopbackAuto)]);
+    }
+}

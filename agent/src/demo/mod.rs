@@ -115,7 +115,7 @@ async fn start_backends(cast: &Cast) -> anyhow::Result<Vec<Backend>> {
                 anyhow::anyhow!("cannot bind {addr}: {e}")
             }
         })?;
-        println!("  pod {:<14} {:<12} backend listening on {addr}", pod.name, pod.ip);
+        println!("  backend for {:<16} listening on {addr}", pod.name);
         backends.push(backend);
     }
     Ok(backends)
@@ -143,7 +143,11 @@ pub async fn run() -> anyhow::Result<bool> {
     for (file, text) in APPS {
         let scheduled = scheduler::schedule(file, text, NODE, &mut addresses)?;
         for service in &scheduled.services {
-            println!("  service {}/{:<14} clusterIP {}", service.namespace, service.name, service.cluster_ip);
+            println!("  service {}/{:<16} clusterIP {}", service.namespace, service.name, service.cluster_ip);
+        }
+        for pod in &scheduled.pods {
+            let labels: Vec<String> = pod.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            println!("  pod     {}/{:<16} podIP     {:<11} {}", pod.namespace, pod.name, pod.ip, labels.join(","));
         }
         std::fs::write(config_dir.join(format!("running-{file}")), &scheduled.text)?;
         pods.extend(scheduled.pods);
