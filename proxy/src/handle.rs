@@ -24,6 +24,7 @@ use crate::upstream::ClusterState;
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 const DRAIN_POLL: Duration = Duration::from_millis(10);
 
+#[derive(Debug)]
 pub struct ProxyConfig {
     /// Worker threads of the proxy's runtime (at least 1).
     pub workers: usize,
@@ -48,6 +49,18 @@ pub struct BoundListener {
 #[derive(Clone)]
 pub struct Handle {
     inner: Arc<Inner>,
+}
+
+// The agent moves handles across threads and runtimes.
+const _: () = {
+    fn shareable<T: Send + Sync + Clone + 'static>() {}
+    let _ = shareable::<Handle>;
+};
+
+impl std::fmt::Debug for Handle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handle").field("generation", &self.inner.shared.snapshot.load().generation).finish_non_exhaustive()
+    }
 }
 
 struct Inner {
