@@ -92,6 +92,9 @@ fn load_identities(config: &AgentConfig) -> Identities {
 }
 
 pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
+    if !config.config_dir.is_dir() {
+        anyhow::bail!("--config-dir {}: not a directory", config.config_dir.display());
+    }
     let mut dir = ConfigDir::new(&config.config_dir);
     // Watch before the first scan, so a change during startup is not missed.
     let (debouncer, mut changed) = source::watch(dir.root(), DEBOUNCE)?;
