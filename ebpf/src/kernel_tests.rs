@@ -569,6 +569,12 @@ fn netns_pods_tc_policy_and_socket_lb_end_to_end() -> Result<()> {
     let server_policy = vec![
         rule(
             Some(CLIENT_ID),
+            Protocol::Udp,
+            Some(53),
+            PolicyAction::Allow,
+        ),
+        rule(
+            Some(CLIENT_ID),
             Protocol::Tcp,
             Some(80),
             PolicyAction::Allow,
@@ -618,6 +624,20 @@ fn netns_pods_tc_policy_and_socket_lb_end_to_end() -> Result<()> {
                 l7_proxy_port: None,
                 backends: vec![],
             },
+            Service {
+                vip: *vip.ip(),
+                port: 53,
+                protocol: L4Protocol::Udp,
+                l7_proxy_port: None,
+                backends: vec![SocketAddrV4::new(server_b.ip, 53)],
+            },
+            Service {
+                vip: *empty_vip.ip(),
+                port: 53,
+                protocol: L4Protocol::Udp,
+                l7_proxy_port: None,
+                backends: vec![],
+            },
         ],
     };
     datapath.apply(&state)?;
@@ -647,6 +667,7 @@ fn netns_pods_tc_policy_and_socket_lb_end_to_end() -> Result<()> {
             "server-b",
         )?,
         PodServer::transparent_proxy(&node.netns, 15001)?,
+        testing::udp_pod_server(&server_b.netns, SocketAddrV4::new(server_b.ip, 53), "udp-b")?,
     ];
 
     // TC policy: the allowed port answers, the other one's SYN is dropped at the client's veth.
@@ -724,6 +745,21 @@ fn netns_pods_tc_policy_and_socket_lb_end_to_end() -> Result<()> {
     assert!(events.drain().iter().any(|e| e.drop_reason
         == Some(DropReason::ServiceBackendNotFound)
         && e.destination == empty_vip));
+
+    // UDP: sendmsg translates, recvmsg shows the VIP as the datagram's source.
+    let udp_vip = SocketAddrV4::new(*vip.ip(), 53);
+    assert_eq!(
+        testing::pod_udp_exchange(client, Some(&cgroup.path), udp_vip, 5)?,
+        ConnectOutcome::Connected {
+            peer: udp_vip,
+            reply: "udp-b".into()
+        }
+    );
+    let empty_udp = SocketAddrV4::new(*empty_vip.ip(), 53);
+    assert_eq!(
+        testing::pod_udp_exchange(client, Some(&cgroup.path), empty_udp, 5)?,
+        ConnectOutcome::Refused
+    );
 
     // A removed backend is no longer chosen.
     state.services[0]

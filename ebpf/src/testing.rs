@@ -464,6 +464,43 @@ fn transparent_listener(port: u16) -> Result<TcpListener> {
     }
 }
 
+/// A UDP server inside a pod that answers every datagram with `reply`.
+pub fn udp_pod_server(pod_netns: &str, addr: SocketAddrV4, reply: &str) -> Result<PodServer> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (netns, reply, stop_flag) = (pod_netns.to_string(), reply.to_string(), stop.clone());
+    let thread = std::thread::spawn(move || {
+        let socket = NetnsGuard::enter(&netns).and_then(|guard| {
+            let socket = std::net::UdpSocket::bind(addr).context("bind")?;
+            socket
+                .set_read_timeout(Some(Duration::from_millis(20)))
+                .context("timeout")?;
+            Ok((guard, socket))
+        });
+        let (_guard, socket) = match socket {
+            Ok(ok) => {
+                let _ = ready_tx.send(Ok(()));
+                ok
+            }
+            Err(e) => {
+                let _ = ready_tx.send(Err(e));
+                return;
+            }
+        };
+        let mut buf = [0u8; 64];
+        while !stop_flag.load(Ordering::Relaxed) {
+            if let Ok((_, peer)) = socket.recv_from(&mut buf) {
+                let _ = socket.send_to(reply.as_bytes(), peer);
+            }
+        }
+    });
+    ready_rx.recv().context("server thread")??;
+    Ok(PodServer {
+        stop,
+        thread: Some(thread),
+    })
+}
+
 impl Drop for PodServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
@@ -486,26 +523,56 @@ pub enum ConnectOutcome {
 }
 
 const CLIENT: &str = r#"
-import os, socket, sys
-cgroup, host, port, timeout = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+import errno, os, socket, sys
+mode, cgroup, host, port, timeout = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
 if cgroup:
     with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
         f.write(str(os.getpid()))
-s = socket.socket()
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM if mode == "tcp" else socket.SOCK_DGRAM)
 s.settimeout(timeout)
 try:
-    s.connect((host, port))
+    if mode == "tcp":
+        s.connect((host, port))
+        peer, data = s.getpeername(), s.recv(100)
+    else:
+        s.sendto(b"ping", (host, port))
+        data, peer = s.recvfrom(100)
 except ConnectionRefusedError:
     print("REFUSED"); sys.exit(0)
 except (socket.timeout, TimeoutError):
     print("TIMEOUT"); sys.exit(0)
-peer = s.getpeername()
-print("OK %s:%d %s" % (peer[0], peer[1], s.recv(100).decode().strip()))
+except OSError as e:
+    if e.errno == errno.EHOSTUNREACH:
+        print("REFUSED"); sys.exit(0)
+    raise
+print("OK %s:%d %s" % (peer[0], peer[1], data.decode().strip()))
 "#;
 
-/// Runs a TCP client in `pod` (in `cgroup` when given, joined before the socket exists).
+/// Runs a TCP client in `pod` (in `cgroup` when given, joined before the socket exists):
+/// connect, getpeername, read the reply.
 pub fn pod_connect(
     pod: &Pod,
+    cgroup: Option<&Path>,
+    target: SocketAddrV4,
+    timeout_secs: u32,
+) -> Result<ConnectOutcome> {
+    pod_client(pod, "tcp", cgroup, target, timeout_secs)
+}
+
+/// Runs a UDP client in `pod`: an unconnected sendto, then recvfrom (whose source address is
+/// the `peer`); EHOSTUNREACH counts as `Refused`.
+pub fn pod_udp_exchange(
+    pod: &Pod,
+    cgroup: Option<&Path>,
+    target: SocketAddrV4,
+    timeout_secs: u32,
+) -> Result<ConnectOutcome> {
+    pod_client(pod, "udp", cgroup, target, timeout_secs)
+}
+
+fn pod_client(
+    pod: &Pod,
+    mode: &str,
     cgroup: Option<&Path>,
     target: SocketAddrV4,
     timeout_secs: u32,
@@ -520,6 +587,7 @@ pub fn pod_connect(
             "python3",
             "-c",
             CLIENT,
+            mode,
             &cgroup_arg,
             &target.ip().to_string(),
             &target.port().to_string(),
