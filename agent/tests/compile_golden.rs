@@ -15,7 +15,7 @@ use sluice_envoy_config::{parse_file, Model, Object, ObjectKey};
 const NODE: &str = "node-a";
 
 fn demo_manifest(name: &str) -> Result<String> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/demo/manifests").join(name);
+    let path = corpus_dir()?.join(name);
     std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
 }
 
@@ -149,13 +149,13 @@ fn helloworld_canary() -> Result<()> {
     check_golden("helloworld-canary", &scenario)
 }
 
-/// The Cilium example corpus from `shared/reference` beside the repository.
+/// Cilium's example corpus, vendored unchanged in `conformance/cilium-examples`.
 fn corpus_dir() -> Result<PathBuf> {
-    let beside_repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/reference/cilium-examples");
-    if beside_repo.is_dir() {
-        return Ok(beside_repo);
+    let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("../conformance/cilium-examples");
+    if corpus.is_dir() {
+        return Ok(corpus);
     }
-    bail!("the Cilium example corpus is expected at {}", beside_repo.display())
+    bail!("the Cilium example corpus is expected at {}", corpus.display())
 }
 
 /// Every example file together: workloads scheduled, policies and Envoy configs applied.

@@ -36,9 +36,10 @@ pub fn http_connection_manager(
         normalize_path: hcm.normalize_path,
         merge_slashes: hcm.merge_slashes,
         escaped_slashes: match hcm.path_with_escaped_slashes_action {
-            model::EscapedSlashesAction::ImplementationSpecificDefault | model::EscapedSlashesAction::KeepUnchanged => {
-                tables::EscapedSlashesAction::KeepUnchanged
+            model::EscapedSlashesAction::ImplementationSpecificDefault => {
+                tables::EscapedSlashesAction::ImplementationSpecificDefault
             }
+            model::EscapedSlashesAction::KeepUnchanged => tables::EscapedSlashesAction::KeepUnchanged,
             model::EscapedSlashesAction::RejectRequest => tables::EscapedSlashesAction::RejectRequest,
             model::EscapedSlashesAction::UnescapeAndRedirect => tables::EscapedSlashesAction::UnescapeAndRedirect,
             model::EscapedSlashesAction::UnescapeAndForward => tables::EscapedSlashesAction::UnescapeAndForward,
@@ -53,21 +54,22 @@ pub fn http_connection_manager(
     }
 }
 
-/// Envoy's HCM defaults, for Service frontends that no CiliumEnvoyConfig redirects.
+/// Envoy's HCM defaults, for Service frontends that no CiliumEnvoyConfig redirects; WebSocket
+/// upgrades pass (subject to policy), as users of Cilium's L7 proxy expect since 1.18.
 pub fn default_http_connection_manager(stat_prefix: &str, route_config: Arc<tables::RouteConfig>) -> tables::HttpConnectionManager {
     tables::HttpConnectionManager {
         stat_prefix: stat_prefix.to_string(),
         route_config,
         normalize_path: false,
         merge_slashes: false,
-        escaped_slashes: tables::EscapedSlashesAction::KeepUnchanged,
+        escaped_slashes: tables::EscapedSlashesAction::ImplementationSpecificDefault,
         stream_idle_timeout: Some(Duration::from_secs(300)),
         max_request_headers_bytes: 60 * 1024,
         max_headers_count: 100,
         idle_timeout: Some(Duration::from_secs(3600)),
         use_remote_address: false,
         skip_xff_append: false,
-        upgrades: Vec::new(),
+        upgrades: vec!["websocket".to_string()],
     }
 }
 

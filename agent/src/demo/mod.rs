@@ -26,13 +26,13 @@ const SPLIT_REQUESTS: usize = 1000;
 
 /// Workloads, as Cilium ships them (`# source:` lines kept).
 const APPS: [(&str, &str); 3] = [
-    ("http-sw-app.yaml", include_str!("manifests/http-sw-app.yaml")),
-    ("client-helloworld.yaml", include_str!("manifests/client-helloworld.yaml")),
-    ("helloworld-service-v1-v2.yaml", include_str!("manifests/helloworld-service-v1-v2.yaml")),
+    ("http-sw-app.yaml", include_str!("../../../conformance/cilium-examples/http-sw-app.yaml")),
+    ("client-helloworld.yaml", include_str!("../../../conformance/cilium-examples/client-helloworld.yaml")),
+    ("helloworld-service-v1-v2.yaml", include_str!("../../../conformance/cilium-examples/helloworld-service-v1-v2.yaml")),
 ];
-const L3_L4_POLICY: &str = include_str!("manifests/sw_l3_l4_policy.yaml");
-const L7_POLICY: &str = include_str!("manifests/sw_l3_l4_l7_policy.yaml");
-const HELLOWORLD_CEC: &str = include_str!("manifests/envoy-helloworld-v1-90-v2-10.yaml");
+const L3_L4_POLICY: &str = include_str!("../../../conformance/cilium-examples/sw_l3_l4_policy.yaml");
+const L7_POLICY: &str = include_str!("../../../conformance/cilium-examples/sw_l3_l4_l7_policy.yaml");
+const HELLOWORLD_CEC: &str = include_str!("../../../conformance/cilium-examples/envoy-helloworld-v1-90-v2-10.yaml");
 
 /// The demo's verdicts, so the summary can say what failed.
 #[derive(Default)]

@@ -206,7 +206,7 @@ mod tests {
     #[test]
     fn star_wars_app_gets_pods_for_replicas_and_a_cluster_ip() -> anyhow::Result<()> {
         let mut addresses = Addresses::default();
-        let scheduled = schedule("http-sw-app.yaml", include_str!("manifests/http-sw-app.yaml"), "node-a", &mut addresses)?;
+        let scheduled = schedule("http-sw-app.yaml", include_str!("../../../conformance/cilium-examples/http-sw-app.yaml"), "node-a", &mut addresses)?;
         let names: Vec<_> = scheduled.pods.iter().map(|p| (p.name.as_str(), p.ip.to_string())).collect();
         assert_eq!(
             names,

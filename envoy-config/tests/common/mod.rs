@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use sluice_envoy_config::{parse_file, ConfigError, Object};
 
-pub const EXAMPLES: &str = "/work/shared/reference/cilium-examples";
+pub const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../conformance/cilium-examples");
 
 /// Values substituted for the Go-template placeholders of the cilium-cli manifests.
 pub const TEMPLATE_VALUES: &[(&str, &str)] = &[
