@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 
 use crate::flows::{self, FlowLog};
 use crate::identity::Identities;
-use crate::metrics::{self, ClusterSample, Metrics, ProxySample};
+use crate::metrics::{self, Metrics};
 use crate::reconcile::Reconciler;
 use crate::source::{self, ConfigDir};
 use crate::view::{SharedSnapshot, Snapshot};
@@ -46,38 +46,6 @@ pub struct RunningAgent {
     task: JoinHandle<()>,
     side_tasks: Vec<JoinHandle<()>>,
     proxy: Handle,
-    socket: Option<PathBuf>,
-}
-
-fn proxy_sample(proxy: &Handle, workers: usize, listeners: usize) -> ProxySample {
-    let stats = proxy.stats();
-    ProxySample {
-        workers: workers as u64,
-        listeners: listeners as u64,
-        downstream_cx_active: stats.downstream_cx_active,
-        downstream_cx_total: stats.downstream_cx_total,
-        downstream_rq_total: stats.downstream_rq_total,
-        upstream_cx_active: stats.upstream_cx_active,
-        flows_lost: stats.flows_lost,
-        clusters: stats
-            .clusters
-            .into_iter()
-            .map(|(name, c)| ClusterSample {
-                name,
-                upstream_cx_active: c.upstream_cx_active,
-                upstream_cx_overflow: c.upstream_cx_overflow,
-                upstream_cx_connect_fail: c.upstream_cx_connect_fail,
-                upstream_rq_active: c.upstream_rq_active,
-                upstream_rq_total: c.upstream_rq_total,
-                upstream_rq_pending_overflow: c.upstream_rq_pending_overflow,
-                upstream_rq_retry: c.upstream_rq_retry,
-                upstream_rq_retry_overflow: c.upstream_rq_retry_overflow,
-                upstream_rq_timeout: c.upstream_rq_timeout,
-                ejections_enforced_total: c.ejections_enforced_total,
-                ejections_active: c.ejections_active,
-            })
-            .collect(),
-    }
 }
 
 fn load_identities(config: &AgentConfig) -> Identities {
@@ -91,10 +59,21 @@ fn load_identities(config: &AgentConfig) -> Identities {
     }
 }
 
+/// Starts an agent. Everything that can fail for a reason the operator must fix (the config
+/// dir, the API socket, the metrics address) fails here, before anything runs.
 pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
     if !config.config_dir.is_dir() {
         anyhow::bail!("--config-dir {}: not a directory", config.config_dir.display());
     }
+    let api_listener = if config.serve_api {
+        Some(crate::api::bind_api(&crate::api::socket_path(&config.state_dir)).await?)
+    } else {
+        None
+    };
+    let metrics_listener = match config.metrics_address {
+        Some(addr) => Some(metrics::bind_metrics(addr).await?),
+        None => None,
+    };
     let mut dir = ConfigDir::new(&config.config_dir);
     // Watch before the first scan, so a change during startup is not missed.
     let (debouncer, mut changed) = source::watch(dir.root(), DEBOUNCE)?;
@@ -119,25 +98,11 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
     reconciler.take_changes(first);
     let (applied_tx, applied) = watch::channel(reconciler.reconcile().unwrap_or(0));
 
-    let socket = if config.serve_api {
-        let socket = crate::api::socket_path(&config.state_dir);
-        let api = crate::api::serve_api(socket.clone(), snapshot.clone(), flow_log.clone());
-        side_tasks.push(tokio::spawn(async move {
-            if let Err(e) = api.await {
-                tracing::error!(error = %format!("{e:#}"), "local API stopped");
-            }
-        }));
-        Some(socket)
-    } else {
-        None
-    };
-    if let Some(addr) = config.metrics_address {
-        let metrics = metrics.clone();
-        side_tasks.push(tokio::spawn(async move {
-            if let Err(e) = metrics::serve_metrics(addr, metrics).await {
-                tracing::error!(error = %format!("{e:#}"), "metrics endpoint stopped");
-            }
-        }));
+    if let Some(api) = api_listener {
+        side_tasks.push(tokio::spawn(crate::api::serve_api(api, snapshot.clone(), flow_log.clone())));
+    }
+    if let Some(listener) = metrics_listener {
+        side_tasks.push(tokio::spawn(metrics::serve_metrics(listener, metrics.clone())));
     }
 
     let (stop_tx, mut stop_rx) = oneshot::channel();
@@ -171,7 +136,7 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
                     }
                     _ = ticker.tick() => {
                         let current = snapshot.load();
-                        metrics.set_proxy_stats(&proxy_sample(&proxy, workers, current.status.listeners));
+                        metrics.set_proxy_stats(&proxy.stats(), workers, current.status.listeners);
                         let mut next = (**current).clone();
                         next.status.flows_seen = flow_log.seen();
                         next.status.flows_lost = flow_log.lost();
@@ -182,7 +147,7 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
         })
     };
 
-    Ok(RunningAgent { snapshot, applied, flows: flow_log, stop: Some(stop_tx), task, side_tasks, proxy, socket })
+    Ok(RunningAgent { snapshot, applied, flows: flow_log, stop: Some(stop_tx), task, side_tasks, proxy })
 }
 
 impl RunningAgent {
@@ -215,12 +180,10 @@ impl RunningAgent {
         for task in &self.side_tasks {
             task.abort();
         }
-        if let Some(socket) = &self.socket {
-            if let Err(e) = std::fs::remove_file(socket) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!(socket = %socket.display(), error = %e, "cannot remove the API socket");
-                }
-            }
+        // An aborted task has dropped its future (and so closed the API socket and removed its
+        // file) once awaiting it returns.
+        for task in &mut self.side_tasks {
+            let _ = task.await;
         }
         Ok(())
     }

@@ -204,17 +204,68 @@ fn route(
     }
 }
 
-/// Binds `socket` (replacing a stale socket file, refusing if another agent answers on it) and
-/// serves the local API until the task is dropped.
-pub async fn serve_api(
-    socket: PathBuf,
-    snapshot: SharedSnapshot,
-    flows: FlowLog,
-) -> anyhow::Result<()> {
-    let listener = bind_api_socket(&socket).await?;
-    tracing::info!(socket = %socket.display(), "serving the local API");
+/// The local API's bound socket. Dropping it closes the socket and removes its file, so a
+/// stopped agent leaves nothing behind that the next one would take for a live agent.
+#[derive(Debug)]
+pub struct ApiListener {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl ApiListener {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for ApiListener {
+    fn drop(&mut self) {
+        if let Err(err) = std::fs::remove_file(&self.path) {
+            if err.kind() != ErrorKind::NotFound {
+                tracing::warn!(socket = %self.path.display(), %err, "cannot remove the API socket");
+            }
+        }
+    }
+}
+
+/// Binds `socket`, creating its directory and replacing a stale socket file; refuses when another
+/// agent answers on it. Every failure names the path, so `sluice agent` can stop with it.
+pub async fn bind_api(socket: &Path) -> anyhow::Result<ApiListener> {
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the state dir {}", dir.display()))?;
+    }
+    match std::fs::symlink_metadata(socket) {
+        Ok(_) => {
+            if UnixStream::connect(socket).await.is_ok() {
+                bail!(
+                    "another agent is serving {}: stop it or use another --state-dir",
+                    socket.display()
+                );
+            }
+            std::fs::remove_file(socket)
+                .with_context(|| format!("removing the stale socket {}", socket.display()))?;
+        }
+        Err(err) if err.kind() == ErrorKind::NotFound => {}
+        Err(err) => return Err(err).with_context(|| format!("inspecting {}", socket.display())),
+    }
+    let listener = UnixListener::bind(socket)
+        .with_context(|| format!("binding the API socket {}", socket.display()))?;
+    let api = ApiListener {
+        listener,
+        path: socket.to_path_buf(),
+    };
+    // Flows name pods and paths: only the agent's user may read them.
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("restricting {} to its owner", socket.display()))?;
+    Ok(api)
+}
+
+/// Serves the local API on `api` until the task is dropped (which removes the socket).
+pub async fn serve_api(api: ApiListener, snapshot: SharedSnapshot, flows: FlowLog) {
+    tracing::info!(socket = %api.path.display(), "serving the local API");
     loop {
-        let stream = match listener.accept().await {
+        let stream = match api.listener.accept().await {
             Ok((stream, _)) => stream,
             Err(err) => {
                 tracing::warn!(%err, "accepting an API connection failed");
@@ -236,33 +287,6 @@ pub async fn serve_api(
             }
         });
     }
-}
-
-async fn bind_api_socket(socket: &Path) -> anyhow::Result<UnixListener> {
-    if let Some(dir) = socket.parent() {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("creating the state dir {}", dir.display()))?;
-    }
-    match std::fs::symlink_metadata(socket) {
-        Ok(_) => {
-            if UnixStream::connect(socket).await.is_ok() {
-                bail!(
-                    "another agent is serving {}: stop it or use another --state-dir",
-                    socket.display()
-                );
-            }
-            std::fs::remove_file(socket)
-                .with_context(|| format!("removing the stale socket {}", socket.display()))?;
-        }
-        Err(err) if err.kind() == ErrorKind::NotFound => {}
-        Err(err) => return Err(err).with_context(|| format!("inspecting {}", socket.display())),
-    }
-    let listener = UnixListener::bind(socket)
-        .with_context(|| format!("binding the API socket {}", socket.display()))?;
-    // Flows name pods and paths: only the agent's user may read them.
-    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("restricting {} to its owner", socket.display()))?;
-    Ok(listener)
 }
 
 async fn request(socket: &Path, path_and_query: &str) -> anyhow::Result<Response<Incoming>> {
@@ -400,7 +424,7 @@ mod tests {
         _dir: tempfile::TempDir,
         socket: PathBuf,
         flows: FlowLog,
-        server: tokio::task::JoinHandle<anyhow::Result<()>>,
+        server: tokio::task::JoinHandle<()>,
     }
 
     impl Drop for Agent {
@@ -414,13 +438,8 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let socket = socket_path(dir.path());
         let flows = FlowLog::new(16, Metrics::new());
-        let server = tokio::spawn(serve_api(socket.clone(), snapshot(), flows.clone()));
-        while UnixStream::connect(&socket).await.is_err() {
-            if server.is_finished() {
-                bail!("the API server stopped before listening");
-            }
-            tokio::task::yield_now().await;
-        }
+        let api = bind_api(&socket).await?;
+        let server = tokio::spawn(serve_api(api, snapshot(), flows.clone()));
         Ok(Agent {
             _dir: dir,
             socket,
@@ -577,13 +596,39 @@ mod tests {
         let socket = socket_path(dir.path());
         drop(std::os::unix::net::UnixListener::bind(&socket)?);
         assert!(socket.exists());
-        let listener = bind_api_socket(&socket).await?;
-        let refused = bind_api_socket(&socket).await.expect_err("socket in use");
-        assert!(
-            refused.to_string().starts_with("another agent is serving"),
-            "{refused}"
+        let listener = bind_api(&socket).await?;
+        let refused = bind_api(&socket).await.expect_err("socket in use");
+        assert_eq!(
+            refused.to_string(),
+            format!(
+                "another agent is serving {}: stop it or use another --state-dir",
+                socket.display()
+            )
         );
+        assert!(socket.exists(), "the refused agent removed the live socket");
         drop(listener);
+        assert!(!socket.exists(), "a closed API leaves its socket file behind");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn an_unusable_socket_path_is_an_error_naming_it() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("not-a-dir");
+        std::fs::write(&file, "")?;
+        let under_a_file = socket_path(&file.join("state"));
+        let err = bind_api(&under_a_file).await.expect_err("parent is a file");
+        assert_eq!(
+            err.to_string(),
+            format!("creating the state dir {}", file.join("state").display())
+        );
+        // sockaddr_un holds at most 108 bytes of path.
+        let too_long = socket_path(&dir.path().join("d".repeat(120)));
+        let err = bind_api(&too_long).await.expect_err("path too long");
+        assert_eq!(
+            err.to_string(),
+            format!("binding the API socket {}", too_long.display())
+        );
         Ok(())
     }
 

@@ -316,6 +316,22 @@ mod tests {
             "default/tie",
             "--to-pod",
             "default/deathstar",
+            "--identity",
+            "world",
+            "--from-identity",
+            "257",
+            "--to-identity",
+            "258",
+            "-n",
+            "default",
+            "--namespace",
+            "kube-system",
+            "--port",
+            "80",
+            "-t",
+            "l7",
+            "--type",
+            "drop",
             "-f",
             "--last",
             "5",
@@ -334,6 +350,12 @@ mod tests {
         assert_eq!(args.filters.to_pod, ["default/deathstar"]);
         assert_eq!(args.filters.http_status, ["4+"]);
         assert_eq!(args.filters.http_path, ["^/v1/"]);
+        assert_eq!(args.filters.identity, ["world"]);
+        assert_eq!(args.filters.from_identity, ["257"]);
+        assert_eq!(args.filters.to_identity, ["258"]);
+        assert_eq!(args.filters.namespace, ["default", "kube-system"]);
+        assert_eq!(args.filters.port, ["80"]);
+        assert_eq!(args.filters.event_type, ["l7", "drop"]);
         let defaults = parse(&["observe"])?;
         let ClientCommand::Observe(args) = defaults.command else {
             bail!("parsed as {:?}", defaults.command)

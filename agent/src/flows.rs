@@ -109,6 +109,10 @@ impl FlowRecord {
         record
     }
 
+    pub fn event_type(&self) -> EventType {
+        EventType::of(self.l7.is_some(), self.verdict == verdict_name(Verdict::Dropped))
+    }
+
     /// Hubble's event type and details, the two halves of the summary around the verdict:
     /// `("http-request", "HTTP/1.1 PUT http://deathstar/v1/exhaust-port")`.
     pub fn summary_parts(&self) -> (String, String) {
@@ -260,9 +264,28 @@ pub struct FilterArgs {
     /// Flows to this pod: `[namespace/]name-prefix`.
     #[arg(long)]
     pub to_pod: Vec<String>,
+    /// Flows from or to this security identity: a number, or `world` / `host`.
+    #[arg(long)]
+    pub identity: Vec<String>,
+    /// Flows from this security identity: a number, or `world` / `host`.
+    #[arg(long)]
+    pub from_identity: Vec<String>,
+    /// Flows to this security identity: a number, or `world` / `host`.
+    #[arg(long)]
+    pub to_identity: Vec<String>,
+    /// Flows from or to pods in this namespace.
+    #[arg(short = 'n', long)]
+    pub namespace: Vec<String>,
+    /// Flows with this source or destination port.
+    #[arg(long)]
+    pub port: Vec<String>,
+    /// Flows of this Hubble event type: `l7` (HTTP), `drop` (connection refused before any
+    /// request), `trace` (forwarded without HTTP; subtype `trace:to-endpoint`).
+    #[arg(short = 't', long = "type", value_name = "TYPE[:SUBTYPE]")]
+    pub event_type: Vec<String>,
 }
 
-const QUERY_KEYS: [&str; 8] = [
+const QUERY_KEYS: [&str; 14] = [
     "verdict",
     "protocol",
     "http_status",
@@ -271,10 +294,16 @@ const QUERY_KEYS: [&str; 8] = [
     "pod",
     "from_pod",
     "to_pod",
+    "identity",
+    "from_identity",
+    "to_identity",
+    "namespace",
+    "port",
+    "type",
 ];
 
 impl FilterArgs {
-    fn values(&self) -> [&Vec<String>; 8] {
+    fn values(&self) -> [&Vec<String>; 14] {
         [
             &self.verdict,
             &self.protocol,
@@ -284,10 +313,16 @@ impl FilterArgs {
             &self.pod,
             &self.from_pod,
             &self.to_pod,
+            &self.identity,
+            &self.from_identity,
+            &self.to_identity,
+            &self.namespace,
+            &self.port,
+            &self.event_type,
         ]
     }
 
-    fn values_mut(&mut self) -> [&mut Vec<String>; 8] {
+    fn values_mut(&mut self) -> [&mut Vec<String>; 14] {
         [
             &mut self.verdict,
             &mut self.protocol,
@@ -297,6 +332,12 @@ impl FilterArgs {
             &mut self.pod,
             &mut self.from_pod,
             &mut self.to_pod,
+            &mut self.identity,
+            &mut self.from_identity,
+            &mut self.to_identity,
+            &mut self.namespace,
+            &mut self.port,
+            &mut self.event_type,
         ]
     }
 
@@ -333,6 +374,67 @@ pub enum FilterError {
     HttpPath { pattern: String, reason: String },
     #[error("--{flag} {value:?}: expected [namespace/]name-prefix")]
     Pod { flag: &'static str, value: String },
+    #[error("--{flag} {value:?}: expected a numeric identity or a reserved one sluice uses (host, world)")]
+    Identity { flag: &'static str, value: String },
+    #[error("--namespace {0:?}: expected a namespace name")]
+    Namespace(String),
+    #[error("--port {0:?}: expected a port number (0-65535)")]
+    Port(String),
+    #[error("--type {0:?}: sluice records l7, drop and trace (trace:to-endpoint) flows")]
+    EventType(String),
+}
+
+/// Hubble's event type of a flow. The proxy sees every flow at L7 unless it ended before a
+/// request was read: then it was either refused (a drop) or passed on as plain TCP (a trace).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventType {
+    L7,
+    Drop,
+    Trace,
+}
+
+impl EventType {
+    pub fn of(has_http: bool, dropped: bool) -> Self {
+        match (has_http, dropped) {
+            (true, _) => Self::L7,
+            (false, true) => Self::Drop,
+            (false, false) => Self::Trace,
+        }
+    }
+
+    /// Hubble's `type` and `subtype` labels of `hubble_flows_processed_total`.
+    pub fn metric_labels(self) -> (&'static str, &'static str) {
+        match self {
+            Self::L7 => ("L7", "HTTP"),
+            Self::Drop => ("Drop", ""),
+            Self::Trace => ("Trace", "to-endpoint"),
+        }
+    }
+
+    /// `--type` takes Hubble's lower-case names; the only trace sluice sees is to-endpoint.
+    fn parse(raw: &str) -> Result<Self, FilterError> {
+        match raw.to_ascii_lowercase().as_str() {
+            "l7" => Ok(Self::L7),
+            "drop" => Ok(Self::Drop),
+            "trace" | "trace:to-endpoint" => Ok(Self::Trace),
+            _ => Err(FilterError::EventType(raw.to_owned())),
+        }
+    }
+}
+
+/// A numeric identity, or a reserved name (`world`, `reserved:world`) as Hubble accepts it.
+fn parse_identity(flag: &'static str, raw: &str) -> Result<u32, FilterError> {
+    if let Ok(number) = raw.parse() {
+        return Ok(number);
+    }
+    let name = raw.strip_prefix("reserved:").unwrap_or(raw);
+    [IDENTITY_HOST, IDENTITY_WORLD]
+        .into_iter()
+        .find(|identity| reserved_identity_name(*identity) == Some(name))
+        .ok_or_else(|| FilterError::Identity {
+            flag,
+            value: raw.to_owned(),
+        })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -425,6 +527,12 @@ pub struct FlowFilter {
     pods: Vec<PodMatch>,
     from_pods: Vec<PodMatch>,
     to_pods: Vec<PodMatch>,
+    identities: Vec<u32>,
+    from_identities: Vec<u32>,
+    to_identities: Vec<u32>,
+    namespaces: Vec<String>,
+    ports: Vec<u16>,
+    event_types: Vec<EventType>,
 }
 
 impl FlowFilter {
@@ -469,6 +577,30 @@ impl FlowFilter {
                 .map(|value| PodMatch::parse(flag, value))
                 .collect()
         };
+        let identities = |flag: &'static str, raw: &[String]| -> Result<Vec<u32>, FilterError> {
+            raw.iter().map(|value| parse_identity(flag, value)).collect()
+        };
+        let namespaces = args
+            .namespace
+            .iter()
+            .map(|raw| {
+                if raw.is_empty() || raw.contains('/') {
+                    Err(FilterError::Namespace(raw.clone()))
+                } else {
+                    Ok(raw.clone())
+                }
+            })
+            .collect::<Result<_, _>>()?;
+        let ports = args
+            .port
+            .iter()
+            .map(|raw| raw.parse().map_err(|_| FilterError::Port(raw.clone())))
+            .collect::<Result<_, _>>()?;
+        let event_types = args
+            .event_type
+            .iter()
+            .map(|raw| EventType::parse(raw))
+            .collect::<Result<_, _>>()?;
         Ok(Self {
             verdicts,
             protocols,
@@ -482,6 +614,12 @@ impl FlowFilter {
             pods: pods("pod", &args.pod)?,
             from_pods: pods("from-pod", &args.from_pod)?,
             to_pods: pods("to-pod", &args.to_pod)?,
+            identities: identities("identity", &args.identity)?,
+            from_identities: identities("from-identity", &args.from_identity)?,
+            to_identities: identities("to-identity", &args.to_identity)?,
+            namespaces,
+            ports,
+            event_types,
         })
     }
 
@@ -507,6 +645,26 @@ impl FlowFilter {
             })
             && any_or_empty(&self.from_pods, |pod| pod.matches(&record.source))
             && any_or_empty(&self.to_pods, |pod| pod.matches(&record.destination))
+            && any_or_empty(&self.identities, |identity| {
+                record.source.identity == *identity || record.destination.identity == *identity
+            })
+            && any_or_empty(&self.from_identities, |identity| {
+                record.source.identity == *identity
+            })
+            && any_or_empty(&self.to_identities, |identity| {
+                record.destination.identity == *identity
+            })
+            && any_or_empty(&self.namespaces, |namespace| {
+                [&record.source, &record.destination]
+                    .iter()
+                    .any(|endpoint| endpoint.namespace.as_deref() == Some(namespace.as_str()))
+            })
+            && any_or_empty(&self.ports, |port| {
+                record.source.port == *port || record.destination.port == *port
+            })
+            && any_or_empty(&self.event_types, |event_type| {
+                record.event_type() == *event_type
+            })
     }
 }
 
@@ -916,6 +1074,127 @@ pub(crate) mod tests {
         }
     }
 
+    /// kube-system/probe -> kube-system/metrics-0:9090, forwarded as plain TCP.
+    fn probe_trace() -> FlowEvent {
+        let mut trace = event(Verdict::Forwarded, None, None);
+        trace.source = peer(Some("kube-system/probe"), 12, 53000, 300);
+        trace.destination = peer(Some("kube-system/metrics-0"), 13, 9090, 301);
+        trace
+    }
+
+    #[test]
+    fn identity_namespace_port_and_type_filters_select_the_flows_hubble_would() {
+        let ok = record(landing_ok());
+        let denied = record(exhaust_denied());
+        let l4 = record(xwing_l4_denied());
+        let mut world_source = landing_ok();
+        world_source.source = peer(None, 99, 50000, IDENTITY_WORLD);
+        let world = record(world_source);
+        let trace = record(probe_trace());
+        let table: Vec<(&str, FilterArgs, [bool; 5])> = vec![
+            (
+                "identity either side",
+                args(|a| a.identity = strings(&["258"])),
+                [true, true, true, true, false],
+            ),
+            (
+                "identity by reserved name",
+                args(|a| a.identity = strings(&["world"])),
+                [false, false, false, true, false],
+            ),
+            (
+                "identity with the reserved: prefix",
+                args(|a| a.identity = strings(&["reserved:world"])),
+                [false, false, false, true, false],
+            ),
+            (
+                "identities or",
+                args(|a| a.identity = strings(&["257", "300"])),
+                [true, true, false, false, true],
+            ),
+            (
+                "from identity is source only",
+                args(|a| a.from_identity = strings(&["258"])),
+                [false, false, false, false, false],
+            ),
+            (
+                "from identity",
+                args(|a| a.from_identity = strings(&["259"])),
+                [false, false, true, false, false],
+            ),
+            (
+                "to identity",
+                args(|a| a.to_identity = strings(&["258"])),
+                [true, true, true, true, false],
+            ),
+            (
+                "namespace either side",
+                args(|a| a.namespace = strings(&["default"])),
+                [true, true, true, true, false],
+            ),
+            (
+                "namespace other",
+                args(|a| a.namespace = strings(&["kube-system"])),
+                [false, false, false, false, true],
+            ),
+            (
+                "namespaces or",
+                args(|a| a.namespace = strings(&["default", "kube-system"])),
+                [true, true, true, true, true],
+            ),
+            (
+                "destination port",
+                args(|a| a.port = strings(&["80"])),
+                [true, true, true, true, false],
+            ),
+            (
+                "source port",
+                args(|a| a.port = strings(&["41000"])),
+                [false, false, true, false, false],
+            ),
+            (
+                "type l7",
+                args(|a| a.event_type = strings(&["l7"])),
+                [true, true, false, true, false],
+            ),
+            (
+                "type drop is an L3/L4 refusal, not an L7 denial",
+                args(|a| a.event_type = strings(&["drop"])),
+                [false, false, true, false, false],
+            ),
+            (
+                "type trace",
+                args(|a| a.event_type = strings(&["trace"])),
+                [false, false, false, false, true],
+            ),
+            (
+                "type with subtype, any case",
+                args(|a| a.event_type = strings(&["TRACE:to-endpoint"])),
+                [false, false, false, false, true],
+            ),
+            (
+                "types or",
+                args(|a| a.event_type = strings(&["drop", "trace"])),
+                [false, false, true, false, true],
+            ),
+            (
+                "new flags are ANDed with the others",
+                args(|a| {
+                    a.namespace = strings(&["default"]);
+                    a.event_type = strings(&["l7"]);
+                    a.to_identity = strings(&["258"]);
+                    a.verdict = strings(&["DROPPED"]);
+                }),
+                [false, true, false, false, false],
+            ),
+        ];
+        for (name, filter_args, expected) in table {
+            let filter = FlowFilter::parse(&filter_args).expect(name);
+            let got = [&ok, &denied, &l4, &world, &trace].map(|record| filter.matches(record));
+            assert_eq!(got, expected, "{name}");
+        }
+    }
+
     #[test]
     fn bad_filters_are_rejected_with_the_flag_named() {
         let cases: Vec<(FilterArgs, &str)> = vec![
@@ -948,6 +1227,33 @@ pub(crate) mod tests {
                 "--to-pod \"/deathstar\"",
             ),
             (args(|a| a.pod = strings(&["a/b/c"])), "--pod \"a/b/c\""),
+            (
+                args(|a| a.identity = strings(&["health"])),
+                "--identity \"health\": expected a numeric identity",
+            ),
+            (
+                args(|a| a.from_identity = strings(&["-1"])),
+                "--from-identity \"-1\"",
+            ),
+            (
+                args(|a| a.to_identity = strings(&["reserved:"])),
+                "--to-identity \"reserved:\"",
+            ),
+            (
+                args(|a| a.namespace = strings(&["default/x"])),
+                "--namespace \"default/x\"",
+            ),
+            (args(|a| a.namespace = strings(&[""])), "--namespace \"\""),
+            (args(|a| a.port = strings(&["http"])), "--port \"http\""),
+            (args(|a| a.port = strings(&["70000"])), "--port \"70000\""),
+            (
+                args(|a| a.event_type = strings(&["policy-verdict"])),
+                "--type \"policy-verdict\": sluice records l7, drop and trace",
+            ),
+            (
+                args(|a| a.event_type = strings(&["trace:to-proxy"])),
+                "--type \"trace:to-proxy\"",
+            ),
         ];
         for (filter_args, message_start) in cases {
             let err = FlowFilter::parse(&filter_args).expect_err(message_start);
@@ -964,6 +1270,12 @@ pub(crate) mod tests {
             a.verdict = strings(&["DROPPED"]);
             a.http_status = strings(&["4+", "503"]);
             a.to_pod = strings(&["default/deathstar"]);
+            a.identity = strings(&["world"]);
+            a.from_identity = strings(&["257"]);
+            a.to_identity = strings(&["258"]);
+            a.namespace = strings(&["default", "kube-system"]);
+            a.port = strings(&["80"]);
+            a.event_type = strings(&["l7"]);
         });
         let mut parsed = FilterArgs::default();
         for (key, value) in original.query_pairs() {

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use sluice_agent::agent::{self, AgentConfig};
@@ -73,11 +74,23 @@ fn init_logging(format: LogFormat, default_level: &str) {
     }
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo tells its own story on stdout; the agent's info logs would drown it.
     let default_level = if matches!(cli.command, Command::Demo) { "warn" } else { "info" };
     init_logging(cli.log_format, default_level);
+    match run(cli) {
+        Ok(code) => code,
+        Err(error) => {
+            // The chain names what failed and where (an address, a path); a backtrace would
+            // bury it.
+            eprintln!("Error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Runtime::new()?;
     match cli.command {
         Command::Agent(args) => {
@@ -96,15 +109,16 @@ fn main() -> anyhow::Result<()> {
                 proxy_workers: workers,
                 metrics_address: Some(args.metrics_address),
                 serve_api: true,
-            }))
+            }))?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Demo => {
             let passed = runtime.block_on(sluice_agent::demo::run())?;
-            if !passed {
-                std::process::exit(1);
-            }
-            Ok(())
+            Ok(if passed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
-        Command::Client(command) => runtime.block_on(cli::run_client(command, &cli.state_dir)),
+        Command::Client(command) => {
+            runtime.block_on(cli::run_client(command, &cli.state_dir))?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }

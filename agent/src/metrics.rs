@@ -14,8 +14,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use sluice_proxy::flow::{DropReason, FlowEvent, TrafficDirection, Verdict};
+use sluice_proxy::{ClusterStats, ProxyStats};
 
-use crate::flows::{drop_reason_name, verdict_name};
+use crate::flows::{drop_reason_name, verdict_name, EventType};
 
 /// Hubble's `lost_events_total{source}` for events the proxy's bounded queue dropped.
 pub const LOST_SOURCE_PROXY_QUEUE: &str = "observer_events_queue";
@@ -72,50 +73,11 @@ struct PolicyVerdictLabels {
     action: &'static str,
 }
 
-/// Plain numbers about the proxy, sampled by the agent from the proxy's own stats (so this
-/// module does not depend on the proxy's type). Names are Envoy's, as the proxy's are.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ProxySample {
-    pub workers: u64,
-    pub listeners: u64,
-    pub downstream_cx_active: u64,
-    /// Cumulative since the proxy started.
-    pub downstream_cx_total: u64,
-    /// Cumulative since the proxy started.
-    pub downstream_rq_total: u64,
-    pub upstream_cx_active: u64,
-    /// Cumulative flow events the proxy's queue dropped.
-    pub flows_lost: u64,
-    pub clusters: Vec<ClusterSample>,
-}
-
-/// Envoy's per-cluster numbers; the `_total`, `_overflow`, `_fail`, `_retry` and `_timeout`
-/// ones are cumulative.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ClusterSample {
-    /// The cluster's qualified name (`namespace/cec/name`).
-    pub name: String,
-    pub upstream_cx_active: u64,
-    pub upstream_cx_overflow: u64,
-    pub upstream_cx_connect_fail: u64,
-    pub upstream_rq_active: u64,
-    pub upstream_rq_total: u64,
-    pub upstream_rq_pending_overflow: u64,
-    pub upstream_rq_retry: u64,
-    pub upstream_rq_retry_overflow: u64,
-    pub upstream_rq_timeout: u64,
-    pub ejections_enforced_total: u64,
-    pub ejections_active: u64,
-}
-
 type Field<T> = fn(&T) -> u64;
 
-/// `sluice_proxy_<name>`: (name, help, value). Counters get `_total` appended by the encoder.
-const PROXY_GAUGES: [(&str, &str, Field<ProxySample>); 4] = [
-    ("workers", "Proxy worker threads", |s| s.workers),
-    ("listeners", "Listeners the proxy has bound", |s| {
-        s.listeners
-    }),
+/// `sluice_proxy_<name>`: (name, help, value) of the proxy's own counters. Counters get
+/// `_total` appended by the encoder.
+const PROXY_GAUGES: [(&str, &str, Field<ProxyStats>); 2] = [
     (
         "downstream_cx_active",
         "Downstream connections open now",
@@ -127,7 +89,7 @@ const PROXY_GAUGES: [(&str, &str, Field<ProxySample>); 4] = [
         |s| s.upstream_cx_active,
     ),
 ];
-const PROXY_COUNTERS: [(&str, &str, Field<ProxySample>); 2] = [
+const PROXY_COUNTERS: [(&str, &str, Field<ProxyStats>); 2] = [
     ("downstream_cx", "Downstream connections accepted", |s| {
         s.downstream_cx_total
     }),
@@ -136,7 +98,7 @@ const PROXY_COUNTERS: [(&str, &str, Field<ProxySample>); 2] = [
     }),
 ];
 /// `sluice_proxy_cluster_<name>{cluster}`.
-const CLUSTER_GAUGES: [(&str, &str, Field<ClusterSample>); 3] = [
+const CLUSTER_GAUGES: [(&str, &str, Field<ClusterStats>); 3] = [
     (
         "upstream_cx_active",
         "Open connections to the cluster's hosts",
@@ -153,7 +115,7 @@ const CLUSTER_GAUGES: [(&str, &str, Field<ClusterSample>); 3] = [
         |c| c.ejections_active,
     ),
 ];
-const CLUSTER_COUNTERS: [(&str, &str, Field<ClusterSample>); 8] = [
+const CLUSTER_COUNTERS: [(&str, &str, Field<ClusterStats>); 9] = [
     (
         "upstream_cx_overflow",
         "Connections opened past max_connections",
@@ -182,8 +144,13 @@ const CLUSTER_COUNTERS: [(&str, &str, Field<ClusterSample>); 8] = [
     ),
     (
         "upstream_rq_timeout",
-        "Attempts that hit the per-try or route timeout",
+        "Requests that ran out of their route timeout (504)",
         |c| c.upstream_rq_timeout,
+    ),
+    (
+        "upstream_rq_per_try_timeout",
+        "Attempts that ran out of their per-try timeout",
+        |c| c.upstream_rq_per_try_timeout,
     ),
     ("ejections_enforced", "Outlier ejections enforced", |c| {
         c.ejections_enforced_total
@@ -209,6 +176,8 @@ pub struct Metrics {
     lost_follower: Counter,
     config_errors: Gauge,
     tables_generation: Gauge,
+    proxy_workers: Gauge,
+    proxy_listeners: Gauge,
     proxy_gauges: Vec<Gauge>,
     proxy_counters: Vec<Counter>,
     cluster_gauges: Vec<Family<ClusterLabels, Gauge>>,
@@ -288,6 +257,8 @@ impl Metrics {
             "Generation of the proxy tables currently applied",
         );
         let proxy = sluice.sub_registry_with_prefix("proxy");
+        let proxy_workers: Gauge = register(proxy, "workers", "Proxy worker threads");
+        let proxy_listeners: Gauge = register(proxy, "listeners", "Listeners the proxy has bound");
         let proxy_gauges = PROXY_GAUGES
             .iter()
             .map(|(name, help, _)| register(proxy, name, help))
@@ -318,6 +289,8 @@ impl Metrics {
             lost_follower,
             config_errors,
             tables_generation,
+            proxy_workers,
+            proxy_listeners,
             proxy_gauges,
             proxy_counters,
             cluster_gauges,
@@ -328,11 +301,8 @@ impl Metrics {
     /// Counts one flow in every Hubble metric it belongs to.
     pub fn observe_flow(&self, event: &FlowEvent) {
         let verdict = verdict_name(event.verdict);
-        let (r#type, subtype) = match (&event.http, event.verdict) {
-            (Some(_), _) => ("L7", "HTTP"),
-            (None, Verdict::Dropped) => ("Drop", ""),
-            (None, _) => ("Trace", "to-endpoint"),
-        };
+        let (r#type, subtype) =
+            EventType::of(event.http.is_some(), event.verdict == Verdict::Dropped).metric_labels();
         self.flows_processed
             .get_or_create(&FlowLabels {
                 r#type,
@@ -400,18 +370,22 @@ impl Metrics {
             .set(saturating_i64(tables_generation));
     }
 
-    pub fn set_proxy_stats(&self, sample: &ProxySample) {
+    /// Mirrors the proxy's counters; `workers` and `listeners` are what the agent configured
+    /// and what the last apply bound.
+    pub fn set_proxy_stats(&self, stats: &ProxyStats, workers: usize, listeners: usize) {
+        self.proxy_workers.set(saturating_i64(workers as u64));
+        self.proxy_listeners.set(saturating_i64(listeners as u64));
         for ((_, _, value), gauge) in PROXY_GAUGES.iter().zip(&self.proxy_gauges) {
-            gauge.set(saturating_i64(value(sample)));
+            gauge.set(saturating_i64(value(stats)));
         }
         // The proxy keeps cumulative counts: mirror them rather than adding deltas, so a missed
         // or repeated sample never miscounts.
         for ((_, _, value), counter) in PROXY_COUNTERS.iter().zip(&self.proxy_counters) {
-            counter.inner().store(value(sample), Ordering::Relaxed);
+            counter.inner().store(value(stats), Ordering::Relaxed);
         }
         self.lost_proxy_queue
             .inner()
-            .store(sample.flows_lost, Ordering::Relaxed);
+            .store(stats.flows_lost, Ordering::Relaxed);
         // A cluster that is gone from the tables loses its series.
         for family in &self.cluster_gauges {
             family.clear();
@@ -419,9 +393,9 @@ impl Metrics {
         for family in &self.cluster_counters {
             family.clear();
         }
-        for cluster in &sample.clusters {
+        for (name, cluster) in &stats.clusters {
             let labels = ClusterLabels {
-                cluster: cluster.name.clone(),
+                cluster: name.clone(),
             };
             for ((_, _, value), family) in CLUSTER_GAUGES.iter().zip(&self.cluster_gauges) {
                 family
@@ -520,19 +494,19 @@ fn handle(metrics: &Metrics, request: &Request<hyper::body::Incoming>) -> Respon
     response
 }
 
-/// Serves `GET /metrics` on `addr` until the task is dropped.
-pub async fn serve_metrics(addr: SocketAddr, metrics: Metrics) -> anyhow::Result<()> {
+/// Binds the metrics address; the error names it, so `sluice agent` can stop with it.
+pub async fn bind_metrics(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|err| anyhow::anyhow!("binding the metrics address {addr}: {err}"))?;
-    tracing::info!(addr = %listener.local_addr()?, "serving metrics");
-    serve_metrics_on(listener, metrics).await
+    Ok(listener)
 }
 
-async fn serve_metrics_on(
-    listener: tokio::net::TcpListener,
-    metrics: Metrics,
-) -> anyhow::Result<()> {
+/// Serves `GET /metrics` on `listener` until the task is dropped.
+pub async fn serve_metrics(listener: tokio::net::TcpListener, metrics: Metrics) {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "serving metrics");
+    }
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -652,36 +626,38 @@ mod tests {
         assert!(text.contains(r#"hubble_http_requests_total{method="GET",protocol="HTTP/1.1",reporter="unknown"} 1"#), "{text}");
     }
 
-    fn cluster(name: &str, retries: u64) -> ClusterSample {
-        ClusterSample {
-            name: name.to_owned(),
+    fn cluster(name: &str, retries: u64) -> (String, ClusterStats) {
+        let stats = ClusterStats {
             upstream_rq_total: 10 + retries,
             upstream_rq_retry: retries,
             upstream_cx_active: 2,
+            upstream_rq_per_try_timeout: retries,
             ..Default::default()
-        }
+        };
+        (name.to_owned(), stats)
     }
 
     #[test]
     fn agent_and_proxy_state_mirror_the_samples() {
         let metrics = Metrics::new();
         metrics.set_config_state(2, 17);
-        let mut sample = ProxySample {
-            workers: 2,
-            listeners: 3,
+        let mut stats = ProxyStats {
+            generation: 17,
             downstream_cx_active: 5,
             downstream_cx_total: 40,
             downstream_rq_total: 100,
             upstream_cx_active: 4,
             flows_lost: 9,
-            clusters: vec![
+            clusters: [
                 cluster("default/envoy-lb/deathstar-v1", 3),
                 cluster("default/envoy-lb/deathstar-v2", 0),
-            ],
+            ]
+            .into_iter()
+            .collect(),
         };
         // Samples are cumulative: setting the same one twice must not double the counters.
-        metrics.set_proxy_stats(&sample);
-        metrics.set_proxy_stats(&sample);
+        metrics.set_proxy_stats(&stats, 2, 3);
+        metrics.set_proxy_stats(&stats, 2, 3);
         metrics.add_lost_events(LOST_SOURCE_FOLLOWER, 4);
         let text = metrics.encode();
         for line in [
@@ -695,6 +671,7 @@ mod tests {
             "sluice_proxy_downstream_rq_total 100",
             r#"sluice_proxy_cluster_upstream_rq_retry_total{cluster="default/envoy-lb/deathstar-v1"} 3"#,
             r#"sluice_proxy_cluster_upstream_rq_total{cluster="default/envoy-lb/deathstar-v1"} 13"#,
+            r#"sluice_proxy_cluster_upstream_rq_per_try_timeout_total{cluster="default/envoy-lb/deathstar-v1"} 3"#,
             r#"sluice_proxy_cluster_upstream_cx_active{cluster="default/envoy-lb/deathstar-v2"} 2"#,
             r#"hubble_lost_events_total{source="observer_events_queue"} 9"#,
             r#"hubble_lost_events_total{source="hubble_ring_buffer"} 4"#,
@@ -706,8 +683,8 @@ mod tests {
         }
         assert_eq!(metrics.lost_events(), 13);
 
-        sample.clusters.truncate(1);
-        metrics.set_proxy_stats(&sample);
+        stats.clusters.remove("default/envoy-lb/deathstar-v2");
+        metrics.set_proxy_stats(&stats, 2, 3);
         let text = metrics.encode();
         assert!(
             !text.contains("deathstar-v2"),
@@ -717,12 +694,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_busy_metrics_address_is_an_error_naming_it() -> anyhow::Result<()> {
+        let taken = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = taken.local_addr()?;
+        let err = bind_metrics(addr).await.expect_err("address in use");
+        assert!(
+            err.to_string()
+                .starts_with(&format!("binding the metrics address {addr}: ")),
+            "{err}"
+        );
+        Ok(())
+    }
+
+    #[tokio::test]
     async fn metrics_are_scraped_over_http() -> anyhow::Result<()> {
         let metrics = Metrics::new();
         metrics.observe_flow(&landing_ok());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let listener = bind_metrics("127.0.0.1:0".parse()?).await?;
         let addr = listener.local_addr()?;
-        let server = tokio::spawn(serve_metrics_on(listener, metrics));
+        let server = tokio::spawn(serve_metrics(listener, metrics));
 
         let stream = tokio::net::TcpStream::connect(addr).await?;
         let (mut sender, connection) =

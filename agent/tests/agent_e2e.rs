@@ -493,3 +493,68 @@ fn ebpf_datapath_is_refused_with_a_clear_message() -> Result<()> {
     assert!(stderr.contains("the eBPF datapath is not built yet (issue #3)"), "{stderr}");
     Ok(())
 }
+
+/// Runs `sluice agent` with `args` expecting it to stop by itself (bounded); returns its exit
+/// status and stderr.
+fn agent_that_should_exit(config_dir: &Path, state_dir: &Path, args: &[&str]) -> Result<(std::process::ExitStatus, String)> {
+    let mut child = Command::new(SLUICE)
+        .args(["agent", "--node", "node-a", "--datapath", "none", "--proxy-workers", "1"])
+        .arg("--config-dir")
+        .arg(config_dir)
+        .arg("--state-dir")
+        .arg(state_dir)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting sluice agent")?;
+    for _ in 0..200 {
+        if let Some(exit) = child.try_wait()? {
+            let mut stderr = String::new();
+            if let Some(mut pipe) = child.stderr.take() {
+                std::io::Read::read_to_string(&mut pipe, &mut stderr)?;
+            }
+            return Ok((exit, stderr));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    bail!("the agent kept running although it could not start properly")
+}
+
+#[test]
+fn startup_errors_stop_the_agent_and_name_the_address_or_path() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("config");
+    std::fs::create_dir_all(&config)?;
+
+    // A busy metrics address: no agent without its metrics, and no socket left behind.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let busy = taken.local_addr()?.to_string();
+    let state = dir.path().join("state");
+    let (exit, stderr) = agent_that_should_exit(&config, &state, &["--metrics-address", &busy])?;
+    assert!(!exit.success(), "{exit}");
+    assert!(stderr.contains(&format!("binding the metrics address {busy}: ")), "{stderr}");
+    assert!(!state.join("api.sock").exists(), "a failed start left its API socket");
+
+    // A state dir that cannot exist (its parent is a file).
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "")?;
+    let (exit, stderr) =
+        agent_that_should_exit(&config, &file.join("state"), &["--metrics-address", "127.0.0.1:0"])?;
+    assert!(!exit.success(), "{exit}");
+    assert!(stderr.contains(&format!("creating the state dir {}", file.join("state").display())), "{stderr}");
+
+    // Another agent answers on the socket: refuse, and leave that agent alone.
+    let first = Agent::start(&config, &state)?;
+    let (exit, stderr) = agent_that_should_exit(&config, &state, &["--metrics-address", "127.0.0.1:0"])?;
+    assert!(!exit.success(), "{exit}");
+    assert!(
+        stderr.contains(&format!("another agent is serving {}", state.join("api.sock").display())),
+        "{stderr}"
+    );
+    assert_eq!(first.status()?["node"], "node-a");
+    first.terminate()?;
+    Ok(())
+}
