@@ -17,7 +17,7 @@ use crate::identity::Identities;
 use crate::metrics::Metrics;
 use crate::source::FileChange;
 use crate::store::{Parsed, Store};
-use crate::view::{SharedSnapshot, Snapshot, StatusView};
+use crate::view::{FileStatusView, SharedSnapshot, Snapshot, StatusView};
 
 pub struct Reconciler {
     pub node: String,
@@ -104,6 +104,16 @@ impl Reconciler {
             merged.objects.iter().map(|(key, (file, _))| (key.clone(), (*file).to_string())).collect();
         let model: Model = merged.objects.values().map(|(_, object)| (*object).clone()).collect();
         let config_errors = merged.errors;
+        let file_views: Vec<FileStatusView> = merged
+            .files
+            .into_iter()
+            .map(|summary| FileStatusView {
+                file: summary.file.to_string(),
+                objects: summary.objects,
+                kept_last_good: summary.kept_last_good,
+                errors: summary.errors,
+            })
+            .collect();
 
         let mut allocated = false;
         for pod in model.pods().filter(|p| !p.pod_ips.is_empty()) {
@@ -125,7 +135,7 @@ impl Reconciler {
         let tables = compiled.tables.clone();
         match self.proxy.apply(tables) {
             Ok(applied) => {
-                let snapshot = self.snapshot_of(&model, &files, config_errors, compiled, &applied);
+                let snapshot = self.snapshot_of(&model, &files, file_views, config_errors, compiled, &applied);
                 for error in &snapshot.status.errors {
                     tracing::warn!(%error, "configuration error");
                 }
@@ -145,6 +155,7 @@ impl Reconciler {
                 tracing::error!(error = %message, "apply failed");
                 let mut previous = (**self.snapshot.load()).clone();
                 previous.status.errors = config_errors;
+                previous.status.files = file_views;
                 previous.status.errors.extend(compiled.errors);
                 previous.status.errors.push(message);
                 self.metrics.set_config_state(previous.status.errors.len(), previous.status.generation);
@@ -158,6 +169,7 @@ impl Reconciler {
         &self,
         model: &Model,
         files: &BTreeMap<ObjectKey, String>,
+        file_views: Vec<FileStatusView>,
         mut errors: Vec<String>,
         compiled: Compiled,
         applied: &Applied,
@@ -202,6 +214,7 @@ impl Reconciler {
                 listeners: applied.listeners.len(),
                 flows_seen: previous.status.flows_seen,
                 flows_lost: previous.status.flows_lost,
+                files: file_views,
             },
             endpoints: compiled.endpoints,
             identities: compiled.identities,

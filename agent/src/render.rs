@@ -97,6 +97,7 @@ pub fn render_status(status: &StatusView) -> String {
             "Proxy tables:",
             format!("generation {}, applied {applied}", status.generation),
         ),
+        ("Files:", files_summary(status)),
         ("Objects:", objects),
         (
             "Proxy:",
@@ -117,6 +118,12 @@ pub fn render_status(status: &StatusView) -> String {
         .map(|(key, value)| vec![*key, value.as_str()])
         .collect();
     let mut out = align(&lines);
+    if !status.files.is_empty() {
+        let _ = writeln!(out, "\nFiles:");
+        for line in render_files(status).lines() {
+            let _ = writeln!(out, "  {line}");
+        }
+    }
     for (title, items) in [
         (
             "Config errors (the objects keep their last good state):",
@@ -132,6 +139,39 @@ pub fn render_status(status: &StatusView) -> String {
         }
     }
     out
+}
+
+fn files_summary(status: &StatusView) -> String {
+    let with_errors = status.files.iter().filter(|file| !file.errors.is_empty()).count();
+    match with_errors {
+        0 => format!("{} loaded", status.files.len()),
+        _ => format!("{} loaded, {with_errors} with errors", status.files.len()),
+    }
+}
+
+fn count_or_dash(count: usize) -> String {
+    if count == 0 {
+        "-".to_owned()
+    } else {
+        count.to_string()
+    }
+}
+
+/// Per file: what it contributes and whether it is in trouble.
+fn render_files(status: &StatusView) -> String {
+    let rows: Vec<_> = status
+        .files
+        .iter()
+        .map(|file| {
+            vec![
+                cell(&file.file),
+                cell(file.objects),
+                cell(count_or_dash(file.errors.len())),
+                cell(count_or_dash(file.kept_last_good)),
+            ]
+        })
+        .collect();
+    table(&["FILE", "OBJECTS", "ERRORS", "KEPT LAST GOOD"], &rows)
 }
 
 pub fn render_endpoints(endpoints: &[EndpointView]) -> String {
@@ -289,7 +329,7 @@ pub fn render_flows_table(records: &[FlowRecord]) -> String {
 mod tests {
     use super::*;
     use crate::flows::tests::{exhaust_denied, landing_ok, peer};
-    use crate::view::RuleView;
+    use crate::view::{FileStatusView, RuleView};
 
     #[test]
     fn compact_flow_lines_read_like_hubble() {
@@ -449,6 +489,20 @@ default/deathstar:80   ClusterIP   -          default/deathstar:80   default/env
             listeners: 3,
             flows_seen: 120,
             flows_lost: 0,
+            files: vec![
+                FileStatusView {
+                    file: "app.yaml".to_owned(),
+                    objects: 4,
+                    kept_last_good: 0,
+                    errors: vec![],
+                },
+                FileStatusView {
+                    file: "policy.yaml".to_owned(),
+                    objects: 1,
+                    kept_last_good: 1,
+                    errors: vec!["policy.yaml: document 2 (CiliumNetworkPolicy default/rule1): spec.ingress[0].toPorts[0].ports[0].port: \"eighty\" is not a port".to_owned()],
+                },
+            ],
         };
         assert_eq!(
             render_status(&status),
@@ -457,11 +511,17 @@ Node:            node-1
 Datapath:        none (gateway mode)
 Config dir:      /etc/sluice
 Proxy tables:    generation 7, applied 2024-11-22T19:01:02Z
+Files:           2 loaded, 1 with errors
 Objects:         CiliumNetworkPolicy 1, Pod 4
 Proxy:           2 workers, 3 listeners
 Flows:           120 seen, 0 lost
 Config errors:   1
 Warnings:        0
+
+Files:
+  FILE          OBJECTS   ERRORS   KEPT LAST GOOD
+  app.yaml      4         -        -
+  policy.yaml   1         1        1
 
 Config errors (the objects keep their last good state):
   - policy.yaml: document 2 (CiliumNetworkPolicy default/rule1): spec.ingress[0].toPorts[0].ports[0].port: \"eighty\" is not a port
@@ -469,5 +529,7 @@ Config errors (the objects keep their last good state):
         );
         let never = render_status(&StatusView::default());
         assert!(never.contains("generation 0, applied never"), "{never}");
+        assert!(never.contains("Files:           0 loaded\n"), "{never}");
+        assert!(!never.contains("FILE"), "{never}");
     }
 }

@@ -21,11 +21,13 @@ struct FileState<K, O> {
     /// In document order: what this file currently contributes (good or kept last-good).
     objects: Vec<(K, O)>,
     errors: Vec<String>,
+    /// How many of `objects` are last-good versions standing in for a bad document.
+    kept_last_good: usize,
 }
 
 impl<K, O> Default for FileState<K, O> {
     fn default() -> Self {
-        Self { objects: Vec::new(), errors: Vec::new() }
+        Self { objects: Vec::new(), errors: Vec::new(), kept_last_good: 0 }
     }
 }
 
@@ -54,6 +56,20 @@ pub struct Merged<'a, K, O> {
     /// Each object once, with the file it comes from.
     pub objects: BTreeMap<K, (&'a str, &'a O)>,
     /// Parse errors of every file and duplicate-key clashes, in file order.
+    pub errors: Vec<String>,
+    /// Every file, in path order, with what it contributes to `objects` and its errors.
+    pub files: Vec<FileSummary<'a>>,
+}
+
+/// One file's share of the merged view.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileSummary<'a> {
+    pub file: &'a str,
+    /// Objects taken from this file (a duplicate of an earlier file's object is not).
+    pub objects: usize,
+    /// Of those, objects at their last good version because their document is now bad.
+    pub kept_last_good: usize,
+    /// Its parse errors and the duplicates it clashes on.
     pub errors: Vec<String>,
 }
 
@@ -104,6 +120,7 @@ impl<K: Ord + Clone + fmt::Display, O: Clone> Store<K, O> {
             }
         }
         update.errors = next.errors.len();
+        next.kept_last_good = update.kept_last_good.len();
         self.files.insert(file.to_string(), next);
         update
     }
@@ -112,6 +129,7 @@ impl<K: Ord + Clone + fmt::Display, O: Clone> Store<K, O> {
     pub fn set_unreadable(&mut self, file: &str, message: String) {
         let state = self.files.entry(file.to_string()).or_default();
         state.errors = vec![message];
+        state.kept_last_good = state.objects.len();
     }
 
     /// The file is gone: its objects are gone.
@@ -119,27 +137,32 @@ impl<K: Ord + Clone + fmt::Display, O: Clone> Store<K, O> {
         self.files.remove(file).is_some()
     }
 
-    pub fn files(&self) -> impl Iterator<Item = &str> {
-        self.files.keys().map(String::as_str)
-    }
-
     pub fn merged(&self) -> Merged<'_, K, O> {
         let mut objects: BTreeMap<K, (&str, &O)> = BTreeMap::new();
         let mut errors = Vec::new();
+        let mut files = Vec::with_capacity(self.files.len());
         for (file, state) in &self.files {
-            errors.extend(state.errors.iter().cloned());
+            let mut summary = FileSummary {
+                file: file.as_str(),
+                objects: 0,
+                kept_last_good: state.kept_last_good,
+                errors: state.errors.clone(),
+            };
             for (key, object) in &state.objects {
                 match objects.get(key) {
-                    Some((first, _)) => errors.push(format!(
+                    Some((first, _)) => summary.errors.push(format!(
                         "{file}: duplicate {key}: already defined in {first}; the definition in {first} is used"
                     )),
                     None => {
                         objects.insert(key.clone(), (file.as_str(), object));
+                        summary.objects += 1;
                     }
                 }
             }
+            errors.extend(summary.errors.iter().cloned());
+            files.push(summary);
         }
-        Merged { objects, errors }
+        Merged { objects, errors, files }
     }
 }
 
@@ -230,6 +253,41 @@ mod tests {
             vec!["z.yaml: duplicate Service default/s: already defined in a.yaml; the definition in a.yaml is used"
                 .to_string()]
         );
+    }
+
+    #[test]
+    fn file_summaries_count_what_each_file_contributes_and_its_errors() {
+        let mut store = Store::new();
+        store.set_file("a.yaml", vec![obj("Pod default/x", "v1"), obj("Service default/s", "v1")]);
+        store.set_file("b.yaml", vec![obj("Pod default/y", "v1"), obj("Pod default/z", "v1")]);
+        store.set_file("b.yaml", vec![err(Some("Pod default/y"), "b.yaml: document 0: bad"), obj("Pod default/z", "v2")]);
+        store.set_file("c.yaml", vec![obj("Service default/s", "from c")]);
+        let summaries = store.merged().files;
+        assert_eq!(
+            summaries,
+            vec![
+                FileSummary { file: "a.yaml", objects: 2, kept_last_good: 0, errors: vec![] },
+                FileSummary {
+                    file: "b.yaml",
+                    objects: 2,
+                    kept_last_good: 1,
+                    errors: vec!["b.yaml: document 0: bad".to_string()]
+                },
+                FileSummary {
+                    file: "c.yaml",
+                    objects: 0,
+                    kept_last_good: 0,
+                    errors: vec![
+                        "c.yaml: duplicate Service default/s: already defined in a.yaml; the definition in a.yaml is used"
+                            .to_string()
+                    ]
+                },
+            ]
+        );
+        store.set_unreadable("a.yaml", "a.yaml: cannot read".into());
+        let merged = store.merged();
+        assert_eq!(merged.files[0].kept_last_good, 2);
+        assert_eq!(merged.files[0].errors, vec!["a.yaml: cannot read".to_string()]);
     }
 
     #[test]

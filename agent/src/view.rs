@@ -41,6 +41,22 @@ pub struct StatusView {
     pub listeners: usize,
     pub flows_seen: u64,
     pub flows_lost: u64,
+    /// The config dir's manifests, in path order (absent from agents before it was added).
+    #[serde(default)]
+    pub files: Vec<FileStatusView>,
+}
+
+/// One manifest file of the config dir as the agent holds it now.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileStatusView {
+    /// Relative to the config dir, `/`-separated.
+    pub file: String,
+    /// Objects this file contributes to the model.
+    pub objects: usize,
+    /// Of those, objects at their last good version because their document is now bad.
+    pub kept_last_good: usize,
+    /// This file's current errors (also listed in the status' `errors`).
+    pub errors: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -108,4 +124,19 @@ pub struct ServiceView {
     /// The CiliumEnvoyConfig that redirects it, if any (`namespace/name`).
     pub envoy_config: Option<String>,
     pub backends: Vec<SocketAddr>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_from_an_agent_without_per_file_state_still_decodes() -> Result<(), serde_json::Error> {
+        let older = r#"{"node":"n","datapath":"none","config_dir":"/c","generation":3,
+            "last_applied_unix":0,"objects":[["Pod",1]],"errors":[],"warnings":[],
+            "proxy_workers":1,"listeners":0,"flows_seen":0,"flows_lost":0}"#;
+        let status: StatusView = serde_json::from_str(older)?;
+        assert_eq!((status.generation, status.files), (3, vec![]));
+        Ok(())
+    }
 }

@@ -247,6 +247,14 @@ async fn policy_is_enforced_reloaded_and_bad_yaml_keeps_the_last_good_state() ->
     );
     assert!(denied(&land(tiefighter, frontend, "PUT", "/v1/exhaust-port").await));
     assert_eq!(land(xwing, frontend, "POST", "/v1/request-landing").await, Outcome::Closed);
+    // Status says per file what is loaded and which file is in trouble.
+    assert_eq!(
+        agent.status()?["files"],
+        serde_json::json!([
+            {"file": "app.yaml", "objects": 4, "kept_last_good": 0, "errors": []},
+            {"file": "policy.yaml", "objects": 1, "kept_last_good": 1, "errors": errors},
+        ])
+    );
 
     // Broken YAML syntax: nothing of the file can be read; everything it defined stays.
     std::fs::write(config.join("policy.yaml"), "apiVersion: cilium.io/v2\nkind: [unclosed\n")?;
