@@ -15,11 +15,14 @@ use crate::flows::{self, FlowLog};
 use crate::identity::Identities;
 use crate::metrics::{self, Metrics};
 use crate::reconcile::Reconciler;
-use crate::source::{self, ConfigDir};
+use crate::source::{Synced, WatchedDir};
 use crate::view::{SharedSnapshot, Snapshot};
 
 /// Quiet period after a burst of file changes before the directory is read again.
 const DEBOUNCE: Duration = Duration::from_millis(100);
+/// How often the agent checks whether the config dir went away, came back or was replaced
+/// (a watch cannot see its own directory being created again).
+const RECHECK_INTERVAL: Duration = Duration::from_millis(500);
 /// How often proxy counters are copied into metrics and status.
 const STATS_INTERVAL: Duration = Duration::from_secs(1);
 /// Capacity of the proxy's flow-event queue.
@@ -48,6 +51,28 @@ pub struct RunningAgent {
     proxy: Handle,
 }
 
+/// Reads the config dir after a change and applies what changed. While the directory is
+/// missing or unreadable the last good state stays in force and status says why.
+fn follow(dir: &mut WatchedDir, reconciler: &mut Reconciler, applied: &watch::Sender<u64>) {
+    match dir.sync() {
+        Ok(Synced::Changes(changes)) => {
+            reconciler.set_source_problem(None);
+            if !changes.is_empty() {
+                reconciler.take_changes(changes);
+                if let Some(generation) = reconciler.reconcile() {
+                    let _ = applied.send(generation);
+                }
+            }
+        }
+        Ok(Synced::Settling) => tracing::info!(dir = %dir.root().display(), "config dir is back; reading it in a moment"),
+        Ok(Synced::Missing) => reconciler.set_source_problem(Some(format!(
+            "config dir {} is missing (or not a directory)",
+            dir.root().display()
+        ))),
+        Err(e) => reconciler.set_source_problem(Some(e.to_string())),
+    }
+}
+
 fn load_identities(config: &AgentConfig) -> Identities {
     match Identities::load(&config.state_dir.join("identities.json")) {
         Ok(identities) => identities,
@@ -74,10 +99,7 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
         Some(addr) => Some(metrics::bind_metrics(addr).await?),
         None => None,
     };
-    let mut dir = ConfigDir::new(&config.config_dir);
-    // Watch before the first scan, so a change during startup is not missed.
-    let (debouncer, mut changed) = source::watch(dir.root(), DEBOUNCE)?;
-    let first = dir.rescan()?;
+    let (mut dir, first, mut changed) = WatchedDir::start(&config.config_dir, DEBOUNCE)?;
 
     let metrics = Metrics::new();
     let flow_log = FlowLog::new(flows::DEFAULT_FLOW_CAPACITY, metrics.clone());
@@ -112,26 +134,22 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
         let flow_log = flow_log.clone();
         let workers = config.proxy_workers;
         tokio::spawn(async move {
-            let _watching = debouncer;
             let mut ticker = tokio::time::interval(STATS_INTERVAL);
+            let mut recheck = tokio::time::interval(RECHECK_INTERVAL);
+            recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
                     _ = &mut stop_rx => break,
                     signal = changed.recv() => {
-                        if signal.is_none() {
-                            tracing::error!("config dir watcher stopped; no further changes are applied");
-                            break;
+                        // `dir` holds a sender, so the channel never closes while it runs.
+                        if signal.is_some() {
+                            while changed.try_recv().is_ok() {}
+                            follow(&mut dir, &mut reconciler, &applied_tx);
                         }
-                        while changed.try_recv().is_ok() {}
-                        match dir.rescan() {
-                            Ok(changes) if changes.is_empty() => {}
-                            Ok(changes) => {
-                                reconciler.take_changes(changes);
-                                if let Some(generation) = reconciler.reconcile() {
-                                    let _ = applied_tx.send(generation);
-                                }
-                            }
-                            Err(e) => tracing::error!(error = %e, "cannot read the config dir; keeping the current state"),
+                    }
+                    _ = recheck.tick() => {
+                        if dir.needs_sync() {
+                            follow(&mut dir, &mut reconciler, &applied_tx);
                         }
                     }
                     _ = ticker.tick() => {
@@ -208,4 +226,153 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
     }
     agent.stop().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::tests::configmap_generation;
+    use crate::view::FileStatusView;
+    use std::path::Path;
+
+    const APPLY: Duration = Duration::from_secs(10);
+
+    fn pods(names: &[&str]) -> String {
+        names
+            .iter()
+            .map(|name| format!("apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  labels: {{app: {name}}}\n"))
+            .collect::<Vec<_>>()
+            .join("---\n")
+    }
+
+    async fn agent_on(config_dir: &Path, state_dir: &Path) -> anyhow::Result<RunningAgent> {
+        start(AgentConfig {
+            config_dir: config_dir.to_path_buf(),
+            node: "node-a".to_owned(),
+            state_dir: state_dir.to_path_buf(),
+            proxy_workers: 1,
+            metrics_address: None,
+            serve_api: false,
+        })
+        .await
+    }
+
+    /// Polls the snapshot until `done` holds (bounded; a change without a new generation, such
+    /// as an error report, has nothing else to wait on).
+    async fn wait_until(agent: &RunningAgent, done: impl Fn(&Snapshot) -> bool) -> anyhow::Result<Arc<Snapshot>> {
+        for _ in 0..500 {
+            let snapshot = agent.snapshot();
+            if done(&snapshot) {
+                return Ok(snapshot);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        anyhow::bail!("the agent never reached the expected state: {:?}", agent.snapshot().status)
+    }
+
+    fn files(snapshot: &Snapshot) -> Vec<(String, usize)> {
+        snapshot.status.files.iter().map(|f| (f.file.clone(), f.objects)).collect()
+    }
+
+    /// A config dir and a state dir beside it.
+    fn dirs() -> anyhow::Result<(tempfile::TempDir, std::path::PathBuf, std::path::PathBuf)> {
+        let work = tempfile::tempdir()?;
+        let config = work.path().join("config");
+        std::fs::create_dir(&config)?;
+        let state = work.path().join("state");
+        Ok((work, config, state))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_deleted_config_dir_keeps_the_last_good_state_until_it_is_back() -> anyhow::Result<()> {
+        let (_work, config, state) = dirs()?;
+        std::fs::write(config.join("app.yaml"), pods(&["a"]))?;
+        let mut agent = agent_on(&config, &state).await?;
+        let applied = agent.snapshot().status.generation;
+
+        std::fs::remove_dir_all(&config)?;
+        let missing = wait_until(&agent, |s| !s.status.errors.is_empty()).await?;
+        assert_eq!(
+            missing.status.errors,
+            vec![format!(
+                "config dir {} is missing (or not a directory): keeping the last good state (generation {applied})",
+                config.display()
+            )]
+        );
+        assert_eq!(missing.status.generation, applied);
+        assert_eq!(missing.status.objects, vec![("Pod".to_owned(), 1)]);
+        assert_eq!(files(&missing), vec![("app.yaml".to_owned(), 1)]);
+
+        std::fs::create_dir(&config)?;
+        std::fs::write(config.join("app.yaml"), pods(&["a", "b"]))?;
+        let back = agent.wait_for_generation_after(applied, APPLY).await?;
+        assert_eq!(back.status.errors, Vec::<String>::new());
+        assert_eq!(back.status.objects, vec![("Pod".to_owned(), 2)]);
+
+        // Deleted and recreated with the same content: nothing to apply, the report clears.
+        std::fs::remove_dir_all(&config)?;
+        wait_until(&agent, |s| !s.status.errors.is_empty()).await?;
+        std::fs::create_dir(&config)?;
+        std::fs::write(config.join("app.yaml"), pods(&["a", "b"]))?;
+        let same = wait_until(&agent, |s| s.status.errors.is_empty()).await?;
+        assert_eq!(same.status.generation, back.status.generation);
+        agent.stop().await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_renamed_file_keeps_its_objects_under_the_new_name() -> anyhow::Result<()> {
+        let (_work, config, state) = dirs()?;
+        std::fs::write(config.join("app.yaml"), pods(&["a", "b"]))?;
+        let mut agent = agent_on(&config, &state).await?;
+        let before = agent.snapshot().status.generation;
+        std::fs::rename(config.join("app.yaml"), config.join("renamed.yaml"))?;
+        let after = agent.wait_for_generation_after(before, APPLY).await?;
+        assert_eq!(
+            after.status.files,
+            vec![FileStatusView { file: "renamed.yaml".to_owned(), objects: 2, kept_last_good: 0, errors: vec![] }]
+        );
+        assert_eq!(after.status.errors, Vec::<String>::new());
+        agent.stop().await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_editors_atomic_save_is_applied_exactly_once() -> anyhow::Result<()> {
+        let (_work, config, state) = dirs()?;
+        std::fs::write(config.join("app.yaml"), pods(&["a"]))?;
+        let mut agent = agent_on(&config, &state).await?;
+        let before = agent.snapshot().status.generation;
+
+        let temp = config.join(".app.yaml.tmp");
+        std::fs::write(&temp, pods(&["a", "b"]))?;
+        std::fs::rename(&temp, config.join("app.yaml"))?;
+        let saved = agent.wait_for_generation_after(before, APPLY).await?;
+        assert_eq!(saved.status.generation, before + 1);
+        assert_eq!(files(&saved), vec![("app.yaml".to_owned(), 2)]);
+
+        // The next change gets the very next generation: the save was not applied twice.
+        std::fs::write(config.join("marker.yaml"), pods(&["m"]))?;
+        let next = agent.wait_for_generation_after(saved.status.generation, APPLY).await?;
+        assert_eq!(next.status.generation, before + 2);
+        agent.stop().await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_configmap_update_is_applied() -> anyhow::Result<()> {
+        let (_work, config, state) = dirs()?;
+        configmap_generation(&config, "..2024_01_01_00_00_00.1", &[("app.yaml", &pods(&["a"]))])?;
+        let agent = agent_on(&config, &state).await?;
+        assert_eq!(files(&agent.snapshot()), vec![("app.yaml".to_owned(), 1)]);
+        let before = agent.snapshot().status.generation;
+
+        configmap_generation(
+            &config,
+            "..2024_01_01_00_05_00.2",
+            &[("app.yaml", &pods(&["a", "b"])), ("more.yaml", &pods(&["c"]))],
+        )?;
+        std::fs::remove_dir_all(config.join("..2024_01_01_00_00_00.1"))?;
+        let updated = wait_until(&agent, |s| files(s) == [("app.yaml".to_owned(), 2), ("more.yaml".to_owned(), 1)]).await?;
+        assert!(updated.status.generation > before);
+        assert_eq!(updated.status.errors, Vec::<String>::new());
+        agent.stop().await
+    }
 }

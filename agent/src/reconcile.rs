@@ -30,6 +30,8 @@ pub struct Reconciler {
     metrics: Metrics,
     /// The generation the next compile gets; never reused, so flows name one table set.
     next_generation: u64,
+    /// Why the config dir cannot be read right now (shown first among the errors).
+    source_problem: Option<String>,
 }
 
 fn to_parsed(result: Result<Object, sluice_envoy_config::ConfigError>) -> Parsed<ObjectKey, Object> {
@@ -63,7 +65,33 @@ impl Reconciler {
             snapshot,
             metrics,
             next_generation: 1,
+            source_problem: None,
         }
+    }
+
+    /// Reports (or, with `None`, clears) a problem with the config dir as a whole. The applied
+    /// state does not change: the objects keep the versions last read.
+    pub fn set_source_problem(&mut self, problem: Option<String>) {
+        let problem = problem.map(|problem| {
+            format!("{problem}: keeping the last good state (generation {})", self.snapshot.load().status.generation)
+        });
+        if self.source_problem == problem {
+            return;
+        }
+        match &problem {
+            Some(message) => tracing::error!(error = %message, "config dir"),
+            None => tracing::info!("config dir is readable again"),
+        }
+        let mut next = (**self.snapshot.load()).clone();
+        if let Some(old) = &self.source_problem {
+            next.status.errors.retain(|error| error != old);
+        }
+        if let Some(new) = &problem {
+            next.status.errors.insert(0, new.clone());
+        }
+        self.metrics.set_config_state(next.status.errors.len(), next.status.generation);
+        self.snapshot.store(Arc::new(next));
+        self.source_problem = problem;
     }
 
     /// Feeds file changes into the store, logging every document error.
@@ -103,7 +131,7 @@ impl Reconciler {
         let files: BTreeMap<ObjectKey, String> =
             merged.objects.iter().map(|(key, (file, _))| (key.clone(), (*file).to_string())).collect();
         let model: Model = merged.objects.values().map(|(_, object)| (*object).clone()).collect();
-        let config_errors = merged.errors;
+        let config_errors: Vec<String> = self.source_problem.iter().cloned().chain(merged.errors).collect();
         let file_views: Vec<FileStatusView> = merged
             .files
             .into_iter()

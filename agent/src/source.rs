@@ -3,13 +3,16 @@
 //! Changes are found by rescanning the whole directory after a quiet period and comparing file
 //! contents with the last scan: editors write through temp files and renames, Kubernetes
 //! ConfigMap mounts swap symlinked directories, and a rescan sees the end state of all of them
-//! without interpreting individual notify events.
+//! without interpreting individual notify events. A directory that is deleted, or replaced by
+//! another one under the same name, is noticed by its identity (device and inode) and watched
+//! afresh once it is back.
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use notify::RecursiveMode;
+use notify::{RecommendedWatcher, RecursiveMode};
 use notify_debouncer_mini::{new_debouncer, Debouncer};
 use tokio::sync::mpsc;
 
@@ -113,17 +116,17 @@ fn read_manifests(root: &Path) -> Result<BTreeMap<String, FileText>, SourceError
 }
 
 /// Watches `root` recursively; every burst of file-system activity, once quiet for `debounce`,
-/// yields one `()` on the returned channel. Keep the `Debouncer` alive for as long as watching.
+/// sends one `()` on `signal`. Watching lasts as long as the returned `Debouncer`.
 pub fn watch(
     root: &Path,
     debounce: Duration,
-) -> Result<(Debouncer<notify::RecommendedWatcher>, mpsc::UnboundedReceiver<()>), SourceError> {
-    let (tx, rx) = mpsc::unbounded_channel();
+    signal: mpsc::UnboundedSender<()>,
+) -> Result<Debouncer<RecommendedWatcher>, SourceError> {
     let mut debouncer = new_debouncer(debounce, move |result: notify_debouncer_mini::DebounceEventResult| {
         match result {
             Ok(_) => {
                 // The receiver is gone only while the agent shuts down.
-                let _ = tx.send(());
+                let _ = signal.send(());
             }
             Err(e) => tracing::warn!(error = %e, "config dir watch error; rescanning"),
         }
@@ -133,11 +136,90 @@ pub fn watch(
         .watcher()
         .watch(root, RecursiveMode::Recursive)
         .map_err(|source| SourceError::Watch { dir: root.to_path_buf(), source })?;
-    Ok((debouncer, rx))
+    Ok(debouncer)
+}
+
+/// Which directory `root` names right now: (device, inode), `None` when it is not a directory.
+fn directory_identity(root: &Path) -> Option<(u64, u64)> {
+    std::fs::metadata(root).ok().filter(|m| m.is_dir()).map(|m| (m.dev(), m.ino()))
+}
+
+/// What [`WatchedDir::sync`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Synced {
+    /// The directory was read; these files differ from the last read (possibly none).
+    Changes(Vec<FileChange>),
+    /// The directory is back or was replaced and is watched again; it is read on the next
+    /// `sync`, a moment later, so a directory being refilled is not taken for an empty one.
+    Settling,
+    /// There is no directory at `root`; nothing was read.
+    Missing,
+}
+
+/// The config dir and its watch, kept on the directory `root` names even when that directory is
+/// deleted and created again.
+pub struct WatchedDir {
+    dir: ConfigDir,
+    debounce: Duration,
+    signal: mpsc::UnboundedSender<()>,
+    watcher: Option<Debouncer<RecommendedWatcher>>,
+    /// The directory `watcher` watches (see `directory_identity`).
+    watched: Option<(u64, u64)>,
+    settling: bool,
+}
+
+impl WatchedDir {
+    /// Watches `root` and reads it once; the receiver gets a signal after every burst of
+    /// changes. Fails when `root` cannot be watched or read.
+    pub fn start(
+        root: impl Into<PathBuf>,
+        debounce: Duration,
+    ) -> Result<(Self, Vec<FileChange>, mpsc::UnboundedReceiver<()>), SourceError> {
+        let (signal, signals) = mpsc::unbounded_channel();
+        let mut dir = ConfigDir::new(root);
+        let watched = directory_identity(dir.root());
+        // Watch before the first scan, so a change during startup is not missed.
+        let watcher = watch(dir.root(), debounce, signal.clone())?;
+        let first = dir.rescan()?;
+        let watched_dir = Self { dir, debounce, signal, watcher: Some(watcher), watched, settling: false };
+        Ok((watched_dir, first, signals))
+    }
+
+    pub fn root(&self) -> &Path {
+        self.dir.root()
+    }
+
+    /// Whether `sync` has something to do without a watch signal: the directory went away,
+    /// came back or was replaced, or is settling. Cheap enough to ask every few hundred ms.
+    pub fn needs_sync(&self) -> bool {
+        self.settling || directory_identity(self.dir.root()) != self.watched
+    }
+
+    /// Follows the directory at `root`: re-arms the watch when it is a different directory than
+    /// the one watched, otherwise reads it and returns what changed. While the directory is
+    /// missing, the last read stays what later changes are compared with.
+    pub fn sync(&mut self) -> Result<Synced, SourceError> {
+        let now = directory_identity(self.dir.root());
+        if now.is_none() {
+            self.watcher = None;
+            self.watched = None;
+            self.settling = false;
+            return Ok(Synced::Missing);
+        }
+        if now != self.watched {
+            self.watcher = None;
+            self.watcher = Some(watch(self.dir.root(), self.debounce, self.signal.clone())?);
+            self.watched = now;
+            self.settling = true;
+            return Ok(Synced::Settling);
+        }
+        self.settling = false;
+        Ok(Synced::Changes(self.dir.rescan()?))
+    }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn changed(file: &str, text: &str) -> FileChange {
@@ -184,10 +266,129 @@ mod tests {
         assert!(matches!(source.rescan(), Err(SourceError::Scan { .. })));
     }
 
+    #[test]
+    fn a_renamed_file_moves_its_objects_in_one_scan() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        std::fs::write(dir.path().join("a.yaml"), "a: 1")?;
+        let mut source = ConfigDir::new(dir.path());
+        source.rescan()?;
+        std::fs::rename(dir.path().join("a.yaml"), dir.path().join("b.yaml"))?;
+        assert_eq!(source.rescan()?, vec![changed("b.yaml", "a: 1"), FileChange::Removed { file: "a.yaml".into() }]);
+        Ok(())
+    }
+
+    #[test]
+    fn an_editors_temp_files_are_not_read_and_its_atomic_save_is_one_change() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        std::fs::write(dir.path().join("a.yaml"), "a: 1")?;
+        let mut source = ConfigDir::new(dir.path());
+        source.rescan()?;
+        // What vim, emacs, JetBrains IDEs and atomic-write libraries leave while saving.
+        for temp in [".a.yaml.swp", "a.yaml~", "#a.yaml#", "4913", ".a.yaml.tmp", "a.yaml___jb_tmp___"] {
+            std::fs::write(dir.path().join(temp), "a: 2")?;
+        }
+        assert_eq!(source.rescan()?, vec![], "a scan in the middle of a save sees no change");
+        std::fs::rename(dir.path().join(".a.yaml.tmp"), dir.path().join("a.yaml"))?;
+        assert_eq!(source.rescan()?, vec![changed("a.yaml", "a: 2")]);
+        assert_eq!(source.rescan()?, vec![]);
+        Ok(())
+    }
+
+    /// Lays out a ConfigMap volume as the kubelet's atomic writer does: the data in a
+    /// timestamped directory, `..data` pointing at it, and one visible symlink per key.
+    pub(crate) fn configmap_generation(root: &Path, generation: &str, files: &[(&str, &str)]) -> anyhow::Result<()> {
+        let data = root.join(generation);
+        std::fs::create_dir(&data)?;
+        for (name, text) in files {
+            std::fs::write(data.join(name), text)?;
+        }
+        let temp_link = root.join("..data_tmp");
+        std::os::unix::fs::symlink(generation, &temp_link)?;
+        std::fs::rename(&temp_link, root.join("..data"))?;
+        for (name, _) in files {
+            let visible = root.join(name);
+            if std::fs::symlink_metadata(&visible).is_err() {
+                std::os::unix::fs::symlink(format!("..data/{name}"), visible)?;
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_configmap_data_swap_is_read_through_the_visible_symlinks() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        configmap_generation(dir.path(), "..2024_01_01_00_00_00.1", &[("app.yaml", "a: 1"), ("old.yaml", "o: 1")])?;
+        let mut source = ConfigDir::new(dir.path());
+        assert_eq!(source.rescan()?, vec![changed("app.yaml", "a: 1"), changed("old.yaml", "o: 1")]);
+
+        configmap_generation(dir.path(), "..2024_01_01_00_05_00.2", &[("app.yaml", "a: 2"), ("policy.yaml", "p: 1")])?;
+        // Between the swap and the clean-up, a dropped key's symlink dangles: it is gone.
+        assert_eq!(
+            source.rescan()?,
+            vec![changed("app.yaml", "a: 2"), changed("policy.yaml", "p: 1"), FileChange::Removed { file: "old.yaml".into() }]
+        );
+        std::fs::remove_file(dir.path().join("old.yaml"))?;
+        std::fs::remove_dir_all(dir.path().join("..2024_01_01_00_00_00.1"))?;
+        assert_eq!(source.rescan()?, vec![]);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_deleted_and_recreated_dir_is_followed_and_watched_again() -> anyhow::Result<()> {
+        let parent = tempfile::tempdir()?;
+        let root = parent.path().join("config");
+        std::fs::create_dir(&root)?;
+        std::fs::write(root.join("a.yaml"), "a: 1")?;
+        let (mut watched, first, mut signals) = WatchedDir::start(&root, Duration::from_millis(50))?;
+        assert_eq!(first, vec![changed("a.yaml", "a: 1")]);
+        assert!(!watched.needs_sync());
+
+        std::fs::remove_dir_all(&root)?;
+        assert!(watched.needs_sync());
+        assert_eq!(watched.sync()?, Synced::Missing);
+        assert_eq!(watched.sync()?, Synced::Missing);
+
+        std::fs::create_dir(&root)?;
+        std::fs::write(root.join("a.yaml"), "a: 1")?;
+        std::fs::write(root.join("b.yaml"), "b: 1")?;
+        assert!(watched.needs_sync());
+        assert_eq!(watched.sync()?, Synced::Settling);
+        assert!(watched.needs_sync(), "a settling dir is read on the next check");
+        // Compared with the last read before it went away: only b.yaml is new.
+        assert_eq!(watched.sync()?, Synced::Changes(vec![changed("b.yaml", "b: 1")]));
+        assert!(!watched.needs_sync());
+
+        // The new directory is watched: a write there signals.
+        while signals.try_recv().is_ok() {}
+        std::fs::write(root.join("c.yaml"), "c: 1")?;
+        tokio::time::timeout(Duration::from_secs(10), signals.recv()).await?;
+        assert_eq!(watched.sync()?, Synced::Changes(vec![changed("c.yaml", "c: 1")]));
+        Ok(())
+    }
+
+    #[test]
+    fn a_dir_replaced_under_the_same_name_is_watched_afresh() -> anyhow::Result<()> {
+        let parent = tempfile::tempdir()?;
+        let root = parent.path().join("config");
+        std::fs::create_dir(&root)?;
+        std::fs::write(root.join("a.yaml"), "a: 1")?;
+        let (mut watched, _, _signals) = WatchedDir::start(&root, Duration::from_millis(50))?;
+        let next = parent.path().join("config.new");
+        std::fs::create_dir(&next)?;
+        std::fs::write(next.join("a.yaml"), "a: 2")?;
+        std::fs::rename(&root, parent.path().join("config.old"))?;
+        std::fs::rename(&next, &root)?;
+        assert!(watched.needs_sync());
+        assert_eq!(watched.sync()?, Synced::Settling);
+        assert_eq!(watched.sync()?, Synced::Changes(vec![changed("a.yaml", "a: 2")]));
+        Ok(())
+    }
+
     #[tokio::test]
     async fn watch_signals_after_a_write() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
-        let (_debouncer, mut rx) = watch(dir.path(), Duration::from_millis(50))?;
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let _debouncer = watch(dir.path(), Duration::from_millis(50), tx)?;
         std::fs::write(dir.path().join("a.yaml"), "a: 1")?;
         tokio::time::timeout(Duration::from_secs(10), rx.recv()).await?;
         Ok(())
