@@ -40,17 +40,19 @@ fn policy(rules: usize) -> DirectionPolicy {
         .map(|index| {
             let identity = FIRST_IDENTITY + u32::try_from(index / RULES_PER_IDENTITY).expect("small");
             let port = FIRST_PORT + u16::try_from(index % RULES_PER_IDENTITY).expect("small");
+            let origin: Arc<str> = Arc::from(format!("CiliumNetworkPolicy default/rule{index} spec.ingress[0]"));
             AllowRule {
                 l4: L4Match {
                     remotes: Remotes::Only(BTreeSet::from([identity])),
                     ports: vec![PortRange { protocol: Protocol::Tcp, start: port, end: port }],
+                    origin: origin.clone(),
                 },
                 http: Some(vec![
                     HttpRule { method: Some(anchored("GET")), path: Some(anchored(&format!("/api/v{index}/.*"))), ..HttpRule::default() },
                     HttpRule { method: Some(anchored("POST")), path: Some(anchored("/submit")), ..HttpRule::default() },
                 ]),
                 auth_required: false,
-                origin: Arc::from(format!("CiliumNetworkPolicy default/rule{index} spec.ingress[0]")),
+                origin,
             }
         })
         .collect();

@@ -135,6 +135,8 @@ impl RuleIndex {
 pub struct CompiledPolicy {
     default_deny: bool,
     deny: RuleIndex,
+    /// `origin` of each deny rule, by its index in `deny`.
+    deny_origins: Vec<Arc<str>>,
     allow: RuleIndex,
     rules: Vec<CompiledAllowRule>,
 }
@@ -183,7 +185,8 @@ impl CompiledPolicy {
                 http: rule.http.as_ref().map(|http| http.iter().map(compile_http_rule).collect()),
             });
         }
-        Self { default_deny: policy.default_deny, deny, allow, rules }
+        let deny_origins = policy.deny.iter().map(|l4| l4.origin.clone()).collect();
+        Self { default_deny: policy.default_deny, deny, deny_origins, allow, rules }
     }
 
     /// Cilium's verdict for a request from (ingress) or to (egress) `remote` on `port`:
@@ -191,10 +194,11 @@ impl CompiledPolicy {
     /// covering `port` decide together (an exact port beats a range covering it, which beats
     /// port 0, which beats a rule without ports), whatever their remote selectors.
     pub fn authorize(&self, remote: Identity, protocol: Protocol, port: u16, request: &RequestHead) -> Decision {
-        let mut denied = false;
-        self.deny.visit(remote, protocol, port, |_, _| denied = true);
-        if denied {
-            return Decision::Deny { reason: DropReason::PolicyDeny, origin: None };
+        // The first deny rule written is the one reported.
+        let mut denied_by: Option<usize> = None;
+        self.deny.visit(remote, protocol, port, |_, rule| denied_by = Some(denied_by.map_or(rule, |d| d.min(rule))));
+        if let Some(rule) = denied_by {
+            return Decision::Deny { reason: DropReason::PolicyDeny, origin: self.deny_origins.get(rule).cloned() };
         }
 
         let mut narrowest = u32::MAX;
@@ -312,7 +316,8 @@ mod tests {
     }
 
     fn allow(origin: &str, remotes: Remotes, ports: Vec<PortRange>, http: Option<Vec<HttpRule>>) -> AllowRule {
-        AllowRule { l4: L4Match { remotes, ports }, http, auth_required: false, origin: Arc::from(origin) }
+        let origin: Arc<str> = Arc::from(origin);
+        AllowRule { l4: L4Match { remotes, ports, origin: origin.clone() }, http, auth_required: false, origin }
     }
 
     fn policy(allow: Vec<AllowRule>) -> CompiledPolicy {
@@ -353,11 +358,20 @@ mod tests {
     fn deny_beats_every_allow() {
         let compiled = CompiledPolicy::new(&DirectionPolicy {
             default_deny: false,
-            deny: vec![L4Match { remotes: remotes(&[OTHER]), ports: Vec::new() }],
+            deny: vec![
+                L4Match { remotes: remotes(&[OTHER]), ports: vec![tcp(80, 80)], origin: Arc::from("deny port 80") },
+                L4Match { remotes: remotes(&[OTHER]), ports: Vec::new(), origin: Arc::from("deny all ports") },
+            ],
             allow: vec![allow("exact", remotes(&[OTHER]), vec![tcp(80, 80)], None)],
         });
         assert_eq!(verdict(&compiled, OTHER, 80, &get("/")), Err(DropReason::PolicyDeny));
         assert_eq!(verdict(&compiled, FRONTEND, 80, &get("/")), Ok(None));
+        let origin_of = |port| match compiled.authorize(OTHER, Protocol::Tcp, port, &get("/")) {
+            Decision::Deny { origin, .. } => origin.map(|o| o.to_string()),
+            Decision::Allow { .. } => None,
+        };
+        assert_eq!(origin_of(80).as_deref(), Some("deny port 80"), "the first deny rule written is reported");
+        assert_eq!(origin_of(81).as_deref(), Some("deny all ports"));
     }
 
     #[test]

@@ -80,7 +80,12 @@ pub struct FlowEvent {
     pub generation: u64,
     pub verdict: Verdict,
     pub drop_reason: Option<DropReason>,
-    /// For policy drops: whose policy decided (the destination's ingress or the source's egress).
+    /// Which side of the flow the proxy stood on; always set. A policy drop has the direction
+    /// of the policy that dropped it; an allowed request is `Ingress` when the destination's
+    /// ingress policy was enforced, else `Egress` when the source's egress policy was; with no
+    /// policy involved it is `Egress` for a known client (pod or node) and `Ingress` for
+    /// `world` (gateway mode: the proxy is the server side for outside clients). Hubble's
+    /// `reporter` label follows it: `server` for ingress, `client` for egress.
     pub direction: Option<TrafficDirection>,
     pub source: FlowPeer,
     /// The backend chosen, or the listener's own address when none was chosen.

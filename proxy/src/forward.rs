@@ -9,15 +9,18 @@ use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
-use crate::body::ProxyBody;
+use crate::authorize::HeaderEdit;
+use crate::body::{FillError, ProxyBody, ReplayBuffer};
 use crate::lb::PickInput;
 use crate::retry::{backoff, is_retriable, AttemptOutcome};
 use crate::stats::bump;
-use crate::tables::RetryPolicy;
-use crate::upstream::{ClusterState, HostState, Lease, OutlierSignal};
+use crate::tables::{MismatchAction, RetryPolicy};
+use crate::outlier::OutlierSignal;
+use crate::upstream::{ClusterState, HostState, Lease};
 
 static ATTEMPT_COUNT: HeaderName = HeaderName::from_static("x-envoy-attempt-count");
 static RATELIMITED: HeaderName = HeaderName::from_static("x-envoy-ratelimited");
+static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 /// The request as it goes upstream, kept so that attempts can be replayed.
 #[derive(Debug)]
@@ -25,7 +28,10 @@ pub(crate) struct Outgoing {
     pub method: Method,
     /// Origin form for HTTP/1.1 upstreams, absolute form for HTTP/2 ones.
     pub uri: Uri,
+    /// Without the policy's header edits, which depend on the host of each attempt.
     pub headers: HeaderMap,
+    /// `headerMatches` mismatch edits of the policies that allowed the current host.
+    pub edits: Vec<HeaderEdit>,
     pub body: OutgoingBody,
 }
 
@@ -35,17 +41,24 @@ pub(crate) enum OutgoingBody {
     Replayable(Option<Bytes>),
     /// Streamed through; `None` once an attempt consumed it (no further attempt possible).
     Streaming(Option<ProxyBody>),
+    /// Streamed to the attempt and copied for retries while it fits the buffer.
+    Teed(Arc<ReplayBuffer>),
 }
 
 impl OutgoingBody {
     fn can_replay(&self) -> bool {
-        !matches!(self, Self::Streaming(None))
+        match self {
+            Self::Replayable(_) => true,
+            Self::Streaming(body) => body.is_some(),
+            Self::Teed(buffer) => buffer.can_replay(),
+        }
     }
 
     fn take_for_attempt(&mut self) -> ProxyBody {
         match self {
             Self::Replayable(bytes) => ProxyBody::Full(bytes.clone()),
             Self::Streaming(body) => body.take().unwrap_or_else(ProxyBody::empty),
+            Self::Teed(buffer) => ProxyBody::Replay(buffer.reader()),
         }
     }
 }
@@ -85,6 +98,10 @@ pub(crate) enum Failure {
     Timeout,
     /// Stream idle timeout before response headers (408).
     StreamIdle,
+    /// The request body outgrew the replay buffer while a retry waited for its back-off (507).
+    RetryBufferOverflow,
+    /// The downstream request body failed while a retry waited for its back-off (400).
+    DownstreamBody,
 }
 
 pub(crate) struct Forwarded {
@@ -104,12 +121,13 @@ pub(crate) struct Plan<'a> {
 }
 
 /// Envoy's router loop: one attempt, then retries while the policy, the breakers, the replay
-/// buffer and the deadline allow; `authorize` vets every host picked for a retry.
+/// buffer and the deadline allow; `authorize` vets every host picked for a retry and gives the
+/// header edits of the policies that allow it (`None`: denied).
 pub(crate) async fn forward(
     plan: Plan<'_>,
     first_host: Arc<HostState>,
     mut outgoing: Outgoing,
-    mut authorize: impl FnMut(&HostState) -> bool,
+    mut authorize: impl FnMut(&HostState) -> Option<Vec<HeaderEdit>>,
 ) -> Forwarded {
     let cluster = plan.cluster;
     let mut host = first_host;
@@ -131,6 +149,11 @@ pub(crate) async fn forward(
             Ok((response, _)) => AttemptOutcome::Response {
                 status: response.status().as_u16(),
                 envoy_ratelimited: response.headers().contains_key(&RATELIMITED),
+                // Looked up only when a gRPC condition could use it.
+                grpc_status: plan
+                    .retry_policy
+                    .filter(|policy| policy.retry_on.any_grpc())
+                    .and_then(|_| grpc_status(response.headers())),
             },
             Err(outcome) => *outcome,
         };
@@ -159,10 +182,11 @@ pub(crate) async fn forward(
                 tried.push(host.addr);
             }
             let input = PickInput { random: rand::random::<u64>(), source: plan.source };
-            cluster.pick(input, &tried).filter(|next| authorize(next)).cloned()
+            let next = cluster.pick(input, &tried)?;
+            authorize(next).map(|edits| (Arc::clone(next), edits))
         });
         let slot = next.as_ref().and_then(|_| cluster.try_retry());
-        let (Some(policy), Some(next), Some(slot)) = (retry_with, next, slot) else {
+        let (Some(policy), Some((next, edits)), Some(slot)) = (retry_with, next, slot) else {
             let result = match result {
                 Ok((response, lease)) => Ok(into_downstream(response, lease)),
                 Err(AttemptOutcome::PerTryTimeout) if route_expired => Err(plan.deadline.failure()),
@@ -172,15 +196,47 @@ pub(crate) async fn forward(
         };
         _retry_slot = Some(slot);
         drop(result);
+        if let OutgoingBody::Teed(buffer) = &outgoing.body {
+            buffer.supersede();
+        }
+        outgoing.edits = edits;
         let wake = Instant::now() + backoff(policy, attempts, rand::random::<u64>());
-        if let Some(at) = plan.deadline.at.filter(|at| *at <= wake) {
-            tokio::time::sleep_until(at).await;
+        let deadline_first = plan.deadline.at.filter(|at| *at <= wake);
+        if let Err(failure) = back_off(deadline_first.unwrap_or(wake), &outgoing.body).await {
+            return Forwarded { result: Err(failure), attempts, upstream: host.addr };
+        }
+        if deadline_first.is_some() {
             bump(&cluster.counters.upstream_rq_timeout);
             return Forwarded { result: Err(plan.deadline.failure()), attempts, upstream: host.addr };
         }
-        tokio::time::sleep_until(wake).await;
         host = next;
     }
+}
+
+/// Waits for a retry's back-off. A teed body keeps being read meanwhile, as Envoy keeps
+/// receiving it: if it outgrows the replay buffer before the next attempt starts, the request
+/// ends with 507.
+async fn back_off(until: Instant, body: &OutgoingBody) -> Result<(), Failure> {
+    let OutgoingBody::Teed(buffer) = body else {
+        tokio::time::sleep_until(until).await;
+        return Ok(());
+    };
+    tokio::select! {
+        () = tokio::time::sleep_until(until) => Ok(()),
+        filled = buffer.fill() => match filled {
+            Ok(()) => {
+                tokio::time::sleep_until(until).await;
+                Ok(())
+            }
+            Err(FillError::Overflow) => Err(Failure::RetryBufferOverflow),
+            Err(FillError::Downstream) => Err(Failure::DownstreamBody),
+        },
+    }
+}
+
+/// The `grpc-status` of a response's headers (a trailers-only gRPC response).
+fn grpc_status(headers: &HeaderMap) -> Option<u32> {
+    headers.get(&GRPC_STATUS)?.to_str().ok()?.trim().parse().ok()
 }
 
 fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
@@ -211,6 +267,7 @@ impl PendingRequest<'_> {
         *request.uri_mut() = outgoing.uri.clone();
         *request.headers_mut() =
             if self.move_headers { std::mem::take(&mut outgoing.headers) } else { outgoing.headers.clone() };
+        apply_header_edits(request.headers_mut(), &outgoing.edits);
         if self.include_count {
             request.headers_mut().insert(ATTEMPT_COUNT.clone(), HeaderValue::from(self.attempt));
         }
@@ -238,6 +295,27 @@ fn into_downstream(response: Response<Incoming>, mut lease: Lease) -> Response<P
     Response::from_parts(parts, ProxyBody::Incoming { body, lease: Some(lease) })
 }
 
+/// Cilium's `headerMatches` mismatch actions.
+pub(crate) fn apply_header_edits(headers: &mut HeaderMap, edits: &[HeaderEdit]) {
+    for edit in edits {
+        let Ok(name) = HeaderName::from_bytes(edit.name.as_bytes()) else { continue };
+        let value = edit.value.as_deref().and_then(|v| HeaderValue::from_str(v).ok());
+        match (edit.action, value) {
+            (MismatchAction::Log, _) => tracing::info!(header = %edit.name, "policy header mismatch"),
+            (MismatchAction::Add, Some(value)) => {
+                headers.append(name, value);
+            }
+            (MismatchAction::Replace, Some(value)) => {
+                headers.insert(name, value);
+            }
+            (MismatchAction::Delete, _) | (MismatchAction::Replace, None) => {
+                headers.remove(name);
+            }
+            (MismatchAction::Add, None) => {}
+        }
+    }
+}
+
 fn failure_of(outcome: AttemptOutcome) -> Failure {
     match outcome {
         AttemptOutcome::Overflow => Failure::Overflow,
@@ -256,6 +334,10 @@ pub(crate) fn failure_response(failure: Failure) -> Response<ProxyBody> {
         Failure::Upstream => (StatusCode::SERVICE_UNAVAILABLE, "upstream connect error or disconnect/reset before headers"),
         Failure::Timeout => (StatusCode::GATEWAY_TIMEOUT, "upstream request timeout"),
         Failure::StreamIdle => (StatusCode::REQUEST_TIMEOUT, "stream timeout"),
+        Failure::RetryBufferOverflow => {
+            (StatusCode::INSUFFICIENT_STORAGE, "exceeded request buffer limit while retrying upstream")
+        }
+        Failure::DownstreamBody => (StatusCode::BAD_REQUEST, "downstream request body error"),
     };
     let mut response = Response::new(ProxyBody::full(Bytes::from_static(body.as_bytes())));
     *response.status_mut() = status;
@@ -320,7 +402,7 @@ pub(crate) fn mirror(cluster: Arc<ClusterState>, source: IpAddr, method: Method,
     tokio::spawn(async move {
         let input = PickInput { random: rand::random::<u64>(), source };
         let Some(host) = cluster.pick(input, &[]).cloned() else { return };
-        let mut outgoing = Outgoing { method, uri, headers, body: OutgoingBody::Replayable(body) };
+        let mut outgoing = Outgoing { method, uri, headers, edits: Vec::new(), body: OutgoingBody::Replayable(body) };
         let request = build_attempt(&mut outgoing, 1, false, true);
         match attempt(&cluster, &host, request).await {
             Ok((response, lease)) => {

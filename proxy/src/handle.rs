@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -74,7 +73,6 @@ struct Inner {
     root: CancellationToken,
     /// The accept loops, so `shutdown` knows when every listening socket is closed.
     accepting: TaskTracker,
-    epoch: Instant,
 }
 
 #[derive(Default)]
@@ -106,10 +104,6 @@ impl Handle {
     }
 
     fn new(runtime: tokio::runtime::Handle, flows: FlowSink, owned: Option<tokio::runtime::Runtime>) -> Handle {
-        let epoch = {
-            let _entered = runtime.enter();
-            Instant::now()
-        };
         let shared = Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(Snapshot::empty()),
             flows,
@@ -123,7 +117,6 @@ impl Handle {
                 registry: Mutex::new(Registry::default()),
                 root: CancellationToken::new(),
                 accepting: TaskTracker::new(),
-                epoch,
             }),
         }
     }
@@ -174,13 +167,14 @@ impl Handle {
                     Some(state) if state.serves(config) => Arc::clone(state),
                     _ => {
                         let counters = Arc::clone(registry.cluster_counters.entry(name.clone()).or_default());
-                        Arc::new(ClusterState::new(
+                        let state = Arc::new(ClusterState::new(
                             Arc::clone(config),
                             prior.map(|p| &**p),
                             counters,
                             &inner.shared.counters,
-                            inner.epoch,
-                        ))
+                        ));
+                        state.start_outlier_sweeps();
+                        state
                     }
                 };
                 (name.clone(), state)
@@ -238,8 +232,16 @@ impl Handle {
         };
         let snapshot = Snapshot { generation: tables.generation, tables, listeners, clusters, policies };
 
-        // 4. Swap, then serve the new sockets and drain the removed ones.
-        inner.shared.snapshot.store(Arc::new(snapshot));
+        // 4. Swap, then serve the new sockets and drain the removed ones; replaced cluster
+        //    states stop sweeping (their hosts, if kept, are swept by the new state).
+        let snapshot = Arc::new(snapshot);
+        inner.shared.snapshot.store(Arc::clone(&snapshot));
+        for (name, state) in &previous.clusters {
+            let kept = snapshot.clusters.get(name).is_some_and(|now| Arc::ptr_eq(now, state));
+            if !kept {
+                state.retire();
+            }
+        }
         for (slot, bound, stop) in started {
             inner.accepting.spawn_on(listener::accept_loop(bound, slot, Arc::clone(&inner.shared), stop), &inner.runtime);
         }

@@ -9,6 +9,7 @@ mod handle;
 mod lb;
 mod listener;
 pub mod normalize;
+mod outlier;
 pub mod request;
 pub mod retry;
 pub mod route;

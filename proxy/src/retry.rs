@@ -2,14 +2,15 @@
 
 use std::time::Duration;
 
-use crate::tables::RetryPolicy;
+use crate::tables::{RetryOn, RetryPolicy};
 
 /// How one upstream attempt ended, before any byte of its response went downstream (after
 /// that nothing is retried, so the caller never asks).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttemptOutcome {
-    /// Response headers arrived; `envoy_ratelimited` = the response carries `x-envoy-ratelimited`.
-    Response { status: u16, envoy_ratelimited: bool },
+    /// Response headers arrived; `envoy_ratelimited` = the response carries `x-envoy-ratelimited`;
+    /// `grpc_status` = the `grpc-status` of the response headers, when a gRPC condition asked.
+    Response { status: u16, envoy_ratelimited: bool, grpc_status: Option<u32> },
     /// TCP (or later TLS) connect failed or timed out.
     ConnectFailure,
     /// The upstream disconnected or reset before response headers; `request_sent` = the request
@@ -31,17 +32,30 @@ pub fn is_retriable(policy: &RetryPolicy, outcome: &AttemptOutcome) -> bool {
     match *outcome {
         AttemptOutcome::Overflow => false,
         AttemptOutcome::Response { envoy_ratelimited: true, .. } => on.envoy_ratelimited,
-        AttemptOutcome::Response { status, envoy_ratelimited: false } => {
+        AttemptOutcome::Response { status, envoy_ratelimited: false, grpc_status } => {
             (on.server_error_5xx && (500..600).contains(&status))
                 || (on.gateway_error && matches!(status, 502..=504))
                 || (on.retriable_4xx && status == 409)
                 || (on.retriable_status_codes && policy.retriable_status_codes.contains(&status))
+                || grpc_status.is_some_and(|code| grpc_retriable(on, code))
         }
         AttemptOutcome::ConnectFailure => no_response || on.connect_failure || on.reset_before_request,
         AttemptOutcome::Reset { request_sent } => no_response || (on.reset_before_request && !request_sent),
         AttemptOutcome::RefusedStream => no_response || on.refused_stream,
         // Envoy turns a per-try timeout into a local reset of the attempt.
         AttemptOutcome::PerTryTimeout => no_response,
+    }
+}
+
+/// gRPC status codes that `retry_on` names (`grpc/status.h`).
+fn grpc_retriable(on: &RetryOn, code: u32) -> bool {
+    match code {
+        1 => on.grpc_cancelled,
+        4 => on.grpc_deadline_exceeded,
+        8 => on.grpc_resource_exhausted,
+        13 => on.grpc_internal,
+        14 => on.grpc_unavailable,
+        _ => false,
     }
 }
 
@@ -62,7 +76,6 @@ pub fn backoff(policy: &RetryPolicy, retry_number: u32, random: u64) -> Duration
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tables::RetryOn;
 
     fn policy(retry_on: RetryOn) -> RetryPolicy {
         RetryPolicy {
@@ -78,7 +91,11 @@ mod tests {
     }
 
     fn response(status: u16) -> AttemptOutcome {
-        AttemptOutcome::Response { status, envoy_ratelimited: false }
+        AttemptOutcome::Response { status, envoy_ratelimited: false, grpc_status: None }
+    }
+
+    fn grpc(code: u32) -> AttemptOutcome {
+        AttemptOutcome::Response { status: 200, envoy_ratelimited: false, grpc_status: Some(code) }
     }
 
     const NO_RESPONSE: [AttemptOutcome; 5] = [
@@ -170,12 +187,12 @@ mod tests {
 
     #[test]
     fn ratelimited_responses_need_envoy_ratelimited() {
-        let limited = AttemptOutcome::Response { status: 503, envoy_ratelimited: true };
+        let limited = AttemptOutcome::Response { status: 503, envoy_ratelimited: true, grpc_status: None };
         let five_xx = policy(RetryOn { server_error_5xx: true, ..RetryOn::default() });
         assert!(!is_retriable(&five_xx, &limited));
         let ratelimited = policy(RetryOn { envoy_ratelimited: true, ..RetryOn::default() });
         assert!(is_retriable(&ratelimited, &limited));
-        assert!(is_retriable(&ratelimited, &AttemptOutcome::Response { status: 429, envoy_ratelimited: true }));
+        assert!(is_retriable(&ratelimited, &AttemptOutcome::Response { status: 429, envoy_ratelimited: true, grpc_status: None }));
     }
 
     #[test]
@@ -190,8 +207,38 @@ mod tests {
             refused_stream: true,
             retriable_status_codes: true,
             envoy_ratelimited: true,
+            grpc_cancelled: true,
+            grpc_deadline_exceeded: true,
+            grpc_resource_exhausted: true,
+            grpc_unavailable: true,
+            grpc_internal: true,
         });
         assert!(!is_retriable(&all, &AttemptOutcome::Overflow));
+    }
+
+    #[test]
+    fn grpc_conditions_match_their_status_code_only() {
+        let cases: [(u32, fn(&mut RetryOn)); 5] = [
+            (1, |on| on.grpc_cancelled = true),
+            (4, |on| on.grpc_deadline_exceeded = true),
+            (8, |on| on.grpc_resource_exhausted = true),
+            (13, |on| on.grpc_internal = true),
+            (14, |on| on.grpc_unavailable = true),
+        ];
+        for (code, set) in cases {
+            let mut on = RetryOn::default();
+            set(&mut on);
+            assert!(on.any_grpc());
+            let single = policy(on);
+            for other in 0..=16 {
+                assert_eq!(is_retriable(&single, &grpc(other)), other == code, "condition for {code}, status {other}");
+            }
+            assert!(!is_retriable(&single, &response(503)), "a gRPC condition is not 5xx");
+        }
+        let five_xx = policy(RetryOn { server_error_5xx: true, ..RetryOn::default() });
+        assert!(!is_retriable(&five_xx, &grpc(14)), "grpc-status 14 on a 200 is not a 5xx");
+        let limited = AttemptOutcome::Response { status: 200, envoy_ratelimited: true, grpc_status: Some(14) };
+        assert!(!is_retriable(&policy(RetryOn { grpc_unavailable: true, ..RetryOn::default() }), &limited));
     }
 
     #[test]

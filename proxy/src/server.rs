@@ -17,7 +17,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::authorize::{Decision, HeaderEdit};
-use crate::body::ProxyBody;
+use crate::body::{ProxyBody, ReplayBuffer};
 use crate::flow::{DropReason, FlowEvent, FlowPeer, FlowSink, HttpFlow, TrafficDirection, Verdict};
 use crate::forward::{self, Deadline, Failure, Outgoing, OutgoingBody, Plan};
 use crate::lb::PickInput;
@@ -25,9 +25,9 @@ use crate::normalize::{normalize_request, Rejection};
 use crate::request::RequestHead;
 use crate::route::{pick_weighted_cluster, redirect_location, rewrite_path, select_route};
 use crate::snapshot::{ListenerEntry, Snapshot};
-use crate::stats::{bump, ProxyCounters};
+use crate::stats::{bump, ClusterCounters, ProxyCounters};
 use crate::tables::{
-    ForwardAction, HttpConnectionManager, MismatchAction, Protocol, RouteAction, RouteConfig, UpstreamProtocol,
+    ForwardAction, HttpConnectionManager, Protocol, RouteAction, RouteConfig, UpstreamProtocol,
 };
 use crate::upstream::{ClusterState, HostState};
 
@@ -71,6 +71,7 @@ struct Exchange<'a> {
     cluster: Option<String>,
     attempts: u32,
     policy: Option<Arc<str>>,
+    /// Whose policy decided (see `flow_direction`).
     direction: Option<TrafficDirection>,
 }
 
@@ -189,7 +190,7 @@ impl<'a> Exchange<'a> {
             Err(AuthorizeDenial::L4(reason)) => return Err(reason),
         };
         let mut headers = std::mem::take(&mut parts.headers);
-        prepare_request_headers(&mut headers, &hcm.route_config, hcm, self.ctx.peer.ip(), &edits);
+        prepare_request_headers(&mut headers, &hcm.route_config, hcm, self.ctx.peer.ip());
         let rewritten = original_path.is_some();
         if let Some(original) = original_path {
             if let Ok(value) = HeaderValue::from_str(&original) {
@@ -207,6 +208,7 @@ impl<'a> Exchange<'a> {
         let vhost = selection.virtual_host;
 
         if let (Some(kind), Some(on_upgrade)) = (upgrade, on_upgrade) {
+            forward::apply_header_edits(&mut headers, &edits);
             headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
             headers.insert(UPGRADE, kind);
             let mut upstream_request = Request::new(ProxyBody::incoming(body));
@@ -218,7 +220,11 @@ impl<'a> Exchange<'a> {
             return Ok(self.respond(result, &hcm.route_config));
         }
 
-        let replay = action.retry_policy.is_some() || !action.mirrors.is_empty();
+        let replay = match (action.retry_policy.is_some(), action.mirrors.is_empty()) {
+            (_, false) => Replay::Buffered(&cluster.counters),
+            (true, true) => Replay::Teed(&cluster.counters),
+            (false, true) => Replay::None,
+        };
         let body = match read_body(body, replay, vhost.request_body_buffer_limit, deadline).await {
             Ok(body) => body,
             Err(BodyError::Deadline) => return Ok(self.respond(Err(deadline_failure(deadline)), &hcm.route_config)),
@@ -229,7 +235,7 @@ impl<'a> Exchange<'a> {
         if let OutgoingBody::Replayable(bytes) = &body {
             self.mirror(&action, &parts.method, &uri, &headers, bytes);
         }
-        let outgoing = Outgoing { method: parts.method, uri, headers, body };
+        let outgoing = Outgoing { method: parts.method, uri, headers, edits, body };
         let plan = Plan {
             cluster: &cluster,
             retry_policy: action.retry_policy.as_ref(),
@@ -240,7 +246,7 @@ impl<'a> Exchange<'a> {
         let head_for_retries = &*head;
         let source_identity = self.source_identity;
         let forwarded = forward::forward(plan, host, outgoing, |next| {
-            authorize_pair(snapshot, ctx.peer.ip(), source_identity, next, head_for_retries).is_ok()
+            authorize_pair(snapshot, ctx.peer.ip(), source_identity, next, head_for_retries).ok().map(|allowed| allowed.edits)
         })
         .await;
         self.attempts = forwarded.attempts;
@@ -258,9 +264,10 @@ impl<'a> Exchange<'a> {
 
     fn authorize(&mut self, host: &HostState, head: &RequestHead) -> Result<Vec<HeaderEdit>, AuthorizeDenial> {
         match authorize_pair(self.snapshot, self.ctx.peer.ip(), self.source_identity, host, head) {
-            Ok((origin, edits)) => {
-                self.policy = origin;
-                Ok(edits)
+            Ok(allowed) => {
+                self.policy = allowed.origin;
+                self.direction = allowed.enforced;
+                Ok(allowed.edits)
             }
             Err((denial, direction, origin)) => {
                 self.policy = origin;
@@ -293,8 +300,10 @@ impl<'a> Exchange<'a> {
             Err(failure) => {
                 let reason = match failure {
                     Failure::Overflow => DropReason::Overflow,
-                    Failure::Upstream => DropReason::UpstreamFailure,
+                    // A 507 ends a retry of a failed attempt: the upstream failure is the cause.
+                    Failure::Upstream | Failure::RetryBufferOverflow => DropReason::UpstreamFailure,
                     Failure::Timeout | Failure::StreamIdle => DropReason::UpstreamTimeout,
+                    Failure::DownstreamBody => DropReason::InvalidRequest,
                 };
                 (forward::failure_response(failure), Some(reason))
             }
@@ -333,7 +342,7 @@ impl<'a> Exchange<'a> {
             generation: snapshot.generation,
             verdict,
             drop_reason,
-            direction: self.direction,
+            direction: Some(flow_direction(self.direction, source_peer.is_some())),
             source,
             destination,
             listener: self.listener.name.clone(),
@@ -354,6 +363,16 @@ enum AuthorizeDenial {
 
 type Denied = (AuthorizeDenial, TrafficDirection, Option<Arc<str>>);
 
+/// Both endpoints' policies let the request through.
+struct Allowed {
+    /// The deciding rule: the destination's ingress rule, else the source's egress rule.
+    origin: Option<Arc<str>>,
+    edits: Vec<HeaderEdit>,
+    /// `Ingress` when the destination's policy was consulted, else `Egress` when the source's
+    /// was, `None` when neither endpoint has a policy.
+    enforced: Option<TrafficDirection>,
+}
+
 /// The source's egress policy (remote = destination) and the destination's ingress policy
 /// (remote = source) must both allow; an endpoint without policy allows everything.
 fn authorize_pair(
@@ -362,20 +381,37 @@ fn authorize_pair(
     source_identity: u32,
     destination: &HostState,
     head: &RequestHead,
-) -> Result<(Option<Arc<str>>, Vec<HeaderEdit>), Denied> {
+) -> Result<Allowed, Denied> {
     let port = destination.addr.port();
-    let mut edits = Vec::new();
-    let mut origin = None;
+    let mut allowed = Allowed { origin: None, edits: Vec::new(), enforced: None };
     if let Some(policy) = snapshot.policies.get(&source_ip) {
         let (destination_identity, _) = snapshot.peer(destination.addr.ip());
         let decision = policy.egress.authorize(destination_identity, Protocol::Tcp, port, head);
-        origin = merge_decision(decision, &mut edits, TrafficDirection::Egress)?;
+        allowed.origin = merge_decision(decision, &mut allowed.edits, TrafficDirection::Egress)?;
+        allowed.enforced = Some(TrafficDirection::Egress);
     }
     if let Some(policy) = snapshot.policies.get(&destination.addr.ip()) {
         let decision = policy.ingress.authorize(source_identity, Protocol::Tcp, port, head);
-        origin = merge_decision(decision, &mut edits, TrafficDirection::Ingress)?.or(origin);
+        allowed.origin = merge_decision(decision, &mut allowed.edits, TrafficDirection::Ingress)?.or(allowed.origin);
+        allowed.enforced = Some(TrafficDirection::Ingress);
     }
-    Ok((origin, edits))
+    Ok(allowed)
+}
+
+/// The side of the flow the proxy stands on, for Hubble's `traffic_direction` and `reporter`
+/// (`server` for ingress, `client` for egress). Whose policy decided wins: a policy drop is
+/// reported in the direction of the policy that dropped it; an allowed request is `Ingress`
+/// when the destination's ingress policy was enforced (the proxy acted for the server), else
+/// `Egress` when only the source's egress policy was. A request no policy looked at (no
+/// policy on either side, or answered before authorization: no route, bad request) is
+/// `Egress` when the client is a known workload or node (the proxy acts for that client) and
+/// `Ingress` when it is `world` (the proxy is the server side of a gateway for outsiders).
+fn flow_direction(enforced: Option<TrafficDirection>, source_is_known: bool) -> TrafficDirection {
+    match enforced {
+        Some(direction) => direction,
+        None if source_is_known => TrafficDirection::Egress,
+        None => TrafficDirection::Ingress,
+    }
 }
 
 fn merge_decision(decision: Decision, edits: &mut Vec<HeaderEdit>, direction: TrafficDirection) -> Result<Option<Arc<str>>, Denied> {
@@ -452,14 +488,9 @@ fn rewrite(route: &crate::tables::Route, action: &ForwardAction, head: &mut Requ
     Some(std::mem::replace(&mut head.path_and_query, rewritten))
 }
 
-/// Hop-by-hop removal, the route config's header mutations, `x-forwarded-for`, policy edits.
-fn prepare_request_headers(
-    headers: &mut HeaderMap,
-    route_config: &RouteConfig,
-    hcm: &HttpConnectionManager,
-    peer: IpAddr,
-    edits: &[HeaderEdit],
-) {
+/// Hop-by-hop removal, the route config's header mutations, `x-forwarded-for` (the policy's
+/// edits depend on the host and are applied per attempt).
+fn prepare_request_headers(headers: &mut HeaderMap, route_config: &RouteConfig, hcm: &HttpConnectionManager, peer: IpAddr) {
     // `te: trailers` is the one TE value worth keeping (gRPC needs it); it is hop-by-hop
     // otherwise.
     let keeps_trailers = headers.get(http::header::TE).is_some_and(|te| te.as_bytes().eq_ignore_ascii_case(b"trailers"));
@@ -481,28 +512,6 @@ fn prepare_request_headers(
         if let Ok(value) = HeaderValue::from_str(&appended) {
             headers.insert(FORWARDED_FOR.clone(), value);
         }
-    }
-    for edit in edits {
-        apply_header_edit(headers, edit);
-    }
-}
-
-/// Cilium's `headerMatches` mismatch actions.
-fn apply_header_edit(headers: &mut HeaderMap, edit: &HeaderEdit) {
-    let Ok(name) = HeaderName::from_bytes(edit.name.as_bytes()) else { return };
-    let value = edit.value.as_deref().and_then(|v| HeaderValue::from_str(v).ok());
-    match (edit.action, value) {
-        (MismatchAction::Log, _) => tracing::info!(header = %edit.name, "policy header mismatch"),
-        (MismatchAction::Add, Some(value)) => {
-            headers.append(name, value);
-        }
-        (MismatchAction::Replace, Some(value)) => {
-            headers.insert(name, value);
-        }
-        (MismatchAction::Delete, _) | (MismatchAction::Replace, None) => {
-            headers.remove(name);
-        }
-        (MismatchAction::Add, None) => {}
     }
 }
 
@@ -583,13 +592,29 @@ fn deadline_failure(deadline: Deadline) -> Failure {
     if deadline.stream_idle { Failure::StreamIdle } else { Failure::Timeout }
 }
 
-/// Reads the request body into the replay buffer when retries or mirrors may need it and it
-/// fits `limit`; otherwise streams it (then it is sent once, never retried or mirrored).
-async fn read_body(body: Incoming, replay: bool, limit: usize, deadline: Deadline) -> Result<OutgoingBody, BodyError> {
+/// How a request body is kept for attempts after the first one.
+enum Replay<'a> {
+    /// Sent once (no retry policy, no mirror).
+    None,
+    /// Read completely before the first attempt, so mirrors get the whole body too.
+    Buffered(&'a Arc<ClusterCounters>),
+    /// Streamed to the first attempt while a copy is kept for retries (Envoy's way).
+    Teed(&'a Arc<ClusterCounters>),
+}
+
+/// Prepares the request body for the attempts: kept for replay as `replay` says while it fits
+/// `limit`, otherwise streamed (then sent once, never retried or mirrored).
+async fn read_body(body: Incoming, replay: Replay<'_>, limit: usize, deadline: Deadline) -> Result<OutgoingBody, BodyError> {
     if body.is_end_stream() {
         return Ok(OutgoingBody::Replayable(None));
     }
-    if !replay || body.size_hint().lower() > limit as u64 {
+    let counters = match replay {
+        Replay::None => return Ok(OutgoingBody::Streaming(Some(ProxyBody::incoming(body)))),
+        Replay::Teed(counters) => return Ok(OutgoingBody::Teed(ReplayBuffer::new(body, limit, Arc::clone(counters)))),
+        Replay::Buffered(counters) => counters,
+    };
+    if body.size_hint().lower() > limit as u64 {
+        bump(&counters.retry_or_shadow_abandoned);
         return Ok(OutgoingBody::Streaming(Some(ProxyBody::incoming(body))));
     }
     let buffering = buffer_up_to(body, limit);
@@ -597,7 +622,11 @@ async fn read_body(body: Incoming, replay: bool, limit: usize, deadline: Deadlin
         Some(at) => tokio::time::timeout_at(at, buffering).await.map_err(|_| BodyError::Deadline)?,
         None => buffering.await,
     };
-    buffered.map_err(|_| BodyError::Downstream)
+    let buffered = buffered.map_err(|_| BodyError::Downstream)?;
+    if matches!(buffered, OutgoingBody::Streaming(_)) {
+        bump(&counters.retry_or_shadow_abandoned);
+    }
+    Ok(buffered)
 }
 
 async fn buffer_up_to(mut body: Incoming, limit: usize) -> Result<OutgoingBody, hyper::Error> {

@@ -43,12 +43,24 @@ pub struct ClusterStats {
     pub upstream_rq_retry: u64,
     /// Retries not made because `max_retries` concurrent retries were already running.
     pub upstream_rq_retry_overflow: u64,
+    /// Request bodies that outgrew the replay buffer, ending retries for them
+    /// (`retry_or_shadow_abandoned`).
+    pub retry_or_shadow_abandoned: u64,
     /// Requests that ran out of their route timeout (504).
     pub upstream_rq_timeout: u64,
     /// Attempts that ran out of their `per_try_timeout`.
     pub upstream_rq_per_try_timeout: u64,
     /// Outlier ejections enforced (`outlier_detection.ejections_enforced_total`).
     pub ejections_enforced_total: u64,
+    /// Of those, by detector (`ejections_enforced_consecutive_5xx`, ...). The success-rate and
+    /// failure-percentage counts include their local-origin variants.
+    pub ejections_enforced_consecutive_5xx: u64,
+    pub ejections_enforced_consecutive_gateway_failure: u64,
+    pub ejections_enforced_consecutive_local_origin_failure: u64,
+    pub ejections_enforced_success_rate: u64,
+    pub ejections_enforced_failure_percentage: u64,
+    /// Ejections refused by `max_ejection_percent` (`outlier_detection.ejections_overflow`).
+    pub ejections_overflow: u64,
     /// Hosts ejected right now (`outlier_detection.ejections_active`).
     pub ejections_active: u64,
 }
@@ -73,9 +85,16 @@ pub(crate) struct ClusterCounters {
     pub upstream_rq_pending_overflow: AtomicU64,
     pub upstream_rq_retry: AtomicU64,
     pub upstream_rq_retry_overflow: AtomicU64,
+    pub retry_or_shadow_abandoned: AtomicU64,
     pub upstream_rq_timeout: AtomicU64,
     pub upstream_rq_per_try_timeout: AtomicU64,
     pub ejections_enforced_total: AtomicU64,
+    pub ejections_enforced_consecutive_5xx: AtomicU64,
+    pub ejections_enforced_consecutive_gateway_failure: AtomicU64,
+    pub ejections_enforced_consecutive_local_origin_failure: AtomicU64,
+    pub ejections_enforced_success_rate: AtomicU64,
+    pub ejections_enforced_failure_percentage: AtomicU64,
+    pub ejections_overflow: AtomicU64,
     pub pending_active: AtomicU64,
     pub retries_active: AtomicU64,
 }
@@ -92,9 +111,16 @@ impl ClusterCounters {
             upstream_rq_pending_overflow: get(&self.upstream_rq_pending_overflow),
             upstream_rq_retry: get(&self.upstream_rq_retry),
             upstream_rq_retry_overflow: get(&self.upstream_rq_retry_overflow),
+            retry_or_shadow_abandoned: get(&self.retry_or_shadow_abandoned),
             upstream_rq_timeout: get(&self.upstream_rq_timeout),
             upstream_rq_per_try_timeout: get(&self.upstream_rq_per_try_timeout),
             ejections_enforced_total: get(&self.ejections_enforced_total),
+            ejections_enforced_consecutive_5xx: get(&self.ejections_enforced_consecutive_5xx),
+            ejections_enforced_consecutive_gateway_failure: get(&self.ejections_enforced_consecutive_gateway_failure),
+            ejections_enforced_consecutive_local_origin_failure: get(&self.ejections_enforced_consecutive_local_origin_failure),
+            ejections_enforced_success_rate: get(&self.ejections_enforced_success_rate),
+            ejections_enforced_failure_percentage: get(&self.ejections_enforced_failure_percentage),
+            ejections_overflow: get(&self.ejections_overflow),
             ejections_active,
         }
     }

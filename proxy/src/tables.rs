@@ -283,6 +283,29 @@ pub struct RetryOn {
     pub refused_stream: bool,
     pub retriable_status_codes: bool,
     pub envoy_ratelimited: bool,
+    /// gRPC conditions: the `grpc-status` of the response **headers** (a trailers-only
+    /// response); a status that only arrives in trailers is never retried, as in Envoy.
+    /// `cancelled` (1).
+    pub grpc_cancelled: bool,
+    /// `deadline-exceeded` (4).
+    pub grpc_deadline_exceeded: bool,
+    /// `resource-exhausted` (8).
+    pub grpc_resource_exhausted: bool,
+    /// `unavailable` (14).
+    pub grpc_unavailable: bool,
+    /// `internal` (13).
+    pub grpc_internal: bool,
+}
+
+impl RetryOn {
+    /// Whether any gRPC condition is set (only then is `grpc-status` looked at).
+    pub fn any_grpc(&self) -> bool {
+        self.grpc_cancelled
+            || self.grpc_deadline_exceeded
+            || self.grpc_resource_exhausted
+            || self.grpc_unavailable
+            || self.grpc_internal
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -316,8 +339,10 @@ pub enum LbPolicy {
     /// Power of two choices on active requests (`choice_count`, default 2).
     LeastRequest { choice_count: u32 },
     Random,
-    RingHash,
-    Maglev,
+    /// Ketama ring (`ring_hash_lb_config`; Envoy defaults 1024 and 8M entries).
+    RingHash { minimum_ring_size: u64, maximum_ring_size: u64 },
+    /// Maglev lookup table (`maglev_lb_config.table_size`, a prime; Envoy default 65537).
+    Maglev { table_size: u64 },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -342,7 +367,8 @@ impl Default for CircuitBreakers {
     }
 }
 
-/// Envoy's outlier detection with defaults resolved (see reference §2.11).
+/// Envoy's outlier detection with defaults resolved (see reference §2.11). Percentages are
+/// whole percent (`enforcing_*` is the chance that a detected outlier is really ejected).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct OutlierDetection {
     pub consecutive_5xx: u32,
@@ -352,10 +378,35 @@ pub struct OutlierDetection {
     pub split_external_local_origin_errors: bool,
     pub consecutive_local_origin_failure: u32,
     pub enforcing_consecutive_local_origin_failure: u32,
+    /// Between two sweeps (success rate, failure percentage, un-ejection). Default 10 s.
     pub interval: Duration,
     pub base_ejection_time: Duration,
     pub max_ejection_time: Duration,
+    /// Up to this much is added, at random, to each ejection (default 0).
+    pub max_ejection_time_jitter: Duration,
     pub max_ejection_percent: u32,
+    /// Eject one host even when `max_ejection_percent` would allow none (default false).
+    pub always_eject_one_host: bool,
+    /// Success-rate ejection (default 100).
+    pub enforcing_success_rate: u32,
+    /// Hosts with enough requests needed for a success-rate sweep (default 5).
+    pub success_rate_minimum_hosts: u32,
+    /// Requests in one interval for a host to count in a sweep (default 100).
+    pub success_rate_request_volume: u32,
+    /// Ejected below mean - factor/1000 x stdev (default 1900).
+    pub success_rate_stdev_factor: u32,
+    /// Local-origin success rate, with `split_external_local_origin_errors` (default 100).
+    pub enforcing_local_origin_success_rate: u32,
+    /// Ejected at or above this failure percentage (default 85).
+    pub failure_percentage_threshold: u32,
+    /// Failure-percentage ejection (default 0: detected, never enforced).
+    pub enforcing_failure_percentage: u32,
+    /// Local-origin failure percentage, with `split_external_local_origin_errors` (default 0).
+    pub enforcing_failure_percentage_local_origin: u32,
+    /// Default 5.
+    pub failure_percentage_minimum_hosts: u32,
+    /// Default 50.
+    pub failure_percentage_request_volume: u32,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -415,6 +466,9 @@ pub struct PortRange {
 pub struct L4Match {
     pub remotes: Remotes,
     pub ports: Vec<PortRange>,
+    /// Where the rule came from (`CiliumNetworkPolicy default/deny spec.ingressDeny[0]`), shown
+    /// in flow events of deny drops. Allow rules carry the same text in `AllowRule::origin`.
+    pub origin: Arc<str>,
 }
 
 #[derive(Debug, Clone)]

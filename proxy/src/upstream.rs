@@ -6,8 +6,8 @@
 //! protocol and connect timeout, so a reload neither drops warm connections nor un-ejects hosts.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -22,9 +22,10 @@ use tokio::time::Instant;
 
 use crate::body::ProxyBody;
 use crate::lb::{Balancer, PickInput};
+use crate::outlier::{Detector, HostOutlier, OutlierSignal};
 use crate::retry::AttemptOutcome;
 use crate::stats::{bump, ClusterCounters, ProxyCounters};
-use crate::tables::{CircuitBreakers, Cluster, OutlierDetection, UpstreamProtocol};
+use crate::tables::{CircuitBreakers, Cluster, UpstreamProtocol};
 
 /// Idle HTTP/1.1 connections kept per host at most.
 const MAX_IDLE_PER_HOST: usize = 256;
@@ -36,6 +37,8 @@ pub(crate) struct ClusterState {
     pub hosts: Box<[Arc<HostState>]>,
     balancer: Balancer,
     pub counters: Arc<ClusterCounters>,
+    /// `None` without `outlier_detection`: nothing is ever ejected.
+    detector: Option<Detector>,
 }
 
 impl ClusterState {
@@ -45,7 +48,6 @@ impl ClusterState {
         previous: Option<&ClusterState>,
         counters: Arc<ClusterCounters>,
         proxy_counters: &Arc<ProxyCounters>,
-        epoch: Instant,
     ) -> Self {
         let hosts: Box<[Arc<HostState>]> = config
             .endpoints
@@ -66,14 +68,38 @@ impl ClusterState {
                         config.connect_timeout,
                         Arc::clone(&counters),
                         Arc::clone(proxy_counters),
-                        epoch,
                     )),
                 }
             })
             .collect();
         let weighted: Vec<(SocketAddr, u32)> = config.endpoints.iter().map(|e| (e.addr, e.weight)).collect();
         let balancer = Balancer::new(config.lb_policy, &weighted);
-        Self { config, hosts, balancer, counters }
+        let detector = config.outlier_detection.filter(|_| !hosts.is_empty()).map(Detector::new);
+        Self { config, hosts, balancer, counters, detector }
+    }
+
+    /// Starts the outlier-detection sweeps (every `interval`) on the current runtime. They end
+    /// when the cluster state is dropped or retired by a table swap.
+    pub fn start_outlier_sweeps(self: &Arc<Self>) {
+        let Some(interval) = self.detector.as_ref().map(|detector| detector.config.interval) else { return };
+        let cluster: Weak<Self> = Arc::downgrade(self);
+        let interval = interval.max(Duration::from_millis(1));
+        tokio::spawn(async move {
+            loop {
+                // Re-armed after each sweep, as Envoy re-arms its interval timer.
+                tokio::time::sleep(interval).await;
+                let Some(cluster) = cluster.upgrade() else { return };
+                let Some(detector) = cluster.detector.as_ref().filter(|d| !d.is_retired()) else { return };
+                detector.sweep(&cluster.hosts, &cluster.counters, Instant::now());
+            }
+        });
+    }
+
+    /// A table swap replaced this state: stop its sweeps (in-flight requests may still use it).
+    pub fn retire(&self) {
+        if let Some(detector) = &self.detector {
+            detector.retire();
+        }
     }
 
     /// Whether a table swap can keep this state as it is for `config`.
@@ -92,10 +118,9 @@ impl ClusterState {
     /// failing while hosts exist.
     pub fn pick(&self, input: PickInput, avoid: &[SocketAddr]) -> Option<&Arc<HostState>> {
         let hosts = &self.hosts;
-        let now = self.hosts.first()?.now_ms();
         let load = |i: usize| hosts[i].active_requests.load(Ordering::Relaxed);
-        let fresh = |i: usize| !hosts[i].is_ejected_at(now) && !avoid.contains(&hosts[i].addr);
-        let healthy = |i: usize| !hosts[i].is_ejected_at(now);
+        let fresh = |i: usize| !hosts[i].outlier.is_ejected() && !avoid.contains(&hosts[i].addr);
+        let healthy = |i: usize| !hosts[i].outlier.is_ejected();
         self.balancer
             .pick(hosts.len(), input, fresh, load)
             .or_else(|| self.balancer.pick(hosts.len(), input, healthy, load))
@@ -117,14 +142,13 @@ impl ClusterState {
 
     /// Feeds an attempt's result to outlier detection (no-op without an `outlier_detection`).
     pub fn record(&self, host: &HostState, signal: OutlierSignal, random: u64) {
-        if let Some(detection) = &self.config.outlier_detection {
-            host.record(detection, signal, &self.hosts, random);
+        if let Some(detector) = &self.detector {
+            detector.record(&self.hosts, host, signal, &self.counters, random);
         }
     }
 
     pub fn ejections_active(&self) -> u64 {
-        let Some(now) = self.hosts.first().map(|h| h.now_ms()) else { return 0 };
-        self.hosts.iter().filter(|host| host.is_ejected_at(now)).count() as u64
+        self.hosts.iter().filter(|host| host.outlier.is_ejected()).count() as u64
     }
 }
 
@@ -136,15 +160,6 @@ impl Drop for RetrySlot {
     fn drop(&mut self) {
         self.0.retries_active.fetch_sub(1, Ordering::Relaxed);
     }
-}
-
-/// What outlier detection learns from one attempt.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum OutlierSignal {
-    /// The upstream answered with this status.
-    Status(u16),
-    /// Connect failure, reset or timeout: the error originated here, not at the upstream.
-    LocalFailure,
 }
 
 /// One endpoint of a cluster: its pool and outlier state.
@@ -162,20 +177,9 @@ pub(crate) struct HostState {
     multiplexed_connecting: tokio::sync::Mutex<()>,
     /// Signalled when a connection goes idle or closes, for requests waiting at `max_connections`.
     released: Notify,
-    outlier: OutlierState,
+    pub outlier: HostOutlier,
     counters: Arc<ClusterCounters>,
     proxy_counters: Arc<ProxyCounters>,
-    epoch: Instant,
-}
-
-#[derive(Debug, Default)]
-struct OutlierState {
-    consecutive_5xx: AtomicU32,
-    consecutive_gateway: AtomicU32,
-    consecutive_local: AtomicU32,
-    times_ejected: AtomicU32,
-    /// Milliseconds since the epoch until which the host is ejected; 0 = never ejected.
-    ejected_until_ms: AtomicU64,
 }
 
 impl HostState {
@@ -185,7 +189,6 @@ impl HostState {
         connect_timeout: Duration,
         counters: Arc<ClusterCounters>,
         proxy_counters: Arc<ProxyCounters>,
-        epoch: Instant,
     ) -> Self {
         Self {
             addr,
@@ -197,10 +200,9 @@ impl HostState {
             multiplexed: ArcSwapOption::empty(),
             multiplexed_connecting: tokio::sync::Mutex::new(()),
             released: Notify::new(),
-            outlier: OutlierState::default(),
+            outlier: HostOutlier::default(),
             counters,
             proxy_counters,
-            epoch,
         }
     }
 
@@ -371,76 +373,6 @@ impl HostState {
             let _ = self.idle.push(sender);
         }
         self.released.notify_one();
-    }
-
-    fn now_ms(&self) -> u64 {
-        // +1 keeps 0 free to mean "never ejected".
-        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1
-    }
-
-    fn is_ejected_at(&self, now_ms: u64) -> bool {
-        now_ms < self.outlier.ejected_until_ms.load(Ordering::Relaxed)
-    }
-
-    /// Envoy's consecutive-failure detectors. Local-origin failures count as 5xx (and gateway
-    /// failures) unless `split_external_local_origin_errors`, in which case they have their own
-    /// counter. The ejection multiplier only grows (Envoy decays it while the host stays healthy).
-    fn record(&self, detection: &OutlierDetection, signal: OutlierSignal, hosts: &[Arc<HostState>], random: u64) {
-        let state = &self.outlier;
-        let status = match signal {
-            OutlierSignal::LocalFailure if detection.split_external_local_origin_errors => {
-                let failures = state.consecutive_local.fetch_add(1, Ordering::Relaxed) + 1;
-                if failures >= detection.consecutive_local_origin_failure {
-                    self.try_eject(detection, detection.enforcing_consecutive_local_origin_failure, hosts, random);
-                }
-                return;
-            }
-            OutlierSignal::LocalFailure => 503,
-            OutlierSignal::Status(status) => {
-                state.consecutive_local.store(0, Ordering::Relaxed);
-                status
-            }
-        };
-        if status < 500 {
-            state.consecutive_5xx.store(0, Ordering::Relaxed);
-            state.consecutive_gateway.store(0, Ordering::Relaxed);
-            return;
-        }
-        let errors = state.consecutive_5xx.fetch_add(1, Ordering::Relaxed) + 1;
-        let gateway = if matches!(status, 502..=504) {
-            state.consecutive_gateway.fetch_add(1, Ordering::Relaxed) + 1
-        } else {
-            state.consecutive_gateway.store(0, Ordering::Relaxed);
-            0
-        };
-        if errors >= detection.consecutive_5xx {
-            self.try_eject(detection, detection.enforcing_consecutive_5xx, hosts, random);
-        } else if gateway >= detection.consecutive_gateway_failure {
-            self.try_eject(detection, detection.enforcing_consecutive_gateway_failure, hosts, random);
-        }
-    }
-
-    fn try_eject(&self, detection: &OutlierDetection, enforcing_percent: u32, hosts: &[Arc<HostState>], random: u64) {
-        let state = &self.outlier;
-        state.consecutive_5xx.store(0, Ordering::Relaxed);
-        state.consecutive_gateway.store(0, Ordering::Relaxed);
-        state.consecutive_local.store(0, Ordering::Relaxed);
-        let now = self.now_ms();
-        if self.is_ejected_at(now) || random % 100 >= u64::from(enforcing_percent) {
-            return;
-        }
-        // Envoy: eject only while (ejected + 1) / hosts stays within max_ejection_percent.
-        let ejected = hosts.iter().filter(|host| host.is_ejected_at(now)).count() as u64;
-        if (ejected + 1) * 100 > u64::from(detection.max_ejection_percent) * hosts.len() as u64 {
-            return;
-        }
-        let times = u64::from(state.times_ejected.fetch_add(1, Ordering::Relaxed)) + 1;
-        let base = u64::try_from(detection.base_ejection_time.as_millis()).unwrap_or(u64::MAX);
-        let cap = u64::try_from(detection.max_ejection_time.as_millis()).unwrap_or(u64::MAX).max(base);
-        let duration = base.saturating_mul(times).min(cap);
-        state.ejected_until_ms.store(now.saturating_add(duration), Ordering::Relaxed);
-        bump(&self.counters.ejections_enforced_total);
-        tracing::info!(upstream = %self.addr, ejection_ms = duration, "outlier detection ejected host");
     }
 }
 

@@ -81,19 +81,7 @@ async fn requests_queue_at_max_connections_until_max_pending_requests_overflows(
 }
 
 fn detection() -> OutlierDetection {
-    OutlierDetection {
-        consecutive_5xx: 3,
-        enforcing_consecutive_5xx: 100,
-        consecutive_gateway_failure: 5,
-        enforcing_consecutive_gateway_failure: 0,
-        split_external_local_origin_errors: false,
-        consecutive_local_origin_failure: 5,
-        enforcing_consecutive_local_origin_failure: 100,
-        interval: Duration::from_secs(10),
-        base_ejection_time: Duration::from_secs(30),
-        max_ejection_time: Duration::from_secs(300),
-        max_ejection_percent: 50,
-    }
+    OutlierDetection { consecutive_5xx: 3, max_ejection_percent: 50, ..envoy_outlier_detection() }
 }
 
 #[tokio::test]

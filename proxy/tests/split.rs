@@ -58,13 +58,13 @@ async fn round_robin_spreads_evenly_and_zero_weight_cluster_gets_nothing() {
     assert!((2..=10).contains(&open), "{open} upstream connections for 1000 requests");
 }
 
-#[tokio::test]
-async fn ring_hash_keeps_each_client_on_one_backend() {
+/// Each client (source IP) sticks to one backend; the clients spread over the backends.
+async fn hashing_keeps_each_client_on_one_backend(policy: LbPolicy) {
     let backends = [Backend::echo("a").await, Backend::echo("b").await, Backend::echo("c").await];
     let proxy = Proxy::start();
-    let mut ring = cluster("ring", &backends.iter().map(|b| b.addr).collect::<Vec<_>>());
-    ring.lb_policy = LbPolicy::RingHash;
-    let addr = proxy.apply(tables(1, hcm(vec![prefix_route("/", to_cluster("ring"))]), vec![ring]));
+    let mut hashed = cluster("hashed", &backends.iter().map(|b| b.addr).collect::<Vec<_>>());
+    hashed.lb_policy = policy;
+    let addr = proxy.apply(tables(1, hcm(vec![prefix_route("/", to_cluster("hashed"))]), vec![hashed]));
     let mut chosen = std::collections::BTreeSet::new();
     for last_octet in 40..60u8 {
         let counts = count_backends(IpAddr::from([127, 0, 0, last_octet]), addr, 20).await;
@@ -72,6 +72,16 @@ async fn ring_hash_keeps_each_client_on_one_backend() {
         chosen.extend(counts.into_keys());
     }
     assert!(chosen.len() > 1, "20 clients all hashed to {chosen:?}");
+}
+
+#[tokio::test]
+async fn ring_hash_keeps_each_client_on_one_backend() {
+    hashing_keeps_each_client_on_one_backend(LbPolicy::RingHash { minimum_ring_size: 1024, maximum_ring_size: 8 << 20 }).await;
+}
+
+#[tokio::test]
+async fn maglev_keeps_each_client_on_one_backend() {
+    hashing_keeps_each_client_on_one_backend(LbPolicy::Maglev { table_size: 65537 }).await;
 }
 
 #[tokio::test]

@@ -140,7 +140,7 @@ fn virtual_host(vhost: &model::VirtualHost, cx: &mut Context<'_>) -> tables::Vir
         name: vhost.name.clone(),
         domains: vhost.domains.iter().map(|d| d.to_ascii_lowercase()).collect(),
         routes: vhost.routes.iter().map(|r| route(r, vhost, cx)).collect(),
-        retry_policy: vhost.retry_policy.as_ref().map(|p| retry_policy(p, cx)),
+        retry_policy: vhost.retry_policy.as_ref().map(retry_policy),
         request_body_buffer_limit: vhost.request_body_buffer_limit.map_or(DEFAULT_REQUEST_BODY_BUFFER, |l| l as usize),
         include_request_attempt_count: vhost.include_request_attempt_count,
     }
@@ -224,7 +224,7 @@ fn action(action: &model::Action, vhost: &model::VirtualHost, cx: &mut Context<'
                 }),
                 (None, None) => None,
             };
-            let retry = forward.retry_policy.as_ref().or(vhost.retry_policy.as_ref()).map(|p| retry_policy(p, cx));
+            let retry = forward.retry_policy.as_ref().or(vhost.retry_policy.as_ref()).map(retry_policy);
             tables::RouteAction::Forward(Arc::new(tables::ForwardAction {
                 clusters,
                 rewrite,
@@ -269,7 +269,7 @@ fn action(action: &model::Action, vhost: &model::VirtualHost, cx: &mut Context<'
     }
 }
 
-fn retry_policy(policy: &model::RetryPolicy, cx: &mut Context<'_>) -> tables::RetryPolicy {
+fn retry_policy(policy: &model::RetryPolicy) -> tables::RetryPolicy {
     let mut on = tables::RetryOn::default();
     for condition in &policy.retry_on {
         match condition {
@@ -282,7 +282,11 @@ fn retry_policy(policy: &model::RetryPolicy, cx: &mut Context<'_>) -> tables::Re
             model::RetryOn::RefusedStream => on.refused_stream = true,
             model::RetryOn::RetriableStatusCodes => on.retriable_status_codes = true,
             model::RetryOn::EnvoyRateLimited => on.envoy_ratelimited = true,
-            grpc => cx.warn(format!("retry_on {grpc:?} (gRPC status) is not supported; it never triggers a retry")),
+            model::RetryOn::GrpcCancelled => on.grpc_cancelled = true,
+            model::RetryOn::GrpcDeadlineExceeded => on.grpc_deadline_exceeded = true,
+            model::RetryOn::GrpcResourceExhausted => on.grpc_resource_exhausted = true,
+            model::RetryOn::GrpcUnavailable => on.grpc_unavailable = true,
+            model::RetryOn::GrpcInternal => on.grpc_internal = true,
         }
     }
     tables::RetryPolicy {
@@ -306,8 +310,10 @@ pub fn cluster(cluster: &model::Cluster, endpoints: Vec<tables::Endpoint>) -> ta
             model::LbPolicy::RoundRobin => tables::LbPolicy::RoundRobin,
             model::LbPolicy::LeastRequest { choice_count } => tables::LbPolicy::LeastRequest { choice_count },
             model::LbPolicy::Random => tables::LbPolicy::Random,
-            model::LbPolicy::RingHash { .. } => tables::LbPolicy::RingHash,
-            model::LbPolicy::Maglev { .. } => tables::LbPolicy::Maglev,
+            model::LbPolicy::RingHash { minimum_ring_size, maximum_ring_size } => {
+                tables::LbPolicy::RingHash { minimum_ring_size, maximum_ring_size }
+            }
+            model::LbPolicy::Maglev { table_size } => tables::LbPolicy::Maglev { table_size },
         },
         connect_timeout: cluster.connect_timeout,
         circuit_breakers: tables::CircuitBreakers {
@@ -327,7 +333,19 @@ pub fn cluster(cluster: &model::Cluster, endpoints: Vec<tables::Endpoint>) -> ta
             interval: o.interval,
             base_ejection_time: o.base_ejection_time,
             max_ejection_time: o.max_ejection_time,
+            max_ejection_time_jitter: o.max_ejection_time_jitter,
             max_ejection_percent: o.max_ejection_percent,
+            always_eject_one_host: o.always_eject_one_host,
+            enforcing_success_rate: o.enforcing_success_rate,
+            success_rate_minimum_hosts: o.success_rate_minimum_hosts,
+            success_rate_request_volume: o.success_rate_request_volume,
+            success_rate_stdev_factor: o.success_rate_stdev_factor,
+            enforcing_local_origin_success_rate: o.enforcing_local_origin_success_rate,
+            failure_percentage_threshold: o.failure_percentage_threshold,
+            enforcing_failure_percentage: o.enforcing_failure_percentage,
+            enforcing_failure_percentage_local_origin: o.enforcing_failure_percentage_local_origin,
+            failure_percentage_minimum_hosts: o.failure_percentage_minimum_hosts,
+            failure_percentage_request_volume: o.failure_percentage_request_volume,
         }),
         protocol: if cluster.http2 { tables::UpstreamProtocol::Http2 } else { tables::UpstreamProtocol::Http1 },
     }

@@ -231,7 +231,7 @@ fn rule_views(direction: &DirectionPolicy) -> Vec<RuleView> {
         ports: ports_view(deny),
         http: None,
         auth_required: false,
-        origin: String::new(),
+        origin: deny.origin.to_string(),
     });
     let allows = direction.allow.iter().map(|allow| RuleView {
         action: "allow".to_string(),

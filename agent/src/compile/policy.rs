@@ -235,7 +235,8 @@ impl RuleContext<'_> {
         };
         let origin = self.origin(rule);
         if rule.to_ports.is_empty() {
-            return vec![AllowRule { l4: L4Match { remotes, ports: Vec::new() }, http: None, auth_required, origin }];
+            let l4 = L4Match { remotes, ports: Vec::new(), origin: origin.clone() };
+            return vec![AllowRule { l4, http: None, auth_required, origin }];
         }
         let mut out = Vec::new();
         for port_rule in &rule.to_ports {
@@ -264,7 +265,7 @@ impl RuleContext<'_> {
                 self.warn(warnings, rule, "`toPorts.listener` redirection is not supported; the rule is enforced by the policy proxy");
             }
             out.push(AllowRule {
-                l4: L4Match { remotes: remotes.clone(), ports },
+                l4: L4Match { remotes: remotes.clone(), ports, origin: origin.clone() },
                 http,
                 auth_required,
                 origin: origin.clone(),
@@ -284,13 +285,14 @@ impl RuleContext<'_> {
         if remotes == Remotes::Only(BTreeSet::new()) {
             return Vec::new();
         }
+        let origin = self.origin(rule);
         if rule.to_ports.is_empty() {
-            return vec![L4Match { remotes, ports: Vec::new() }];
+            return vec![L4Match { remotes, ports: Vec::new(), origin }];
         }
         rule.to_ports
             .iter()
             .filter_map(|port_rule| self.port_ranges(rule, port_rule, &remotes, warnings))
-            .map(|ports| L4Match { remotes: remotes.clone(), ports })
+            .map(|ports| L4Match { remotes: remotes.clone(), ports, origin: origin.clone() })
             .collect()
     }
 
