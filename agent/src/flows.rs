@@ -110,7 +110,11 @@ impl FlowRecord {
     }
 
     pub fn event_type(&self) -> EventType {
-        EventType::of(self.l7.is_some(), self.verdict == verdict_name(Verdict::Dropped))
+        EventType::of(
+            self.l7.is_some(),
+            self.verdict == verdict_name(Verdict::Dropped),
+            self.drop_reason_desc.as_deref(),
+        )
     }
 
     /// Hubble's event type and details, the two halves of the summary around the verdict:
@@ -279,8 +283,8 @@ pub struct FilterArgs {
     /// Flows with this source or destination port.
     #[arg(long)]
     pub port: Vec<String>,
-    /// Flows of this Hubble event type: `l7` (HTTP), `drop` (connection refused before any
-    /// request), `trace` (forwarded without HTTP; subtype `trace:to-endpoint`).
+    /// Flows of this Hubble event type: `l7` (HTTP), `drop` (refused by L3/L4 policy, or ended
+    /// before a request), `trace` (forwarded without HTTP; subtype `trace:to-endpoint`).
     #[arg(short = 't', long = "type", value_name = "TYPE[:SUBTYPE]")]
     pub event_type: Vec<String>,
 }
@@ -384,8 +388,9 @@ pub enum FilterError {
     EventType(String),
 }
 
-/// Hubble's event type of a flow. The proxy sees every flow at L7 unless it ended before a
-/// request was read: then it was either refused (a drop) or passed on as plain TCP (a trace).
+/// Hubble's event type of a flow. An L3/L4 policy refusal is a drop, as Cilium's datapath would
+/// have dropped the connection, even when the proxy read the request to learn its destination
+/// (gateway mode); any other flow with a request is L7, and one without is a drop or a trace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EventType {
     L7,
@@ -394,8 +399,11 @@ pub enum EventType {
 }
 
 impl EventType {
-    pub fn of(has_http: bool, dropped: bool) -> Self {
+    /// `drop_reason` by its Hubble name (`POLICY_DENIED`).
+    pub fn of(has_http: bool, dropped: bool, drop_reason: Option<&str>) -> Self {
+        let l3_l4_policy_drop = drop_reason.and_then(l4_drop_words).is_some();
         match (has_http, dropped) {
+            _ if l3_l4_policy_drop => Self::Drop,
             (true, _) => Self::L7,
             (false, true) => Self::Drop,
             (false, false) => Self::Trace,
@@ -1091,91 +1099,95 @@ pub(crate) mod tests {
         world_source.source = peer(None, 99, 50000, IDENTITY_WORLD);
         let world = record(world_source);
         let trace = record(probe_trace());
-        let table: Vec<(&str, FilterArgs, [bool; 5])> = vec![
+        // Gateway mode: the proxy read the request before the L3/L4 policy refused the caller.
+        let mut gateway_l4_denied = xwing_l4_denied();
+        gateway_l4_denied.http = Some(http("POST", "/v1/request-landing", None, 0));
+        let gateway_l4 = record(gateway_l4_denied);
+        let table: Vec<(&str, FilterArgs, [bool; 6])> = vec![
             (
                 "identity either side",
                 args(|a| a.identity = strings(&["258"])),
-                [true, true, true, true, false],
+                [true, true, true, true, false, true],
             ),
             (
                 "identity by reserved name",
                 args(|a| a.identity = strings(&["world"])),
-                [false, false, false, true, false],
+                [false, false, false, true, false, false],
             ),
             (
                 "identity with the reserved: prefix",
                 args(|a| a.identity = strings(&["reserved:world"])),
-                [false, false, false, true, false],
+                [false, false, false, true, false, false],
             ),
             (
                 "identities or",
                 args(|a| a.identity = strings(&["257", "300"])),
-                [true, true, false, false, true],
+                [true, true, false, false, true, false],
             ),
             (
                 "from identity is source only",
                 args(|a| a.from_identity = strings(&["258"])),
-                [false, false, false, false, false],
+                [false, false, false, false, false, false],
             ),
             (
                 "from identity",
                 args(|a| a.from_identity = strings(&["259"])),
-                [false, false, true, false, false],
+                [false, false, true, false, false, true],
             ),
             (
                 "to identity",
                 args(|a| a.to_identity = strings(&["258"])),
-                [true, true, true, true, false],
+                [true, true, true, true, false, true],
             ),
             (
                 "namespace either side",
                 args(|a| a.namespace = strings(&["default"])),
-                [true, true, true, true, false],
+                [true, true, true, true, false, true],
             ),
             (
                 "namespace other",
                 args(|a| a.namespace = strings(&["kube-system"])),
-                [false, false, false, false, true],
+                [false, false, false, false, true, false],
             ),
             (
                 "namespaces or",
                 args(|a| a.namespace = strings(&["default", "kube-system"])),
-                [true, true, true, true, true],
+                [true, true, true, true, true, true],
             ),
             (
                 "destination port",
                 args(|a| a.port = strings(&["80"])),
-                [true, true, true, true, false],
+                [true, true, true, true, false, true],
             ),
             (
                 "source port",
                 args(|a| a.port = strings(&["41000"])),
-                [false, false, true, false, false],
+                [false, false, true, false, false, true],
             ),
             (
                 "type l7",
                 args(|a| a.event_type = strings(&["l7"])),
-                [true, true, false, true, false],
+                [true, true, false, true, false, false],
             ),
             (
                 "type drop is an L3/L4 refusal, not an L7 denial",
                 args(|a| a.event_type = strings(&["drop"])),
-                [false, false, true, false, false],
+                [false, false, true, false, false, true],
             ),
             (
                 "type trace",
                 args(|a| a.event_type = strings(&["trace"])),
-                [false, false, false, false, true],
+                [false, false, false, false, true, false],
             ),
             (
                 "type with subtype, any case",
                 args(|a| a.event_type = strings(&["TRACE:to-endpoint"])),
-                [false, false, false, false, true],
+                [false, false, false, false, true, false],
             ),
             (
                 "types or",
                 args(|a| a.event_type = strings(&["drop", "trace"])),
-                [false, false, true, false, true],
+                [false, false, true, false, true, true],
             ),
             (
                 "new flags are ANDed with the others",
@@ -1185,12 +1197,12 @@ pub(crate) mod tests {
                     a.to_identity = strings(&["258"]);
                     a.verdict = strings(&["DROPPED"]);
                 }),
-                [false, true, false, false, false],
+                [false, true, false, false, false, false],
             ),
         ];
         for (name, filter_args, expected) in table {
             let filter = FlowFilter::parse(&filter_args).expect(name);
-            let got = [&ok, &denied, &l4, &world, &trace].map(|record| filter.matches(record));
+            let got = [&ok, &denied, &l4, &world, &trace, &gateway_l4].map(|record| filter.matches(record));
             assert_eq!(got, expected, "{name}");
         }
     }

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use sluice_agent::agent::{self, AgentConfig};
 use sluice_agent::cli::{self, ClientCommand};
@@ -91,7 +92,7 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let runtime = tokio::runtime::Runtime::new()?;
+    let runtime = || tokio::runtime::Runtime::new().context("starting the async runtime");
     match cli.command {
         Command::Agent(args) => {
             if args.datapath == Datapath::Ebpf {
@@ -102,7 +103,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let workers = args
                 .proxy_workers
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-            runtime.block_on(agent::run(AgentConfig {
+            runtime()?.block_on(agent::run(AgentConfig {
                 config_dir: args.config_dir,
                 node: args.node,
                 state_dir: cli.state_dir,
@@ -113,11 +114,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo => {
-            let passed = runtime.block_on(sluice_agent::demo::run())?;
+            // Before the runtime's threads exist: a private namespace is given to one thread only.
+            let network = sluice_agent::demo::network::prepare()?;
+            let passed = runtime()?.block_on(sluice_agent::demo::run(network))?;
             Ok(if passed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         Command::Client(command) => {
-            runtime.block_on(cli::run_client(command, &cli.state_dir))?;
+            runtime()?.block_on(cli::run_client(command, &cli.state_dir))?;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -301,8 +301,12 @@ impl Metrics {
     /// Counts one flow in every Hubble metric it belongs to.
     pub fn observe_flow(&self, event: &FlowEvent) {
         let verdict = verdict_name(event.verdict);
-        let (r#type, subtype) =
-            EventType::of(event.http.is_some(), event.verdict == Verdict::Dropped).metric_labels();
+        let (r#type, subtype) = EventType::of(
+            event.http.is_some(),
+            event.verdict == Verdict::Dropped,
+            event.drop_reason.map(drop_reason_name),
+        )
+        .metric_labels();
         self.flows_processed
             .get_or_create(&FlowLabels {
                 r#type,
@@ -605,6 +609,21 @@ mod tests {
         assert!(
             text.contains(r#"hubble_lost_events_total{source="observer_events_queue"} 0"#),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn an_l3_l4_policy_drop_is_a_drop_even_when_the_request_was_read() {
+        let metrics = Metrics::new();
+        metrics.observe_flow(&event(
+            Verdict::Dropped,
+            Some(DropReason::PolicyDenied),
+            Some(http("POST", "/v1/request-landing", None, 0)),
+        ));
+        let text = metrics.encode();
+        assert_eq!(
+            lines_with(&text, "hubble_flows_processed_total{"),
+            [r#"hubble_flows_processed_total{type="Drop",subtype="",verdict="DROPPED"} 1"#]
         );
     }
 

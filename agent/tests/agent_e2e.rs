@@ -566,3 +566,77 @@ fn startup_errors_stop_the_agent_and_name_the_address_or_path() -> Result<()> {
     first.terminate()?;
     Ok(())
 }
+
+fn running_as_root() -> Result<bool> {
+    Ok(std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self")?) == 0)
+}
+
+/// `program` as `nobody` when the tests run as root, else as the tests' own user.
+fn as_unprivileged_user(program: &str) -> Result<Command> {
+    if !running_as_root()? {
+        return Ok(Command::new(program));
+    }
+    let mut command = Command::new("setpriv");
+    command.args(["--reuid=65534", "--regid=65534", "--clear-groups", program]);
+    Ok(command)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_runs_without_root_and_its_next_steps_work() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    std::os::unix::fs::chown(tmp.path(), Some(65534), Some(65534))?;
+    let output = as_unprivileged_user(SLUICE)?
+        .arg("demo")
+        .env("TMPDIR", tmp.path())
+        .stdin(Stdio::null())
+        .output()
+        .context("running sluice demo")?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("Every step behaved as expected"), "{stdout}");
+    let unprivileged_from = std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")?;
+    if unprivileged_from.trim().parse::<u16>()? > 80 {
+        assert!(stdout.starts_with("Port 80 is privileged here and this user may not bind it: the demo runs in a private user and network namespace"), "{stdout}");
+    }
+
+    // The printed next steps name the kept config; run its agent line (it binds the deathstar
+    // frontend on port 80, so only as root) and the printed status and curl.
+    let next: Vec<&str> = stdout.lines().skip_while(|line| !line.starts_with("Next, on the demo's config (kept in ")).collect();
+    let kept = next
+        .first()
+        .and_then(|line| line.strip_prefix("Next, on the demo's config (kept in "))
+        .and_then(|rest| rest.split(';').next())
+        .context("no next steps printed")?;
+    assert!(kept.starts_with(&tmp.path().join("sluice-demo-").display().to_string()), "{kept}");
+    let command_line = |needle: &str| -> Result<Vec<String>> {
+        let line = next.iter().find(|line| line.contains(needle)).with_context(|| format!("no {needle:?} line in {next:?}"))?;
+        let command = line.split('#').next().unwrap_or_default();
+        Ok(command.split_whitespace().map(str::to_owned).collect())
+    };
+    let agent_line = command_line(" agent --config-dir ")?;
+    assert_eq!(agent_line[0], SLUICE);
+    let state_dir = PathBuf::from(kept).join("state");
+    if !running_as_root()? {
+        return Ok(());
+    }
+    let args: Vec<String> = agent_line[1..]
+        .iter()
+        .map(|arg| if arg == "127.0.0.1:9965" { "127.0.0.1:0".to_owned() } else { arg.clone() })
+        .collect();
+    let child = Command::new(SLUICE).args(&args).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+    let agent = Agent { child, state_dir };
+    let status = agent.wait_for_generation_after(0)?;
+    assert_eq!(status["files"].as_array().map(Vec::len), Some(5), "{status}");
+    assert_eq!(status["errors"], serde_json::json!([]));
+    let status_line = command_line(" status --state-dir ")?;
+    let printed = Command::new(&status_line[0]).args(&status_line[1..]).output()?;
+    assert!(String::from_utf8_lossy(&printed.stdout).contains("Files:           5 loaded"), "{printed:?}");
+    // The printed curl for the tiefighter: the L7 policy still answers 403 without backends.
+    let curl = command_line("curl -X PUT")?;
+    let from: IpAddr = curl[4].parse()?;
+    let url = curl[5].strip_prefix("http://").context("url")?;
+    let (target, path) = url.split_at(url.find('/').context("path")?);
+    assert!(denied(&workload::request(from, target.parse()?, "PUT", path, "deathstar", REQUEST_TIMEOUT).await));
+    agent.terminate()?;
+    Ok(())
+}

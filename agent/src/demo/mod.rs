@@ -5,6 +5,7 @@
 //! pods, the agent itself, and clients that connect from their pod's address. Every step
 //! checks what a Cilium user would expect; the result is the exit code, so CI can run it.
 
+pub mod network;
 pub mod scheduler;
 
 use std::net::{IpAddr, SocketAddr};
@@ -17,6 +18,7 @@ use crate::agent::{self, AgentConfig, RunningAgent};
 use crate::flows::{FilterArgs, FlowFilter};
 use crate::render::render_flow_compact;
 use crate::workload::{self, Backend, Outcome};
+use network::Network;
 use scheduler::{Addresses, ScheduledPod};
 
 const NODE: &str = "demo-node";
@@ -108,13 +110,7 @@ async fn start_backends(cast: &Cast) -> anyhow::Result<Vec<Backend>> {
             _ => continue,
         };
         let addr = SocketAddr::new(IpAddr::V4(pod.ip), port);
-        let backend = workload::serve(addr, responder).await.map_err(|e| {
-            if e.kind() == std::io::ErrorKind::PermissionDenied {
-                anyhow::anyhow!("cannot bind {addr}: the demo plays pods on loopback port {port}, which needs root (or CAP_NET_BIND_SERVICE)")
-            } else {
-                anyhow::anyhow!("cannot bind {addr}: {e}")
-            }
-        })?;
+        let backend = workload::serve(addr, responder).await.with_context(|| format!("cannot bind {addr}"))?;
         println!("  backend for {:<16} listening on {addr}", pod.name);
         backends.push(backend);
     }
@@ -130,12 +126,47 @@ fn print_flows(agent: &RunningAgent, pod: &str, last: usize) -> anyhow::Result<(
     Ok(())
 }
 
-/// Runs the demo; `Ok(true)` when every step behaved as expected.
-pub async fn run() -> anyhow::Result<bool> {
-    let work = tempfile::tempdir().context("creating the demo's temp dir")?;
+/// The commands to go on from where the demo stopped, with the demo's own paths and addresses.
+fn next_steps(network: Network, kept: &Path, deathstar: SocketAddr, cast: &Cast) -> anyhow::Result<String> {
+    let sluice = std::env::args().next().unwrap_or_else(|| "sluice".to_owned());
+    let config = kept.join("config");
+    let state = kept.join("state");
+    let (config, state) = (config.display(), state.display());
+    let root_note = match network {
+        Network::Host => "",
+        Network::Private => "   # as root: the deathstar frontend is port 80",
+    };
+    let (tiefighter, xwing) = (cast.ip("tiefighter")?, cast.ip("xwing")?);
+    let commands = [
+        format!("{sluice} agent --config-dir {config} --node {NODE} --datapath none --state-dir {state} --metrics-address 127.0.0.1:9965{root_note}"),
+        format!("{sluice} status --state-dir {state}"),
+        format!("{sluice} policy get --state-dir {state}"),
+        format!("{sluice} service list --state-dir {state}"),
+        format!("{sluice} observe --state-dir {state} --follow --to-pod default/deathstar"),
+        format!("curl -X PUT --interface {tiefighter} http://{deathstar}/v1/exhaust-port     # tiefighter: 403 Access denied"),
+        format!("curl -X POST --interface {xwing} http://{deathstar}/v1/request-landing   # xwing: dropped"),
+    ];
+    let mut out = format!("Next, on the demo's config (kept in {}; remove it when done):\n", kept.display());
+    for command in commands {
+        out.push_str(&format!("  {command}\n"));
+    }
+    Ok(out)
+}
+
+/// Runs the demo on `network` (see [`network::prepare`]); `Ok(true)` when every step behaved
+/// as expected.
+pub async fn run(network: Network) -> anyhow::Result<bool> {
+    let work = tempfile::Builder::new().prefix("sluice-demo-").tempdir().context("creating the demo's temp dir")?;
     let config_dir = work.path().join("config");
     std::fs::create_dir_all(&config_dir)?;
     let mut story = Story::default();
+    if network == Network::Private {
+        println!(
+            "Port 80 is privileged here and this user may not bind it: the demo runs in a private \
+             user and network namespace of its own, where its pods listen on port 80 as the \
+             manifests say."
+        );
+    }
 
     story.chapter("A node in a box: scheduling the Star Wars and helloworld apps onto loopback");
     let mut addresses = Addresses::default();
@@ -235,14 +266,17 @@ pub async fn run() -> anyhow::Result<bool> {
 
     agent.stop().await?;
     println!();
+    let kept = work.keep();
     if story.failures.is_empty() {
-        println!("Every step behaved as expected: allowed, dropped, denied with 403, split 90/10.");
+        println!("Every step behaved as expected: allowed, dropped, denied with 403, split 90/10.\n");
+        print!("{}", next_steps(network, &kept, deathstar, &cast)?);
         Ok(true)
     } else {
         println!("{} step(s) did not behave as expected:", story.failures.len());
         for failure in &story.failures {
             println!("  - {failure}");
         }
+        println!("The demo's config is kept in {} for a look.", kept.display());
         Ok(false)
     }
 }
