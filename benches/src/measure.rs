@@ -284,6 +284,9 @@ struct OhaPercentiles {
     p999: Option<f64>,
 }
 
+/// What oha calls the requests still in flight when `-z` runs out: not failures.
+const OHA_DEADLINE: &str = "aborted due to deadline";
+
 /// oha's `--output-format json` report (latencies in seconds).
 pub fn parse_oha(stdout: &str) -> Result<Sample, ParseError> {
     let report: OhaReport =
@@ -300,7 +303,13 @@ pub fn parse_oha(stdout: &str) -> Result<Sample, ParseError> {
         p50_us: micros(report.latency_percentiles.p50),
         p99_us: micros(report.latency_percentiles.p99),
         p999_us: micros(report.latency_percentiles.p999),
-        errors: not_2xx + report.errors.values().sum::<u64>(),
+        errors: not_2xx
+            + report
+                .errors
+                .iter()
+                .filter(|(what, _)| what.as_str() != OHA_DEADLINE)
+                .map(|(_, n)| n)
+                .sum::<u64>(),
     })
 }
 
@@ -343,7 +352,7 @@ mod tests {
 
     #[test]
     fn oha_json_gives_rate_and_microsecond_percentiles() {
-        let out = r#"{"summary":{"successRate":1.0,"requestsPerSec":5000.0},"latencyPercentiles":{"p50":0.0002,"p99":0.001,"p99.9":0.003},"statusCodeDistribution":{"200":24990,"403":10},"errorDistribution":{"connection reset":2}}"#;
+        let out = r#"{"summary":{"successRate":1.0,"requestsPerSec":5000.0},"latencyPercentiles":{"p50":0.0002,"p99":0.001,"p99.9":0.003},"statusCodeDistribution":{"200":24990,"403":10},"errorDistribution":{"connection reset":2,"aborted due to deadline":31}}"#;
         let sample = parse_oha(out).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(sample.requests_per_second, 5000.0);
         assert!((sample.p50_us - 200.0).abs() < 1e-6 && (sample.p999_us - 3000.0).abs() < 1e-6);

@@ -70,6 +70,12 @@ struct Args {
     /// Also write the results section to this file.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// A command run beside every measured proxy run (`sh -c "exec CMD"`), interrupted with
+    /// SIGINT when the load ends; `{pid}`, `{target}`, `{workload}`, `{rules}` and `{rep}` are
+    /// filled in. For profiles: `perf record -g -p {pid} -o /tmp/{target}-{workload}.perf`,
+    /// `strace -c -f -p {pid} -o /tmp/{target}-{workload}.strace`.
+    #[arg(long)]
+    attach: Option<String>,
 }
 
 struct Plan {
@@ -332,6 +338,7 @@ impl Harness<'_> {
         workload: Workload,
         target: Target,
         rules: usize,
+        rep: usize,
         proxies: &mut [Proxy],
     ) -> Result<()> {
         let url = url(target, workload, proxies)?;
@@ -340,6 +347,24 @@ impl Harness<'_> {
             Some(p) => Some(p.process.cpu_seconds()?),
             None => None,
         };
+        let attached = match (&self.args.attach, &proxy) {
+            (Some(template), Some(p)) => {
+                let command = template
+                    .replace("{pid}", &p.process.pid().to_string())
+                    .replace("{target}", target.name())
+                    .replace("{workload}", workload.name())
+                    .replace("{rules}", &rules.to_string())
+                    .replace("{rep}", &rep.to_string());
+                let child = Command::new("sh")
+                    .arg("-c")
+                    .arg(format!("exec {command}"))
+                    .spawn()?;
+                // Give a profiler time to attach before the load starts.
+                std::thread::sleep(Duration::from_millis(500));
+                Some(child)
+            }
+            _ => None,
+        };
         let started = Instant::now();
         let sample = run_load(
             workload,
@@ -347,8 +372,14 @@ impl Harness<'_> {
             self.plan.settings,
             self.args.load_core,
             self.scratch,
-        )?;
+        );
         let wall = started.elapsed().as_secs_f64();
+        if let Some(mut child) = attached {
+            // SAFETY: kill has no memory preconditions; the pid is our own child's.
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+            child.wait()?;
+        }
+        let sample = sample?;
         let proxy_cpu = match (proxy, before) {
             (Some(p), Some(before)) => {
                 p.process.ensure_running()?;
@@ -357,7 +388,8 @@ impl Harness<'_> {
             _ => None,
         };
         eprintln!(
-            "  {workload:<8} {target:<6} rules={rules:<4} {:>9.0} req/s  p50 {:>6.0}µs  p99 {:>6.0}µs  p99.9 {:>6.0}µs  cpu {}  errors {}",
+            "  {workload:<8} {target:<6} rules={rules:<4} {:>8.0} requests {:>9.0} req/s  p50 {:>6.0}µs  p99 {:>6.0}µs  p99.9 {:>6.0}µs  cpu {}  errors {}",
+            sample.requests_per_second * wall,
             sample.requests_per_second,
             sample.p50_us,
             sample.p99_us,
@@ -428,7 +460,7 @@ impl Harness<'_> {
             eprintln!("-- repetition {rep}/{}", self.args.reps);
             for &workload in &self.plan.workloads {
                 for &target in &targets {
-                    self.measure(workload, target, rules, &mut proxies)?;
+                    self.measure(workload, target, rules, rep, &mut proxies)?;
                 }
             }
         }
