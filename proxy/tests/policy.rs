@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use common::*;
 use http::StatusCode;
 use sluice_proxy::flow::{DropReason, TrafficDirection, Verdict};
-use sluice_proxy::tables::{DirectionPolicy, EndpointPolicy, IDENTITY_WORLD};
+use sluice_proxy::tables::{DirectionPolicy, EndpointPolicy, L4Match, PortRange, Protocol, Remotes, IDENTITY_WORLD};
 
 const BACKEND_IP: [u8; 4] = [127, 0, 0, 10];
 const FRONTEND: [u8; 4] = [127, 0, 0, 20];
@@ -58,6 +58,7 @@ async fn ingress_policy_allows_denies_with_403_and_drops_at_l4() {
     assert_eq!(flows[0].attempts, 1);
     assert_eq!(flows[0].http.as_ref().and_then(|h| h.status), Some(200));
     assert_eq!(flows[0].policy.as_deref(), Some("CiliumNetworkPolicy default/l7 spec.ingress[0]"));
+    assert_eq!(flows[0].direction, Some(TrafficDirection::Ingress), "allowed by the destination's ingress policy");
 
     assert_eq!(flows[1].verdict, Verdict::Dropped);
     assert_eq!(flows[1].drop_reason, Some(DropReason::L7PolicyDenied));
@@ -120,4 +121,80 @@ async fn an_l7_denial_keeps_the_keep_alive_connection() {
     assert_eq!(send(&mut sender, request("/no")).await.unwrap().status, StatusCode::FORBIDDEN);
     assert_eq!(send(&mut sender, request("/ok")).await.unwrap().status, StatusCode::OK);
     assert_eq!(backend.hits(), 2);
+}
+
+#[tokio::test]
+async fn a_deny_rule_drops_without_a_response_and_the_flow_names_it() {
+    let backend = Backend::echo_on("backend", IpAddr::from(BACKEND_IP)).await;
+    let mut proxy = Proxy::start();
+    let mut tables = svc_tables(to_cluster("svc"), &[backend.addr]);
+    tables.peers.insert(IpAddr::from(FRONTEND), peer(400, "default/frontend"));
+    tables.peers.insert(IpAddr::from(OTHER), peer(500, "default/other"));
+    let deny = L4Match {
+        remotes: Remotes::Only([500].into()),
+        ports: vec![PortRange { protocol: Protocol::Tcp, start: backend.addr.port(), end: backend.addr.port() }],
+        origin: "CiliumNetworkPolicy default/lockdown spec.ingressDeny[0]".into(),
+    };
+    tables.policies.insert(
+        IpAddr::from(BACKEND_IP),
+        std::sync::Arc::new(EndpointPolicy {
+            ingress: DirectionPolicy {
+                default_deny: false,
+                deny: vec![deny],
+                allow: vec![allow(&[400, 500], backend.addr.port(), None, "CiliumNetworkPolicy default/open spec.ingress[0]")],
+            },
+            egress: DirectionPolicy::default(),
+        }),
+    );
+    let addr = proxy.apply(tables);
+
+    assert_eq!(get_from(IpAddr::from(FRONTEND), addr, "/").await.unwrap().status, StatusCode::OK);
+    assert!(get_from(IpAddr::from(OTHER), addr, "/").await.is_err(), "a deny drop has no response");
+    let flows = proxy.drain_flows();
+    assert_eq!(flows[1].drop_reason, Some(DropReason::PolicyDeny));
+    assert_eq!(flows[1].direction, Some(TrafficDirection::Ingress));
+    assert_eq!(flows[1].policy.as_deref(), Some("CiliumNetworkPolicy default/lockdown spec.ingressDeny[0]"));
+    assert_eq!(backend.hits(), 1);
+}
+
+/// Every flow says which side the proxy stood on (Hubble's `reporter`: server for ingress,
+/// client for egress): whose policy was enforced, else whether the client is known.
+#[tokio::test]
+async fn every_flow_has_a_direction() {
+    let backend = Backend::echo_on("backend", IpAddr::from(BACKEND_IP)).await;
+    let mut proxy = Proxy::start();
+    let mut tables = svc_tables(to_cluster("svc"), &[backend.addr]);
+    tables.peers.insert(IpAddr::from(FRONTEND), peer(400, "default/frontend"));
+    tables.peers.insert(IpAddr::from(OTHER), peer(500, "default/other"));
+    // Only the frontend has a policy: egress to anything on the backend's port.
+    tables.policies.insert(
+        IpAddr::from(FRONTEND),
+        std::sync::Arc::new(EndpointPolicy {
+            ingress: DirectionPolicy::default(),
+            egress: DirectionPolicy {
+                default_deny: true,
+                deny: vec![],
+                allow: vec![allow(&[IDENTITY_WORLD], backend.addr.port(), None, "egress rule")],
+            },
+        }),
+    );
+    let addr = proxy.apply(tables);
+
+    assert_eq!(get_from(IpAddr::from(FRONTEND), addr, "/").await.unwrap().status, StatusCode::OK);
+    assert_eq!(get_from(IpAddr::from(OTHER), addr, "/").await.unwrap().status, StatusCode::OK);
+    assert_eq!(get_from(IpAddr::from(STRANGER), addr, "/").await.unwrap().status, StatusCode::OK);
+    let bad = get_from(IpAddr::from(STRANGER), addr, "/a%2Fb").await.unwrap();
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    let flows = proxy.drain_flows();
+    let directions: Vec<_> = flows.iter().map(|flow| flow.direction).collect();
+    assert_eq!(
+        directions,
+        vec![
+            Some(TrafficDirection::Egress),  // the source's egress policy allowed it
+            Some(TrafficDirection::Egress),  // no policy, a known workload as client
+            Some(TrafficDirection::Ingress), // no policy, a world client: the gateway's server side
+            Some(TrafficDirection::Ingress), // rejected before any policy, world client
+        ]
+    );
+    assert_eq!(flows[0].policy.as_deref(), Some("egress rule"));
 }

@@ -1,19 +1,23 @@
 //! Retries end to end: 5xx, resets and connect failures, with the attempt count visible to the
 //! backend (`x-envoy-attempt-count`), in the flow event and in the stats; replay buffer limits;
-//! request mirroring.
+//! request mirroring; gRPC conditions; 507 when a body outgrows the buffer during back-off; the
+//! policy's header edits following the host of each attempt.
 
 mod common;
 
-use std::net::SocketAddr;
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
 use http::StatusCode;
 use http_body_util::Full;
 use sluice_proxy::flow::{DropReason, Verdict};
-use sluice_proxy::tables::{MirrorPolicy, RetryOn};
+use http_body::Frame;
+use sluice_proxy::tables::{HttpHeaderRule, MirrorPolicy, MismatchAction, RetryOn};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn on_5xx() -> RetryOn {
@@ -206,6 +210,203 @@ async fn bodies_within_the_buffer_are_replayed_and_larger_ones_are_not_retried()
     assert_eq!(post(addr, large.clone()).await.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(large_backend.hits(), 1, "a body over the buffer limit is streamed once, never retried");
     assert_eq!(large_backend.seen()[0].body, large);
+    assert_eq!(proxy.handle.stats().clusters["svc"].retry_or_shadow_abandoned, 1);
+}
+
+/// A route retrying on `retry_on` with a request body buffer of `limit` bytes.
+fn buffered_retry_tables(retry_on: RetryOn, limit: usize, backend: SocketAddr) -> sluice_proxy::ProxyTables {
+    let mut policy = retry_policy(retry_on, 1);
+    // Back-off is uniform in [0, 1 h): this test's back-off never ends before it is done.
+    policy.base_interval = Duration::from_secs(3600);
+    policy.max_interval = Duration::from_secs(36_000);
+    let mut action = retrying(policy);
+    action.timeout = Some(Duration::from_secs(600));
+    let mut http = hcm(vec![prefix_route("/", action)]);
+    let mut route_config = (*http.route_config).clone();
+    route_config.virtual_hosts[0].request_body_buffer_limit = limit;
+    http.route_config = Arc::new(route_config);
+    tables(1, http, vec![cluster("svc", &[backend])])
+}
+
+/// Answers `503` as soon as a request's headers are in, reads (and drops) the rest.
+async fn early_503() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&accepted);
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else { continue };
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buffer = [0u8; 16 * 1024];
+                let mut answered = false;
+                while let Ok(n) = stream.read(&mut buffer).await {
+                    if n == 0 {
+                        return;
+                    }
+                    seen.extend_from_slice(&buffer[..n]);
+                    if !answered && seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                        answered = true;
+                        let _ = stream.write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n").await;
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test]
+async fn a_body_that_outgrows_the_buffer_during_back_off_gets_507() {
+    let (backend, accepted) = early_503().await;
+    let mut proxy = Proxy::start();
+    let addr = proxy.apply(buffered_retry_tables(on_5xx(), 16 * 1024, backend));
+
+    // A chunked upload: 1 KiB now, the rest once the proxy is waiting to retry.
+    let (chunks, receiver) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
+    let body = http_body_util::StreamBody::new(tokio_stream_of(receiver));
+    let stream = connect_from(IpAddr::from([127, 0, 0, 1]), addr).await;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::post("/upload").header("host", "app.test").body(body).unwrap();
+    let response = tokio::spawn(sender.send_request(request));
+    chunks.send(Ok(Frame::data(Bytes::from(vec![b'a'; 1024])))).await.unwrap();
+    wait_for_retry(&proxy).await;
+    chunks.send(Ok(Frame::data(Bytes::from(vec![b'b'; 64 * 1024])))).await.unwrap();
+
+    let response = tokio::time::timeout(Duration::from_secs(30), response).await.expect("answered during the back-off");
+    let got = collect(response.unwrap().unwrap()).await.unwrap();
+    assert_eq!(got.status, StatusCode::INSUFFICIENT_STORAGE);
+    assert_eq!(got.body, "exceeded request buffer limit while retrying upstream");
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "no second attempt");
+    let stats = proxy.handle.stats().clusters["svc"];
+    assert_eq!(stats.retry_or_shadow_abandoned, 1);
+    let flow = &proxy.drain_flows()[0];
+    assert_eq!((flow.attempts, flow.verdict), (1, Verdict::Error));
+}
+
+async fn wait_for_retry(proxy: &Proxy) {
+    let retried = async {
+        while proxy.handle.stats().clusters["svc"].upstream_rq_retry == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), retried).await.expect("the proxy retries");
+}
+
+#[tokio::test]
+async fn a_body_still_arriving_when_the_first_attempt_fails_is_replayed_whole() {
+    let (refusing, _) = early_503().await;
+    let good = Backend::echo("good").await;
+    let proxy = Proxy::start();
+    let mut policy = retry_policy(on_5xx(), 1);
+    policy.avoid_previous_hosts = true;
+    let addr = proxy.apply(svc_tables(retrying(policy), &[refusing, good.addr]));
+
+    let (chunks, receiver) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
+    let body = http_body_util::StreamBody::new(tokio_stream_of(receiver));
+    let stream = connect_from(IpAddr::from([127, 0, 0, 1]), addr).await;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::post("/upload").header("host", "app.test").body(body).unwrap();
+    let response = tokio::spawn(sender.send_request(request));
+    chunks.send(Ok(Frame::data(Bytes::from_static(b"sent before the 503, ")))).await.unwrap();
+    wait_for_retry(&proxy).await;
+    chunks.send(Ok(Frame::data(Bytes::from_static(b"sent after it")))).await.unwrap();
+    drop(chunks);
+
+    let response = tokio::time::timeout(Duration::from_secs(30), response).await.expect("answered");
+    assert_eq!(collect(response.unwrap().unwrap()).await.unwrap().status, StatusCode::OK);
+    assert_eq!(good.seen()[0].body, Bytes::from_static(b"sent before the 503, sent after it"));
+}
+
+/// A `Stream` of the channel's items (the body of a request sent piece by piece).
+fn tokio_stream_of<T: Send + 'static>(mut receiver: tokio::sync::mpsc::Receiver<T>) -> impl futures_util::Stream<Item = T> {
+    futures_util::stream::poll_fn(move |cx| receiver.poll_recv(cx))
+}
+
+#[tokio::test]
+async fn a_body_that_overflows_during_the_attempt_ends_retries_with_the_upstream_answer() {
+    let backend = failing_first(1).await;
+    let proxy = Proxy::start();
+    let addr = proxy.apply(buffered_retry_tables(on_5xx(), 16 * 1024, backend.addr));
+    let large = Bytes::from(vec![b'L'; 64 * 1024]);
+    assert_eq!(post(addr, large.clone()).await.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(backend.seen().iter().map(|r| r.body.clone()).collect::<Vec<_>>(), vec![large]);
+    assert_eq!(proxy.handle.stats().clusters["svc"].retry_or_shadow_abandoned, 1);
+}
+
+/// `grpc-status` in the response headers (a trailers-only gRPC answer): `code` for the first
+/// `failures` requests, then 0.
+async fn grpc_backend(code: u32, failures: usize) -> Backend {
+    Backend::start("grpc", move |index, _| {
+        Box::pin(async move {
+            let status = if index < failures { code } else { 0 };
+            http::Response::builder()
+                .header("content-type", "application/grpc")
+                .header("grpc-status", status.to_string())
+                .body(Full::new(Bytes::new()))
+                .unwrap()
+        })
+    })
+    .await
+}
+
+#[tokio::test]
+async fn grpc_conditions_retry_on_the_grpc_status_of_the_response_headers() {
+    let cases = [
+        (RetryOn { grpc_unavailable: true, ..RetryOn::default() }, 14, 2),
+        (RetryOn { grpc_cancelled: true, ..RetryOn::default() }, 1, 2),
+        (RetryOn { grpc_deadline_exceeded: true, ..RetryOn::default() }, 4, 2),
+        (RetryOn { grpc_resource_exhausted: true, ..RetryOn::default() }, 8, 2),
+        (RetryOn { grpc_internal: true, ..RetryOn::default() }, 13, 2),
+        (RetryOn { grpc_unavailable: true, ..RetryOn::default() }, 13, 1),
+        (on_5xx(), 14, 1),
+    ];
+    for (retry_on, code, attempts) in cases {
+        let backend = grpc_backend(code, 1).await;
+        let mut proxy = Proxy::start();
+        let addr = proxy.apply(svc_tables(retrying(retry_policy(retry_on, 1)), &[backend.addr]));
+        let got = get(addr, "/pkg.Service/Call").await;
+        assert_eq!(got.status, StatusCode::OK);
+        let expected_status = if attempts == 2 { "0".to_owned() } else { code.to_string() };
+        assert_eq!(got.headers["grpc-status"], expected_status.as_str(), "{retry_on:?} with grpc-status {code}");
+        assert_eq!(backend.hits(), attempts, "{retry_on:?} with grpc-status {code}");
+        assert_eq!(proxy.drain_flows()[0].attempts, attempts as u32);
+    }
+}
+
+#[tokio::test]
+async fn a_retry_carries_the_header_edits_of_its_own_hosts_policy() {
+    let first = Backend::start_on("first", IpAddr::from([127, 0, 0, 11]), |_, _| {
+        Box::pin(async { reply(StatusCode::SERVICE_UNAVAILABLE, "first") })
+    })
+    .await;
+    let second = Backend::echo_on("second", IpAddr::from([127, 0, 0, 12])).await;
+    let mut proxy = Proxy::start();
+    let mut policy = retry_policy(on_5xx(), 1);
+    policy.avoid_previous_hosts = true;
+    let mut tables = svc_tables(retrying(policy), &[first.addr, second.addr]);
+    tables.peers.insert(IpAddr::from(CLIENT_400), peer(400, "default/client"));
+    // Each backend's policy adds its own `x-policy` value when the request lacks it.
+    for (backend, value) in [(&first, "first"), (&second, "second")] {
+        let mut rule = http_rule("GET", "/.*");
+        rule.headers = vec![HttpHeaderRule { name: "x-policy".into(), value: Some(value.into()), mismatch: Some(MismatchAction::Add) }];
+        let origin = format!("policy of {value}");
+        tables.policies.insert(backend.addr.ip(), ingress_only(true, vec![allow(&[400], backend.addr.port(), Some(vec![rule]), &origin)]));
+    }
+    let addr = proxy.apply(tables);
+
+    let got = get_from(IpAddr::from(CLIENT_400), addr, "/").await.unwrap();
+    assert_eq!((got.status, got.body.as_str()), (StatusCode::OK, "second"));
+    let values = |backend: &Backend| -> Vec<String> {
+        backend.seen()[0].headers.get_all("x-policy").iter().map(|v| v.to_str().unwrap().to_owned()).collect()
+    };
+    assert_eq!(values(&first), vec!["first"]);
+    assert_eq!(values(&second), vec!["second"], "the retry's host gets its own policy's edit, not the first host's");
+    assert_eq!(proxy.drain_flows()[0].attempts, 2);
 }
 
 #[tokio::test]
