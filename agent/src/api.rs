@@ -212,12 +212,6 @@ pub struct ApiListener {
     path: PathBuf,
 }
 
-impl ApiListener {
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
 impl Drop for ApiListener {
     fn drop(&mut self) {
         if let Err(err) = std::fs::remove_file(&self.path) {
