@@ -100,16 +100,7 @@ impl Body for ProxyBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             Self::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
-            Self::Streamed { prefix, rest } => {
-                let prefix_len = prefix.as_ref().map_or(0, |b| b.len() as u64);
-                let rest_hint = rest.size_hint();
-                let mut hint = SizeHint::new();
-                hint.set_lower(rest_hint.lower() + prefix_len);
-                if let Some(upper) = rest_hint.upper() {
-                    hint.set_upper(upper + prefix_len);
-                }
-                hint
-            }
+            Self::Streamed { prefix, rest } => plus(rest.size_hint(), prefix.as_ref().map_or(0, |b| b.len() as u64)),
             Self::Incoming { body, .. } => body.size_hint(),
             Self::Replay(reader) => reader.size_hint(),
         }
@@ -296,15 +287,17 @@ impl ReplayReader {
         let unsent: u64 = state.chunks.iter().skip(self.position).map(|chunk| chunk.len() as u64).sum();
         match &state.source {
             None => SizeHint::with_exact(unsent),
-            Some(source) => {
-                let rest = source.size_hint();
-                let mut hint = SizeHint::new();
-                hint.set_lower(rest.lower() + unsent);
-                if let Some(upper) = rest.upper() {
-                    hint.set_upper(upper + unsent);
-                }
-                hint
-            }
+            Some(source) => plus(source.size_hint(), unsent),
         }
     }
+}
+
+/// `hint` grown by `bytes` known to come first.
+fn plus(hint: SizeHint, bytes: u64) -> SizeHint {
+    let mut grown = SizeHint::new();
+    grown.set_lower(hint.lower() + bytes);
+    if let Some(upper) = hint.upper() {
+        grown.set_upper(upper + bytes);
+    }
+    grown
 }

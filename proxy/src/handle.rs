@@ -280,6 +280,10 @@ impl Handle {
     pub fn shutdown(&self) {
         let inner = &*self.inner;
         inner.root.cancel();
+        // Outlier sweeps would otherwise go on in a runtime given to `start_on`.
+        for cluster in inner.shared.snapshot.load().clusters.values() {
+            cluster.retire();
+        }
         let owned = inner.owned_runtime.lock().unwrap_or_else(PoisonError::into_inner).take();
         let Some(runtime) = owned else { return };
         let mut waited = Duration::ZERO;

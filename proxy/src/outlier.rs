@@ -372,33 +372,8 @@ pub(crate) fn detect(samples: &[Option<Sample>], config: &OutlierDetection) -> D
 mod tests {
     use super::*;
 
-    /// Envoy's defaults, with success-rate and failure-percentage enforcement on.
     fn envoy_defaults() -> OutlierDetection {
-        OutlierDetection {
-            consecutive_5xx: 5,
-            enforcing_consecutive_5xx: 100,
-            consecutive_gateway_failure: 5,
-            enforcing_consecutive_gateway_failure: 0,
-            split_external_local_origin_errors: false,
-            consecutive_local_origin_failure: 5,
-            enforcing_consecutive_local_origin_failure: 100,
-            interval: Duration::from_secs(10),
-            base_ejection_time: Duration::from_secs(30),
-            max_ejection_time: Duration::from_secs(300),
-            max_ejection_time_jitter: Duration::ZERO,
-            max_ejection_percent: 10,
-            always_eject_one_host: false,
-            enforcing_success_rate: 100,
-            success_rate_minimum_hosts: 5,
-            success_rate_request_volume: 100,
-            success_rate_stdev_factor: 1900,
-            enforcing_local_origin_success_rate: 100,
-            failure_percentage_threshold: 85,
-            enforcing_failure_percentage: 0,
-            enforcing_failure_percentage_local_origin: 0,
-            failure_percentage_minimum_hosts: 5,
-            failure_percentage_request_volume: 50,
-        }
+        OutlierDetection::default()
     }
 
     fn samples(rates: &[(f64, u64)]) -> Vec<Option<Sample>> {

@@ -218,16 +218,15 @@ mod tests {
 
     #[test]
     fn grpc_conditions_match_their_status_code_only() {
-        let cases: [(u32, fn(&mut RetryOn)); 5] = [
-            (1, |on| on.grpc_cancelled = true),
-            (4, |on| on.grpc_deadline_exceeded = true),
-            (8, |on| on.grpc_resource_exhausted = true),
-            (13, |on| on.grpc_internal = true),
-            (14, |on| on.grpc_unavailable = true),
+        let none = RetryOn::default();
+        let cases = [
+            (1, RetryOn { grpc_cancelled: true, ..none }),
+            (4, RetryOn { grpc_deadline_exceeded: true, ..none }),
+            (8, RetryOn { grpc_resource_exhausted: true, ..none }),
+            (13, RetryOn { grpc_internal: true, ..none }),
+            (14, RetryOn { grpc_unavailable: true, ..none }),
         ];
-        for (code, set) in cases {
-            let mut on = RetryOn::default();
-            set(&mut on);
+        for (code, on) in cases {
             assert!(on.any_grpc());
             let single = policy(on);
             for other in 0..=16 {

@@ -79,7 +79,7 @@ impl ClusterState {
     }
 
     /// Starts the outlier-detection sweeps (every `interval`) on the current runtime. They end
-    /// when the cluster state is dropped or retired by a table swap.
+    /// when the cluster state is dropped or retired (by a table swap or shutdown).
     pub fn start_outlier_sweeps(self: &Arc<Self>) {
         let Some(interval) = self.detector.as_ref().map(|detector| detector.config.interval) else { return };
         let cluster: Weak<Self> = Arc::downgrade(self);
@@ -95,7 +95,8 @@ impl ClusterState {
         });
     }
 
-    /// A table swap replaced this state: stop its sweeps (in-flight requests may still use it).
+    /// A table swap replaced this state, or the proxy stops: no more sweeps (in-flight
+    /// requests may still use the state).
     pub fn retire(&self) {
         if let Some(detector) = &self.detector {
             detector.retire();

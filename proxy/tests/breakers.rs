@@ -81,7 +81,7 @@ async fn requests_queue_at_max_connections_until_max_pending_requests_overflows(
 }
 
 fn detection() -> OutlierDetection {
-    OutlierDetection { consecutive_5xx: 3, max_ejection_percent: 50, ..envoy_outlier_detection() }
+    OutlierDetection { consecutive_5xx: 3, max_ejection_percent: 50, ..OutlierDetection::default() }
 }
 
 #[tokio::test]

@@ -51,7 +51,7 @@ async fn success_rate_scenario(max_ejection_percent: u32) -> (Proxy, Backend, Ve
         good.push(Backend::echo(name).await);
     }
     let proxy = Proxy::start_here();
-    let detection = OutlierDetection { success_rate_request_volume: 20, max_ejection_percent, ..envoy_outlier_detection() };
+    let detection = OutlierDetection { success_rate_request_volume: 20, max_ejection_percent, ..OutlierDetection::default() };
     let mut hosts: Vec<&Backend> = good.iter().collect();
     hosts.push(&bad);
     let addr = serve(&proxy, &hosts, detection);
@@ -96,7 +96,7 @@ async fn failure_percentage_ejects_a_host_that_fails_too_often() {
         failure_percentage_minimum_hosts: 2,
         failure_percentage_request_volume: 10,
         max_ejection_percent: 50,
-        ..envoy_outlier_detection()
+        ..OutlierDetection::default()
     };
     let addr = serve(&proxy, &[&bad, &good], detection);
     send(addr, 20).await;
@@ -109,14 +109,29 @@ async fn failure_percentage_ejects_a_host_that_fails_too_often() {
     assert_eq!((bad.hits(), good.hits()), (10, 20));
 }
 
-#[tokio::test(start_paused = true)]
-async fn ejections_end_at_a_sweep_grow_when_repeated_and_decay_while_healthy() {
+/// A failing and a healthy host; two 5xx in a row eject, up to one host of the two.
+struct Pair {
+    bad: Backend,
+    good: Backend,
+    proxy: Proxy,
+    start: Instant,
+    detection: OutlierDetection,
+    addr: std::net::SocketAddr,
+}
+
+async fn pair() -> Pair {
     let bad = always(StatusCode::INTERNAL_SERVER_ERROR, "bad").await;
     let good = Backend::echo("good").await;
     let proxy = Proxy::start_here();
     let start = Instant::now();
-    let detection = OutlierDetection { consecutive_5xx: 2, max_ejection_percent: 50, ..envoy_outlier_detection() };
+    let detection = OutlierDetection { consecutive_5xx: 2, max_ejection_percent: 50, ..OutlierDetection::default() };
     let addr = serve(&proxy, &[&bad, &good], detection);
+    Pair { bad, good, proxy, start, detection, addr }
+}
+
+#[tokio::test(start_paused = true)]
+async fn ejections_end_at_a_sweep_grow_when_repeated_and_decay_while_healthy() {
+    let Pair { bad, good, proxy, start, addr, .. } = pair().await;
     let ejected_at = |secs: u64| {
         let proxy = &proxy;
         async move {
@@ -146,17 +161,12 @@ async fn ejections_end_at_a_sweep_grow_when_repeated_and_decay_while_healthy() {
     assert!(!ejected_at(175).await);
     let totals = stats(&proxy);
     assert_eq!((totals.ejections_enforced_total, totals.ejections_enforced_consecutive_5xx), (3, 3));
-    assert_eq!(bad.hits(), 6);
+    assert_eq!((bad.hits(), good.hits()), (6, 6));
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_reload_keeps_ejections_and_the_sweeps_go_on() {
-    let bad = always(StatusCode::INTERNAL_SERVER_ERROR, "bad").await;
-    let good = Backend::echo("good").await;
-    let proxy = Proxy::start_here();
-    let start = Instant::now();
-    let detection = OutlierDetection { consecutive_5xx: 2, max_ejection_percent: 50, ..envoy_outlier_detection() };
-    let addr = serve(&proxy, &[&bad, &good], detection);
+    let Pair { bad, good, proxy, start, detection, addr } = pair().await;
     tokio::time::sleep_until(start + Duration::from_secs(1)).await;
     send(addr, 4).await;
     assert_eq!(stats(&proxy).ejections_active, 1);

@@ -83,14 +83,7 @@ async fn the_sources_egress_policy_applies_too() {
     // The frontend may only GET /api/* from identity 300; the backend has no policy.
     tables.policies.insert(
         IpAddr::from(FRONTEND),
-        std::sync::Arc::new(EndpointPolicy {
-            ingress: DirectionPolicy::default(),
-            egress: DirectionPolicy {
-                default_deny: true,
-                deny: vec![],
-                allow: vec![allow(&[300], backend.addr.port(), Some(vec![http_rule("GET", "/api/.*")]), "egress rule")],
-            },
-        }),
+        egress_only(true, vec![allow(&[300], backend.addr.port(), Some(vec![http_rule("GET", "/api/.*")]), "egress rule")]),
     );
     let addr = proxy.apply(tables);
 
@@ -166,18 +159,8 @@ async fn every_flow_has_a_direction() {
     let mut tables = svc_tables(to_cluster("svc"), &[backend.addr]);
     tables.peers.insert(IpAddr::from(FRONTEND), peer(400, "default/frontend"));
     tables.peers.insert(IpAddr::from(OTHER), peer(500, "default/other"));
-    // Only the frontend has a policy: egress to anything on the backend's port.
-    tables.policies.insert(
-        IpAddr::from(FRONTEND),
-        std::sync::Arc::new(EndpointPolicy {
-            ingress: DirectionPolicy::default(),
-            egress: DirectionPolicy {
-                default_deny: true,
-                deny: vec![],
-                allow: vec![allow(&[IDENTITY_WORLD], backend.addr.port(), None, "egress rule")],
-            },
-        }),
-    );
+    // Only the frontend has a policy: egress to the (world) backend on its port.
+    tables.policies.insert(IpAddr::from(FRONTEND), egress_only(true, vec![allow(&[IDENTITY_WORLD], backend.addr.port(), None, "egress rule")]));
     let addr = proxy.apply(tables);
 
     assert_eq!(get_from(IpAddr::from(FRONTEND), addr, "/").await.unwrap().status, StatusCode::OK);

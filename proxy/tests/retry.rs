@@ -82,28 +82,38 @@ async fn without_a_retry_policy_a_5xx_is_final() {
     assert_eq!(proxy.drain_flows()[0].attempts, 1);
 }
 
-/// Closes the first `resets` connections after reading the request, then answers `200 ok`.
-async fn resetting_first(resets: usize) -> (SocketAddr, Arc<AtomicUsize>) {
+/// A raw TCP backend: `serve(connection_index, stream)` for every accepted connection;
+/// also returns how many connections were accepted.
+async fn raw_backend<F, Fut>(serve: F) -> (SocketAddr, Arc<AtomicUsize>)
+where
+    F: Fn(usize, tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let accepted = Arc::new(AtomicUsize::new(0));
     let counter = Arc::clone(&accepted);
     tokio::spawn(async move {
         loop {
-            let Ok((mut stream, _)) = listener.accept().await else { continue };
-            let index = counter.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut buffer = [0u8; 4096];
-                while let Ok(n) = stream.read(&mut buffer).await {
-                    if n == 0 || index < resets {
-                        return;
-                    }
-                    let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
-                }
-            });
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            tokio::spawn(serve(counter.fetch_add(1, Ordering::SeqCst), stream));
         }
     });
     (addr, accepted)
+}
+
+/// Closes the first `resets` connections after reading the request, then answers `200 ok`.
+async fn resetting_first(resets: usize) -> (SocketAddr, Arc<AtomicUsize>) {
+    raw_backend(move |index, mut stream| async move {
+        let mut buffer = [0u8; 4096];
+        while let Ok(n) = stream.read(&mut buffer).await {
+            if n == 0 || index < resets {
+                return;
+            }
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+        }
+    })
+    .await
 }
 
 #[tokio::test]
@@ -230,32 +240,22 @@ fn buffered_retry_tables(retry_on: RetryOn, limit: usize, backend: SocketAddr) -
 
 /// Answers `503` as soon as a request's headers are in, reads (and drops) the rest.
 async fn early_503() -> (SocketAddr, Arc<AtomicUsize>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let counter = Arc::clone(&accepted);
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut stream, _)) = listener.accept().await else { continue };
-            counter.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut seen = Vec::new();
-                let mut buffer = [0u8; 16 * 1024];
-                let mut answered = false;
-                while let Ok(n) = stream.read(&mut buffer).await {
-                    if n == 0 {
-                        return;
-                    }
-                    seen.extend_from_slice(&buffer[..n]);
-                    if !answered && seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                        answered = true;
-                        let _ = stream.write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n").await;
-                    }
-                }
-            });
+    raw_backend(|_, mut stream| async move {
+        let mut seen = Vec::new();
+        let mut buffer = [0u8; 16 * 1024];
+        let mut answered = false;
+        while let Ok(n) = stream.read(&mut buffer).await {
+            if n == 0 {
+                return;
+            }
+            seen.extend_from_slice(&buffer[..n]);
+            if !answered && seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                answered = true;
+                let _ = stream.write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n").await;
+            }
         }
-    });
-    (addr, accepted)
+    })
+    .await
 }
 
 #[tokio::test]
@@ -265,13 +265,7 @@ async fn a_body_that_outgrows_the_buffer_during_back_off_gets_507() {
     let addr = proxy.apply(buffered_retry_tables(on_5xx(), 16 * 1024, backend));
 
     // A chunked upload: 1 KiB now, the rest once the proxy is waiting to retry.
-    let (chunks, receiver) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
-    let body = http_body_util::StreamBody::new(tokio_stream_of(receiver));
-    let stream = connect_from(IpAddr::from([127, 0, 0, 1]), addr).await;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.unwrap();
-    tokio::spawn(connection);
-    let request = http::Request::post("/upload").header("host", "app.test").body(body).unwrap();
-    let response = tokio::spawn(sender.send_request(request));
+    let (chunks, response) = streaming_post(addr).await;
     chunks.send(Ok(Frame::data(Bytes::from(vec![b'a'; 1024])))).await.unwrap();
     wait_for_retry(&proxy).await;
     chunks.send(Ok(Frame::data(Bytes::from(vec![b'b'; 64 * 1024])))).await.unwrap();
@@ -305,13 +299,7 @@ async fn a_body_still_arriving_when_the_first_attempt_fails_is_replayed_whole() 
     policy.avoid_previous_hosts = true;
     let addr = proxy.apply(svc_tables(retrying(policy), &[refusing, good.addr]));
 
-    let (chunks, receiver) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
-    let body = http_body_util::StreamBody::new(tokio_stream_of(receiver));
-    let stream = connect_from(IpAddr::from([127, 0, 0, 1]), addr).await;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.unwrap();
-    tokio::spawn(connection);
-    let request = http::Request::post("/upload").header("host", "app.test").body(body).unwrap();
-    let response = tokio::spawn(sender.send_request(request));
+    let (chunks, response) = streaming_post(addr).await;
     chunks.send(Ok(Frame::data(Bytes::from_static(b"sent before the 503, ")))).await.unwrap();
     wait_for_retry(&proxy).await;
     chunks.send(Ok(Frame::data(Bytes::from_static(b"sent after it")))).await.unwrap();
@@ -322,9 +310,19 @@ async fn a_body_still_arriving_when_the_first_attempt_fails_is_replayed_whole() 
     assert_eq!(good.seen()[0].body, Bytes::from_static(b"sent before the 503, sent after it"));
 }
 
-/// A `Stream` of the channel's items (the body of a request sent piece by piece).
-fn tokio_stream_of<T: Send + 'static>(mut receiver: tokio::sync::mpsc::Receiver<T>) -> impl futures_util::Stream<Item = T> {
-    futures_util::stream::poll_fn(move |cx| receiver.poll_recv(cx))
+type BodyChunks = tokio::sync::mpsc::Sender<Result<Frame<Bytes>, Infallible>>;
+type PendingResponse = tokio::task::JoinHandle<Result<http::Response<hyper::body::Incoming>, hyper::Error>>;
+
+/// A chunked `POST /upload` whose body is sent piece by piece through the returned sender
+/// (dropping it ends the body).
+async fn streaming_post(addr: SocketAddr) -> (BodyChunks, PendingResponse) {
+    let (chunks, mut receiver) = tokio::sync::mpsc::channel(4);
+    let body = http_body_util::StreamBody::new(futures_util::stream::poll_fn(move |cx| receiver.poll_recv(cx)));
+    let stream = connect_from(IpAddr::from([127, 0, 0, 1]), addr).await;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::post("/upload").header("host", "app.test").body(body).unwrap();
+    (chunks, tokio::spawn(sender.send_request(request)))
 }
 
 #[tokio::test]
