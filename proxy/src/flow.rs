@@ -36,7 +36,9 @@ pub enum DropReason {
     NoHealthyUpstream,
     /// Circuit breaker overflow (503 + `x-envoy-overloaded`).
     Overflow,
-    /// Connect failure, reset or timeout talking to the upstream.
+    /// Connect failure or reset talking to the upstream; also the `507` of a retry whose
+    /// request body outgrew the replay buffer during the back-off (the failed attempt is the
+    /// cause).
     UpstreamFailure,
     UpstreamTimeout,
 }
