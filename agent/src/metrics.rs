@@ -462,10 +462,13 @@ fn policy_verdict(event: &FlowEvent) -> Option<PolicyVerdictLabels> {
         _ if event.http.is_some() => "l7/http",
         _ => "l3-l4",
     };
-    let action = match event.verdict {
-        Verdict::Forwarded => "forwarded",
-        Verdict::Dropped | Verdict::Error => "dropped",
-    };
+    // The policy's action, not the request's fate: an upstream failure after an allow was
+    // still forwarded by the policy.
+    let policy_refused = matches!(
+        event.drop_reason,
+        Some(DropReason::PolicyDenied | DropReason::PolicyDeny | DropReason::AuthRequired | DropReason::L7PolicyDenied)
+    );
+    let action = if policy_refused { "dropped" } else { "forwarded" };
     Some(PolicyVerdictLabels {
         direction,
         r#match,
@@ -624,6 +627,20 @@ mod tests {
         assert_eq!(
             lines_with(&text, "hubble_flows_processed_total{"),
             [r#"hubble_flows_processed_total{type="Drop",subtype="",verdict="DROPPED"} 1"#]
+        );
+    }
+
+    #[test]
+    fn an_upstream_failure_after_an_allow_is_a_forwarded_policy_verdict() {
+        let metrics = Metrics::new();
+        let mut failed = event(Verdict::Error, Some(DropReason::UpstreamFailure), Some(http("GET", "/", Some(503), 1)));
+        failed.direction = Some(TrafficDirection::Ingress);
+        metrics.observe_flow(&failed);
+        let text = metrics.encode();
+        assert_eq!(
+            lines_with(&text, "hubble_policy_verdicts_total{"),
+            [r#"hubble_policy_verdicts_total{direction="ingress",match="l7/http",action="forwarded"} 1"#],
+            "{text}"
         );
     }
 
