@@ -144,10 +144,7 @@ impl Handle {
             }
             let bind_error = |source| ApplyError::Bind {
                 listener: listener.name.clone(),
-                addr: match listener.bind {
-                    Bind::Addr(addr) => addr,
-                    Bind::LoopbackAuto => SocketAddr::from(([127, 0, 0, 1], 0)),
-                },
+                addr: listener.bind.socket_addr(),
                 source,
             };
             let bound = listener::bind(&listener.bind).map_err(bind_error)?;
@@ -330,6 +327,6 @@ fn plan_slots(sockets: &[Option<SocketEntry>], tables: &ProxyTables) -> Vec<Opti
         }
     };
     claim(&|entry, listener| entry.name == listener.name && entry.bind == listener.bind, &mut slots);
-    claim(&|entry, listener| matches!(listener.bind, Bind::Addr(_)) && entry.bind == listener.bind, &mut slots);
+    claim(&|entry, listener| !matches!(listener.bind, Bind::LoopbackAuto) && entry.bind == listener.bind, &mut slots);
     slots
 }

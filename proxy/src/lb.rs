@@ -66,6 +66,9 @@ impl Balancer {
                 Strategy::Ring { ring: ketama_ring(endpoints, minimum_ring_size, maximum_ring_size) }
             }
             LbPolicy::Maglev { table_size } => Strategy::Maglev { table: maglev_table(endpoints, table_size) },
+            // Its host comes from the downstream connection (`ClusterState::pick`), never from
+            // a schedule: the cluster has no endpoints to balance.
+            LbPolicy::OriginalDestination => Strategy::RoundRobin { schedule: Box::default() },
         };
         Self { strategy, cursor: AtomicUsize::new(0) }
     }

@@ -33,13 +33,15 @@ pub(crate) struct SocketEntry {
 
 /// Binds a listening socket without serving it yet (so a failed apply can drop it unused).
 pub(crate) fn bind(bind: &Bind) -> io::Result<TcpListener> {
-    let addr = match bind {
-        Bind::Addr(addr) => *addr,
-        Bind::LoopbackAuto => SocketAddr::from(([127, 0, 0, 1], 0)),
-    };
+    let addr = bind.socket_addr();
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(socket2::Protocol::TCP))?;
     // A restarted agent must be able to rebind while old connections sit in TIME_WAIT.
     socket.set_reuse_address(true)?;
+    if matches!(bind, Bind::Transparent { .. }) {
+        // Before bind: bpf_sk_assign only hands foreign-destination packets to a listener
+        // that has it, and only then does accept() report the original destination.
+        socket.set_ip_transparent_v4(true)?;
+    }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(1024)?;

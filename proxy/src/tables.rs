@@ -32,7 +32,33 @@ pub struct ProxyTables {
     /// L3/L4/L7 policy of each local endpoint, by endpoint IP. An endpoint absent here has no
     /// policy in either direction (everything allowed).
     pub policies: BTreeMap<IpAddr, Arc<EndpointPolicy>>,
+    /// eBPF datapath: which listener serves a connection the kernel redirected to a
+    /// [`Bind::Transparent`] listener, by the connection's original destination (the accepted
+    /// socket's local address). Used for CiliumEnvoyConfig `services[]`, whose `VIP:port` the
+    /// kernel does not translate: `VIP:port -> "<CEC listener name>"`. The named listener's HCM,
+    /// route config and name (in flow events) are used; its own bind does not matter. A
+    /// destination absent here is served by the accepting listener itself. Unknown listener
+    /// names are an `ApplyError`. Empty in gateway mode.
+    pub frontends: BTreeMap<SocketAddr, String>,
+    /// eBPF datapath: the node address every upstream connection is bound to (port chosen by
+    /// the kernel). Needed because the proxy does not spoof the client's address: replies to a
+    /// pod address would not be routed back to the proxy. `None`: the kernel picks the source
+    /// (gateway mode).
+    pub upstream_source: Option<IpAddr>,
+    /// eBPF datapath: put `SO_MARK` on every upstream socket ([`MARK_PROXY_INGRESS`] or
+    /// [`MARK_PROXY_EGRESS`]) so the kernel neither redirects the proxy's own connections into
+    /// the proxy again nor re-applies the policy the proxy already enforced. Needs
+    /// `CAP_NET_ADMIN`; `false` in gateway mode.
+    pub mark_upstream: bool,
 }
+
+/// `SO_MARK` of an upstream connection whose destination's ingress policy the proxy enforced
+/// (the destination IP has an entry in [`ProxyTables::policies`]). Must equal
+/// `MARK_MAGIC_PROXY_INGRESS` in ebpf/bpf/abi.h (checked by a test of this crate).
+pub const MARK_PROXY_INGRESS: u32 = 0x0A00;
+/// `SO_MARK` of every other upstream connection (the proxy acted for the client: egress
+/// policy, CEC load balancing). Must equal `MARK_MAGIC_PROXY_EGRESS` in ebpf/bpf/abi.h.
+pub const MARK_PROXY_EGRESS: u32 = 0x0B00;
 
 /// A known workload or node behind an IP address.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,6 +82,25 @@ pub enum Bind {
     /// No address in the config: the proxy binds `127.0.0.1:0` once and keeps that port for
     /// as long as a listener of this name exists (reported back in `Applied`).
     LoopbackAuto,
+    /// eBPF datapath: an `IP_TRANSPARENT` listener on `127.0.0.1:port`, the socket the kernel
+    /// hands redirected flows to with `bpf_sk_assign` (the policy entries' and L7 services'
+    /// `proxy_port`). An accepted socket's local address is the flow's ORIGINAL destination
+    /// (pod `IP:port` or Service `VIP:port`), which selects the serving listener through
+    /// [`ProxyTables::frontends`] and is the upstream of a [`LbPolicy::OriginalDestination`]
+    /// cluster. IPv4 only, like the kernel programs. Needs `CAP_NET_ADMIN` (or
+    /// `CAP_NET_RAW`).
+    Transparent { port: u16 },
+}
+
+impl Bind {
+    /// The address the listening socket is bound to (port 0: any free port).
+    pub fn socket_addr(&self) -> SocketAddr {
+        match self {
+            Bind::Addr(addr) => *addr,
+            Bind::LoopbackAuto => SocketAddr::from(([127, 0, 0, 1], 0)),
+            Bind::Transparent { port } => SocketAddr::from(([127, 0, 0, 1], *port)),
+        }
+    }
 }
 
 /// A listener: a bound socket plus the HTTP connection manager settings behind it.
@@ -343,6 +388,13 @@ pub enum LbPolicy {
     RingHash { minimum_ring_size: u64, maximum_ring_size: u64 },
     /// Maglev lookup table (`maglev_lb_config.table_size`, a prime; Envoy default 65537).
     Maglev { table_size: u64 },
+    /// Envoy's `type: ORIGINAL_DST` (`lb_policy: CLUSTER_PROVIDED`): the one host of a request
+    /// is the original destination of its downstream connection, i.e. the pod `IP:port` the
+    /// client connected to before the kernel redirected the flow (Cilium's policy-only
+    /// listeners). `endpoints` must be empty. A request that did not arrive through a
+    /// [`Bind::Transparent`] listener has no original destination and gets 503
+    /// `no healthy upstream`. Policy sees the original destination as the destination.
+    OriginalDestination,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

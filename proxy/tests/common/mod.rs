@@ -374,6 +374,7 @@ pub fn tables(generation: u64, http: HttpConnectionManager, clusters: Vec<Cluste
         clusters: clusters.into_iter().map(|c| (c.name.clone(), Arc::new(c))).collect(),
         peers: BTreeMap::new(),
         policies: BTreeMap::new(),
+        ..ProxyTables::default()
     }
 }
 
