@@ -20,6 +20,8 @@ pub enum ApplyError {
         #[source]
         source: std::io::Error,
     },
+    #[error("frontend {destination}: no listener named {listener}")]
+    UnknownFrontendListener { destination: SocketAddr, listener: String },
     #[error("the proxy has been shut down")]
     Stopped,
 }

@@ -118,6 +118,7 @@ pub(crate) struct Plan<'a> {
     pub include_attempt_count: bool,
     pub deadline: Deadline,
     pub source: IpAddr,
+    pub original_destination: Option<SocketAddr>,
 }
 
 /// Envoy's router loop: one attempt, then retries while the policy, the breakers, the replay
@@ -181,9 +182,13 @@ pub(crate) async fn forward(
             if policy.avoid_previous_hosts {
                 tried.push(host.addr);
             }
-            let input = PickInput { random: rand::random::<u64>(), source: plan.source };
+            let input = PickInput {
+                random: rand::random::<u64>(),
+                source: plan.source,
+                original_destination: plan.original_destination,
+            };
             let next = cluster.pick(input, &tried)?;
-            authorize(next).map(|edits| (Arc::clone(next), edits))
+            authorize(&next).map(|edits| (next, edits))
         });
         let slot = next.as_ref().and_then(|_| cluster.try_retry());
         let (Some(policy), Some((next, edits)), Some(slot)) = (retry_with, next, slot) else {
@@ -393,15 +398,14 @@ pub(crate) async fn forward_upgrade(
 
 /// Envoy's request mirroring: a fire-and-forget copy with `Host: <host>-shadow`; its outcome
 /// never reaches the client.
-pub(crate) fn mirror(cluster: Arc<ClusterState>, source: IpAddr, method: Method, uri: Uri, mut headers: HeaderMap, body: Option<Bytes>) {
+pub(crate) fn mirror(cluster: Arc<ClusterState>, input: PickInput, method: Method, uri: Uri, mut headers: HeaderMap, body: Option<Bytes>) {
     if let Some(shadow) = headers.get(HOST).and_then(|host| host.to_str().ok()).map(shadow_host) {
         if let Ok(value) = HeaderValue::from_str(&shadow) {
             headers.insert(HOST, value);
         }
     }
     tokio::spawn(async move {
-        let input = PickInput { random: rand::random::<u64>(), source };
-        let Some(host) = cluster.pick(input, &[]).cloned() else { return };
+        let Some(host) = cluster.pick(input, &[]) else { return };
         let mut outgoing = Outgoing { method, uri, headers, edits: Vec::new(), body: OutgoingBody::Replayable(body) };
         let request = build_attempt(&mut outgoing, 1, false, true);
         match attempt(&cluster, &host, request).await {

@@ -17,7 +17,7 @@ use crate::server::Shared;
 use crate::snapshot::{connection_builder, CompiledEndpoint, ListenerEntry, Snapshot};
 use crate::stats::{ClusterCounters, ProxyCounters, ProxyStats};
 use crate::tables::{Bind, ProxyTables};
-use crate::upstream::ClusterState;
+use crate::upstream::{ClusterState, SocketPlan};
 
 /// How long `shutdown` waits for downstream connections to finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
@@ -136,6 +136,11 @@ impl Handle {
 
         // 1. Sockets: reuse what matches, bind the rest. Nothing is started yet, so an error
         //    just drops the new sockets.
+        if let Some((destination, listener)) =
+            tables.frontends.iter().find(|(_, name)| !tables.listeners.iter().any(|l| &l.name == *name))
+        {
+            return Err(ApplyError::UnknownFrontendListener { destination: *destination, listener: listener.clone() });
+        }
         let slots = plan_slots(&registry.sockets, &tables);
         let mut fresh: Vec<(usize, TcpListener, SocketAddr)> = Vec::new();
         for (index, listener) in tables.listeners.iter().enumerate() {
@@ -155,13 +160,14 @@ impl Handle {
         // 2. Compile the serving snapshot.
         let previous = inner.shared.snapshot.load_full();
         registry.cluster_counters.retain(|name, _| tables.clusters.contains_key(name));
+        let sockets = Arc::new(SocketPlan::new(&tables));
         let clusters: HashMap<String, Arc<ClusterState>> = tables
             .clusters
             .iter()
             .map(|(name, config)| {
                 let prior = previous.clusters.get(name);
                 let state = match prior {
-                    Some(state) if state.serves(config) => Arc::clone(state),
+                    Some(state) if state.serves(config, &sockets) => Arc::clone(state),
                     _ => {
                         let counters = Arc::clone(registry.cluster_counters.entry(name.clone()).or_default());
                         let state = Arc::new(ClusterState::new(
@@ -169,6 +175,7 @@ impl Handle {
                             prior.map(|p| &**p),
                             counters,
                             &inner.shared.counters,
+                            Arc::clone(&sockets),
                         ));
                         state.start_outlier_sweeps();
                         state
@@ -214,6 +221,7 @@ impl Handle {
         for (index, listener) in tables.listeners.iter().enumerate() {
             listeners[slot_of[index]] = Some(ListenerEntry {
                 name: listener.name.clone(),
+                transparent: matches!(listener.bind, Bind::Transparent { .. }),
                 http: Arc::clone(&listener.http),
                 builder: Arc::new(connection_builder(&listener.http)),
             });
@@ -227,7 +235,15 @@ impl Handle {
                 .filter_map(|(index, l)| sockets[slot_of[index]].as_ref().map(|e| BoundListener { name: l.name.clone(), addr: e.addr }))
                 .collect(),
         };
-        let snapshot = Snapshot { generation: tables.generation, tables, listeners, clusters, policies };
+        let frontends = tables
+            .frontends
+            .iter()
+            .filter_map(|(destination, name)| {
+                let index = tables.listeners.iter().position(|l| &l.name == name)?;
+                Some((*destination, slot_of[index]))
+            })
+            .collect();
+        let snapshot = Snapshot { generation: tables.generation, tables, listeners, clusters, policies, frontends };
 
         // 4. Swap, then serve the new sockets and drain the removed ones; replaced cluster
         //    states stop sweeping (their hosts, if kept, are swept by the new state).

@@ -46,6 +46,9 @@ enum Strategy {
 pub(crate) struct PickInput {
     pub random: u64,
     pub source: IpAddr,
+    /// Where the client connected before the kernel redirected it (transparent listeners):
+    /// the one host of an ORIGINAL_DST cluster.
+    pub original_destination: Option<SocketAddr>,
 }
 
 impl Balancer {
@@ -296,7 +299,7 @@ mod tests {
     }
 
     fn input(random: u64) -> PickInput {
-        PickInput { random, source: IpAddr::from([127, 0, 0, 1]) }
+        PickInput { random, source: IpAddr::from([127, 0, 0, 1]), original_destination: None }
     }
 
     #[test]
@@ -343,7 +346,7 @@ mod tests {
         let balancer = Balancer::new(policy, hosts);
         (0..keys)
             .map(|i| {
-                let picked = balancer.pick(hosts.len(), PickInput { random: 0, source: source(i) }, |_| true, |_| 0);
+                let picked = balancer.pick(hosts.len(), PickInput { random: 0, source: source(i), original_destination: None }, |_| true, |_| 0);
                 hosts[picked.unwrap()].0
             })
             .collect()
@@ -437,7 +440,7 @@ mod tests {
             let hosts = endpoints(&[1, 1, 1, 1]);
             let balancer = Balancer::new(policy, &hosts);
             for i in 0..500 {
-                let input = PickInput { random: 0, source: source(i) };
+                let input = PickInput { random: 0, source: source(i), original_destination: None };
                 let free = balancer.pick(4, input, |_| true, |_| 0).unwrap();
                 let without_host_0 = balancer.pick(4, input, |h| h != 0, |_| 0).unwrap();
                 assert_ne!(without_host_0, 0);

@@ -83,14 +83,21 @@ async fn serve_connection(
     stop: CancellationToken,
 ) {
     let _active = ActiveConnection::new(&shared);
-    let (builder, idle_timeout) = {
+    let (builder, idle_timeout, dispatch) = {
         let snapshot = shared.snapshot.load();
-        let Some(entry) = snapshot.listener(slot) else { return };
-        (Arc::clone(&entry.builder), entry.http.idle_timeout.filter(|t| !t.is_zero()))
+        let dispatch = snapshot.dispatch(slot, local);
+        let Some(entry) = snapshot.listener(dispatch.slot) else { return };
+        (Arc::clone(&entry.builder), entry.http.idle_timeout.filter(|t| !t.is_zero()), dispatch)
     };
     let activity = Arc::new(AtomicU64::new(0));
     let io = TokioIo::new(ActivityIo { inner: stream, activity: Arc::clone(&activity) });
-    let ctx = Arc::new(ConnContext { shared, slot, peer, local });
+    let ctx = Arc::new(ConnContext {
+        shared,
+        slot,
+        peer,
+        local,
+        original_destination: dispatch.original_destination,
+    });
     let service = hyper::service::service_fn(move |request| server::handle(Arc::clone(&ctx), request));
     let connection = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(connection);

@@ -47,10 +47,14 @@ pub(crate) struct Shared {
 /// One accepted downstream connection.
 pub(crate) struct ConnContext {
     pub shared: Arc<Shared>,
-    /// The listener's socket slot in `Snapshot::listeners`.
+    /// The accepting listener's socket slot in `Snapshot::listeners` (each request is
+    /// dispatched from it to its serving listener with the tables of that request).
     pub slot: usize,
     pub peer: SocketAddr,
     pub local: SocketAddr,
+    /// Set on connections a transparent listener accepted (eBPF datapath): the `local`
+    /// address, which is where the client was going.
+    pub original_destination: Option<SocketAddr>,
 }
 
 /// The service error: the request gets no response. hyper closes an HTTP/1 connection and
@@ -78,7 +82,7 @@ struct Exchange<'a> {
 pub(crate) async fn handle(ctx: Arc<ConnContext>, request: Request<Incoming>) -> Result<Response<ProxyBody>, DroppedByPolicy> {
     let snapshot = ctx.shared.snapshot.load_full();
     bump(&ctx.shared.counters.downstream_rq_total);
-    let Some(listener) = snapshot.listener(ctx.slot) else {
+    let Some(listener) = snapshot.listener(snapshot.dispatch(ctx.slot, ctx.local).slot) else {
         // The listener was removed by a swap while this keep-alive connection was idle.
         let mut response = local_reply(StatusCode::SERVICE_UNAVAILABLE, Bytes::from_static(b"listener removed"));
         response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
@@ -177,7 +181,8 @@ impl<'a> Exchange<'a> {
         };
         let original_path = rewrite(selection.route, &action, head);
         let source = self.ctx.peer.ip();
-        let Some(host) = cluster.pick(PickInput { random: rand::random(), source }, &[]).cloned() else {
+        let pick = PickInput { random: rand::random(), source, original_destination: ctx.original_destination };
+        let Some(host) = cluster.pick(pick, &[]) else {
             return Ok((
                 local_reply(StatusCode::SERVICE_UNAVAILABLE, Bytes::from_static(b"no healthy upstream")),
                 Some(DropReason::NoHealthyUpstream),
@@ -242,6 +247,7 @@ impl<'a> Exchange<'a> {
             include_attempt_count: vhost.include_request_attempt_count,
             deadline,
             source,
+            original_destination: ctx.original_destination,
         };
         let head_for_retries = &*head;
         let source_identity = self.source_identity;
@@ -287,7 +293,12 @@ impl<'a> Exchange<'a> {
                 UpstreamProtocol::Http1 => uri.path_and_query().map_or_else(|| uri.clone(), |pq| Uri::from(pq.clone())),
                 UpstreamProtocol::Http2 => uri.clone(),
             };
-            forward::mirror(Arc::clone(cluster), self.ctx.peer.ip(), method.clone(), uri, headers.clone(), body.clone());
+            let pick = PickInput {
+                random: rand::random(),
+                source: self.ctx.peer.ip(),
+                original_destination: self.ctx.original_destination,
+            };
+            forward::mirror(Arc::clone(cluster), pick, method.clone(), uri, headers.clone(), body.clone());
         }
     }
 

@@ -1,7 +1,7 @@
 //! The serving form of `ProxyTables` (compile -> **snapshot** -> datapath): built once per apply, read lock-free per request.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -19,10 +19,14 @@ pub(crate) struct Snapshot {
     pub listeners: Vec<Option<ListenerEntry>>,
     pub clusters: HashMap<String, Arc<ClusterState>>,
     pub policies: HashMap<IpAddr, Arc<CompiledEndpoint>>,
+    /// `ProxyTables::frontends` resolved to listener slots.
+    pub frontends: HashMap<SocketAddr, usize>,
 }
 
 pub(crate) struct ListenerEntry {
     pub name: String,
+    /// `Bind::Transparent`: accepted sockets carry the flow's original destination.
+    pub transparent: bool,
     pub http: Arc<HttpConnectionManager>,
     /// Connection settings derived from the HCM, shared by the listener's connections.
     pub builder: Arc<auto::Builder<TokioExecutor>>,
@@ -48,11 +52,18 @@ impl Snapshot {
             listeners: Vec::new(),
             clusters: HashMap::new(),
             policies: HashMap::new(),
+            frontends: HashMap::new(),
         }
     }
 
     pub fn listener(&self, slot: usize) -> Option<&ListenerEntry> {
         self.listeners.get(slot).and_then(Option::as_ref)
+    }
+
+    /// Who serves a connection accepted on `slot` whose socket's local address is `local`.
+    pub fn dispatch(&self, slot: usize, local: SocketAddr) -> Dispatch {
+        let transparent = self.listener(slot).is_some_and(|entry| entry.transparent);
+        dispatch(slot, transparent, local, &self.frontends)
     }
 
     /// Who is behind `ip`: a known pod or node, else the world identity.
@@ -62,6 +73,26 @@ impl Snapshot {
             None => (IDENTITY_WORLD, None),
         }
     }
+}
+
+/// Where an accepted connection goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Dispatch {
+    /// The listener slot whose HCM, routes and name serve the connection.
+    pub slot: usize,
+    /// The destination the client connected to before the kernel redirected it; only
+    /// connections accepted by a transparent listener have one.
+    pub original_destination: Option<SocketAddr>,
+}
+
+/// A transparent listener's connection is served by the frontend registered for its original
+/// destination (a CiliumEnvoyConfig service VIP), else by the accepting listener; any other
+/// connection by its accepting listener, without an original destination.
+fn dispatch(accepted_on: usize, transparent: bool, local: SocketAddr, frontends: &HashMap<SocketAddr, usize>) -> Dispatch {
+    if !transparent {
+        return Dispatch { slot: accepted_on, original_destination: None };
+    }
+    Dispatch { slot: frontends.get(&local).copied().unwrap_or(accepted_on), original_destination: Some(local) }
 }
 
 /// hyper's connection builder for one HCM: HTTP/1.1 and HTTP/2 prior knowledge on one port.
@@ -84,4 +115,44 @@ pub(crate) fn connection_builder(hcm: &HttpConnectionManager) -> auto::Builder<T
         .max_concurrent_streams(1024)
         .max_pending_accept_reset_streams(100);
     builder
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().expect("test address")
+    }
+
+    #[test]
+    fn a_transparent_connection_to_a_frontend_vip_is_served_by_the_frontend_listener() {
+        let frontends = HashMap::from([(addr("10.96.0.10:80"), 3)]);
+        assert_eq!(
+            dispatch(0, true, addr("10.96.0.10:80"), &frontends),
+            Dispatch { slot: 3, original_destination: Some(addr("10.96.0.10:80")) }
+        );
+    }
+
+    #[test]
+    fn a_transparent_connection_to_anything_else_keeps_its_listener_and_original_destination() {
+        let frontends = HashMap::from([(addr("10.96.0.10:80"), 3)]);
+        // Same VIP, other port: not the frontend.
+        assert_eq!(
+            dispatch(0, true, addr("10.96.0.10:8080"), &frontends),
+            Dispatch { slot: 0, original_destination: Some(addr("10.96.0.10:8080")) }
+        );
+        assert_eq!(
+            dispatch(0, true, addr("10.0.1.7:80"), &frontends),
+            Dispatch { slot: 0, original_destination: Some(addr("10.0.1.7:80")) }
+        );
+    }
+
+    #[test]
+    fn a_gateway_connection_has_no_original_destination_even_to_a_frontend_address() {
+        // A gateway listener bound on an address that also is a frontend key: its local
+        // address is only where it listens, never a redirected destination.
+        let frontends = HashMap::from([(addr("127.0.0.1:8080"), 3)]);
+        assert_eq!(dispatch(1, false, addr("127.0.0.1:8080"), &frontends), Dispatch { slot: 1, original_destination: None });
+    }
 }

@@ -5,9 +5,10 @@
 //! pool and outlier state across table swaps as long as its cluster keeps it with the same
 //! protocol and connect timeout, so a reload neither drops warm connections nor un-ejects hosts.
 
-use std::net::SocketAddr;
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -16,7 +17,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -25,10 +26,54 @@ use crate::lb::{Balancer, PickInput};
 use crate::outlier::{Detector, HostOutlier, OutlierSignal};
 use crate::retry::AttemptOutcome;
 use crate::stats::{bump, ClusterCounters, ProxyCounters};
-use crate::tables::{CircuitBreakers, Cluster, UpstreamProtocol};
+use crate::tables::{CircuitBreakers, Cluster, LbPolicy, ProxyTables, UpstreamProtocol, MARK_PROXY_EGRESS, MARK_PROXY_INGRESS};
 
 /// Idle HTTP/1.1 connections kept per host at most.
 const MAX_IDLE_PER_HOST: usize = 256;
+
+/// Original destinations an ORIGINAL_DST cluster remembers (with their pools) before it forgets
+/// the idle ones. Envoy sweeps unused hosts every `cleanup_interval` (5 s) instead.
+const MAX_ORIGINAL_DESTINATIONS: usize = 1024;
+
+/// How upstream sockets are opened, from `ProxyTables::upstream_source` and `mark_upstream`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct SocketPlan {
+    source: Option<IpAddr>,
+    mark: bool,
+    /// Endpoints whose ingress policy the proxy enforces (`ProxyTables::policies`).
+    ingress_enforced: HashSet<IpAddr>,
+}
+
+/// The options of one host's sockets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct UpstreamSocket {
+    pub source: Option<IpAddr>,
+    pub mark: Option<u32>,
+}
+
+impl SocketPlan {
+    pub fn new(tables: &ProxyTables) -> Self {
+        Self {
+            source: tables.upstream_source,
+            mark: tables.mark_upstream,
+            ingress_enforced: if tables.mark_upstream { tables.policies.keys().copied().collect() } else { HashSet::new() },
+        }
+    }
+
+    /// The kernel skips its policy for both marks; which one says whose policy the proxy
+    /// applied, as Cilium's proxies do. A source of the other address family is left out (the
+    /// kernel picks one).
+    pub fn for_host(&self, addr: SocketAddr) -> UpstreamSocket {
+        let mark = self.mark.then(|| {
+            if self.ingress_enforced.contains(&addr.ip()) {
+                MARK_PROXY_INGRESS
+            } else {
+                MARK_PROXY_EGRESS
+            }
+        });
+        UpstreamSocket { source: self.source.filter(|source| source.is_ipv4() == addr.is_ipv4()), mark }
+    }
+}
 
 /// One cluster of one table generation.
 #[derive(Debug)]
@@ -37,8 +82,13 @@ pub(crate) struct ClusterState {
     pub hosts: Box<[Arc<HostState>]>,
     balancer: Balancer,
     pub counters: Arc<ClusterCounters>,
-    /// `None` without `outlier_detection`: nothing is ever ejected.
+    /// `None` without `outlier_detection` (and for ORIGINAL_DST clusters, which have no
+    /// fixed hosts to compare): nothing is ever ejected.
     detector: Option<Detector>,
+    sockets: Arc<SocketPlan>,
+    /// ORIGINAL_DST hosts, created on first use.
+    original_destinations: Mutex<HashMap<SocketAddr, Arc<HostState>>>,
+    proxy_counters: Arc<ProxyCounters>,
 }
 
 impl ClusterState {
@@ -48,16 +98,19 @@ impl ClusterState {
         previous: Option<&ClusterState>,
         counters: Arc<ClusterCounters>,
         proxy_counters: &Arc<ProxyCounters>,
+        sockets: Arc<SocketPlan>,
     ) -> Self {
         let hosts: Box<[Arc<HostState>]> = config
             .endpoints
             .iter()
             .map(|endpoint| {
+                let socket = sockets.for_host(endpoint.addr);
                 let reusable = previous.and_then(|prev| {
                     prev.hosts.iter().find(|host| {
                         host.addr == endpoint.addr
                             && host.protocol == config.protocol
                             && host.connect_timeout == config.connect_timeout
+                            && host.socket == socket
                     })
                 });
                 match reusable {
@@ -66,6 +119,7 @@ impl ClusterState {
                         endpoint.addr,
                         config.protocol,
                         config.connect_timeout,
+                        socket,
                         Arc::clone(&counters),
                         Arc::clone(proxy_counters),
                     )),
@@ -75,7 +129,16 @@ impl ClusterState {
         let weighted: Vec<(SocketAddr, u32)> = config.endpoints.iter().map(|e| (e.addr, e.weight)).collect();
         let balancer = Balancer::new(config.lb_policy, &weighted);
         let detector = config.outlier_detection.filter(|_| !hosts.is_empty()).map(Detector::new);
-        Self { config, hosts, balancer, counters, detector }
+        Self {
+            config,
+            hosts,
+            balancer,
+            counters,
+            detector,
+            sockets,
+            original_destinations: Mutex::new(HashMap::new()),
+            proxy_counters: Arc::clone(proxy_counters),
+        }
     }
 
     /// Starts the outlier-detection sweeps (every `interval`) on the current runtime. They end
@@ -103,8 +166,8 @@ impl ClusterState {
         }
     }
 
-    /// Whether a table swap can keep this state as it is for `config`.
-    pub fn serves(&self, config: &Cluster) -> bool {
+    /// Whether a table swap can keep this state as it is for `config` and `sockets`.
+    pub fn serves(&self, config: &Cluster, sockets: &SocketPlan) -> bool {
         let current = &*self.config;
         current.endpoints == config.endpoints
             && current.lb_policy == config.lb_policy
@@ -112,12 +175,18 @@ impl ClusterState {
             && current.circuit_breakers == config.circuit_breakers
             && current.outlier_detection == config.outlier_detection
             && current.protocol == config.protocol
+            && self.hosts.iter().all(|host| host.socket == sockets.for_host(host.addr))
+            && (current.lb_policy != LbPolicy::OriginalDestination || *self.sockets == *sockets)
     }
 
     /// The lb_policy's pick, preferring hosts that are neither ejected nor in `avoid`; falls
     /// back to previously tried hosts, then to ejected ones (Envoy's panic mode) rather than
-    /// failing while hosts exist.
-    pub fn pick(&self, input: PickInput, avoid: &[SocketAddr]) -> Option<&Arc<HostState>> {
+    /// failing while hosts exist. An ORIGINAL_DST cluster's one host is the input's original
+    /// destination (none without one).
+    pub fn pick(&self, input: PickInput, avoid: &[SocketAddr]) -> Option<Arc<HostState>> {
+        if self.config.lb_policy == LbPolicy::OriginalDestination {
+            return input.original_destination.map(|addr| self.original_destination_host(addr));
+        }
         let hosts = &self.hosts;
         let load = |i: usize| hosts[i].active_requests.load(Ordering::Relaxed);
         let fresh = |i: usize| !hosts[i].outlier.is_ejected() && !avoid.contains(&hosts[i].addr);
@@ -126,7 +195,28 @@ impl ClusterState {
             .pick(hosts.len(), input, fresh, load)
             .or_else(|| self.balancer.pick(hosts.len(), input, healthy, load))
             .or_else(|| self.balancer.pick(hosts.len(), input, |_| true, load))
-            .map(|index| &hosts[index])
+            .map(|index| Arc::clone(&hosts[index]))
+    }
+
+    fn original_destination_host(&self, addr: SocketAddr) -> Arc<HostState> {
+        let mut known = self.original_destinations.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(host) = known.get(&addr) {
+            return Arc::clone(host);
+        }
+        if known.len() >= MAX_ORIGINAL_DESTINATIONS {
+            // Forgetting a host closes its idle pooled connections; busy ones stay.
+            known.retain(|_, host| host.active_requests.load(Ordering::Relaxed) > 0);
+        }
+        let host = Arc::new(HostState::new(
+            addr,
+            self.config.protocol,
+            self.config.connect_timeout,
+            self.sockets.for_host(addr),
+            Arc::clone(&self.counters),
+            Arc::clone(&self.proxy_counters),
+        ));
+        known.insert(addr, Arc::clone(&host));
+        host
     }
 
     /// Claims one of the cluster's `max_retries` concurrent retry slots.
@@ -169,6 +259,7 @@ pub(crate) struct HostState {
     pub addr: SocketAddr,
     protocol: UpstreamProtocol,
     connect_timeout: Duration,
+    socket: UpstreamSocket,
     pub active_requests: AtomicU64,
     /// Open (or opening) connections to this host.
     connections: AtomicU64,
@@ -188,6 +279,7 @@ impl HostState {
         addr: SocketAddr,
         protocol: UpstreamProtocol,
         connect_timeout: Duration,
+        socket: UpstreamSocket,
         counters: Arc<ClusterCounters>,
         proxy_counters: Arc<ProxyCounters>,
     ) -> Self {
@@ -195,6 +287,7 @@ impl HostState {
             addr,
             protocol,
             connect_timeout,
+            socket,
             active_requests: AtomicU64::new(0),
             connections: AtomicU64::new(0),
             idle: ArrayQueue::new(MAX_IDLE_PER_HOST),
@@ -320,7 +413,7 @@ impl HostState {
     }
 
     async fn connect_tcp(&self) -> Result<TokioIo<TcpStream>, AttemptOutcome> {
-        match tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.addr)).await {
+        match tokio::time::timeout(self.connect_timeout, connect(self.addr, self.socket)).await {
             Ok(Ok(stream)) => {
                 // Small requests must not wait for Nagle.
                 let _ = stream.set_nodelay(true);
@@ -375,6 +468,21 @@ impl HostState {
         }
         self.released.notify_one();
     }
+}
+
+/// Connects from `socket.source` (any port) with `socket.mark` as `SO_MARK`.
+async fn connect(addr: SocketAddr, socket: UpstreamSocket) -> std::io::Result<TcpStream> {
+    if socket == UpstreamSocket::default() {
+        return TcpStream::connect(addr).await;
+    }
+    let tcp = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    if let Some(mark) = socket.mark {
+        socket2::SockRef::from(&tcp).set_mark(mark)?;
+    }
+    if let Some(source) = socket.source {
+        tcp.bind(SocketAddr::new(source, 0))?;
+    }
+    tcp.connect(addr).await
 }
 
 fn classify(error: &hyper::Error) -> AttemptOutcome {
