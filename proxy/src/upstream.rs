@@ -563,3 +563,84 @@ impl Drop for Lease {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tables::EndpointPolicy;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().expect("test address")
+    }
+
+    /// Tables in eBPF mode: `10.0.1.5` has a policy (the proxy enforces its ingress).
+    fn ebpf_tables(mark_upstream: bool) -> ProxyTables {
+        let mut tables = ProxyTables {
+            upstream_source: Some(IpAddr::from([192, 168, 0, 1])),
+            mark_upstream,
+            ..ProxyTables::default()
+        };
+        tables.policies.insert(IpAddr::from([10, 0, 1, 5]), Arc::new(EndpointPolicy::default()));
+        tables
+    }
+
+    #[test]
+    fn upstream_sockets_carry_the_ingress_mark_to_policed_endpoints_and_the_egress_mark_elsewhere() {
+        let plan = SocketPlan::new(&ebpf_tables(true));
+        let node = Some(IpAddr::from([192, 168, 0, 1]));
+        assert_eq!(plan.for_host(addr("10.0.1.5:80")), UpstreamSocket { source: node, mark: Some(0x0A00) });
+        assert_eq!(plan.for_host(addr("10.0.2.9:80")), UpstreamSocket { source: node, mark: Some(0x0B00) });
+        // An IPv4 node address cannot be the source of an IPv6 connection.
+        assert_eq!(plan.for_host(addr("[fd00::5]:80")), UpstreamSocket { source: None, mark: Some(0x0B00) });
+    }
+
+    #[test]
+    fn gateway_mode_sockets_are_unmarked() {
+        assert_eq!(SocketPlan::new(&ProxyTables::default()).for_host(addr("10.0.1.5:80")), UpstreamSocket::default());
+        let unmarked = SocketPlan::new(&ebpf_tables(false)).for_host(addr("10.0.1.5:80"));
+        assert_eq!(unmarked.mark, None);
+    }
+
+    fn original_destination_cluster(sockets: SocketPlan) -> ClusterState {
+        let config = Cluster {
+            name: "original-dst".into(),
+            endpoints: Vec::new(),
+            lb_policy: LbPolicy::OriginalDestination,
+            connect_timeout: Duration::from_secs(1),
+            circuit_breakers: CircuitBreakers::default(),
+            outlier_detection: None,
+            protocol: UpstreamProtocol::Http1,
+        };
+        ClusterState::new(Arc::new(config), None, Arc::default(), &Arc::default(), Arc::new(sockets))
+    }
+
+    fn pick_for(original_destination: Option<SocketAddr>) -> PickInput {
+        PickInput { random: 7, source: IpAddr::from([10, 0, 2, 9]), original_destination }
+    }
+
+    #[test]
+    fn an_original_destination_cluster_picks_the_connections_original_destination() {
+        let cluster = original_destination_cluster(SocketPlan::new(&ebpf_tables(true)));
+        let first = cluster.pick(pick_for(Some(addr("10.0.1.5:8080"))), &[]).expect("a host");
+        assert_eq!(first.addr, addr("10.0.1.5:8080"));
+        assert_eq!(first.socket.mark, Some(MARK_PROXY_INGRESS));
+        let again = cluster.pick(pick_for(Some(addr("10.0.1.5:8080"))), &[]).expect("a host");
+        assert!(Arc::ptr_eq(&first, &again), "one host (and pool) per original destination");
+        let other = cluster.pick(pick_for(Some(addr("10.0.2.9:80"))), &[]).expect("a host");
+        assert_eq!(other.addr, addr("10.0.2.9:80"));
+        assert_eq!(other.socket.mark, Some(MARK_PROXY_EGRESS));
+    }
+
+    #[test]
+    fn an_original_destination_cluster_has_no_host_for_a_gateway_connection() {
+        let cluster = original_destination_cluster(SocketPlan::default());
+        assert!(cluster.pick(pick_for(None), &[]).is_none());
+    }
+
+    #[test]
+    fn a_changed_socket_plan_replaces_the_cluster_state() {
+        let cluster = original_destination_cluster(SocketPlan::new(&ebpf_tables(true)));
+        assert!(cluster.serves(&cluster.config.clone(), &SocketPlan::new(&ebpf_tables(true))));
+        assert!(!cluster.serves(&cluster.config.clone(), &SocketPlan::new(&ebpf_tables(false))));
+    }
+}
