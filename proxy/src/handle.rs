@@ -221,7 +221,7 @@ impl Handle {
         for (index, listener) in tables.listeners.iter().enumerate() {
             listeners[slot_of[index]] = Some(ListenerEntry {
                 name: listener.name.clone(),
-                transparent: matches!(listener.bind, Bind::Transparent { .. }),
+                transparent: matches!(listener.bind, Bind::Transparent { .. }).then(|| listener.bind.socket_addr()),
                 http: Arc::clone(&listener.http),
                 builder: Arc::new(connection_builder(&listener.http)),
             });

@@ -25,8 +25,9 @@ pub(crate) struct Snapshot {
 
 pub(crate) struct ListenerEntry {
     pub name: String,
-    /// `Bind::Transparent`: accepted sockets carry the flow's original destination.
-    pub transparent: bool,
+    /// `Bind::Transparent`: the listener's own address; its accepted sockets carry the flow's
+    /// original destination.
+    pub transparent: Option<SocketAddr>,
     pub http: Arc<HttpConnectionManager>,
     /// Connection settings derived from the HCM, shared by the listener's connections.
     pub builder: Arc<auto::Builder<TokioExecutor>>,
@@ -62,7 +63,7 @@ impl Snapshot {
 
     /// Who serves a connection accepted on `slot` whose socket's local address is `local`.
     pub fn dispatch(&self, slot: usize, local: SocketAddr) -> Dispatch {
-        let transparent = self.listener(slot).is_some_and(|entry| entry.transparent);
+        let transparent = self.listener(slot).and_then(|entry| entry.transparent);
         dispatch(slot, transparent, local, &self.frontends)
     }
 
@@ -87,9 +88,11 @@ pub(crate) struct Dispatch {
 
 /// A transparent listener's connection is served by the frontend registered for its original
 /// destination (a CiliumEnvoyConfig service VIP), else by the accepting listener; any other
-/// connection by its accepting listener, without an original destination.
-fn dispatch(accepted_on: usize, transparent: bool, local: SocketAddr, frontends: &HashMap<SocketAddr, usize>) -> Dispatch {
-    if !transparent {
+/// connection by its accepting listener, without an original destination. So is a connection
+/// made to the transparent listener's own address (not redirected): forwarding it to its
+/// "original destination" would connect the proxy to itself, without end.
+fn dispatch(accepted_on: usize, transparent: Option<SocketAddr>, local: SocketAddr, frontends: &HashMap<SocketAddr, usize>) -> Dispatch {
+    if transparent.is_none_or(|own| own == local) {
         return Dispatch { slot: accepted_on, original_destination: None };
     }
     Dispatch { slot: frontends.get(&local).copied().unwrap_or(accepted_on), original_destination: Some(local) }
@@ -129,7 +132,7 @@ mod tests {
     fn a_transparent_connection_to_a_frontend_vip_is_served_by_the_frontend_listener() {
         let frontends = HashMap::from([(addr("10.96.0.10:80"), 3)]);
         assert_eq!(
-            dispatch(0, true, addr("10.96.0.10:80"), &frontends),
+            dispatch(0, Some(addr("127.0.0.1:15001")), addr("10.96.0.10:80"), &frontends),
             Dispatch { slot: 3, original_destination: Some(addr("10.96.0.10:80")) }
         );
     }
@@ -139,11 +142,11 @@ mod tests {
         let frontends = HashMap::from([(addr("10.96.0.10:80"), 3)]);
         // Same VIP, other port: not the frontend.
         assert_eq!(
-            dispatch(0, true, addr("10.96.0.10:8080"), &frontends),
+            dispatch(0, Some(addr("127.0.0.1:15001")), addr("10.96.0.10:8080"), &frontends),
             Dispatch { slot: 0, original_destination: Some(addr("10.96.0.10:8080")) }
         );
         assert_eq!(
-            dispatch(0, true, addr("10.0.1.7:80"), &frontends),
+            dispatch(0, Some(addr("127.0.0.1:15001")), addr("10.0.1.7:80"), &frontends),
             Dispatch { slot: 0, original_destination: Some(addr("10.0.1.7:80")) }
         );
     }
@@ -153,6 +156,12 @@ mod tests {
         // A gateway listener bound on an address that also is a frontend key: its local
         // address is only where it listens, never a redirected destination.
         let frontends = HashMap::from([(addr("127.0.0.1:8080"), 3)]);
-        assert_eq!(dispatch(1, false, addr("127.0.0.1:8080"), &frontends), Dispatch { slot: 1, original_destination: None });
+        assert_eq!(dispatch(1, None, addr("127.0.0.1:8080"), &frontends), Dispatch { slot: 1, original_destination: None });
+    }
+
+    #[test]
+    fn a_direct_connection_to_the_transparent_listener_has_no_original_destination() {
+        let own = addr("127.0.0.1:15001");
+        assert_eq!(dispatch(0, Some(own), own, &HashMap::new()), Dispatch { slot: 0, original_destination: None });
     }
 }

@@ -21,7 +21,7 @@ use sluice_proxy::tables::{
 };
 
 use common::{allow, cluster, hcm, http_rule, ingress_only, peer, prefix_route, to_cluster, Proxy};
-use kernel::{pod_http_get, HttpOutcome, Node, PodHttpServer, TestPins, NODE_IP};
+use kernel::{http_get, pod_http_get, HttpOutcome, Node, PodHttpServer, TestPins, NODE_IP};
 
 const CLIENT_ID: u32 = 1000;
 const SERVER_ID: u32 = 2000;
@@ -190,6 +190,12 @@ fn redirected_pod_traffic_is_policed_by_the_proxy_and_forwarded_marked() -> Resu
     assert!(!from_node.is_empty(), "the kernel saw the proxy's connection: {events:?}");
     assert!(from_node.iter().all(|e| e.verdict == Verdict::Forwarded && e.proxy_port == 0), "{from_node:?}");
     assert!(events.iter().all(|e| e.verdict != Verdict::Dropped), "{events:?}");
+
+    // A node process connecting to the transparent listener itself was not redirected: it has
+    // no original destination, so the ORIGINAL_DST cluster has no host (no proxy-to-itself loop).
+    let direct = http_get(SocketAddrV4::new(Ipv4Addr::LOCALHOST, PROXY_PORT), "/public")?;
+    assert!(matches!(direct, HttpOutcome::Response { status: 503, ref body } if body == "no healthy upstream"), "{direct:?}");
+    assert_eq!(server_http.seen().len(), 2);
 
     // Negative control: the same tables without the mark. The server's policy drops the
     // proxy's SYN (the node is `world` here), so the proxy answers 503 after its connect timeout.

@@ -268,19 +268,24 @@ pub fn pod_http_get(pod: &Pod, target: SocketAddrV4, path: &str) -> Result<HttpO
     let path = path.to_string();
     let exchange = std::thread::spawn(move || -> Result<HttpOutcome> {
         let _in_pod = NetnsGuard::enter(&netns)?;
-        let mut stream = match TcpStream::connect_timeout(&SocketAddr::V4(target), Duration::from_secs(5)) {
-            Ok(stream) => stream,
-            Err(error) => return Ok(HttpOutcome::Failed(format!("connect: {error}"))),
-        };
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        write!(stream, "GET {path} HTTP/1.1\r\nhost: {target}\r\nconnection: close\r\n\r\n")?;
-        let mut response = Vec::new();
-        if let Err(error) = stream.read_to_end(&mut response) {
-            return Ok(HttpOutcome::Failed(format!("read: {error}")));
-        }
-        Ok(parse_response(&String::from_utf8_lossy(&response)))
+        http_get(target, &path)
     });
     exchange.join().map_err(|_| anyhow::anyhow!("client thread panicked"))?
+}
+
+/// `GET path` to `target` from the calling thread's namespace.
+pub fn http_get(target: SocketAddrV4, path: &str) -> Result<HttpOutcome> {
+    let mut stream = match TcpStream::connect_timeout(&SocketAddr::V4(target), Duration::from_secs(5)) {
+        Ok(stream) => stream,
+        Err(error) => return Ok(HttpOutcome::Failed(format!("connect: {error}"))),
+    };
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(stream, "GET {path} HTTP/1.1\r\nhost: {target}\r\nconnection: close\r\n\r\n")?;
+    let mut response = Vec::new();
+    if let Err(error) = stream.read_to_end(&mut response) {
+        return Ok(HttpOutcome::Failed(format!("read: {error}")));
+    }
+    Ok(parse_response(&String::from_utf8_lossy(&response)))
 }
 
 fn parse_response(raw: &str) -> HttpOutcome {
