@@ -118,6 +118,24 @@ fn proxy_tables(node: &Node, generation: u64, mark_upstream: bool) -> ProxyTable
     tables
 }
 
+#[tokio::test]
+async fn a_frontend_naming_no_listener_is_refused_and_the_old_tables_stay() {
+    let backend = common::Backend::echo("old").await;
+    let proxy = Proxy::start();
+    let addr = proxy.apply(common::svc_tables(to_cluster("svc"), &[backend.addr]));
+    let mut broken = common::svc_tables(to_cluster("svc"), &[backend.addr]);
+    broken.generation = 2;
+    broken.frontends.insert(SocketAddr::from(VIP), "no-such-listener".into());
+    match proxy.handle.apply(broken) {
+        Err(sluice_proxy::ApplyError::UnknownFrontendListener { destination, listener }) => {
+            assert_eq!((destination, listener.as_str()), (SocketAddr::from(VIP), "no-such-listener"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(proxy.handle.stats().generation, 1);
+    assert_eq!(common::get(addr, "/").await.status, http::StatusCode::OK);
+}
+
 fn redirected_to_proxy(events: &[FlowEvent], destination: SocketAddrV4) -> bool {
     events.iter().any(|e| e.verdict == Verdict::Redirected && e.destination == destination && e.proxy_port == PROXY_PORT)
 }

@@ -38,7 +38,8 @@ pub fn privileged(test: &str) -> bool {
             panic!("{test}: needs root/BPF but {reason}; CI=true does not allow skipping")
         }
         Some(reason) => {
-            eprintln!("\n!!!!! SKIPPED {test}: needs root/BPF but {reason} !!!!!\n");
+            // Straight to stderr: the test harness captures eprintln! of passing tests.
+            let _ = writeln!(std::io::stderr(), "\n!!!!! SKIPPED {test}: needs root/BPF but {reason} !!!!!\n");
             false
         }
     }
