@@ -1,7 +1,8 @@
 //! Kernel test harness (tests only): privilege gate, a bpffs pin dir, and a node network
 //! namespace with pod namespaces on veth pairs (the shape sluice-ebpf's own tests use), plus an
-//! HTTP server and client running inside pods. Everything is named `slp-<tag>-…`, removed in
-//! `Drop` (also on panic) and, at start, removed if an earlier run left it behind.
+//! HTTP server and client running inside pods. Everything is named `slp-<tag>-<pid>-…` (so
+//! concurrent runs do not collide), removed in `Drop` (also on panic) and, at start, removed if
+//! an earlier run whose process is gone left it behind.
 #![allow(dead_code)] // not every test binary uses every helper
 
 use std::fs;
@@ -58,10 +59,23 @@ pub struct TestPins {
 
 impl TestPins {
     pub fn new(tag: &str) -> Result<Self> {
-        let path = bpffs_root()?.join(format!("slp-{tag}"));
-        remove_tree(&path)?;
-        Ok(Self { path })
+        let root = bpffs_root()?;
+        let prefix = format!("slp-{tag}-");
+        for entry in fs::read_dir(&root).with_context(|| format!("listing {}", root.display()))? {
+            let name = entry?.file_name().to_string_lossy().into_owned();
+            if left_behind(&name, &prefix) {
+                remove_tree(&root.join(name))?;
+            }
+        }
+        Ok(Self { path: root.join(format!("{prefix}{}", std::process::id())) })
     }
+}
+
+/// `name` is `<prefix><pid>…` of a test process that no longer runs.
+fn left_behind(name: &str, prefix: &str) -> bool {
+    let Some(rest) = name.strip_prefix(prefix) else { return false };
+    let pid: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    !pid.is_empty() && !Path::new("/proc").join(&pid).exists()
 }
 
 impl Drop for TestPins {
@@ -95,12 +109,13 @@ pub struct Node {
 
 impl Node {
     pub fn new(tag: &str, pod_count: u8) -> Result<Self> {
-        let prefix = format!("slp-{tag}-");
+        let stale_prefix = format!("slp-{tag}-");
         for leftover in run("ip", &["netns", "list"])?.lines().filter_map(|l| l.split_whitespace().next()) {
-            if leftover.starts_with(&prefix) {
+            if left_behind(leftover, &stale_prefix) {
                 run("ip", &["netns", "del", leftover])?;
             }
         }
+        let prefix = format!("{stale_prefix}{}-", std::process::id());
         let mut node = Node { netns: format!("{prefix}node"), pods: Vec::new() };
         run("ip", &["netns", "add", &node.netns])?;
         let ns = node.netns.clone();
