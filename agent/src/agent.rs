@@ -1,4 +1,4 @@
-//! The agent runtime: wires source -> reconcile -> proxy, and the flows, API and metrics around it.
+//! The agent runtime: wires source -> reconcile -> kernel and proxy, and the flows, API and metrics around it.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -13,6 +13,7 @@ use tokio::task::JoinHandle;
 
 use crate::flows::{self, FlowLog};
 use crate::identity::Identities;
+use crate::kernel::{Kernel, KernelConfig};
 use crate::metrics::{self, Metrics};
 use crate::reconcile::Reconciler;
 use crate::source::{Synced, WatchedDir};
@@ -38,6 +39,16 @@ pub struct AgentConfig {
     pub metrics_address: Option<SocketAddr>,
     /// Serve the local API on `<state-dir>/api.sock`.
     pub serve_api: bool,
+}
+
+/// Which datapath the agent drives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentDatapath {
+    /// `--datapath none`: the proxy's listeners are the only enforcement point.
+    Gateway,
+    /// `--datapath ebpf`: kernel programs enforce L3/L4 and balance sockets; L7 flows are
+    /// redirected to the proxy's transparent listener.
+    Kernel(KernelConfig),
 }
 
 /// A started agent. Stop it with `stop`; dropping it also stops the proxy.
@@ -84,9 +95,62 @@ fn load_identities(config: &AgentConfig) -> Identities {
     }
 }
 
-/// Starts an agent. Everything that can fail for a reason the operator must fix (the config
-/// dir, the API socket, the metrics address) fails here, before anything runs.
+/// Starts an agent in gateway mode (`--datapath none`).
 pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
+    start_with(config, AgentDatapath::Gateway).await
+}
+
+/// Moves kernel flow events into the flow log (and the metrics) as the ring buffer fills.
+async fn record_kernel_flows(
+    events: sluice_ebpf::FlowEvents,
+    log: FlowLog,
+    context: Arc<ArcSwap<flows::KernelFlowContext>>,
+) {
+    // SAFETY: `FlowEvents` owns the ring buffer's map fd and returns that same fd for as long
+    // as it lives, which is as long as the `AsyncFd` that takes ownership of it.
+    let registered = unsafe { tokio::io::unix::AsyncFd::register_with_interest(events, tokio::io::Interest::READABLE) };
+    let mut ring = match registered {
+        Ok(ring) => ring,
+        Err(error) => {
+            tracing::error!(%error, "cannot poll the flow-event ring buffer; kernel flows are not observed");
+            return;
+        }
+    };
+    loop {
+        let mut ready = match ring.readable_mut().await {
+            Ok(ready) => ready,
+            Err(error) => {
+                tracing::error!(%error, "polling the flow-event ring buffer failed; kernel flows are not observed");
+                return;
+            }
+        };
+        // Cleared before draining: a record submitted after the drain wakes us again.
+        ready.clear_ready();
+        let events = ready.get_inner_mut().drain();
+        if events.is_empty() {
+            continue;
+        }
+        let context = context.load();
+        let (now, now_ns) = (chrono::DateTime::<chrono::Utc>::from(std::time::SystemTime::now()), monotonic_ns());
+        for event in &events {
+            let age = chrono::Duration::nanoseconds(i64::try_from(now_ns.saturating_sub(event.monotonic_ns)).unwrap_or(0));
+            log.record_kernel(event, now - age, &context);
+        }
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds, the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    // SAFETY: clock_gettime writes into the timespec we own.
+    let mut now: libc::timespec = unsafe { std::mem::zeroed() };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    u64::try_from(now.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(now.tv_nsec).unwrap_or(0)
+}
+
+/// Starts an agent. Everything that can fail for a reason the operator must fix (the config
+/// dir, the API socket, the metrics address, the kernel datapath) fails here, before anything
+/// runs.
+pub async fn start_with(config: AgentConfig, datapath: AgentDatapath) -> anyhow::Result<RunningAgent> {
     if !config.config_dir.is_dir() {
         anyhow::bail!("--config-dir {}: not a directory", config.config_dir.display());
     }
@@ -98,6 +162,10 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
     let metrics_listener = match config.metrics_address {
         Some(addr) => Some(metrics::bind_metrics(addr).await?),
         None => None,
+    };
+    let kernel = match datapath {
+        AgentDatapath::Gateway => None,
+        AgentDatapath::Kernel(kernel_config) => Some(Kernel::start(kernel_config)?),
     };
     let (mut dir, first, mut changed) = WatchedDir::start(&config.config_dir, DEBOUNCE)?;
 
@@ -117,6 +185,12 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
         snapshot.clone(),
         metrics.clone(),
     );
+    let mut cleanup_on_exit = false;
+    if let Some((kernel, events)) = kernel {
+        cleanup_on_exit = kernel.config().cleanup_on_exit;
+        reconciler = reconciler.with_kernel(kernel);
+        side_tasks.push(tokio::spawn(record_kernel_flows(events, flow_log.clone(), reconciler.flow_context())));
+    }
     reconciler.take_changes(first);
     let (applied_tx, applied) = watch::channel(reconciler.reconcile().unwrap_or(0));
 
@@ -150,6 +224,11 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
                     _ = recheck.tick() => {
                         if dir.needs_sync() {
                             follow(&mut dir, &mut reconciler, &applied_tx);
+                        } else if reconciler.pod_interfaces_changed() {
+                            tracing::info!("a local pod's interface came, went or changed; reconciling");
+                            if let Some(generation) = reconciler.reconcile() {
+                                let _ = applied_tx.send(generation);
+                            }
                         }
                     }
                     _ = ticker.tick() => {
@@ -160,6 +239,18 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
                         next.status.flows_lost = flow_log.lost();
                         snapshot.store(Arc::new(next));
                     }
+                }
+            }
+            // Without cleanup the programs stay attached and the maps pinned: the node keeps
+            // enforcing the last state until the next agent takes over.
+            if let Some(kernel) = reconciler.take_kernel() {
+                if cleanup_on_exit {
+                    match kernel.cleanup() {
+                        Ok(()) => tracing::info!("kernel datapath detached and its pins removed"),
+                        Err(error) => tracing::error!(error = format!("{error:#}"), "kernel datapath cleanup failed"),
+                    }
+                } else {
+                    tracing::info!("kernel datapath stays attached and pinned");
                 }
             }
         })
@@ -217,8 +308,8 @@ impl Drop for RunningAgent {
 }
 
 /// `sluice agent`: runs until SIGINT or SIGTERM, then shuts down cleanly.
-pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
-    let agent = start(config).await?;
+pub async fn run(config: AgentConfig, datapath: AgentDatapath) -> anyhow::Result<()> {
+    let agent = start_with(config, datapath).await?;
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
     tokio::select! {

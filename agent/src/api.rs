@@ -402,6 +402,7 @@ mod tests {
                 ..Default::default()
             },
             services: vec![ServiceView {
+                kernel: None,
                 name: "default/deathstar:80".to_owned(),
                 kind: "ClusterIP".to_owned(),
                 frontend: Some("127.0.0.1:18080".parse().expect("addr")),

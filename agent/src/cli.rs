@@ -370,6 +370,7 @@ mod tests {
 
     fn policy(namespace: Option<&str>, name: &str) -> PolicyView {
         PolicyView {
+            kernel: Vec::new(),
             kind: if namespace.is_some() {
                 "CiliumNetworkPolicy"
             } else {

@@ -1,4 +1,4 @@
-//! Observe: proxy flow events -> a bounded ring of Hubble-shaped records -> API followers and `sluice observe`.
+//! Observe: proxy and kernel flow events -> a bounded ring of Hubble-shaped records -> API followers and `sluice observe`.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -46,6 +46,110 @@ pub struct FlowRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<String>,
     /// `ProxyTables::generation` that handled the request.
+    pub generation: u64,
+    /// Kernel events: the packet's L4 header (Hubble's `l4`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub l4: Option<Layer4>,
+    /// Kernel events: Cilium's numeric drop reason (`133` for `POLICY_DENIED`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drop_reason: Option<u16>,
+    /// Kernel events: where the packet was seen (`FROM_ENDPOINT`, `TO_ENDPOINT`, `TO_PROXY`,
+    /// `SOCK` for socket load balancing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_observation_point: Option<String>,
+}
+
+/// Hubble's `l4`: exactly one protocol is set.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Layer4 {
+    #[serde(rename = "TCP", default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<TcpHeader>,
+    #[serde(rename = "UDP", default, skip_serializing_if = "Option::is_none")]
+    pub udp: Option<UdpHeader>,
+    /// Any other IP protocol, by number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_protocol: Option<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TcpHeader {
+    pub source_port: u16,
+    pub destination_port: u16,
+    /// The flags that are set, by Hubble's name (`SYN`, `ACK`, ...), each `true`.
+    pub flags: std::collections::BTreeMap<String, bool>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UdpHeader {
+    pub source_port: u16,
+    pub destination_port: u16,
+}
+
+/// TCP flag bits in the order Hubble prints them.
+const TCP_FLAGS: [(u8, &str); 8] = [
+    (0x02, "SYN"),
+    (0x10, "ACK"),
+    (0x01, "FIN"),
+    (0x04, "RST"),
+    (0x08, "PSH"),
+    (0x20, "URG"),
+    (0x40, "ECE"),
+    (0x80, "CWR"),
+];
+
+impl Layer4 {
+    fn of(protocol: u8, source_port: u16, destination_port: u16, tcp_flags: u8) -> Self {
+        match protocol {
+            sluice_ebpf::state::IPPROTO_TCP => Self {
+                tcp: Some(TcpHeader {
+                    source_port,
+                    destination_port,
+                    flags: TCP_FLAGS
+                        .iter()
+                        .filter(|(bit, _)| tcp_flags & bit != 0)
+                        .map(|(_, name)| ((*name).to_owned(), true))
+                        .collect(),
+                }),
+                ..Self::default()
+            },
+            sluice_ebpf::state::IPPROTO_UDP => Self {
+                udp: Some(UdpHeader { source_port, destination_port }),
+                ..Self::default()
+            },
+            other => Self { ip_protocol: Some(other), ..Self::default() },
+        }
+    }
+
+    fn is_tcp(&self) -> bool {
+        self.tcp.is_some()
+    }
+
+    /// Hubble's summary detail: `TCP Flags: SYN, ACK`, `UDP`, or the protocol number.
+    fn summary(&self) -> String {
+        match (&self.tcp, &self.udp) {
+            (Some(tcp), _) => {
+                let names: Vec<&str> = TCP_FLAGS
+                    .iter()
+                    .filter(|(_, name)| tcp.flags.get(*name).copied().unwrap_or(false))
+                    .map(|(_, name)| *name)
+                    .collect();
+                format!("TCP Flags: {}", names.join(", "))
+            }
+            (None, Some(_)) => "UDP".to_owned(),
+            (None, None) => match self.ip_protocol {
+                Some(1) => "ICMPv4".to_owned(),
+                Some(other) => format!("IP protocol {other}"),
+                None => "TCP".to_owned(),
+            },
+        }
+    }
+}
+
+/// What names the addresses of kernel events: the peers of the tables in force, and their
+/// generation.
+#[derive(Debug, Clone, Default)]
+pub struct KernelFlowContext {
+    pub peers: std::collections::BTreeMap<std::net::IpAddr, sluice_proxy::tables::Peer>,
     pub generation: u64,
 }
 
@@ -103,6 +207,52 @@ impl FlowRecord {
             attempts: event.attempts,
             policy: event.policy.as_deref().map(str::to_owned),
             generation: event.generation,
+            l4: None,
+            drop_reason: None,
+            trace_observation_point: None,
+        };
+        let (kind, detail) = record.summary_parts();
+        record.summary = format!("{kind} {} ({detail})", record.verdict);
+        record
+    }
+
+    /// A verdict of the kernel datapath (L3/L4), seen at `time`.
+    pub fn from_kernel_event(event: &sluice_ebpf::FlowEvent, time: DateTime<Utc>, context: &KernelFlowContext) -> Self {
+        let endpoint = |addr: std::net::SocketAddrV4, identity: u32| {
+            let ip = std::net::IpAddr::V4(*addr.ip());
+            let name = context.peers.get(&ip).map(|peer| peer.name.clone());
+            FlowEndpoint::from_peer(&FlowPeer { ip, port: addr.port(), identity, name })
+        };
+        let observation_point = match (event.verdict, event.observation_point) {
+            (sluice_ebpf::Verdict::Redirected, _) => "TO_PROXY",
+            (_, sluice_ebpf::ObservationPoint::FromEndpoint) => "FROM_ENDPOINT",
+            (_, sluice_ebpf::ObservationPoint::ToEndpoint) => "TO_ENDPOINT",
+            (_, sluice_ebpf::ObservationPoint::Socket) => "SOCK",
+        };
+        let mut record = Self {
+            time,
+            verdict: event.verdict.hubble_name().to_owned(),
+            drop_reason_desc: event.drop_reason.map(|reason| reason.hubble_name().to_owned()),
+            flow_type: "L3_L4".to_owned(),
+            traffic_direction: Some(
+                match event.direction {
+                    sluice_ebpf::Direction::Ingress => "INGRESS",
+                    sluice_ebpf::Direction::Egress => "EGRESS",
+                }
+                .to_owned(),
+            ),
+            source: endpoint(event.source, event.src_identity),
+            destination: endpoint(event.destination, event.dst_identity),
+            l7: None,
+            summary: String::new(),
+            listener: String::new(),
+            cluster: None,
+            attempts: 0,
+            policy: None,
+            generation: context.generation,
+            l4: Some(Layer4::of(event.protocol, event.source.port(), event.destination.port(), event.tcp_flags)),
+            drop_reason: event.drop_reason.map(|reason| reason.code()),
+            trace_observation_point: Some(observation_point.to_owned()),
         };
         let (kind, detail) = record.summary_parts();
         record.summary = format!("{kind} {} ({detail})", record.verdict);
@@ -121,9 +271,15 @@ impl FlowRecord {
     /// `("http-request", "HTTP/1.1 PUT http://deathstar/v1/exhaust-port")`.
     pub fn summary_parts(&self) -> (String, String) {
         let l4_drop = self.drop_reason_desc.as_deref().and_then(l4_drop_words);
+        let l4_detail = || self.l4.as_ref().map_or_else(|| "TCP".to_owned(), Layer4::summary);
         match (&self.l7, l4_drop) {
-            (None, Some(words)) => (words.to_owned(), "TCP".to_owned()),
-            (None, None) => ("to-endpoint".to_owned(), "TCP".to_owned()),
+            (None, Some(words)) => (words.to_owned(), l4_detail()),
+            (None, None) => match (&self.trace_observation_point, &self.drop_reason_desc) {
+                // A kernel drop for another reason reads as its reason.
+                (Some(_), Some(reason)) => (reason.clone(), l4_detail()),
+                (Some(point), None) => (point.to_ascii_lowercase().replace('_', "-"), l4_detail()),
+                (None, _) => ("to-endpoint".to_owned(), l4_detail()),
+            },
             (Some(l7), Some(words)) => (words.to_owned(), request_line(&l7.http)),
             (Some(l7), None) => match l7.http.code {
                 Some(code) if l7.kind == L7_RESPONSE => (
@@ -244,10 +400,10 @@ pub fn reserved_identity_name(identity: u32) -> Option<&'static str> {
 /// the API. Values of one flag are ORed, different flags are ANDed (Hubble's rule).
 #[derive(Debug, Clone, Default, PartialEq, Eq, clap::Args)]
 pub struct FilterArgs {
-    /// Only flows with this verdict: FORWARDED, DROPPED, ERROR.
+    /// Only flows with this verdict: FORWARDED, DROPPED, REDIRECTED (kernel to proxy), ERROR.
     #[arg(long)]
     pub verdict: Vec<String>,
-    /// Only flows of this protocol: http, tcp.
+    /// Only flows of this protocol: http, tcp, udp.
     #[arg(long)]
     pub protocol: Vec<String>,
     /// Only HTTP flows with this status: exact (`404`) or a prefix ending in `+` (`5+`, `40+`).
@@ -368,9 +524,9 @@ impl FilterArgs {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FilterError {
-    #[error("--verdict {0:?}: expected FORWARDED, DROPPED or ERROR")]
+    #[error("--verdict {0:?}: expected FORWARDED, DROPPED, REDIRECTED or ERROR")]
     Verdict(String),
-    #[error("--protocol {0:?}: sluice sees TCP and HTTP flows only; expected http or tcp")]
+    #[error("--protocol {0:?}: expected http, tcp or udp")]
     Protocol(String),
     #[error("--http-status {0:?}: expected a status like 404 or a prefix like 4+ or 40+")]
     HttpStatus(String),
@@ -448,8 +604,10 @@ fn parse_identity(flag: &'static str, raw: &str) -> Result<u32, FilterError> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ProtocolMatch {
     Http,
-    /// Every flow the proxy sees is carried by TCP, HTTP ones included (as in Hubble).
+    /// Every flow the proxy sees is carried by TCP, HTTP ones included (as in Hubble); a
+    /// kernel flow by its L4 header.
     Tcp,
+    Udp,
 }
 
 /// `404` matches exactly; `4+` and `40+` match every code starting with the digits.
@@ -551,7 +709,7 @@ impl FlowFilter {
             .map(|raw| {
                 let upper = raw.to_ascii_uppercase();
                 match upper.as_str() {
-                    "FORWARDED" | "DROPPED" | "ERROR" => Ok(upper),
+                    "FORWARDED" | "DROPPED" | "ERROR" | "REDIRECTED" => Ok(upper),
                     _ => Err(FilterError::Verdict(raw.clone())),
                 }
             })
@@ -562,6 +720,7 @@ impl FlowFilter {
             .map(|raw| match raw.to_ascii_lowercase().as_str() {
                 "http" => Ok(ProtocolMatch::Http),
                 "tcp" => Ok(ProtocolMatch::Tcp),
+                "udp" => Ok(ProtocolMatch::Udp),
                 _ => Err(FilterError::Protocol(raw.clone())),
             })
             .collect::<Result<_, _>>()?;
@@ -636,7 +795,8 @@ impl FlowFilter {
         any_or_empty(&self.verdicts, |verdict| record.verdict == *verdict)
             && any_or_empty(&self.protocols, |protocol| match protocol {
                 ProtocolMatch::Http => http.is_some(),
-                ProtocolMatch::Tcp => true,
+                ProtocolMatch::Tcp => record.l4.as_ref().is_none_or(Layer4::is_tcp),
+                ProtocolMatch::Udp => record.l4.as_ref().is_some_and(|l4| l4.udp.is_some()),
             })
             && any_or_empty(&self.http_statuses, |status| {
                 http.and_then(|http| http.code)
@@ -723,7 +883,16 @@ impl FlowLog {
 
     pub fn record(&self, event: FlowEvent) {
         self.inner.metrics.observe_flow(&event);
-        let record = Arc::new(FlowRecord::from_event(&event));
+        self.push(Arc::new(FlowRecord::from_event(&event)));
+    }
+
+    /// Records a kernel datapath event seen at `time`.
+    pub fn record_kernel(&self, event: &sluice_ebpf::FlowEvent, time: DateTime<Utc>, context: &KernelFlowContext) {
+        self.inner.metrics.observe_kernel_flow(event);
+        self.push(Arc::new(FlowRecord::from_kernel_event(event, time, context)));
+    }
+
+    fn push(&self, record: Arc<FlowRecord>) {
         let mut ring = self
             .inner
             .ring
@@ -1215,8 +1384,8 @@ pub(crate) mod tests {
                 "--verdict \"ALLOWED\"",
             ),
             (
-                args(|a| a.protocol = strings(&["udp"])),
-                "--protocol \"udp\"",
+                args(|a| a.protocol = strings(&["icmp"])),
+                "--protocol \"icmp\"",
             ),
             (
                 args(|a| a.http_status = strings(&["4xx"])),

@@ -8,6 +8,8 @@ pub mod compile;
 pub mod demo;
 pub mod flows;
 pub mod identity;
+pub mod kernel;
+pub mod kernel_view;
 pub mod metrics;
 pub mod reconcile;
 pub mod render;

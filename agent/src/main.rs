@@ -6,8 +6,9 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
-use sluice_agent::agent::{self, AgentConfig};
+use sluice_agent::agent::{self, AgentConfig, AgentDatapath};
 use sluice_agent::cli::{self, ClientCommand};
+use sluice_agent::kernel::{self, KernelConfig};
 
 #[derive(Debug, Parser)]
 #[command(name = "sluice", version, about = "Sidecarless service-mesh data plane and L7 gateway")]
@@ -27,6 +28,8 @@ enum Command {
     Agent(AgentArgs),
     /// Run the Star Wars demo in gateway mode on loopback and print what happened.
     Demo,
+    /// Detach the eBPF programs a stopped agent left attached and remove its pins.
+    Cleanup(CleanupArgs),
     #[command(flatten)]
     Client(ClientCommand),
 }
@@ -39,15 +42,46 @@ pub struct AgentArgs {
     /// Name of this node (its Node object, if any, gives its labels and addresses).
     #[arg(long)]
     pub node: String,
-    /// `none`: gateway mode, clients connect to the proxy's listeners directly.
-    #[arg(long, value_enum, default_value_t = Datapath::None)]
+    /// `ebpf`: kernel policy, socket load balancing and redirects to the proxy; `none`: gateway
+    /// mode, clients connect to the proxy's listeners directly.
+    #[arg(long, value_enum, default_value_t = Datapath::Ebpf)]
     pub datapath: Datapath,
+    /// The cgroup v2 directory whose sockets get Service load balancing (required with
+    /// `--datapath ebpf`; never the root of a hierarchy). Created when missing; cgroup2 is
+    /// mounted on its parent when that is not a cgroup2 directory yet (only if it is empty).
+    #[arg(long)]
+    pub cgroup: Option<PathBuf>,
+    /// Where maps and links are pinned (default `/sys/fs/bpf/sluice/<node>`); bpffs is mounted
+    /// when missing. Pins survive the agent: a restart reuses them and keeps enforcing.
+    #[arg(long)]
+    pub bpffs: Option<PathBuf>,
+    /// Port of the proxy's transparent listener on 127.0.0.1, where the kernel redirects flows
+    /// that need L7 policy or a CiliumEnvoyConfig.
+    #[arg(long, default_value_t = kernel::DEFAULT_PROXY_PORT)]
+    pub proxy_port: u16,
+    /// On exit, detach every program and remove the pins (by default they stay, and the node
+    /// keeps enforcing the last state until the next agent starts).
+    #[arg(long)]
+    pub cleanup_on_exit: bool,
     /// Proxy worker threads (default: one per core).
     #[arg(long)]
     pub proxy_workers: Option<usize>,
     /// Prometheus metrics listen address.
     #[arg(long, default_value = "127.0.0.1:9965")]
     pub metrics_address: SocketAddr,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct CleanupArgs {
+    /// The node whose default pin directory (`/sys/fs/bpf/sluice/<node>`) is cleaned.
+    #[arg(long, required_unless_present = "bpffs")]
+    pub node: Option<String>,
+    /// The agent's `--bpffs`, when it was not the default.
+    #[arg(long)]
+    pub bpffs: Option<PathBuf>,
+    /// The agent's `--cgroup`: its socket hooks are detached too.
+    #[arg(long)]
+    pub cgroup: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -95,22 +129,47 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let runtime = || tokio::runtime::Runtime::new().context("starting the async runtime");
     match cli.command {
         Command::Agent(args) => {
-            if args.datapath == Datapath::Ebpf {
-                anyhow::bail!(
-                    "--datapath ebpf: the eBPF datapath is not built yet (issue #3); run with --datapath none (gateway mode)"
-                );
-            }
+            let datapath = match args.datapath {
+                Datapath::None => AgentDatapath::Gateway,
+                Datapath::Ebpf => {
+                    let Some(cgroup) = args.cgroup else {
+                        anyhow::bail!(
+                            "--datapath ebpf needs --cgroup PATH: the cgroup v2 directory of the pods' processes (sluice never attaches to a hierarchy's root); or run gateway mode with --datapath none"
+                        );
+                    };
+                    AgentDatapath::Kernel(KernelConfig {
+                        pin_dir: args.bpffs.unwrap_or_else(|| kernel::default_pin_dir(&args.node)),
+                        cgroup,
+                        proxy_port: args.proxy_port,
+                        cleanup_on_exit: args.cleanup_on_exit,
+                    })
+                }
+            };
             let workers = args
                 .proxy_workers
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-            runtime()?.block_on(agent::run(AgentConfig {
+            let config = AgentConfig {
                 config_dir: args.config_dir,
                 node: args.node,
                 state_dir: cli.state_dir,
                 proxy_workers: workers,
                 metrics_address: Some(args.metrics_address),
                 serve_api: true,
-            }))?;
+            };
+            runtime()?.block_on(agent::run(config, datapath))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Cleanup(args) => {
+            let pin_dir = match (args.bpffs, args.node) {
+                (Some(pin_dir), _) => pin_dir,
+                (None, Some(node)) => kernel::default_pin_dir(&node),
+                (None, None) => anyhow::bail!("sluice cleanup needs --node or --bpffs"),
+            };
+            if kernel::cleanup_pinned(&pin_dir, args.cgroup.as_deref())? {
+                println!("removed the eBPF datapath pinned under {}", pin_dir.display());
+            } else {
+                println!("nothing pinned under {}", pin_dir.display());
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo => {

@@ -354,6 +354,39 @@ impl Metrics {
         }
     }
 
+    /// Counts one kernel datapath event: every flow in `hubble_flows_processed_total`, every
+    /// drop in `hubble_drop_total`, policy drops in `hubble_policy_verdicts_total`.
+    pub fn observe_kernel_flow(&self, event: &sluice_ebpf::FlowEvent) {
+        let dropped = event.verdict == sluice_ebpf::Verdict::Dropped;
+        let (r#type, subtype) = match event.verdict {
+            sluice_ebpf::Verdict::Dropped => ("Drop", ""),
+            sluice_ebpf::Verdict::Redirected => ("Trace", "to-proxy"),
+            sluice_ebpf::Verdict::Forwarded => ("Trace", "to-endpoint"),
+        };
+        self.flows_processed
+            .get_or_create(&FlowLabels { r#type, subtype, verdict: event.verdict.hubble_name() })
+            .inc();
+        let Some(reason) = event.drop_reason.filter(|_| dropped) else { return };
+        let protocol = match event.protocol {
+            sluice_ebpf::state::IPPROTO_TCP => "TCP",
+            sluice_ebpf::state::IPPROTO_UDP => "UDP",
+            sluice_ebpf::state::IPPROTO_ICMP => "ICMPv4",
+            sluice_ebpf::state::IPPROTO_SCTP => "SCTP",
+            _ => "UNKNOWN",
+        };
+        self.drops.get_or_create(&DropLabels { reason: reason.hubble_name(), protocol }).inc();
+        let r#match = match reason {
+            sluice_ebpf::DropReason::PolicyDenied => "none",
+            sluice_ebpf::DropReason::PolicyDeny | sluice_ebpf::DropReason::AuthRequired => "l3-l4",
+            _ => return,
+        };
+        let direction = match event.direction {
+            sluice_ebpf::Direction::Ingress => "ingress",
+            sluice_ebpf::Direction::Egress => "egress",
+        };
+        self.policy_verdicts.get_or_create(&PolicyVerdictLabels { direction, r#match, action: "dropped" }).inc();
+    }
+
     pub fn add_lost_events(&self, source: &'static str, count: u64) {
         match source {
             LOST_SOURCE_PROXY_QUEUE => self.lost_proxy_queue.inc_by(count),

@@ -1,10 +1,11 @@
 //! Reconcile (compile -> datapath): file changes -> store -> model -> identities -> compile ->
-//! `apply` to the proxy -> the snapshot the API serves.
+//! `apply` to the kernel (eBPF mode), then to the proxy -> the snapshot the API serves.
 //!
-//! A failed apply leaves the proxy on its previous tables; the error is reported in status and
-//! the next change tries again.
+//! A failed apply leaves the proxy (or the kernel) on its previous state; the error is reported
+//! in status and the next change tries again.
 
 use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -12,8 +13,13 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use sluice_envoy_config::{parse_file, Kind, Model, Object, ObjectKey};
 use sluice_proxy::{Applied, Handle};
 
-use crate::compile::{self, Compiled};
+use arc_swap::ArcSwap;
+
+use crate::compile::bpf::{self as bpf_compile, BpfCompiled};
+use crate::compile::{self, Compiled, DatapathMode};
+use crate::flows::KernelFlowContext;
 use crate::identity::Identities;
+use crate::kernel::{self, Kernel, KernelReadback, PodInterface};
 use crate::metrics::Metrics;
 use crate::source::FileChange;
 use crate::store::{Parsed, Store};
@@ -32,6 +38,42 @@ pub struct Reconciler {
     next_generation: u64,
     /// Why the config dir cannot be read right now (shown first among the errors).
     source_problem: Option<String>,
+    /// `--datapath ebpf`: the loaded kernel half.
+    kernel: Option<KernelPart>,
+    /// Who is behind the addresses kernel flow events carry.
+    flow_context: Arc<ArcSwap<KernelFlowContext>>,
+}
+
+/// The kernel datapath and what the last reconcile found on the node.
+struct KernelPart {
+    kernel: Kernel,
+    /// Local pod addresses and the interfaces they had, to notice veths coming and going.
+    local_pods: BTreeMap<Ipv4Addr, String>,
+    interfaces: BTreeMap<Ipv4Addr, PodInterface>,
+}
+
+/// What applying to the kernel gave.
+struct KernelOutcome {
+    compiled: BpfCompiled,
+    readback: KernelReadback,
+    /// Problems to show as errors (the kernel keeps its previous state for them).
+    errors: Vec<String>,
+    last_apply: Vec<String>,
+}
+
+fn delta_lines(delta: &sluice_ebpf::BpfDelta) -> Vec<String> {
+    [
+        ("ipcache", delta.ipcache),
+        ("endpoints", delta.endpoints),
+        ("policy", delta.policy),
+        ("services", delta.services),
+        ("backends", delta.backends),
+        ("maglev", delta.maglev),
+    ]
+    .into_iter()
+    .filter(|(_, c)| *c != sluice_ebpf::MapChanges::default())
+    .map(|(map, c)| format!("{map} +{} ~{} -{}", c.added, c.updated, c.removed))
+    .collect()
 }
 
 fn to_parsed(result: Result<Object, sluice_envoy_config::ConfigError>) -> Parsed<ObjectKey, Object> {
@@ -66,7 +108,61 @@ impl Reconciler {
             metrics,
             next_generation: 1,
             source_problem: None,
+            kernel: None,
+            flow_context: Arc::new(ArcSwap::from_pointee(KernelFlowContext::default())),
         }
+    }
+
+    /// Enforces through `kernel` from the next reconcile on.
+    pub fn with_kernel(mut self, kernel: Kernel) -> Self {
+        self.kernel = Some(KernelPart { kernel, local_pods: BTreeMap::new(), interfaces: BTreeMap::new() });
+        self
+    }
+
+    /// Names and generation for kernel flow events, kept current by every reconcile.
+    pub fn flow_context(&self) -> Arc<ArcSwap<KernelFlowContext>> {
+        self.flow_context.clone()
+    }
+
+    /// Gives up the kernel half (to clean it up when the agent stops).
+    pub fn take_kernel(&mut self) -> Option<Kernel> {
+        self.kernel.take().map(|part| part.kernel)
+    }
+
+    /// Whether a local pod's interface appeared, disappeared or changed since the last
+    /// reconcile (then the kernel state must be compiled again).
+    pub fn pod_interfaces_changed(&self) -> bool {
+        self.kernel.as_ref().is_some_and(|part| kernel::find_pod_interfaces(&part.local_pods) != part.interfaces)
+    }
+
+    fn mode(&self) -> DatapathMode {
+        match &self.kernel {
+            Some(part) => DatapathMode::Kernel { proxy_port: part.kernel.config().proxy_port },
+            None => DatapathMode::Gateway,
+        }
+    }
+
+    /// Attaches to the local pods' interfaces, compiles the kernel state and applies it.
+    fn apply_kernel(&mut self, model: &Model, compiled: &Compiled) -> Option<KernelOutcome> {
+        let node = self.node.clone();
+        let part = self.kernel.as_mut()?;
+        let proxy_port = part.kernel.config().proxy_port;
+        part.local_pods = bpf_compile::local_pods(model, &node);
+        part.interfaces = kernel::find_pod_interfaces(&part.local_pods);
+        let (ready, mut errors) = part.kernel.attach_pods(&part.interfaces);
+        let bpf = bpf_compile::compile_bpf(model, &compiled.tables, &compiled.l7_service_ports, &node, &ready, proxy_port);
+        let last_apply = match part.kernel.apply(&bpf.state) {
+            Ok(delta) => delta_lines(&delta),
+            Err(e) => {
+                errors.push(format!("kernel datapath: {e}; the kernel keeps its previous state"));
+                Vec::new()
+            }
+        };
+        let readback = part.kernel.read_back().unwrap_or_else(|e| {
+            errors.push(format!("kernel datapath: reading the maps back: {e}"));
+            KernelReadback::default()
+        });
+        Some(KernelOutcome { compiled: bpf, readback, errors, last_apply })
     }
 
     /// Reports (or, with `None`, clears) a problem with the config dir as a whole. The applied
@@ -159,11 +255,16 @@ impl Reconciler {
 
         let generation = self.next_generation;
         self.next_generation += 1;
-        let compiled = compile::compile(&model, &self.identities, &self.node, generation);
+        let compiled = compile::compile_for(&model, &self.identities, &self.node, generation, self.mode());
+        let kernel = self.apply_kernel(&model, &compiled);
         let tables = compiled.tables.clone();
         match self.proxy.apply(tables) {
             Ok(applied) => {
-                let snapshot = self.snapshot_of(&model, &files, file_views, config_errors, compiled, &applied);
+                self.flow_context.store(Arc::new(KernelFlowContext { peers: compiled.tables.peers.clone(), generation }));
+                let mut snapshot = self.snapshot_of(&model, &files, file_views, config_errors, compiled, &applied);
+                if let Some(outcome) = kernel {
+                    self.add_kernel_state(&mut snapshot, outcome);
+                }
                 for error in &snapshot.status.errors {
                     tracing::warn!(%error, "configuration error");
                 }
@@ -185,12 +286,45 @@ impl Reconciler {
                 previous.status.errors = config_errors;
                 previous.status.files = file_views;
                 previous.status.errors.extend(compiled.errors);
+                if let Some(outcome) = kernel {
+                    previous.status.errors.extend(outcome.errors);
+                }
                 previous.status.errors.push(message);
                 self.metrics.set_config_state(previous.status.errors.len(), previous.status.generation);
                 self.snapshot.store(Arc::new(previous));
                 None
             }
         }
+    }
+
+    fn add_kernel_state(&self, snapshot: &mut Snapshot, outcome: KernelOutcome) {
+        let Some(part) = &self.kernel else { return };
+        let names: BTreeMap<u32, String> =
+            part.interfaces.values().map(|interface| (interface.ifindex, interface.name.clone())).collect();
+        crate::kernel_view::add_kernel_views(snapshot, &part.local_pods, &outcome.compiled, &outcome.readback, &names);
+        for error in &outcome.errors {
+            tracing::error!(%error, "kernel datapath");
+        }
+        snapshot.status.errors.extend(outcome.errors);
+        snapshot.status.warnings.extend(outcome.compiled.warnings.iter().cloned());
+        snapshot.status.warnings.sort();
+        let config = part.kernel.config();
+        snapshot.status.datapath = "ebpf".to_string();
+        snapshot.status.kernel = Some(crate::view::KernelStatusView {
+            pin_dir: config.pin_dir.display().to_string(),
+            cgroup: config.cgroup.display().to_string(),
+            proxy_port: config.proxy_port,
+            interfaces: outcome
+                .readback
+                .endpoints
+                .iter()
+                .filter_map(|e| names.get(&e.ifindex).cloned())
+                .collect(),
+            endpoints: outcome.readback.endpoints.len(),
+            services: outcome.readback.services.len(),
+            policy_entries: outcome.readback.policy.len(),
+            last_apply: outcome.last_apply,
+        });
     }
 
     fn snapshot_of(
@@ -243,6 +377,7 @@ impl Reconciler {
                 flows_seen: previous.status.flows_seen,
                 flows_lost: previous.status.flows_lost,
                 files: file_views,
+                kernel: None,
             },
             endpoints: compiled.endpoints,
             identities: compiled.identities,

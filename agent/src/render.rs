@@ -366,6 +366,7 @@ Nov 22 19:01:02.123   default/tiefighter:40000 (ID:257)   default/deathstar-0:80
 
     fn deathstar(replica: u8) -> EndpointView {
         EndpointView {
+            kernel: None,
             namespace: "default".to_owned(),
             name: format!("deathstar-{replica}"),
             ip: format!("198.18.0.2{replica}").parse().expect("ip"),
@@ -437,6 +438,7 @@ ID    LABELS                ENDPOINTS
     #[test]
     fn policy_and_service_tables() {
         let policies = [PolicyView {
+            kernel: Vec::new(),
             kind: "CiliumNetworkPolicy".to_owned(),
             namespace: Some("default".to_owned()),
             name: "rule1".to_owned(),
@@ -458,6 +460,7 @@ default/rule1   CiliumNetworkPolicy   sw_l3_l4_l7_policy.yaml   default/deathsta
 "
         );
         let services = [ServiceView {
+            kernel: None,
             name: "default/deathstar:80".to_owned(),
             kind: "ClusterIP".to_owned(),
             frontend: None,
@@ -477,6 +480,7 @@ default/deathstar:80   ClusterIP   -          default/deathstar:80   default/env
     #[test]
     fn status_lists_errors_under_the_summary() {
         let status = StatusView {
+            kernel: None,
             node: "node-1".to_owned(),
             datapath: "none".to_owned(),
             config_dir: "/etc/sluice".to_owned(),

@@ -44,6 +44,28 @@ pub struct StatusView {
     /// The config dir's manifests, in path order (absent from agents before it was added).
     #[serde(default)]
     pub files: Vec<FileStatusView>,
+    /// `--datapath ebpf`: the kernel half; absent in gateway mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<KernelStatusView>,
+}
+
+/// The kernel datapath as the last apply left it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelStatusView {
+    /// Where maps and links are pinned (`--bpffs`).
+    pub pin_dir: String,
+    /// The cgroup whose sockets are load-balanced (`--cgroup`).
+    pub cgroup: String,
+    /// The proxy's transparent listener (127.0.0.1), where L7 flows are redirected.
+    pub proxy_port: u16,
+    /// Host-side interfaces with the TC programs attached.
+    pub interfaces: Vec<String>,
+    /// Entries in the kernel's maps, read back after the last apply.
+    pub endpoints: usize,
+    pub services: usize,
+    pub policy_entries: usize,
+    /// What the last apply changed, e.g. `policy +4 ~0 -2`.
+    pub last_apply: Vec<String>,
 }
 
 /// One manifest file of the config dir as the agent holds it now.
@@ -72,6 +94,31 @@ pub struct EndpointView {
     pub egress_enforced: bool,
     pub ingress: Vec<RuleView>,
     pub egress: Vec<RuleView>,
+    /// `--datapath ebpf`, pods of this node: what the kernel holds for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<KernelEndpointView>,
+}
+
+/// A local endpoint as the kernel's maps hold it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelEndpointView {
+    /// The host-side interface its TC programs are attached to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interface: Option<String>,
+    /// The endpoints map's entry; `None`: the kernel does not enforce this pod (see warnings).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entry: Option<KernelEndpointEntry>,
+    /// The policy map's entries for this endpoint (after range splitting and deny
+    /// intersection), e.g. `ingress allow 257 TCP/80`, `egress redirect:15001 any TCP/80`.
+    pub policy: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelEndpointEntry {
+    pub identity: u32,
+    pub ifindex: u32,
+    pub ingress_enforced: bool,
+    pub egress_enforced: bool,
 }
 
 /// One compiled allow or deny rule of an endpoint, in the terms the proxy enforces.
@@ -108,6 +155,18 @@ pub struct PolicyView {
     pub rules: Vec<String>,
     /// `namespace/pod` of the endpoints it selects.
     pub selects: Vec<String>,
+    /// `--datapath ebpf`: the kernel's policy entries of the selected pods of this node (all
+    /// policies selecting a pod together make its entries).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kernel: Vec<KernelPolicyView>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelPolicyView {
+    /// `namespace/pod`.
+    pub endpoint: String,
+    /// As in [`KernelEndpointView::policy`].
+    pub entries: Vec<String>,
 }
 
 /// A frontend the proxy listens on: a Service port or a CiliumEnvoyConfig listener.
@@ -124,6 +183,24 @@ pub struct ServiceView {
     /// The CiliumEnvoyConfig that redirects it, if any (`namespace/name`).
     pub envoy_config: Option<String>,
     pub backends: Vec<SocketAddr>,
+    /// `--datapath ebpf`: the socket-LB entry for this Service port, read back from the kernel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<KernelServiceView>,
+}
+
+/// A Service port in the kernel's socket load-balancing maps.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelServiceView {
+    /// `ClusterIP:port`.
+    pub vip: SocketAddr,
+    /// `TCP` or `UDP`.
+    pub protocol: String,
+    /// Listed in a CiliumEnvoyConfig: connect() keeps the VIP and TC redirects to this proxy port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub l7_proxy_port: Option<u16>,
+    /// The backends the Maglev table points to.
+    pub backends: Vec<SocketAddr>,
+    pub maglev_size: u32,
 }
 
 #[cfg(test)]

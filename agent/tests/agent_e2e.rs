@@ -1,4 +1,4 @@
-//! End-to-end tests of `sluice agent` (gateway mode): the real binary on a temp config dir and
+//! End-to-end tests of `sluice agent --datapath none` (gateway mode): the real binary on a temp config dir and
 //! state dir, real backends and clients on loopback addresses, the CLI against its socket.
 //!
 //! Each test uses its own 127.x.0.0/16 range and ports, so tests can run in parallel.
@@ -488,17 +488,17 @@ async fn identities_survive_a_restart() -> Result<()> {
 }
 
 #[test]
-fn ebpf_datapath_is_refused_with_a_clear_message() -> Result<()> {
+fn the_default_ebpf_datapath_needs_a_cgroup_and_says_so() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let output = Command::new(SLUICE)
-        .args(["agent", "--node", "n", "--datapath", "ebpf", "--config-dir"])
+        .args(["agent", "--node", "n", "--config-dir"])
         .arg(dir.path())
         .arg("--state-dir")
         .arg(dir.path())
         .output()?;
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("the eBPF datapath is not built yet (issue #3)"), "{stderr}");
+    assert!(stderr.contains("--datapath ebpf needs --cgroup PATH"), "{stderr}");
     Ok(())
 }
 

@@ -3,6 +3,7 @@
 //! No I/O and no clock: the same model, identities and node always give the same output, which
 //! is what the golden tests under `agent/tests/golden/` pin down.
 
+pub mod bpf;
 pub mod envoy;
 pub mod policy;
 pub mod services;
@@ -35,6 +36,18 @@ pub struct Compiled {
     pub policies: Vec<PolicyView>,
     /// `frontend` is the configured address; automatic ports are known only after apply.
     pub services: Vec<ServiceView>,
+    /// Service ports a CiliumEnvoyConfig redirects: (namespace, name, port) -> CEC listener.
+    pub l7_service_ports: BTreeMap<(String, String, u16), String>,
+}
+
+/// Which datapath the proxy tables are compiled for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DatapathMode {
+    /// `--datapath none`: clients connect to the proxy's listeners themselves.
+    Gateway,
+    /// `--datapath ebpf`: the kernel also redirects L7 flows to a transparent listener on
+    /// `proxy_port`.
+    Kernel { proxy_port: u16 },
 }
 
 /// The security-relevant labels of `pod` in `model` (its namespace's labels included).
@@ -50,7 +63,12 @@ struct PodEntry<'a> {
     identity: Identity,
 }
 
+/// Gateway-mode tables (`--datapath none`).
 pub fn compile(model: &Model, identities: &Identities, node: &str, generation: u64) -> Compiled {
+    compile_for(model, identities, node, generation, DatapathMode::Gateway)
+}
+
+pub fn compile_for(model: &Model, identities: &Identities, node: &str, generation: u64, mode: DatapathMode) -> Compiled {
     let mut warnings = Warnings::new();
     let mut errors = Vec::new();
 
@@ -132,13 +150,14 @@ pub fn compile(model: &Model, identities: &Identities, node: &str, generation: u
     let frontends = services::compile_frontends(model, &own_labels, &mut warnings);
     errors.extend(frontends.errors);
 
-    Compiled {
+    let mut compiled = Compiled {
         tables: ProxyTables {
             generation,
             listeners: frontends.listeners,
             clusters: frontends.clusters,
             peers,
             policies,
+            ..ProxyTables::default()
         },
         warnings: warnings.into_iter().collect(),
         errors,
@@ -146,7 +165,12 @@ pub fn compile(model: &Model, identities: &Identities, node: &str, generation: u
         policies: policy_views(&named, &pods),
         endpoints,
         services: frontends.views,
+        l7_service_ports: frontends.l7_service_ports,
+    };
+    if let DatapathMode::Kernel { proxy_port } = mode {
+        bpf::add_transparent_proxy(model, node, &mut compiled, proxy_port);
     }
+    compiled
 }
 
 fn endpoint_view(entry: &PodEntry<'_>, node: &str, policy: Option<&EndpointPolicy>) -> EndpointView {
@@ -163,6 +187,7 @@ fn endpoint_view(entry: &PodEntry<'_>, node: &str, policy: Option<&EndpointPolic
         egress_enforced: policy.egress.default_deny,
         ingress: rule_views(&policy.ingress),
         egress: rule_views(&policy.egress),
+        kernel: None,
     }
 }
 
@@ -303,6 +328,7 @@ fn policy_views(named: &[NamedPolicy<'_>], pods: &[PodEntry<'_>]) -> Vec<PolicyV
                 file: String::new(),
                 rules,
                 selects: selects.into_iter().collect(),
+                kernel: Vec::new(),
             }
         })
         .collect()

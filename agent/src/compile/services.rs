@@ -25,6 +25,9 @@ pub struct Frontends {
     pub clusters: BTreeMap<String, Arc<tables::Cluster>>,
     pub views: Vec<ServiceView>,
     pub errors: Vec<String>,
+    /// Service ports a CiliumEnvoyConfig lists in `services[]`: (namespace, name, port) -> the
+    /// CEC listener serving them. The kernel datapath sends their VIP to the proxy untranslated.
+    pub l7_service_ports: BTreeMap<(String, String, u16), String>,
 }
 
 pub fn frontend_listener_name(service: &Service, port: &ServicePort) -> String {
@@ -262,6 +265,8 @@ pub fn compile_frontends(model: &Model, own_node_labels: &LabelSet, warnings: &m
         }
     }
 
+    out.l7_service_ports = redirects.iter().map(|(key, (listener, _))| (key.clone(), listener.clone())).collect();
+
     // Service frontends.
     for service in model.services() {
         for port in &service.ports {
@@ -289,11 +294,12 @@ pub fn compile_frontends(model: &Model, own_node_labels: &LabelSet, warnings: &m
                 kind: format!("{:?}", service.service_type),
                 frontend: match frontend_bind(service, port) {
                     Bind::Addr(addr) => Some(addr),
-                    Bind::LoopbackAuto => None,
+                    _ => None,
                 },
                 listener: listener_name.clone(),
                 envoy_config: redirect.map(|(_, config)| config.clone()),
                 backends,
+                kernel: None,
             });
             out.listeners.push(tables::Listener { name: listener_name, bind: frontend_bind(service, port), http });
         }
@@ -370,11 +376,12 @@ pub fn compile_frontends(model: &Model, own_node_labels: &LabelSet, warnings: &m
             kind: "CEC-listener".to_string(),
             frontend: match resolved.listener.bind {
                 Bind::Addr(addr) => Some(addr),
-                Bind::LoopbackAuto => None,
+                _ => None,
             },
             listener: name,
             envoy_config: Some(resolved.config.split_once(' ').map_or(resolved.config.clone(), |(_, r)| r.to_string())),
             backends: backends.into_iter().collect(),
+            kernel: None,
         });
         out.listeners.push(resolved.listener);
     }
