@@ -6,7 +6,9 @@ use std::io::Write as _;
 use chrono::DateTime;
 
 use crate::flows::{reserved_identity_name, FlowEndpoint, FlowRecord};
-use crate::view::{EndpointView, IdentityView, PolicyView, ServiceView, StatusView};
+use crate::view::{
+    EndpointView, IdentityView, KernelEndpointView, KernelServiceView, PolicyView, ServiceView, StatusView,
+};
 
 /// Gap between columns, as cilium-dbg's tab writer uses.
 const COLUMN_GAP: usize = 3;
@@ -113,6 +115,28 @@ pub fn render_status(status: &StatusView) -> String {
         ("Config errors:", status.errors.len().to_string()),
         ("Warnings:", status.warnings.len().to_string()),
     ];
+    let kernel_rows = status.kernel.iter().flat_map(|kernel| {
+        [
+            ("Kernel pins:", kernel.pin_dir.clone()),
+            ("Socket LB cgroup:", kernel.cgroup.clone()),
+            ("Proxy redirect port:", format!("127.0.0.1:{}", kernel.proxy_port)),
+            (
+                "Kernel maps:",
+                format!(
+                    "{} endpoints on {} interfaces, {} policy entries, {} services",
+                    kernel.endpoints,
+                    kernel.interfaces.len(),
+                    kernel.policy_entries,
+                    kernel.services
+                ),
+            ),
+            (
+                "Last kernel apply:",
+                if kernel.last_apply.is_empty() { "no change".to_owned() } else { kernel.last_apply.join(", ") },
+            ),
+        ]
+    });
+    let rows: Vec<(&str, String)> = rows.into_iter().chain(kernel_rows).collect();
     let lines: Vec<Vec<&str>> = rows
         .iter()
         .map(|(key, value)| vec![*key, value.as_str()])
@@ -174,11 +198,26 @@ fn render_files(status: &StatusView) -> String {
     table(&["FILE", "OBJECTS", "ERRORS", "KEPT LAST GOOD"], &rows)
 }
 
+/// The kernel's side of a local endpoint: interface, map entry, policy entry count.
+fn kernel_endpoint_lines(kernel: &KernelEndpointView) -> Vec<String> {
+    let Some(entry) = &kernel.entry else {
+        return vec!["not enforced (see status warnings)".to_owned()];
+    };
+    vec![
+        format!("{} (ifindex {})", kernel.interface.as_deref().unwrap_or("?"), entry.ifindex),
+        format!("identity {}", entry.identity),
+        format!("ingress {}, egress {}", enabled(entry.ingress_enforced), enabled(entry.egress_enforced)),
+        format!("{} policy entries", kernel.policy.len()),
+    ]
+}
+
 pub fn render_endpoints(endpoints: &[EndpointView]) -> String {
+    // The kernel column appears only where a kernel datapath runs.
+    let with_kernel = endpoints.iter().any(|e| e.kernel.is_some());
     let rows: Vec<_> = endpoints
         .iter()
         .map(|endpoint| {
-            vec![
+            let mut row = vec![
                 cell(format!("{}/{}", endpoint.namespace, endpoint.name)),
                 cell(endpoint.identity),
                 cell(enabled(endpoint.ingress_enforced)),
@@ -186,21 +225,26 @@ pub fn render_endpoints(endpoints: &[EndpointView]) -> String {
                 cell(endpoint.ip),
                 cell(&endpoint.node),
                 lines_or_dash(&endpoint.labels),
-            ]
+            ];
+            if with_kernel {
+                row.push(endpoint.kernel.as_ref().map_or_else(|| cell("-"), kernel_endpoint_lines));
+            }
+            row
         })
         .collect();
-    table(
-        &[
-            "ENDPOINT",
-            "IDENTITY",
-            "POLICY (ingress) ENFORCEMENT",
-            "POLICY (egress) ENFORCEMENT",
-            "IP",
-            "NODE",
-            "LABELS",
-        ],
-        &rows,
-    )
+    let mut header = vec![
+        "ENDPOINT",
+        "IDENTITY",
+        "POLICY (ingress) ENFORCEMENT",
+        "POLICY (egress) ENFORCEMENT",
+        "IP",
+        "NODE",
+        "LABELS",
+    ];
+    if with_kernel {
+        header.push("KERNEL");
+    }
+    table(&header, &rows)
 }
 
 pub fn render_identities(identities: &[IdentityView]) -> String {
@@ -218,6 +262,7 @@ pub fn render_identities(identities: &[IdentityView]) -> String {
 }
 
 pub fn render_policies(policies: &[PolicyView]) -> String {
+    let with_kernel = policies.iter().any(|p| !p.kernel.is_empty());
     let rows: Vec<_> = policies
         .iter()
         .map(|policy| {
@@ -225,24 +270,52 @@ pub fn render_policies(policies: &[PolicyView]) -> String {
                 Some(namespace) => format!("{namespace}/{}", policy.name),
                 None => policy.name.clone(),
             };
-            vec![
+            let mut row = vec![
                 cell(name),
                 cell(&policy.kind),
                 cell(&policy.file),
                 lines_or_dash(&policy.selects),
                 lines_or_dash(&policy.rules),
-            ]
+            ];
+            if with_kernel {
+                let entries: Vec<String> = policy
+                    .kernel
+                    .iter()
+                    .flat_map(|endpoint| {
+                        std::iter::once(format!("{}:", endpoint.endpoint))
+                            .chain(endpoint.entries.iter().map(|entry| format!("  {entry}")))
+                    })
+                    .collect();
+                row.push(lines_or_dash(&entries));
+            }
+            row
         })
         .collect();
-    table(&["POLICY", "KIND", "FILE", "SELECTS", "RULES"], &rows)
+    let mut header = vec!["POLICY", "KIND", "FILE", "SELECTS", "RULES"];
+    if with_kernel {
+        header.push("KERNEL ENTRIES (local pods)");
+    }
+    table(&header, &rows)
+}
+
+/// The socket-LB entry of a Service port: VIP, then where connections go.
+fn kernel_service_lines(kernel: &KernelServiceView) -> Vec<String> {
+    let first = format!("{}/{}", kernel.vip, kernel.protocol);
+    let rest: Vec<String> = match kernel.l7_proxy_port {
+        Some(port) => vec![format!("VIP kept, redirected to proxy :{port}")],
+        None if kernel.backends.is_empty() => vec!["no backends: refused".to_owned()],
+        None => kernel.backends.iter().map(|b| format!("-> {b}")).collect(),
+    };
+    std::iter::once(first).chain(rest).collect()
 }
 
 pub fn render_services(services: &[ServiceView]) -> String {
+    let with_kernel = services.iter().any(|s| s.kernel.is_some());
     let rows: Vec<_> = services
         .iter()
         .map(|service| {
             let backends: Vec<String> = service.backends.iter().map(ToString::to_string).collect();
-            vec![
+            let mut row = vec![
                 cell(&service.name),
                 cell(&service.kind),
                 cell(
@@ -253,20 +326,18 @@ pub fn render_services(services: &[ServiceView]) -> String {
                 cell(&service.listener),
                 cell(service.envoy_config.as_deref().unwrap_or("-")),
                 lines_or_dash(&backends),
-            ]
+            ];
+            if with_kernel {
+                row.push(service.kernel.as_ref().map_or_else(|| cell("-"), kernel_service_lines));
+            }
+            row
         })
         .collect();
-    table(
-        &[
-            "SERVICE",
-            "KIND",
-            "FRONTEND",
-            "LISTENER",
-            "ENVOY CONFIG",
-            "BACKENDS",
-        ],
-        &rows,
-    )
+    let mut header = vec!["SERVICE", "KIND", "FRONTEND", "LISTENER", "ENVOY CONFIG", "BACKENDS"];
+    if with_kernel {
+        header.push("KERNEL (socket LB)");
+    }
+    table(&header, &rows)
 }
 
 /// `default/tiefighter:40000 (ID:257)`; the address when no pod is known; `(world)` for reserved identities.

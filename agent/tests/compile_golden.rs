@@ -6,7 +6,9 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use sluice_agent::compile::{self, Compiled};
+use sluice_agent::compile::bpf::{self, BpfCompiled};
+use sluice_agent::compile::{self, Compiled, DatapathMode};
+use sluice_agent::kernel_view::policy_entry_text;
 use sluice_agent::demo::scheduler::{self, Addresses};
 use sluice_agent::identity::Identities;
 use sluice_agent::store::{Parsed, Store};
@@ -43,6 +45,22 @@ impl Scenario {
     }
 
     fn compile(&self) -> (Compiled, Vec<String>) {
+        let (model, identities, errors) = self.model();
+        (compile::compile(&model, &identities, NODE, 1), errors)
+    }
+
+    /// `--datapath ebpf`: the proxy tables with the transparent listener and the kernel state,
+    /// every local pod behind interface 100 + its index.
+    fn compile_kernel(&self) -> (Compiled, BpfCompiled, Vec<String>) {
+        let (model, identities, errors) = self.model();
+        let compiled = compile::compile_for(&model, &identities, NODE, 1, DatapathMode::Kernel { proxy_port: PROXY_PORT });
+        let interfaces = bpf::local_pods(&model, NODE).keys().zip(100..).map(|(ip, ifindex)| (*ip, ifindex)).collect();
+        let kernel =
+            bpf::compile_bpf(&model, &compiled.tables, &compiled.l7_service_ports, NODE, &interfaces, PROXY_PORT);
+        (compiled, kernel, errors)
+    }
+
+    fn model(&self) -> (Model, Identities, Vec<String>) {
         let mut store: Store<ObjectKey, Object> = Store::new();
         for (name, text) in &self.files {
             let docs = parse_file(name, text)
@@ -60,9 +78,11 @@ impl Scenario {
         for pod in model.pods().filter(|p| !p.pod_ips.is_empty()) {
             identities.allocate(&compile::pod_labels(&model, pod));
         }
-        (compile::compile(&model, &identities, NODE, 1), merged.errors)
+        (model, identities, merged.errors)
     }
 }
+
+const PROXY_PORT: u16 = 15001;
 
 fn render(compiled: &Compiled, config_errors: &[String]) -> Result<String> {
     let mut out = String::new();
@@ -90,13 +110,77 @@ fn render(compiled: &Compiled, config_errors: &[String]) -> Result<String> {
     Ok(out)
 }
 
+/// The kernel state in words, and what the proxy gets on top of its gateway tables.
+fn render_kernel(compiled: &Compiled, kernel: &BpfCompiled, config_errors: &[String]) -> Result<String> {
+    let mut out = String::new();
+    writeln!(out, "## config errors")?;
+    for e in config_errors.iter().chain(&compiled.errors) {
+        writeln!(out, "{e}")?;
+    }
+    writeln!(out, "\n## kernel warnings")?;
+    for w in &kernel.warnings {
+        writeln!(out, "{w}")?;
+    }
+    writeln!(out, "\n## kernel endpoints")?;
+    for e in &kernel.state.endpoints {
+        writeln!(
+            out,
+            "{} identity {} ifindex {} ingress {} egress {}",
+            e.ip,
+            e.identity,
+            e.ifindex,
+            if e.enforce_ingress { "enforced" } else { "open" },
+            if e.enforce_egress { "enforced" } else { "open" }
+        )?;
+        for entry in &e.policy {
+            writeln!(out, "  {}", policy_entry_text(entry))?;
+        }
+    }
+    writeln!(out, "\n## kernel ipcache")?;
+    for entry in &kernel.state.ipcache {
+        writeln!(out, "{} -> {}", entry.cidr, entry.identity)?;
+    }
+    writeln!(out, "\n## kernel services")?;
+    for (service, name) in kernel.state.services.iter().zip(&kernel.service_names) {
+        let target = match service.l7_proxy_port {
+            Some(port) => format!("VIP kept, proxy port {port}"),
+            None => format!("{:?}", service.backends),
+        };
+        writeln!(out, "{name} {}:{} {:?} -> {target}", service.vip, service.port, service.protocol)?;
+    }
+    let tables = &compiled.tables;
+    writeln!(out, "\n## proxy listeners")?;
+    for listener in &tables.listeners {
+        writeln!(out, "{} {:?}", listener.name, listener.bind)?;
+    }
+    writeln!(out, "\n## proxy frontends")?;
+    for (destination, listener) in &tables.frontends {
+        writeln!(out, "{destination} -> {listener}")?;
+    }
+    writeln!(out, "\n## proxy upstream\nsource {:?}, marked {}", tables.upstream_source, tables.mark_upstream)?;
+    writeln!(
+        out,
+        "{:#?}",
+        tables.clusters.get(bpf::ORIGINAL_DESTINATION_CLUSTER).map(|c| (c.lb_policy, c.endpoints.len()))
+    )?;
+    Ok(out)
+}
+
 fn check_golden(name: &str, scenario: &Scenario) -> Result<()> {
     let (compiled, errors) = scenario.compile();
-    let actual = render(&compiled, &errors)?;
+    compare_golden(name, &render(&compiled, &errors)?)
+}
+
+fn check_kernel_golden(name: &str, scenario: &Scenario) -> Result<()> {
+    let (compiled, kernel, errors) = scenario.compile_kernel();
+    compare_golden(name, &render_kernel(&compiled, &kernel, &errors)?)
+}
+
+fn compare_golden(name: &str, actual: &str) -> Result<()> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(format!("{name}.txt"));
     if std::env::var_os("SLUICE_UPDATE_GOLDEN").is_some() {
         std::fs::create_dir_all(path.parent().context("golden dir")?)?;
-        std::fs::write(&path, &actual)?;
+        std::fs::write(&path, actual)?;
         return Ok(());
     }
     let expected = std::fs::read_to_string(&path)
@@ -130,6 +214,39 @@ fn star_wars_l3_l4_policy() -> Result<()> {
         .running("http-sw-app.yaml", &demo_manifest("http-sw-app.yaml")?)?
         .applied("sw_l3_l4_policy.yaml", &demo_manifest("sw_l3_l4_policy.yaml")?);
     check_golden("star-wars-l3-l4", &scenario)
+}
+
+/// A small node: the Star Wars app with addresses in namespaces, its Node object.
+fn star_wars_node(policy: Option<&str>) -> Result<Scenario> {
+    let mut scenario = Scenario { files: Vec::new(), addresses: Addresses::for_namespaces() }
+        .running("http-sw-app.yaml", &demo_manifest("http-sw-app.yaml")?)?
+        .applied(
+            "node.yaml",
+            "apiVersion: v1\nkind: Node\nmetadata: {name: node-a}\nstatus:\n  addresses: [{type: InternalIP, address: 198.18.255.1}]\n",
+        );
+    if let Some(policy) = policy {
+        scenario = scenario.applied(policy, &demo_manifest(policy)?);
+    }
+    Ok(scenario)
+}
+
+#[test]
+fn kernel_star_wars_l3_l4_policy() -> Result<()> {
+    check_kernel_golden("kernel-star-wars-l3-l4", &star_wars_node(Some("sw_l3_l4_policy.yaml"))?)
+}
+
+#[test]
+fn kernel_star_wars_l7_policy_redirects_port_80_to_the_proxy() -> Result<()> {
+    check_kernel_golden("kernel-star-wars-l7", &star_wars_node(Some("sw_l3_l4_l7_policy.yaml"))?)
+}
+
+#[test]
+fn kernel_helloworld_canary_keeps_the_cec_service_vip() -> Result<()> {
+    let scenario = Scenario { files: Vec::new(), addresses: Addresses::for_namespaces() }
+        .running("client-helloworld.yaml", &demo_manifest("client-helloworld.yaml")?)?
+        .running("helloworld-service-v1-v2.yaml", &demo_manifest("helloworld-service-v1-v2.yaml")?)?
+        .applied("envoy-helloworld-v1-90-v2-10.yaml", &demo_manifest("envoy-helloworld-v1-90-v2-10.yaml")?);
+    check_kernel_golden("kernel-helloworld-canary", &scenario)
 }
 
 #[test]
@@ -175,5 +292,7 @@ fn whole_example_corpus() -> Result<()> {
         let is_cilium = text.contains("cilium.io/v2");
         scenario = if is_cilium { scenario.applied(&name, &text) } else { scenario.running(&name, &text)? };
     }
-    check_golden("example-corpus", &scenario)
+    check_golden("example-corpus", &scenario)?;
+    // The same objects for the kernel: deny rules, entities, CIDRs, port ranges, ANY.
+    check_kernel_golden("kernel-example-corpus", &scenario)
 }

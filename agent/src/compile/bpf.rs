@@ -237,3 +237,66 @@ pub fn add_transparent_proxy(model: &Model, node: &str, compiled: &mut Compiled,
         .and_then(|n| n.addresses.iter().find(|ip| ip.is_ipv4()).copied());
     tables.mark_upstream = true;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compile::{compile_for, pod_labels, DatapathMode};
+    use crate::identity::Identities;
+    use crate::kernel_view::policy_entry_text;
+
+    const PODS: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: web, labels: {app: web}}\nspec: {nodeName: node-a}\nstatus: {podIP: 198.18.0.10}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: client, labels: {app: client}}\nspec: {nodeName: node-a}\nstatus: {podIP: 198.18.0.11}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: remote, labels: {app: client}}\nspec: {nodeName: node-b}\nstatus: {podIP: 198.18.1.10}\n";
+
+    /// The kernel state of `PODS` plus `extra` on node-a, with only `web` behind an interface.
+    fn kernel_state(extra: &str) -> BpfCompiled {
+        let model: Model = sluice_envoy_config::parse_file("t.yaml", &format!("{PODS}---\n{extra}"))
+            .into_iter()
+            .filter_map(Result::ok)
+            .collect();
+        let mut identities = Identities::in_memory();
+        for pod in model.pods() {
+            identities.allocate(&pod_labels(&model, pod));
+        }
+        let compiled = compile_for(&model, &identities, "node-a", 1, DatapathMode::Kernel { proxy_port: 15001 });
+        let interfaces = BTreeMap::from([(Ipv4Addr::new(198, 18, 0, 10), 7)]);
+        compile_bpf(&model, &compiled.tables, &compiled.l7_service_ports, "node-a", &interfaces, 15001)
+    }
+
+    #[test]
+    fn port_ranges_any_protocol_denies_and_http_rules_become_entries() {
+        let state = kernel_state("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec:\n  endpointSelector: {matchLabels: {app: web}}\n  ingress:\n  - fromEndpoints: [{matchLabels: {app: client}}]\n    toPorts: [{ports: [{port: \"8000\", endPort: 8100, protocol: ANY}]}]\n  - toPorts:\n    - ports: [{port: \"80\", protocol: TCP}]\n      rules: {http: [{method: GET}]}\n  ingressDeny:\n  - fromEntities: [world]\n    toPorts: [{ports: [{port: \"8080\", protocol: TCP}]}]\n  egress:\n  - toEntities: [cluster]\n");
+        let web = state.state.endpoints.iter().find(|e| e.ip == Ipv4Addr::new(198, 18, 0, 10));
+        let entries: Vec<String> = web.map(|e| e.policy.iter().map(policy_entry_text).collect()).unwrap_or_default();
+        // Identities: default/client 256 (both client pods share it), default/remote's labels
+        // are the same set, default/web 257.
+        assert_eq!(
+            entries,
+            vec![
+                "ingress deny 2 TCP/8080",
+                "ingress allow 256 ANY/8000-8100",
+                "ingress redirect:15001 any TCP/80",
+                "egress allow 1 ANY",
+                "egress allow 3 ANY",
+                "egress allow 4 ANY",
+                "egress allow 5 ANY",
+                "egress allow 6 ANY",
+                "egress allow 7 ANY",
+                "egress allow 256 ANY",
+                "egress allow 257 ANY",
+            ]
+        );
+        assert_eq!(web.map(|e| (e.ifindex, e.enforce_ingress, e.enforce_egress)), Some((7, true, true)));
+    }
+
+    #[test]
+    fn only_local_pods_with_an_interface_are_endpoints_and_every_pod_is_in_the_ipcache() {
+        let state = kernel_state("");
+        assert_eq!(state.state.endpoints.iter().map(|e| e.ip).collect::<Vec<_>>(), vec![Ipv4Addr::new(198, 18, 0, 10)]);
+        assert_eq!(
+            state.warnings,
+            vec!["Pod default/client (198.18.0.11): no host route to a pod interface on this node yet; not enforced by the kernel"]
+        );
+        let ipcache: Vec<String> = state.state.ipcache.iter().map(|e| format!("{} {}", e.cidr, e.identity)).collect();
+        assert_eq!(ipcache, vec!["198.18.0.10/32 257", "198.18.0.11/32 256", "198.18.1.10/32 256"]);
+    }
+}

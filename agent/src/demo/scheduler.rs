@@ -17,20 +17,41 @@ pub enum ScheduleError {
     Yaml { file: String, source: serde_yaml::Error },
     #[error("{file}: document {document}: {reason}")]
     Shape { file: String, document: usize, reason: String },
-    #[error("the demo ran out of loopback addresses")]
+    #[error("the scheduler ran out of addresses")]
     AddressesExhausted,
 }
 
-/// Hands out loopback addresses: pods from `127.0.1.1`, services from `127.0.10.1`.
+/// Hands out addresses: by default loopback ones, pods from `127.0.1.1`, services from
+/// `127.0.10.1` (gateway mode binds them).
 #[derive(Debug)]
 pub struct Addresses {
     next_pod: u32,
+    last_pod: Ipv4Addr,
     next_service: u32,
+    last_service: Ipv4Addr,
 }
 
 impl Default for Addresses {
     fn default() -> Self {
-        Self { next_pod: u32::from(Ipv4Addr::new(127, 0, 1, 1)), next_service: u32::from(Ipv4Addr::new(127, 0, 10, 1)) }
+        Self {
+            next_pod: u32::from(Ipv4Addr::new(127, 0, 1, 1)),
+            last_pod: Ipv4Addr::new(127, 0, 9, 254),
+            next_service: u32::from(Ipv4Addr::new(127, 0, 10, 1)),
+            last_service: Ipv4Addr::new(127, 0, 19, 254),
+        }
+    }
+}
+
+impl Addresses {
+    /// Addresses for pods in network namespaces (the kernel datapath): pods from
+    /// `198.18.0.10`, services from `198.19.0.10` (198.18.0.0/15 is never routed).
+    pub fn for_namespaces() -> Self {
+        Self {
+            next_pod: u32::from(Ipv4Addr::new(198, 18, 0, 10)),
+            last_pod: Ipv4Addr::new(198, 18, 254, 254),
+            next_service: u32::from(Ipv4Addr::new(198, 19, 0, 10)),
+            last_service: Ipv4Addr::new(198, 19, 255, 254),
+        }
     }
 }
 
@@ -45,11 +66,11 @@ fn take(next: &mut u32, last: Ipv4Addr) -> Result<Ipv4Addr, ScheduleError> {
 
 impl Addresses {
     fn pod(&mut self) -> Result<Ipv4Addr, ScheduleError> {
-        take(&mut self.next_pod, Ipv4Addr::new(127, 0, 9, 254))
+        take(&mut self.next_pod, self.last_pod)
     }
 
     fn service(&mut self) -> Result<Ipv4Addr, ScheduleError> {
-        take(&mut self.next_service, Ipv4Addr::new(127, 0, 19, 254))
+        take(&mut self.next_service, self.last_service)
     }
 }
 
