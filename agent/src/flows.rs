@@ -1519,4 +1519,65 @@ pub(crate) mod tests {
         assert!(feed.next().await.is_some());
         assert_eq!(log.lost(), 3);
     }
+
+    fn kernel_event(verdict: sluice_ebpf::Verdict, protocol: u8, tcp_flags: u8) -> sluice_ebpf::FlowEvent {
+        sluice_ebpf::FlowEvent {
+            monotonic_ns: 0,
+            verdict,
+            drop_reason: (verdict == sluice_ebpf::Verdict::Dropped).then_some(sluice_ebpf::DropReason::PolicyDenied),
+            source: "198.18.0.13:40000".parse().expect("addr"),
+            destination: "198.18.0.10:80".parse().expect("addr"),
+            protocol,
+            tcp_flags,
+            src_identity: 258,
+            dst_identity: 256,
+            direction: sluice_ebpf::Direction::Ingress,
+            observation_point: sluice_ebpf::ObservationPoint::FromEndpoint,
+            ifindex: 5,
+            proxy_port: 0,
+        }
+    }
+
+    fn kernel_context() -> KernelFlowContext {
+        let peer = |name: &str, identity| sluice_proxy::tables::Peer { identity, name: name.to_owned(), labels: Vec::new() };
+        KernelFlowContext {
+            peers: [
+                (IpAddr::from([198, 18, 0, 13]), peer("default/xwing", 258)),
+                (IpAddr::from([198, 18, 0, 10]), peer("default/deathstar-0", 256)),
+            ]
+            .into_iter()
+            .collect(),
+            generation: 3,
+        }
+    }
+
+    #[test]
+    fn a_kernel_policy_drop_reads_as_hubble_prints_it() {
+        let time = DateTime::<Utc>::from(SystemTime::UNIX_EPOCH);
+        let record = FlowRecord::from_kernel_event(&kernel_event(sluice_ebpf::Verdict::Dropped, 6, 0x02), time, &kernel_context());
+        assert_eq!(record.summary, "Policy denied DROPPED (TCP Flags: SYN)");
+        assert_eq!((record.drop_reason, record.drop_reason_desc.as_deref()), (Some(133), Some("POLICY_DENIED")));
+        assert_eq!(record.source.qualified_name().as_deref(), Some("default/xwing"));
+        assert_eq!(record.destination.qualified_name().as_deref(), Some("default/deathstar-0"));
+        assert_eq!((record.event_type(), record.generation), (EventType::Drop, 3));
+        let json = serde_json::to_value(&record).expect("serializes");
+        assert_eq!(json["l4"]["TCP"]["flags"]["SYN"], true);
+        assert_eq!(json["trace_observation_point"], "FROM_ENDPOINT");
+    }
+
+    #[test]
+    fn kernel_redirects_and_udp_flows_match_their_filters() -> Result<(), FilterError> {
+        let time = DateTime::<Utc>::from(SystemTime::UNIX_EPOCH);
+        let redirected = FlowRecord::from_kernel_event(&kernel_event(sluice_ebpf::Verdict::Redirected, 6, 0x02), time, &kernel_context());
+        assert_eq!(redirected.summary, "to-proxy REDIRECTED (TCP Flags: SYN)");
+        let udp = FlowRecord::from_kernel_event(&kernel_event(sluice_ebpf::Verdict::Forwarded, 17, 0), time, &kernel_context());
+        assert_eq!(udp.summary, "from-endpoint FORWARDED (UDP)");
+        let redirects = FlowFilter::parse(&args(|a| a.verdict = strings(&["redirected"])))?;
+        assert!(redirects.matches(&redirected) && !redirects.matches(&udp));
+        let udp_only = FlowFilter::parse(&args(|a| a.protocol = strings(&["udp"])))?;
+        assert!(udp_only.matches(&udp) && !udp_only.matches(&redirected));
+        let tcp_only = FlowFilter::parse(&args(|a| a.protocol = strings(&["tcp"])))?;
+        assert!(tcp_only.matches(&redirected) && !tcp_only.matches(&udp));
+        Ok(())
+    }
 }

@@ -135,8 +135,8 @@ fn star_wars_l7_policy_is_enforced_by_the_kernel_and_the_proxy() -> Result<()> {
 }
 
 #[test]
-fn cluster_ip_is_balanced_across_replicas_by_socket_lb() -> Result<()> {
-    if !privileged("cluster_ip_is_balanced_across_replicas_by_socket_lb") {
+fn cluster_ip_is_balanced_across_replicas_by_socket_lb_and_veths_are_followed() -> Result<()> {
+    if !privileged("cluster_ip_is_balanced_across_replicas_by_socket_lb_and_veths_are_followed") {
         return Ok(());
     }
     let app = StarWars::new("swlb", None)?;
@@ -154,6 +154,21 @@ fn cluster_ip_is_balanced_across_replicas_by_socket_lb() -> Result<()> {
     assert_eq!(served.into_iter().collect::<Vec<_>>(), vec!["deathstar-0", "deathstar-1"]);
     // Without policy xwing lands too.
     assert!(landed(&app.land("xwing")?));
+
+    // A pod's veth goes away: the agent notices, drops its endpoint and says why.
+    app.node.unwire("deathstar-1")?;
+    let status = agent.wait_for(|s| s["kernel"]["endpoints"].as_u64() == Some(3))?;
+    assert!(
+        strings(&status["warnings"]).iter().any(|w| w.starts_with("Pod default/deathstar-1 (198.18.0.11): no host route")),
+        "{status}"
+    );
+    // It comes back (a new interface): attached again, and it serves again.
+    app.node.rewire("deathstar-1")?;
+    let status = agent.wait_for(|s| s["kernel"]["endpoints"].as_u64() == Some(4))?;
+    assert!(strings(&status["kernel"]["interfaces"]).contains(&"lxc1".to_owned()), "{status}");
+    let deathstar_1 = app.node.pod("deathstar-1")?.ip;
+    let reply = request(&app.node, "xwing", deathstar_1, 80, "POST", "/v1/request-landing")?;
+    assert!(matches!(&reply, Reply::Http { served_by: Some(by), .. } if by == "deathstar-1"), "{reply:?}");
     Ok(())
 }
 

@@ -241,22 +241,14 @@ pub fn add_transparent_proxy(model: &Model, node: &str, compiled: &mut Compiled,
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::compile::{compile_for, pod_labels, DatapathMode};
-    use crate::identity::Identities;
+    use crate::compile::{compile_for, model_with_identities, DatapathMode};
     use crate::kernel_view::policy_entry_text;
 
     const PODS: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: web, labels: {app: web}}\nspec: {nodeName: node-a}\nstatus: {podIP: 198.18.0.10}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: client, labels: {app: client}}\nspec: {nodeName: node-a}\nstatus: {podIP: 198.18.0.11}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: remote, labels: {app: client}}\nspec: {nodeName: node-b}\nstatus: {podIP: 198.18.1.10}\n";
 
     /// The kernel state of `PODS` plus `extra` on node-a, with only `web` behind an interface.
     fn kernel_state(extra: &str) -> BpfCompiled {
-        let model: Model = sluice_envoy_config::parse_file("t.yaml", &format!("{PODS}---\n{extra}"))
-            .into_iter()
-            .filter_map(Result::ok)
-            .collect();
-        let mut identities = Identities::in_memory();
-        for pod in model.pods() {
-            identities.allocate(&pod_labels(&model, pod));
-        }
+        let (model, identities) = model_with_identities(&format!("{PODS}---\n{extra}"));
         let compiled = compile_for(&model, &identities, "node-a", 1, DatapathMode::Kernel { proxy_port: 15001 });
         let interfaces = BTreeMap::from([(Ipv4Addr::new(198, 18, 0, 10), 7)]);
         compile_bpf(&model, &compiled.tables, &compiled.l7_service_ports, "node-a", &interfaces, 15001)

@@ -334,6 +334,17 @@ fn policy_views(named: &[NamedPolicy<'_>], pods: &[PodEntry<'_>]) -> Vec<PolicyV
         .collect()
 }
 
+/// Tests: the model of `yaml` with an identity allocated for every pod, in pod key order.
+#[cfg(test)]
+pub(crate) fn model_with_identities(yaml: &str) -> (Model, Identities) {
+    let model: Model = sluice_envoy_config::parse_file("t.yaml", yaml).into_iter().filter_map(Result::ok).collect();
+    let mut identities = Identities::in_memory();
+    for pod in model.pods() {
+        identities.allocate(&pod_labels(&model, pod));
+    }
+    (model, identities)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -342,14 +353,7 @@ mod tests {
 
     /// Compiles `PODS` plus `policy` and returns the web pod's policy.
     fn web_policy(policy: &str) -> Option<EndpointPolicy> {
-        let model: Model = sluice_envoy_config::parse_file("t.yaml", &format!("{PODS}---\n{policy}"))
-            .into_iter()
-            .filter_map(Result::ok)
-            .collect();
-        let mut identities = Identities::in_memory();
-        for pod in model.pods() {
-            identities.allocate(&pod_labels(&model, pod));
-        }
+        let (model, identities) = model_with_identities(&format!("{PODS}---\n{policy}"));
         let compiled = compile(&model, &identities, "node-a", 1);
         compiled.tables.policies.get(&IpAddr::from([127, 0, 0, 1])).map(|p| (**p).clone())
     }

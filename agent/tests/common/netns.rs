@@ -190,6 +190,17 @@ impl TestNode {
         Ok(())
     }
 
+    /// Removes a pod's veth pair (as when its sandbox goes away).
+    pub fn unwire(&self, pod: &str) -> Result<()> {
+        run("ip", &["-n", &self.netns, "link", "del", &self.pod(pod)?.host_if])?;
+        Ok(())
+    }
+
+    /// Gives a pod a new veth pair (as when its sandbox is recreated).
+    pub fn rewire(&self, pod: &str) -> Result<()> {
+        self.wire(self.pod(pod)?)
+    }
+
     pub fn pod(&self, name: &str) -> Result<&Pod> {
         self.pods.iter().find(|p| p.name == name).with_context(|| format!("no pod {name}"))
     }
