@@ -13,39 +13,52 @@ use common::netns::{privileged, request, AgentProcess, PodClient, PodServer, Rep
 use serde_json::Value;
 use sluice_agent::demo::scheduler::{self, Addresses, Scheduled};
 
+
 fn example(name: &str) -> Result<String> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../conformance/cilium-examples").join(name);
     std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
 }
 
-/// The Star Wars app on a node: its pods wired into namespaces, the deathstars serving on :80,
-/// the running manifests and this node's Node object in the config dir, `policy` (a Cilium
-/// example file) applied.
-struct StarWars {
+/// Cilium example apps on a node: their pods wired into namespaces, servers started, the
+/// running manifests, this node's Node object and the applied example files in the config dir.
+struct App {
     node: TestNode,
-    vip: Ipv4Addr,
+    /// Cluster IPs by Service name.
+    vips: std::collections::BTreeMap<String, Ipv4Addr>,
     _servers: Vec<PodServer>,
 }
 
-impl StarWars {
-    fn new(tag: &str, policy: Option<&str>) -> Result<Self> {
-        let Scheduled { text, pods, services } =
-            scheduler::schedule("http-sw-app.yaml", &example("http-sw-app.yaml")?, NODE, &mut Addresses::for_namespaces())?;
-        let node = TestNode::new(tag, &pods.iter().map(|p| (p.name.clone(), p.ip)).collect::<Vec<_>>())?;
-        node.write_config("running-http-sw-app.yaml", &text)?;
+impl App {
+    fn new(tag: &str, workloads: &[&str], applied: &[&str], servers: &[(&str, u16)]) -> Result<Self> {
+        let mut addresses = Addresses::for_namespaces();
+        let mut running = Vec::new();
+        for file in workloads {
+            running.push((*file, scheduler::schedule(file, &example(file)?, NODE, &mut addresses)?));
+        }
+        let pods: Vec<_> = running.iter().flat_map(|(_, s)| s.pods.iter().map(|p| (p.name.clone(), p.ip))).collect();
+        let node = TestNode::new(tag, &pods)?;
+        for (file, Scheduled { text, .. }) in &running {
+            node.write_config(&format!("running-{file}"), text)?;
+        }
         node.write_config(
             "node.yaml",
             &format!("apiVersion: v1\nkind: Node\nmetadata: {{name: {NODE}}}\nstatus:\n  addresses: [{{type: InternalIP, address: {NODE_IP}}}]\n"),
         )?;
-        if let Some(policy) = policy {
-            node.write_config(policy, &example(policy)?)?;
+        for file in applied {
+            node.write_config(file, &example(file)?)?;
         }
-        let servers = ["deathstar-0", "deathstar-1"]
-            .iter()
-            .map(|name| PodServer::start(node.pod(name)?, 80))
-            .collect::<Result<Vec<_>>>()?;
-        let vip = services.first().map(|s| s.cluster_ip).context("the deathstar Service")?;
-        Ok(Self { node, vip, _servers: servers })
+        let servers = servers.iter().map(|(pod, port)| PodServer::start(node.pod(pod)?, *port)).collect::<Result<Vec<_>>>()?;
+        let vips = running.iter().flat_map(|(_, s)| s.services.iter().map(|v| (v.name.clone(), v.cluster_ip))).collect();
+        Ok(Self { node, vips, _servers: servers })
+    }
+
+    /// The Star Wars app, with `policy` (a Cilium example file) applied.
+    fn star_wars(tag: &str, policy: Option<&str>) -> Result<Self> {
+        Self::new(tag, &["http-sw-app.yaml"], policy.as_slice(), &[("deathstar-0", 80), ("deathstar-1", 80)])
+    }
+
+    fn vip(&self, service: &str) -> Result<Ipv4Addr> {
+        self.vips.get(service).copied().with_context(|| format!("no Service {service}"))
     }
 
     fn agent(&self, extra: &[&str]) -> Result<AgentProcess> {
@@ -57,7 +70,7 @@ impl StarWars {
     }
 
     fn land(&self, ship: &str) -> Result<Reply> {
-        request(&self.node, ship, self.vip, 80, "POST", "/v1/request-landing")
+        request(&self.node, ship, self.vip("deathstar")?, 80, "POST", "/v1/request-landing")
     }
 }
 
@@ -82,7 +95,7 @@ fn star_wars_l7_policy_is_enforced_by_the_kernel_and_the_proxy() -> Result<()> {
     if !privileged("star_wars_l7_policy_is_enforced_by_the_kernel_and_the_proxy") {
         return Ok(());
     }
-    let app = StarWars::new("sw7", Some("sw_l3_l4_l7_policy.yaml"))?;
+    let app = App::star_wars("sw7", Some("sw_l3_l4_l7_policy.yaml"))?;
     let agent = app.agent(&[])?;
 
     // xwing (org=alliance) is not allowed at L3: its SYN is dropped in the kernel.
@@ -91,7 +104,7 @@ fn star_wars_l7_policy_is_enforced_by_the_kernel_and_the_proxy() -> Result<()> {
     let tiefighter = app.land("tiefighter")?;
     assert!(landed(&tiefighter), "{tiefighter:?}\n{}", agent.log_text());
     // The PUT is answered by the proxy with 403.
-    let exhaust = request(&app.node, "tiefighter", app.vip, 80, "PUT", "/v1/exhaust-port")?;
+    let exhaust = request(&app.node, "tiefighter", app.vip("deathstar")?, 80, "PUT", "/v1/exhaust-port")?;
     assert_eq!(exhaust, Reply::Http { status: 403, body: "Access denied\r\n".to_owned(), served_by: None });
 
     let xwing = app.node.pod("xwing")?.ip.to_string();
@@ -126,7 +139,7 @@ fn star_wars_l7_policy_is_enforced_by_the_kernel_and_the_proxy() -> Result<()> {
         .as_array()
         .and_then(|s| s.iter().find(|s| s["name"] == "default/deathstar:80"))
         .context("deathstar Service listed")?;
-    assert_eq!(service["kernel"]["vip"], format!("{}:80", app.vip));
+    assert_eq!(service["kernel"]["vip"], format!("{}:80", app.vip("deathstar")?));
     assert_eq!(service["kernel"]["backends"].as_array().map(Vec::len), Some(2));
     let policies = agent.cli_json(&["policy", "get", "rule1"])?;
     let kernel = &policies[0]["kernel"];
@@ -139,7 +152,7 @@ fn cluster_ip_is_balanced_across_replicas_by_socket_lb_and_veths_are_followed() 
     if !privileged("cluster_ip_is_balanced_across_replicas_by_socket_lb_and_veths_are_followed") {
         return Ok(());
     }
-    let app = StarWars::new("swlb", None)?;
+    let app = App::star_wars("swlb", None)?;
     let agent = app.agent(&[])?;
     let mut served = std::collections::BTreeSet::new();
     for _ in 0..24 {
@@ -177,9 +190,9 @@ fn an_agent_restart_keeps_established_connections_and_enforcement() -> Result<()
     if !privileged("an_agent_restart_keeps_established_connections_and_enforcement") {
         return Ok(());
     }
-    let app = StarWars::new("swrs", Some("sw_l3_l4_policy.yaml"))?;
+    let app = App::star_wars("swrs", Some("sw_l3_l4_policy.yaml"))?;
     let agent = app.agent(&[])?;
-    let mut session = PodClient::connect(&app.node, "tiefighter", app.vip, 80, 3)?;
+    let mut session = PodClient::connect(&app.node, "tiefighter", app.vip("deathstar")?, 80, 3)?;
     assert!(landed(&session.request("POST", "/v1/request-landing")?));
     assert_eq!(app.land("xwing")?, Reply::TimedOut);
 
@@ -204,5 +217,44 @@ fn an_agent_restart_keeps_established_connections_and_enforcement() -> Result<()
     assert!(!app.node.pins.exists(), "pins left behind at {}", app.node.pins.display());
     let deathstar = app.node.pod("deathstar-0")?.ip;
     assert!(landed(&request(&app.node, "xwing", deathstar, 80, "POST", "/v1/request-landing")?));
+    Ok(())
+}
+
+#[test]
+fn a_cec_canary_split_is_reached_through_the_service_vip() -> Result<()> {
+    if !privileged("a_cec_canary_split_is_reached_through_the_service_vip") {
+        return Ok(());
+    }
+    let app = App::new(
+        "cec",
+        &["client-helloworld.yaml", "helloworld-service-v1-v2.yaml"],
+        &["envoy-helloworld-v1-90-v2-10.yaml"],
+        &[("helloworld-v1-0", 5000), ("helloworld-v2-0", 5000)],
+    )?;
+    let agent = app.agent(&[])?;
+    let vip = app.vip("helloworld")?;
+    let services = agent.cli_json(&["service", "list"])?;
+    let helloworld = services
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["name"] == "default/helloworld:5000"))
+        .context("helloworld listed")?;
+    assert_eq!(helloworld["kernel"]["l7_proxy_port"], 15001, "{helloworld}");
+
+    // The VIP is not translated at connect(): TC hands the flow to the proxy, whose frontend for
+    // this VIP is the CEC listener splitting 90/10 per request.
+    let mut client = PodClient::connect(&app.node, "client-0", vip, 5000, 3)?;
+    let mut served = std::collections::BTreeMap::<String, u32>::new();
+    for _ in 0..100 {
+        match client.request("GET", "/hello")? {
+            Reply::Http { status: 200, served_by: Some(by), .. } => *served.entry(by).or_default() += 1,
+            other => bail!("a request through the helloworld VIP failed: {other:?}\n{}", agent.log_text()),
+        }
+    }
+    let v1 = served.get("helloworld-v1-0").copied().unwrap_or(0);
+    let v2 = served.get("helloworld-v2-0").copied().unwrap_or(0);
+    assert_eq!(v1 + v2, 100, "{served:?}");
+    assert!(v2 >= 1 && v1 > v2, "90/10 split expected: {served:?}");
+    let redirected = agent.observe(&["--verdict", "REDIRECTED", "--from-pod", "default/client-0"])?;
+    assert!(redirected.iter().any(|f| f["destination"]["ip"] == vip.to_string().as_str()), "{redirected:?}");
     Ok(())
 }
