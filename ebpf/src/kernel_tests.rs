@@ -301,7 +301,7 @@ fn a_redirect_without_a_listener_fails_closed_and_with_one_reaches_the_proxy() -
     ) {
         return Ok(());
     }
-    let mut h = Harness::new("proxy")?;
+    let mut h = Harness::new("prxy")?;
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let live_port = listener.local_addr()?.port();
     let dead_port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
@@ -462,7 +462,7 @@ fn apply_reconciles_reads_back_and_survives_a_restart() -> Result<()> {
     if !testing::privileged("apply_reconciles_reads_back_and_survives_a_restart") {
         return Ok(());
     }
-    let pins = TestPins::new("restart")?;
+    let pins = TestPins::new("rst")?;
     let mut state = two_pods(vec![
         PolicyEntry {
             ports: Some(PortRange {
@@ -582,20 +582,26 @@ fn netns_pods_tc_policy_and_socket_lb_end_to_end() -> Result<()> {
         rule(Some(CLIENT_ID), Protocol::Tcp, Some(82), redirect(15001)),
         rule(Some(CLIENT_ID), Protocol::Tcp, Some(83), redirect(15002)),
     ];
-    let endpoint =
-        |pod: &testing::Pod, identity, enforce_ingress, policy: Vec<PolicyEntry>| Endpoint {
+    let client_ifindex = node.ifindex(client)?;
+    let endpoint = |pod: &testing::Pod,
+                    identity,
+                    enforce_ingress,
+                    policy: Vec<PolicyEntry>|
+     -> Result<Endpoint> {
+        Ok(Endpoint {
             ip: pod.ip,
             identity,
-            ifindex: pod.ifindex,
+            ifindex: node.ifindex(pod)?,
             enforce_ingress,
             enforce_egress: false,
             policy,
-        };
+        })
+    };
     let mut state = BpfState {
         endpoints: vec![
-            endpoint(client, CLIENT_ID, false, vec![]),
-            endpoint(server_a, SERVER_ID, true, server_policy.clone()),
-            endpoint(server_b, SERVER_ID, true, server_policy),
+            endpoint(client, CLIENT_ID, false, vec![])?,
+            endpoint(server_a, SERVER_ID, true, server_policy.clone())?,
+            endpoint(server_b, SERVER_ID, true, server_policy)?,
         ],
         ipcache: node
             .pods
@@ -667,11 +673,11 @@ fn netns_pods_tc_policy_and_socket_lb_end_to_end() -> Result<()> {
             "server-b",
         )?,
         PodServer::transparent_proxy(&node.netns, 15001)?,
-        testing::udp_pod_server(&server_b.netns, SocketAddrV4::new(server_b.ip, 53), "udp-b")?,
+        PodServer::udp(&server_b.netns, SocketAddrV4::new(server_b.ip, 53), "udp-b")?,
     ];
 
     // TC policy: the allowed port answers, the other one's SYN is dropped at the client's veth.
-    let allowed = pod_connect(client, None, SocketAddrV4::new(server_a.ip, 80), 5)?;
+    let allowed = pod_connect(&client.netns, None, SocketAddrV4::new(server_a.ip, 80), 5)?;
     assert_eq!(
         allowed,
         ConnectOutcome::Connected {
@@ -680,7 +686,7 @@ fn netns_pods_tc_policy_and_socket_lb_end_to_end() -> Result<()> {
         }
     );
     assert_eq!(
-        pod_connect(client, None, SocketAddrV4::new(server_a.ip, 81), 2)?,
+        pod_connect(&client.netns, None, SocketAddrV4::new(server_a.ip, 81), 2)?,
         ConnectOutcome::TimedOut
     );
     let drops: Vec<FlowEvent> = events
@@ -696,13 +702,13 @@ fn netns_pods_tc_policy_and_socket_lb_end_to_end() -> Result<()> {
                 && e.destination == SocketAddrV4::new(server_a.ip, 81)
                 && e.tcp_flags & 0x02 != 0
                 && e.direction == Direction::Ingress
-                && e.ifindex == client.ifindex),
+                && e.ifindex == client_ifindex),
         "{drops:?}"
     );
 
     // L7 redirect: the flow lands on the proxy's transparent listener, whose accepted socket has
     // the original destination as its local address; with no listener the flow is refused.
-    let proxied = pod_connect(client, None, SocketAddrV4::new(server_a.ip, 82), 5)?;
+    let proxied = pod_connect(&client.netns, None, SocketAddrV4::new(server_a.ip, 82), 5)?;
     let ConnectOutcome::Connected { peer, reply } = proxied else {
         panic!("redirected connect: {proxied:?}")
     };
@@ -712,7 +718,7 @@ fn netns_pods_tc_policy_and_socket_lb_end_to_end() -> Result<()> {
         "{reply}"
     );
     assert_eq!(
-        pod_connect(client, None, SocketAddrV4::new(server_a.ip, 83), 2)?,
+        pod_connect(&client.netns, None, SocketAddrV4::new(server_a.ip, 83), 2)?,
         ConnectOutcome::TimedOut
     );
     let proxy_events = events.drain();
@@ -726,7 +732,7 @@ fn netns_pods_tc_policy_and_socket_lb_end_to_end() -> Result<()> {
     // Socket LB: the VIP reaches both backends, and the application sees the VIP as its peer.
     let mut answered = std::collections::BTreeSet::new();
     for _ in 0..24 {
-        match pod_connect(client, Some(&cgroup.path), vip, 5)? {
+        match pod_connect(&client.netns, Some(&cgroup.path), vip, 5)? {
             ConnectOutcome::Connected { peer, reply } => {
                 assert_eq!(peer, vip, "getpeername shows the VIP");
                 answered.insert(reply);
@@ -739,7 +745,7 @@ fn netns_pods_tc_policy_and_socket_lb_end_to_end() -> Result<()> {
         vec!["server-a".to_string(), "server-b".to_string()]
     );
     assert_eq!(
-        pod_connect(client, Some(&cgroup.path), empty_vip, 5)?,
+        pod_connect(&client.netns, Some(&cgroup.path), empty_vip, 5)?,
         ConnectOutcome::Refused
     );
     assert!(events.drain().iter().any(|e| e.drop_reason
@@ -749,7 +755,7 @@ fn netns_pods_tc_policy_and_socket_lb_end_to_end() -> Result<()> {
     // UDP: sendmsg translates, recvmsg shows the VIP as the datagram's source.
     let udp_vip = SocketAddrV4::new(*vip.ip(), 53);
     assert_eq!(
-        testing::pod_udp_exchange(client, Some(&cgroup.path), udp_vip, 5)?,
+        testing::pod_udp_exchange(&client.netns, Some(&cgroup.path), udp_vip, 5)?,
         ConnectOutcome::Connected {
             peer: udp_vip,
             reply: "udp-b".into()
@@ -757,7 +763,7 @@ fn netns_pods_tc_policy_and_socket_lb_end_to_end() -> Result<()> {
     );
     let empty_udp = SocketAddrV4::new(*empty_vip.ip(), 53);
     assert_eq!(
-        testing::pod_udp_exchange(client, Some(&cgroup.path), empty_udp, 5)?,
+        testing::pod_udp_exchange(&client.netns, Some(&cgroup.path), empty_udp, 5)?,
         ConnectOutcome::Refused
     );
 
@@ -768,7 +774,7 @@ fn netns_pods_tc_policy_and_socket_lb_end_to_end() -> Result<()> {
     datapath.apply(&state)?;
     for _ in 0..6 {
         assert!(
-            matches!(pod_connect(client, Some(&cgroup.path), vip, 5)?, ConnectOutcome::Connected { reply, .. } if reply == "server-a")
+            matches!(pod_connect(&client.netns, Some(&cgroup.path), vip, 5)?, ConnectOutcome::Connected { reply, .. } if reply == "server-a")
         );
     }
     datapath.cleanup()?;

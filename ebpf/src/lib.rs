@@ -14,8 +14,8 @@ mod mounts;
 pub mod plan;
 pub mod policy;
 pub mod state;
-#[cfg(test)]
-mod testing;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 pub use datapath::{
     BpfDelta, Datapath, DatapathError, KernelEndpoint, KernelPolicyEntry, KernelService, MapChanges,

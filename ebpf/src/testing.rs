@@ -1,111 +1,197 @@
-//! Test harness (tests only): privilege gate, per-test bpffs pin dirs and cgroups, and a node
-//! network namespace with pod namespaces joined by veth pairs (the shape a routed CNI gives).
-//! Everything is named after the test, removed in `Drop` (also on panic) and, at start, removed
-//! if an earlier run of the same test left it behind.
+//! Test harness (this crate's tests, other crates' through the `testing` feature): the privilege
+//! gate, a node network namespace with pod namespaces joined by veth pairs (the shape any routed
+//! CNI gives), per-test bpffs pin directories and cgroups, and ([`pods`]) servers and clients
+//! running inside the pods.
+//!
+//! Addresses: pods in 198.18.0.0/15 (benchmarking space, never routed), the node [`NODE_IP`] on
+//! its loopback; the node namespace has no uplink, so nothing leaves the test's namespaces.
+//!
+//! Names: everything a test creates is named `sl<tag>-<pid in base 36>[-<suffix>]`, at most 15
+//! characters (an interface name's limit), so concurrent runs never collide. It is removed in
+//! `Drop` (also on panic), and what runs of the same tag whose process is gone left behind is
+//! removed before a new run creates its own.
 
 use std::fs;
-use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
+use std::io::Write;
+use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::thread::JoinHandle;
-use std::time::Duration;
+use std::sync::OnceLock;
 
 use anyhow::{bail, Context, Result};
 
-const TEST_ROOT: &str = "/run/sluice-ebpf-tests";
+mod pods;
 
-/// Whether this test can run (root, bpffs, `ip`). When it cannot, says so loudly; with
-/// `CI=true` a skip is a failure.
+pub use pods::{
+    http_request, pod_connect, pod_udp_exchange, ConnectOutcome, HttpClient, PodHttpServer,
+    PodServer, Reply,
+};
+
+/// Where the tests mount their bpffs and cgroup2. Not under /sys: `ip netns exec` remounts
+/// /sys, so processes started in a namespace would not see them there.
+const TEST_ROOT: &str = "/run/sluice-tests";
+/// The node's address, on the node namespace's loopback.
+pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 255, 1);
+/// An interface name's limit (IFNAMSIZ - 1); every name the harness makes fits in it.
+const MAX_NAME: usize = 15;
+/// `sl` + tag + `-` + pid (at most 5 base-36 digits) + `-NN` stays within [`MAX_NAME`].
+const MAX_TAG: usize = 4;
+/// Pod suffixes are `-0` to `-99`.
+const MAX_PODS: usize = 100;
+
+/// Whether a kernel test can run here (root, `ip`, `python3`, bpffs and cgroup2). When it cannot,
+/// it says so loudly; with `CI=true` a skip is a failure.
 pub fn privileged(test: &str) -> bool {
-    let reason = if unsafe { libc::geteuid() } != 0 {
-        Some("not running as root".to_string())
-    } else if let Err(e) = bpffs_root() {
-        Some(format!("no bpffs: {e}"))
-    } else if Command::new("ip").arg("-V").output().is_err() {
-        Some("`ip` (iproute2) not installed".to_string())
-    } else {
-        None
+    let Some(reason) = missing_privilege() else {
+        return true;
     };
-    match reason {
-        None => true,
-        Some(reason) if std::env::var("CI").as_deref() == Ok("true") => {
-            panic!("{test}: needs root/BPF but {reason}; CI=true does not allow skipping")
-        }
-        Some(reason) => {
-            eprintln!("\n!!!!! SKIPPED {test}: needs root/BPF but {reason} !!!!!\n");
-            false
-        }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{test}: needs root and BPF but {reason}; CI=true does not allow skipping");
     }
+    let line = format!("\n!!!!! SKIPPED {test}: needs root and BPF but {reason} !!!!!\n");
+    // Straight to the process's stderr: libtest captures `eprintln!` of a passing test, and a
+    // skipped test passes.
+    let _ = std::io::stderr().write_all(line.as_bytes());
+    // And into the test's own output, shown with --nocapture or when the test fails.
+    println!("SKIPPED: {reason}");
+    false
 }
 
-type MountResult = std::result::Result<PathBuf, String>;
+fn missing_privilege() -> Option<String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("it is not running as root".to_string());
+    }
+    for (program, what) in [
+        ("ip", "`ip` (iproute2)"),
+        ("python3", "python3 (the pods' clients and HTTP servers)"),
+    ] {
+        if Command::new(program).arg("-V").output().is_err() {
+            return Some(format!("{what} is not installed"));
+        }
+    }
+    mounts()
+        .err()
+        .map(|e| format!("bpffs/cgroup2 cannot be mounted: {e:#}"))
+}
 
-/// Mounts a filesystem under the tests' root once per process (tests run in parallel threads).
-fn mount_once(
-    cell: &'static OnceLock<MountResult>,
-    name: &str,
-    ensure: fn(&Path) -> std::result::Result<(), crate::DatapathError>,
-) -> Result<&'static Path> {
-    let mounted = cell.get_or_init(|| {
-        let path = Path::new(TEST_ROOT).join(name);
-        ensure(&path).map(|()| path).map_err(|e| e.to_string())
+struct Mounts {
+    bpffs: PathBuf,
+    cgroup2: PathBuf,
+}
+
+/// The bpffs and cgroup2 every test uses, mounted once per process when missing.
+fn mounts() -> Result<&'static Mounts> {
+    static MOUNTS: OnceLock<std::result::Result<Mounts, String>> = OnceLock::new();
+    let mounted = MOUNTS.get_or_init(|| {
+        let mounts = Mounts {
+            bpffs: Path::new(TEST_ROOT).join("bpffs"),
+            cgroup2: Path::new(TEST_ROOT).join("cgroup2"),
+        };
+        crate::ensure_bpffs(&mounts.bpffs).map_err(|e| e.to_string())?;
+        crate::ensure_cgroup2(&mounts.cgroup2).map_err(|e| e.to_string())?;
+        Ok(mounts)
     });
     match mounted {
-        Ok(path) => Ok(path.as_path()),
+        Ok(mounts) => Ok(mounts),
         Err(e) => bail!("{e}"),
     }
 }
 
-/// The bpffs all tests pin under.
-pub fn bpffs_root() -> Result<&'static Path> {
-    static ROOT: OnceLock<MountResult> = OnceLock::new();
-    mount_once(&ROOT, "bpffs", crate::ensure_bpffs)
+/// This process's name for `tag`: `sl<tag>-<pid in base 36>`.
+fn run_name(tag: &str, pid: u32) -> Result<String> {
+    let valid = (1..=MAX_TAG).contains(&tag.len())
+        && tag
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    if !valid {
+        bail!("test tag {tag:?}: 1 to {MAX_TAG} lowercase letters or digits, so that names fit {MAX_NAME} characters");
+    }
+    Ok(format!("sl{tag}-{}", base36(pid)))
 }
 
-/// A pin directory for one test, removed (detaching its pinned links) on drop.
+fn base36(mut n: u32) -> String {
+    let mut digits = Vec::new();
+    loop {
+        digits.push(char::from_digit(n % 36, 36).unwrap_or('0'));
+        n /= 36;
+        if n == 0 {
+            break;
+        }
+    }
+    digits.iter().rev().collect()
+}
+
+/// The pid of the run of `tag` that made `name`, if a run of `tag` made it.
+fn run_pid(name: &str, tag: &str) -> Option<u32> {
+    let rest = name.strip_prefix("sl")?.strip_prefix(tag)?.strip_prefix('-')?;
+    let pid = rest.split('-').next()?;
+    if pid.is_empty() || !pid.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()) {
+        return None;
+    }
+    u32::from_str_radix(pid, 36).ok()
+}
+
+/// Whether `name` was made by a run of `tag` whose process is gone.
+fn left_behind(name: &str, tag: &str) -> bool {
+    run_pid(name, tag).is_some_and(|pid| !Path::new("/proc").join(pid.to_string()).exists())
+}
+
+/// Removes the entries of `dir` that runs of `tag` left behind.
+fn remove_left_behind(
+    dir: &Path,
+    tag: &str,
+    remove: fn(&Path) -> std::io::Result<()>,
+) -> Result<()> {
+    for entry in fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        if left_behind(name, tag) {
+            remove(&path).with_context(|| format!("removing leftover {}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// A pin directory for one test (a loader's or agent's `--bpffs`), removed on drop, which also
+/// detaches whatever its pinned links hold attached.
 pub struct TestPins {
     pub path: PathBuf,
 }
 
 impl TestPins {
     pub fn new(tag: &str) -> Result<Self> {
-        let path = bpffs_root()?.join(format!("sle-{tag}"));
-        remove_tree(&path)?;
-        Ok(Self { path })
+        let root = &mounts()?.bpffs;
+        remove_left_behind(root, tag, |path| fs::remove_dir_all(path))?;
+        Ok(Self {
+            path: root.join(run_name(tag, std::process::id())?),
+        })
     }
 }
 
 impl Drop for TestPins {
     fn drop(&mut self) {
-        if let Err(e) = remove_tree(&self.path) {
-            eprintln!("cleanup of {}: {e:#}", self.path.display());
+        match fs::remove_dir_all(&self.path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                eprintln!("cleanup of {}: {e}", self.path.display())
+            }
+            _ => {}
         }
     }
 }
 
-fn remove_tree(path: &Path) -> Result<()> {
-    match fs::remove_dir_all(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e).with_context(|| format!("removing {}", path.display())),
-    }
-}
-
-/// A child cgroup (v2) for one test's pod processes; never the hierarchy's root.
+/// A child cgroup (v2) for one test's client processes: never the hierarchy's root, so socket
+/// programs attached to it affect only the test's own clients.
 pub struct TestCgroup {
     pub path: PathBuf,
 }
 
 impl TestCgroup {
     pub fn new(tag: &str) -> Result<Self> {
-        let path = cgroup2_mount()?.join(format!("sle-{tag}"));
-        if path.exists() {
-            fs::remove_dir(&path)
-                .with_context(|| format!("removing leftover cgroup {}", path.display()))?;
-        }
+        let root = &mounts()?.cgroup2;
+        remove_left_behind(root, tag, |path| fs::remove_dir(path))?;
+        let path = root.join(run_name(tag, std::process::id())?);
         fs::create_dir(&path).with_context(|| format!("creating cgroup {}", path.display()))?;
         Ok(Self { path })
     }
@@ -119,182 +205,168 @@ impl Drop for TestCgroup {
     }
 }
 
-/// The cgroup v2 hierarchy, mounted (again) under /run: `ip netns exec` remounts /sys, so a
-/// cgroup path under /sys would not be visible to processes started in a pod.
-fn cgroup2_mount() -> Result<&'static Path> {
-    static MOUNT: OnceLock<MountResult> = OnceLock::new();
-    mount_once(&MOUNT, "cgroup2", crate::ensure_cgroup2)
-}
-
-/// A pod: its namespace, address, and host-side veth in the node namespace.
+/// A pod: its name, namespace, address and host-side veth (in the node namespace).
+#[derive(Debug, Clone)]
 pub struct Pod {
+    pub name: String,
     pub netns: String,
     pub ip: Ipv4Addr,
     pub host_if: String,
-    pub ifindex: u32,
 }
 
-/// A node namespace with pods. Addresses: pods 198.18.0.10+i/32, node 198.18.255.1 on lo.
+/// A node namespace with pods. Each pod has `eth0` with its /32 and a default route through
+/// the link-local gateway 169.254.1.1, answered by the host veth's MAC (as Cilium does); the
+/// node routes each pod's /32 to its host veth `lxc<index>` and forwards.
 pub struct Node {
     pub netns: String,
     pub pods: Vec<Pod>,
 }
 
-pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 255, 1);
-
 impl Node {
-    pub fn new(tag: &str, pod_count: u8) -> Result<Self> {
-        let prefix = format!("sle-{tag}-");
+    /// `count` pods named `pod<i>` at 198.18.0.10+i.
+    pub fn new(tag: &str, count: u8) -> Result<Self> {
+        let pods: Vec<(String, Ipv4Addr)> = (0..count)
+            .map(|i| (format!("pod{i}"), Ipv4Addr::new(198, 18, 0, 10 + i)))
+            .collect();
+        Self::with_pods(tag, &pods)
+    }
+
+    /// One pod per `(name, address)`.
+    pub fn with_pods(tag: &str, pods: &[(String, Ipv4Addr)]) -> Result<Self> {
+        if pods.len() > MAX_PODS {
+            bail!("at most {MAX_PODS} pods per node");
+        }
+        let name = run_name(tag, std::process::id())?;
         for leftover in run("ip", &["netns", "list"])?
             .lines()
             .filter_map(|l| l.split_whitespace().next())
         {
-            if leftover.starts_with(&prefix) {
+            if left_behind(leftover, tag) {
                 run("ip", &["netns", "del", leftover])?;
             }
         }
+        let netns = format!("{name}-n");
+        run("ip", &["netns", "add", &netns])?;
         let mut node = Node {
-            netns: format!("{prefix}node"),
+            netns,
             pods: Vec::new(),
         };
-        run("ip", &["netns", "add", &node.netns])?;
-        let ns = node.netns.clone();
-        run("ip", &["-n", &ns, "link", "set", "lo", "up"])?;
-        run(
-            "ip",
-            &[
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("{NODE_IP}/32"),
-                "dev",
-                "lo",
-            ],
-        )?;
-        run(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &ns,
-                "sysctl",
-                "-qw",
-                "net.ipv4.ip_forward=1",
-            ],
-        )?;
-        for i in 0..pod_count {
-            let pod_ns = format!("{prefix}pod{i}");
-            run("ip", &["netns", "add", &pod_ns])?;
-            // Registered at once so that Drop removes it even if the setup below fails.
-            node.pods.push(Pod {
-                netns: pod_ns.clone(),
-                ip: Ipv4Addr::new(198, 18, 0, 10 + i),
-                host_if: format!("lxc{i}"),
-                ifindex: 0,
-            });
-            let host_if = format!("lxc{i}");
-            let ip = Ipv4Addr::new(198, 18, 0, 10 + i);
-            run(
-                "ip",
-                &[
-                    "-n", &ns, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0",
-                    "netns", &pod_ns,
-                ],
-            )?;
-            run("ip", &["-n", &ns, "link", "set", &host_if, "up"])?;
-            run(
-                "ip",
-                &[
-                    "-n",
-                    &ns,
-                    "route",
-                    "add",
-                    &format!("{ip}/32"),
-                    "dev",
-                    &host_if,
-                ],
-            )?;
-            let link = run("ip", &["-n", &ns, "-o", "link", "show", &host_if])?;
-            let mac = link
-                .split_whitespace()
-                .skip_while(|w| *w != "link/ether")
-                .nth(1)
-                .context("host veth MAC")?
-                .to_string();
-            let ifindex: u32 = link
-                .split(':')
-                .next()
-                .context("ifindex")?
-                .trim()
-                .parse()
-                .context("ifindex")?;
-            run("ip", &["-n", &pod_ns, "link", "set", "lo", "up"])?;
-            run(
-                "ip",
-                &[
-                    "-n",
-                    &pod_ns,
-                    "addr",
-                    "add",
-                    &format!("{ip}/32"),
-                    "dev",
-                    "eth0",
-                ],
-            )?;
-            run("ip", &["-n", &pod_ns, "link", "set", "eth0", "up"])?;
-            run(
-                "ip",
-                &[
-                    "-n",
-                    &pod_ns,
-                    "route",
-                    "add",
-                    "169.254.1.1",
-                    "dev",
-                    "eth0",
-                    "scope",
-                    "link",
-                ],
-            )?;
-            run(
-                "ip",
-                &[
-                    "-n",
-                    &pod_ns,
-                    "route",
-                    "add",
-                    "default",
-                    "via",
-                    "169.254.1.1",
-                    "dev",
-                    "eth0",
-                ],
-            )?;
-            run(
-                "ip",
-                &[
-                    "-n",
-                    &pod_ns,
-                    "neigh",
-                    "add",
-                    "169.254.1.1",
-                    "lladdr",
-                    &mac,
-                    "dev",
-                    "eth0",
-                    "nud",
-                    "permanent",
-                ],
-            )?;
-            if let Some(pod) = node.pods.last_mut() {
-                pod.ifindex = ifindex;
-            }
+        node.exec(&["ip", "link", "set", "lo", "up"])?;
+        node.exec(&["ip", "addr", "add", &format!("{NODE_IP}/32"), "dev", "lo"])?;
+        node.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        for (index, (pod_name, ip)) in pods.iter().enumerate() {
+            let pod = Pod {
+                name: pod_name.clone(),
+                netns: format!("{name}-{index}"),
+                ip: *ip,
+                host_if: format!("lxc{index}"),
+            };
+            run("ip", &["netns", "add", &pod.netns])?;
+            // Registered at once so that Drop removes it even if the wiring below fails.
+            node.pods.push(pod.clone());
+            node.wire(&pod)?;
         }
         Ok(node)
     }
 
-    /// Moves the calling thread into the node namespace until the guard drops.
+    fn wire(&self, pod: &Pod) -> Result<()> {
+        let (ns, host_if, pod_ns) = (
+            self.netns.as_str(),
+            pod.host_if.as_str(),
+            pod.netns.as_str(),
+        );
+        let address = format!("{}/32", pod.ip);
+        run(
+            "ip",
+            &[
+                "-n", ns, "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns",
+                pod_ns,
+            ],
+        )?;
+        run("ip", &["-n", ns, "link", "set", host_if, "up"])?;
+        run("ip", &["-n", ns, "route", "add", &address, "dev", host_if])?;
+        let link = self.link(host_if)?;
+        let mac = link
+            .split_whitespace()
+            .skip_while(|w| *w != "link/ether")
+            .nth(1)
+            .context("host veth MAC")?;
+        let in_pod: [&[&str]; 6] = [
+            &["link", "set", "lo", "up"],
+            &["addr", "add", &address, "dev", "eth0"],
+            &["link", "set", "eth0", "up"],
+            &["route", "add", "169.254.1.1", "dev", "eth0", "scope", "link"],
+            &["route", "add", "default", "via", "169.254.1.1", "dev", "eth0"],
+            &[
+                "neigh",
+                "add",
+                "169.254.1.1",
+                "lladdr",
+                mac,
+                "dev",
+                "eth0",
+                "nud",
+                "permanent",
+            ],
+        ];
+        for args in in_pod {
+            run("ip", &[&["-n", pod_ns], args].concat())?;
+        }
+        Ok(())
+    }
+
+    /// `ip -o link show <interface>` in the node namespace.
+    fn link(&self, interface: &str) -> Result<String> {
+        run("ip", &["-n", &self.netns, "-o", "link", "show", interface])
+    }
+
+    pub fn pod(&self, name: &str) -> Result<&Pod> {
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .with_context(|| format!("no pod {name}"))
+    }
+
+    /// The ifindex of `pod`'s host-side veth (it changes when the pod is wired again).
+    pub fn ifindex(&self, pod: &Pod) -> Result<u32> {
+        let link = self.link(&pod.host_if)?;
+        link.split(':')
+            .next()
+            .and_then(|index| index.trim().parse().ok())
+            .with_context(|| format!("ifindex in {link:?}"))
+    }
+
+    /// Removes a pod's veth pair (as when its sandbox goes away).
+    pub fn unwire(&self, pod: &str) -> Result<()> {
+        run(
+            "ip",
+            &["-n", &self.netns, "link", "del", &self.pod(pod)?.host_if],
+        )?;
+        Ok(())
+    }
+
+    /// Gives a pod a new veth pair (as when its sandbox is recreated).
+    pub fn rewire(&self, pod: &str) -> Result<()> {
+        self.wire(self.pod(pod)?)
+    }
+
+    /// Puts `ip` on a dummy interface `ext0` of the node namespace: an address that is neither
+    /// a pod nor the node, so to the datapath it is `world` (outside the cluster), while a
+    /// server bound to it in the node namespace still answers.
+    pub fn add_outside_address(&self, ip: Ipv4Addr) -> Result<()> {
+        self.exec(&["ip", "link", "add", "ext0", "type", "dummy"])?;
+        self.exec(&["ip", "addr", "add", &format!("{ip}/32"), "dev", "ext0"])?;
+        self.exec(&["ip", "link", "set", "ext0", "up"])?;
+        Ok(())
+    }
+
+    /// Runs a command in the node namespace and returns its stdout.
+    pub fn exec(&self, args: &[&str]) -> Result<String> {
+        run("ip", &[&["netns", "exec", self.netns.as_str()], args].concat())
+    }
+
+    /// Moves the calling thread into the node namespace until the guard drops. Threads the
+    /// caller starts meanwhile (a proxy runtime's workers) stay in it.
     pub fn enter(&self) -> Result<NetnsGuard> {
         NetnsGuard::enter(&self.netns)
     }
@@ -302,6 +374,7 @@ impl Node {
 
 impl Drop for Node {
     fn drop(&mut self) {
+        // Deleting a namespace removes its veths, TC programs and ip rules with it.
         for ns in self
             .pods
             .iter()
@@ -342,270 +415,7 @@ impl Drop for NetnsGuard {
     }
 }
 
-/// A TCP server inside a pod that answers every connection with `reply` and closes.
-pub struct PodServer {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl PodServer {
-    pub fn start(pod_netns: &str, addr: SocketAddrV4, reply: &str) -> Result<Self> {
-        let reply = reply.to_string();
-        Self::serve(
-            pod_netns,
-            move || TcpListener::bind(addr).context("bind"),
-            move |_| reply.clone(),
-        )
-    }
-
-    /// A transparent proxy listener (IP_TRANSPARENT, 127.0.0.1:port) in the node namespace
-    /// that answers "proxy <local address> <peer address>": the local address of an accepted
-    /// socket is the original destination when the datapath redirected the flow.
-    pub fn transparent_proxy(node_netns: &str, port: u16) -> Result<Self> {
-        Self::serve(
-            node_netns,
-            move || transparent_listener(port),
-            |stream| {
-                let local = stream
-                    .local_addr()
-                    .map(|a| a.to_string())
-                    .unwrap_or_default();
-                let peer = stream
-                    .peer_addr()
-                    .map(|a| a.to_string())
-                    .unwrap_or_default();
-                format!("proxy {local} {peer}")
-            },
-        )
-    }
-
-    fn serve(
-        netns: &str,
-        bind: impl FnOnce() -> Result<TcpListener> + Send + 'static,
-        reply: impl Fn(&std::net::TcpStream) -> String + Send + 'static,
-    ) -> Result<Self> {
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let stop = Arc::new(AtomicBool::new(false));
-        let (netns, stop_flag) = (netns.to_string(), stop.clone());
-        let thread = std::thread::spawn(move || {
-            let listener = NetnsGuard::enter(&netns).and_then(|guard| {
-                let listener = bind()?;
-                listener.set_nonblocking(true).context("nonblocking")?;
-                Ok((guard, listener))
-            });
-            let (_guard, listener) = match listener {
-                Ok(ok) => {
-                    let _ = ready_tx.send(Ok(()));
-                    ok
-                }
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
-                    return;
-                }
-            };
-            while !stop_flag.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((mut stream, _)) => {
-                        let answer = reply(&stream);
-                        let _ = std::io::Write::write_all(&mut stream, answer.as_bytes());
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
-                }
-            }
-        });
-        ready_rx.recv().context("server thread")??;
-        Ok(Self {
-            stop,
-            thread: Some(thread),
-        })
-    }
-}
-
-fn transparent_listener(port: u16) -> Result<TcpListener> {
-    use std::os::fd::FromRawFd;
-    // SAFETY: plain socket syscalls on a fresh fd owned by the returned listener.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            bail!("socket: {}", std::io::Error::last_os_error());
-        }
-        let listener = TcpListener::from_raw_fd(fd);
-        let one: libc::c_int = 1;
-        if libc::setsockopt(
-            fd,
-            libc::SOL_IP,
-            libc::IP_TRANSPARENT,
-            (&one as *const libc::c_int).cast(),
-            4,
-        ) != 0
-        {
-            bail!("IP_TRANSPARENT: {}", std::io::Error::last_os_error());
-        }
-        let addr = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: port.to_be(),
-            sin_addr: libc::in_addr {
-                s_addr: u32::from(Ipv4Addr::LOCALHOST).to_be(),
-            },
-            sin_zero: [0; 8],
-        };
-        if libc::bind(
-            fd,
-            (&addr as *const libc::sockaddr_in).cast(),
-            std::mem::size_of::<libc::sockaddr_in>() as u32,
-        ) != 0
-        {
-            bail!("bind 127.0.0.1:{port}: {}", std::io::Error::last_os_error());
-        }
-        if libc::listen(fd, 64) != 0 {
-            bail!("listen: {}", std::io::Error::last_os_error());
-        }
-        Ok(listener)
-    }
-}
-
-/// A UDP server inside a pod that answers every datagram with `reply`.
-pub fn udp_pod_server(pod_netns: &str, addr: SocketAddrV4, reply: &str) -> Result<PodServer> {
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let stop = Arc::new(AtomicBool::new(false));
-    let (netns, reply, stop_flag) = (pod_netns.to_string(), reply.to_string(), stop.clone());
-    let thread = std::thread::spawn(move || {
-        let socket = NetnsGuard::enter(&netns).and_then(|guard| {
-            let socket = std::net::UdpSocket::bind(addr).context("bind")?;
-            socket
-                .set_read_timeout(Some(Duration::from_millis(20)))
-                .context("timeout")?;
-            Ok((guard, socket))
-        });
-        let (_guard, socket) = match socket {
-            Ok(ok) => {
-                let _ = ready_tx.send(Ok(()));
-                ok
-            }
-            Err(e) => {
-                let _ = ready_tx.send(Err(e));
-                return;
-            }
-        };
-        let mut buf = [0u8; 64];
-        while !stop_flag.load(Ordering::Relaxed) {
-            if let Ok((_, peer)) = socket.recv_from(&mut buf) {
-                let _ = socket.send_to(reply.as_bytes(), peer);
-            }
-        }
-    });
-    ready_rx.recv().context("server thread")??;
-    Ok(PodServer {
-        stop,
-        thread: Some(thread),
-    })
-}
-
-impl Drop for PodServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-/// What a client process in a pod saw.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ConnectOutcome {
-    /// Connected; `peer` is what getpeername() returned, `reply` what the server sent.
-    Connected {
-        peer: SocketAddrV4,
-        reply: String,
-    },
-    Refused,
-    TimedOut,
-}
-
-const CLIENT: &str = r#"
-import errno, os, socket, sys
-mode, cgroup, host, port, timeout = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
-if cgroup:
-    with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
-        f.write(str(os.getpid()))
-s = socket.socket(socket.AF_INET, socket.SOCK_STREAM if mode == "tcp" else socket.SOCK_DGRAM)
-s.settimeout(timeout)
-try:
-    if mode == "tcp":
-        s.connect((host, port))
-        peer, data = s.getpeername(), s.recv(100)
-    else:
-        s.sendto(b"ping", (host, port))
-        data, peer = s.recvfrom(100)
-except ConnectionRefusedError:
-    print("REFUSED"); sys.exit(0)
-except (socket.timeout, TimeoutError):
-    print("TIMEOUT"); sys.exit(0)
-except OSError as e:
-    if e.errno == errno.EHOSTUNREACH:
-        print("REFUSED"); sys.exit(0)
-    raise
-print("OK %s:%d %s" % (peer[0], peer[1], data.decode().strip()))
-"#;
-
-/// Runs a TCP client in `pod` (in `cgroup` when given, joined before the socket exists):
-/// connect, getpeername, read the reply.
-pub fn pod_connect(
-    pod: &Pod,
-    cgroup: Option<&Path>,
-    target: SocketAddrV4,
-    timeout_secs: u32,
-) -> Result<ConnectOutcome> {
-    pod_client(pod, "tcp", cgroup, target, timeout_secs)
-}
-
-/// Runs a UDP client in `pod`: an unconnected sendto, then recvfrom (whose source address is
-/// the `peer`); EHOSTUNREACH counts as `Refused`.
-pub fn pod_udp_exchange(
-    pod: &Pod,
-    cgroup: Option<&Path>,
-    target: SocketAddrV4,
-    timeout_secs: u32,
-) -> Result<ConnectOutcome> {
-    pod_client(pod, "udp", cgroup, target, timeout_secs)
-}
-
-fn pod_client(
-    pod: &Pod,
-    mode: &str,
-    cgroup: Option<&Path>,
-    target: SocketAddrV4,
-    timeout_secs: u32,
-) -> Result<ConnectOutcome> {
-    let cgroup_arg = cgroup.map(|p| p.display().to_string()).unwrap_or_default();
-    let out = run(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            &pod.netns,
-            "python3",
-            "-c",
-            CLIENT,
-            mode,
-            &cgroup_arg,
-            &target.ip().to_string(),
-            &target.port().to_string(),
-            &timeout_secs.to_string(),
-        ],
-    )?;
-    let line = out.trim();
-    match line.split_whitespace().collect::<Vec<_>>().as_slice() {
-        ["REFUSED"] => Ok(ConnectOutcome::Refused),
-        ["TIMEOUT"] => Ok(ConnectOutcome::TimedOut),
-        ["OK", peer, reply @ ..] => Ok(ConnectOutcome::Connected {
-            peer: peer.parse().context("peer")?,
-            reply: reply.join(" "),
-        }),
-        _ => bail!("unexpected client output {line:?}"),
-    }
-}
-
+/// Runs `program` and returns its stdout; a failure carries its stderr.
 pub fn run(program: &str, args: &[&str]) -> Result<String> {
     let output = Command::new(program)
         .args(args)
@@ -619,4 +429,36 @@ pub fn run(program: &str, args: &[&str]) -> Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_fit_an_interface_name_and_carry_the_pid() {
+        // The largest pid Linux hands out (PID_MAX_LIMIT).
+        let longest = run_name("abcd", 4_194_304).expect("valid tag");
+        assert_eq!(longest, "slabcd-2hwcg");
+        assert!(format!("{longest}-{}", MAX_PODS - 1).len() <= MAX_NAME);
+        assert_eq!(run_pid(&format!("{longest}-n"), "abcd"), Some(4_194_304));
+        assert_eq!(run_pid("slabcd-2hwcg", "abcd"), Some(4_194_304));
+    }
+
+    #[test]
+    fn only_names_of_the_same_tag_count_as_its_runs() {
+        assert_eq!(run_pid("slsw7-pa8-3", "sw7"), Some(32768));
+        assert_eq!(run_pid("slsw7-pa8-3", "sw"), None);
+        assert_eq!(run_pid("slsw-pa8", "sw7"), None);
+        assert_eq!(run_pid("slsw7-", "sw7"), None);
+        assert_eq!(run_pid("other", "sw7"), None);
+    }
+
+    #[test]
+    fn tags_that_would_not_fit_are_refused() {
+        assert!(run_name("toolong", 1).is_err());
+        assert!(run_name("", 1).is_err());
+        assert!(run_name("a-b", 1).is_err());
+        assert!(run_name("Sw7", 1).is_err());
+    }
 }
