@@ -4,13 +4,13 @@
 //! kernel lets that connection through without redirecting or re-policing it.
 
 mod common;
-mod kernel;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use sluice_ebpf::testing::{self, http_request, Node, PodHttpServer, Reply, TestPins, NODE_IP};
 use sluice_ebpf::{
     BpfState, Datapath, Direction, DropReason, Endpoint, FlowEvent, IpcacheEntry, L4Protocol, PolicyAction, PolicyEntry,
     PortRange, Protocol, Service, Verdict,
@@ -21,7 +21,6 @@ use sluice_proxy::tables::{
 };
 
 use common::{allow, cluster, hcm, http_rule, ingress_only, peer, prefix_route, to_cluster, Proxy};
-use kernel::{http_get, pod_http_get, HttpOutcome, Node, PodHttpServer, TestPins, NODE_IP};
 
 const CLIENT_ID: u32 = 1000;
 const SERVER_ID: u32 = 2000;
@@ -41,12 +40,8 @@ fn proxy_marks_agree_with_the_kernel_programs() {
 /// counts as `world`, which the server's policy drops, so only the proxy's mark lets it in
 /// (with the node as `host` the kernel would let it pass by default and the mark would go
 /// unseen).
-fn kernel_state(node: &Node) -> BpfState {
+fn kernel_state(node: &Node) -> Result<BpfState> {
     let (client, server) = (&node.pods[0], &node.pods[1]);
-    let ifindex = |pod: &kernel::Pod| -> u32 {
-        let link = kernel::run("ip", &["-o", "link", "show", &pod.host_if]).expect("host veth");
-        link.split(':').next().and_then(|i| i.trim().parse().ok()).expect("ifindex")
-    };
     let redirect_http = PolicyEntry {
         direction: Direction::Ingress,
         remote_identity: Some(CLIENT_ID),
@@ -55,13 +50,13 @@ fn kernel_state(node: &Node) -> BpfState {
         action: PolicyAction::Redirect { proxy_port: PROXY_PORT },
         auth_required: false,
     };
-    BpfState {
+    Ok(BpfState {
         endpoints: vec![
-            Endpoint { ip: client.ip, identity: CLIENT_ID, ifindex: ifindex(client), enforce_ingress: false, enforce_egress: false, policy: vec![] },
+            Endpoint { ip: client.ip, identity: CLIENT_ID, ifindex: node.ifindex(client)?, enforce_ingress: false, enforce_egress: false, policy: vec![] },
             Endpoint {
                 ip: server.ip,
                 identity: SERVER_ID,
-                ifindex: ifindex(server),
+                ifindex: node.ifindex(server)?,
                 enforce_ingress: true,
                 enforce_egress: false,
                 policy: vec![redirect_http],
@@ -78,7 +73,7 @@ fn kernel_state(node: &Node) -> BpfState {
             l7_proxy_port: Some(PROXY_PORT),
             backends: vec![SocketAddrV4::new(server.ip, 80)],
         }],
-    }
+    })
 }
 
 /// The proxy's view, as the agent would compile it: one transparent listener whose routes go
@@ -143,15 +138,15 @@ fn redirected_to_proxy(events: &[FlowEvent], destination: SocketAddrV4) -> bool 
 #[test]
 fn redirected_pod_traffic_is_policed_by_the_proxy_and_forwarded_marked() -> Result<()> {
     let test = "redirected_pod_traffic_is_policed_by_the_proxy_and_forwarded_marked";
-    if !kernel::privileged(test) {
+    if !testing::privileged(test) {
         return Ok(());
     }
-    let node = Node::new("redirect", 2)?;
+    let node = Node::new("rdr", 2)?;
     let _in_node = node.enter()?;
-    let pins = TestPins::new("redirect")?;
+    let pins = TestPins::new("rdr")?;
     let mut datapath = Datapath::load(&pins.path)?;
     let mut kernel_events = datapath.flow_events()?;
-    datapath.apply(&kernel_state(&node))?;
+    datapath.apply(&kernel_state(&node)?)?;
     for pod in &node.pods {
         datapath.attach_interface(&pod.host_if)?;
     }
@@ -159,32 +154,29 @@ fn redirected_pod_traffic_is_policed_by_the_proxy_and_forwarded_marked() -> Resu
     let mut proxy = Proxy::start();
     proxy.handle.apply(proxy_tables(&node, 1, true)).context("proxy tables")?;
     let (client, server) = (&node.pods[0], &node.pods[1]);
-    let server_http = PodHttpServer::start(&server.netns, SocketAddrV4::new(server.ip, 80), "server-pod")?;
     let server_addr = SocketAddrV4::new(server.ip, 80);
+    let server_http = PodHttpServer::start(&server.netns, server_addr, "server-pod")?;
+    let get = |target, path| http_request(&client.netns, None, target, "GET", path);
+    let answered = |path: &str| Reply::Http { status: 200, body: format!("GET {path}\n"), served_by: Some("server-pod".into()) };
+    let denied = Reply::Http { status: 403, body: "Access denied\r\n".into(), served_by: None };
 
     // Allowed by the HTTP rules: the request reaches the server pod, from the node address
     // (the proxy's upstream), through the server's ingress policy thanks to the mark.
-    assert_eq!(
-        pod_http_get(client, server_addr, "/public")?,
-        HttpOutcome::Response { status: 200, body: "server-pod".into() }
-    );
-    let seen = server_http.seen();
+    assert_eq!(get(server_addr, "/public")?, answered("/public"));
+    let seen = server_http.seen()?;
     assert_eq!(seen.len(), 1, "{seen:?}");
     assert_eq!(seen[0].0.ip(), IpAddr::V4(NODE_IP), "the proxy connects from upstream_source");
     assert_eq!(seen[0].1, "GET /public HTTP/1.1");
 
     // Denied by the HTTP rules: 403 from the proxy, nothing reaches the server.
-    assert_eq!(
-        pod_http_get(client, server_addr, "/private")?,
-        HttpOutcome::Response { status: 403, body: "Access denied\r\n".into() }
-    );
-    assert_eq!(server_http.seen().len(), 1);
+    assert_eq!(get(server_addr, "/private")?, denied);
+    assert_eq!(server_http.seen()?.len(), 1);
 
     // The CiliumEnvoyConfig VIP: redirected with the VIP intact, dispatched to the CEC listener
     // by its original destination, balanced to the backend, policed like the direct flow.
-    assert_eq!(pod_http_get(client, VIP, "/public")?, HttpOutcome::Response { status: 200, body: "server-pod".into() });
-    assert_eq!(pod_http_get(client, VIP, "/private")?, HttpOutcome::Response { status: 403, body: "Access denied\r\n".into() });
-    assert_eq!(server_http.seen().len(), 2);
+    assert_eq!(get(VIP, "/public")?, answered("/public"));
+    assert_eq!(get(VIP, "/private")?, denied);
+    assert_eq!(server_http.seen()?.len(), 2);
 
     let flows = proxy.drain_flows();
     let listeners: Vec<(&str, ProxyVerdict, Option<u16>)> =
@@ -211,18 +203,18 @@ fn redirected_pod_traffic_is_policed_by_the_proxy_and_forwarded_marked() -> Resu
 
     // A node process connecting to the transparent listener itself was not redirected: it has
     // no original destination, so the ORIGINAL_DST cluster has no host (no proxy-to-itself loop).
-    let direct = http_get(SocketAddrV4::new(Ipv4Addr::LOCALHOST, PROXY_PORT), "/public")?;
-    assert!(matches!(direct, HttpOutcome::Response { status: 503, ref body } if body == "no healthy upstream"), "{direct:?}");
-    assert_eq!(server_http.seen().len(), 2);
+    let direct = http_request(&node.netns, None, SocketAddrV4::new(Ipv4Addr::LOCALHOST, PROXY_PORT), "GET", "/public")?;
+    assert!(matches!(&direct, Reply::Http { status: 503, body, .. } if body == "no healthy upstream"), "{direct:?}");
+    assert_eq!(server_http.seen()?.len(), 2);
 
     // Negative control: the same tables without the mark. The server's policy drops the
     // proxy's SYN (the node is `world` here), so the proxy answers 503 after its connect timeout.
     proxy.handle.apply(proxy_tables(&node, 2, false)).context("unmarked tables")?;
-    match pod_http_get(client, server_addr, "/public")? {
-        HttpOutcome::Response { status, .. } => assert_eq!(status, 503),
+    match get(server_addr, "/public")? {
+        Reply::Http { status, .. } => assert_eq!(status, 503),
         other => panic!("unmarked upstream: {other:?}"),
     }
-    assert_eq!(server_http.seen().len(), 2);
+    assert_eq!(server_http.seen()?.len(), 2);
     let dropped: Vec<FlowEvent> = kernel_events.drain().into_iter().filter(|e| e.verdict == Verdict::Dropped).collect();
     assert!(
         dropped.iter().any(|e| *e.source.ip() == NODE_IP

@@ -234,6 +234,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
 class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    def server_bind(self):
+        # Not HTTPServer's: its getfqdn() would send a DNS query out of the namespace.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
 server = Server((host, port), Handler)
 print("ready", flush=True)
 server.serve_forever()
