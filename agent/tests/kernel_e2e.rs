@@ -1,39 +1,57 @@
 //! End-to-end tests of `sluice agent --datapath ebpf` on a real kernel: a node namespace with pod
-//! namespaces (tests/common/netns.rs), Cilium's Star Wars example files unchanged, and the
-//! agent's CLI, flows and metrics. They need root and BPF; without them they print a loud
-//! SKIPPED line, and with `CI=true` they fail instead.
+//! namespaces (sluice-ebpf's testing harness, tests/common/agent.rs), Cilium's example files
+//! unchanged where one exists and small CNPs written like Cilium's docs otherwise, and the
+//! agent's CLI, flows and metrics. They need root and BPF; without them they print a loud SKIPPED
+//! line, and with `CI=true` they fail instead.
 
 mod common;
 
-use std::net::Ipv4Addr;
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use common::netns::{privileged, request, AgentProcess, PodClient, PodServer, Reply, TestNode, NODE, NODE_IP};
+use common::agent::{AgentProcess, TestNode, NODE};
 use serde_json::Value;
 use sluice_agent::demo::scheduler::{self, Addresses, Scheduled};
+use sluice_ebpf::testing::{privileged, PodHttpServer, Reply, NODE_IP};
 
-
-fn example(name: &str) -> Result<String> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../conformance/cilium-examples").join(name);
-    std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
+/// A manifest file: its name in the config dir and its text.
+struct Manifest {
+    file: String,
+    text: String,
 }
 
-/// Cilium example apps on a node: their pods wired into namespaces, servers started, the
-/// running manifests, this node's Node object and the applied example files in the config dir.
+impl Manifest {
+    /// A Cilium example from conformance/cilium-examples/, unchanged.
+    fn example(file: &str) -> Result<Self> {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../conformance/cilium-examples").join(file);
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        Ok(Self { file: file.to_owned(), text })
+    }
+
+    fn inline(file: &str, text: &str) -> Self {
+        Self { file: file.to_owned(), text: text.to_owned() }
+    }
+}
+
+/// Apps on a node: their pods wired into namespaces, HTTP servers started (each names itself
+/// after its pod), the running manifests, this node's Node object and the applied policy files
+/// in the config dir.
 struct App {
+    /// Dropped before the node: servers stop before their namespaces go.
+    servers: BTreeMap<String, PodHttpServer>,
     node: TestNode,
     /// Cluster IPs by Service name.
-    vips: std::collections::BTreeMap<String, Ipv4Addr>,
-    _servers: Vec<PodServer>,
+    vips: BTreeMap<String, Ipv4Addr>,
 }
 
 impl App {
-    fn new(tag: &str, workloads: &[&str], applied: &[&str], servers: &[(&str, u16)]) -> Result<Self> {
+    fn new(tag: &str, workloads: &[Manifest], applied: &[Manifest], servers: &[(&str, u16)]) -> Result<Self> {
         let mut addresses = Addresses::for_namespaces();
         let mut running = Vec::new();
-        for file in workloads {
-            running.push((*file, scheduler::schedule(file, &example(file)?, NODE, &mut addresses)?));
+        for manifest in workloads {
+            running.push((&manifest.file, scheduler::schedule(&manifest.file, &manifest.text, NODE, &mut addresses)?));
         }
         let pods: Vec<_> = running.iter().flat_map(|(_, s)| s.pods.iter().map(|p| (p.name.clone(), p.ip))).collect();
         let node = TestNode::new(tag, &pods)?;
@@ -44,42 +62,71 @@ impl App {
             "node.yaml",
             &format!("apiVersion: v1\nkind: Node\nmetadata: {{name: {NODE}}}\nstatus:\n  addresses: [{{type: InternalIP, address: {NODE_IP}}}]\n"),
         )?;
-        for file in applied {
-            node.write_config(file, &example(file)?)?;
+        for manifest in applied {
+            node.write_config(&manifest.file, &manifest.text)?;
         }
-        let servers = servers.iter().map(|(pod, port)| PodServer::start(node.pod(pod)?, *port)).collect::<Result<Vec<_>>>()?;
+        let mut started = BTreeMap::new();
+        for (pod, port) in servers {
+            let pod = node.pod(pod)?;
+            started.insert(pod.name.clone(), PodHttpServer::start(&pod.netns, SocketAddrV4::new(pod.ip, *port), &pod.name)?);
+        }
         let vips = running.iter().flat_map(|(_, s)| s.services.iter().map(|v| (v.name.clone(), v.cluster_ip))).collect();
-        Ok(Self { node, vips, _servers: servers })
+        Ok(Self { servers: started, node, vips })
     }
 
     /// The Star Wars app, with `policy` (a Cilium example file) applied.
     fn star_wars(tag: &str, policy: Option<&str>) -> Result<Self> {
-        Self::new(tag, &["http-sw-app.yaml"], policy.as_slice(), &[("deathstar-0", 80), ("deathstar-1", 80)])
+        let applied = policy.map(Manifest::example).transpose()?;
+        Self::new(tag, &[Manifest::example("http-sw-app.yaml")?], applied.as_slice(), &[("deathstar-0", 80), ("deathstar-1", 80)])
     }
 
-    fn vip(&self, service: &str) -> Result<Ipv4Addr> {
-        self.vips.get(service).copied().with_context(|| format!("no Service {service}"))
+    fn vip(&self, service: &str, port: u16) -> Result<SocketAddrV4> {
+        let ip = self.vips.get(service).copied().with_context(|| format!("no Service {service}"))?;
+        Ok(SocketAddrV4::new(ip, port))
     }
 
+    fn pod_addr(&self, pod: &str, port: u16) -> Result<SocketAddrV4> {
+        Ok(SocketAddrV4::new(self.node.pod(pod)?.ip, port))
+    }
+
+    fn server(&self, pod: &str) -> Result<&PodHttpServer> {
+        self.servers.get(pod).with_context(|| format!("no server in {pod}"))
+    }
+
+    /// The agent, once every pod of this node has its interface attached and its endpoint in
+    /// the kernel, and the config dir has no errors.
     fn agent(&self, extra: &[&str]) -> Result<AgentProcess> {
         let agent = AgentProcess::start(&self.node, extra)?;
-        // Every pod of this node has its interface attached and its endpoint in the kernel.
-        let pods = self.node.pods.len() as u64;
-        agent.wait_for(|s| s["kernel"]["endpoints"].as_u64() == Some(pods))?;
+        let pods = self.node.net.pods.len() as u64;
+        let status = agent.wait_for(|s| s["kernel"]["endpoints"].as_u64() == Some(pods))?;
+        if !strings(&status["errors"]).is_empty() {
+            bail!("configuration errors: {}", status["errors"]);
+        }
         Ok(agent)
     }
 
     fn land(&self, ship: &str) -> Result<Reply> {
-        request(&self.node, ship, self.vip("deathstar")?, 80, "POST", "/v1/request-landing")
+        self.node.request(ship, self.vip("deathstar", 80)?, "POST", "/v1/request-landing")
     }
 }
 
+/// What a pod's HTTP server answers when `method path` reached it.
+fn served(by: &str, method: &str, path: &str) -> Reply {
+    Reply::Http { status: 200, body: format!("{method} {path}\n"), served_by: Some(by.to_owned()) }
+}
+
+/// The proxy's answer to a request its HTTP rules deny.
+fn access_denied() -> Reply {
+    Reply::Http { status: 403, body: "Access denied\r\n".to_owned(), served_by: None }
+}
+
 fn landed(reply: &Reply) -> bool {
-    matches!(reply, Reply::Http { status: 200, body, .. } if body == "Ship landed\n")
+    matches!(reply, Reply::Http { status: 200, body, served_by: Some(by) }
+        if body == "POST /v1/request-landing\n" && by.starts_with("deathstar-"))
 }
 
 fn metric(node: &TestNode, series: &str) -> Result<f64> {
-    let text = node.exec(&["curl", "-sf", "http://127.0.0.1:9965/metrics"])?;
+    let text = node.net.exec(&["curl", "-sf", "http://127.0.0.1:9965/metrics"])?;
     Ok(text
         .lines()
         .find_map(|line| line.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
@@ -88,6 +135,29 @@ fn metric(node: &TestNode, series: &str) -> Result<f64> {
 
 fn strings(value: &Value) -> Vec<String> {
     value.as_array().map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect()).unwrap_or_default()
+}
+
+/// The one endpoint named `name` in `sluice endpoint list -o json`.
+fn endpoint<'a>(endpoints: &'a Value, namespace: &str, name: &str) -> Result<&'a Value> {
+    endpoints
+        .as_array()
+        .and_then(|e| e.iter().find(|e| e["namespace"] == namespace && e["name"] == name))
+        .with_context(|| format!("{namespace}/{name} not listed"))
+}
+
+/// The drop `sluice observe --verdict DROPPED` shows for `from_pod` to one of `to`: its SYN,
+/// denied by policy in `direction`.
+fn assert_syn_dropped(agent: &AgentProcess, from_pod: &str, to: &[SocketAddrV4], direction: &str) -> Result<Value> {
+    let drops = agent.observe(&["--verdict", "DROPPED", "--from-pod", from_pod])?;
+    let destination = |d: &Value| format!("{}:{}", d["destination"]["ip"].as_str().unwrap_or_default(), d["destination"]["port"]);
+    let drop = drops
+        .iter()
+        .find(|d| to.iter().any(|to| destination(d) == to.to_string()))
+        .with_context(|| format!("no drop from {from_pod} to {to:?} observed: {drops:?}"))?;
+    assert_eq!(drop["summary"], "Policy denied DROPPED (TCP Flags: SYN)", "{drop}");
+    assert_eq!(drop["drop_reason_desc"], "POLICY_DENIED", "{drop}");
+    assert_eq!(drop["traffic_direction"], direction, "{drop}");
+    Ok(drop.clone())
 }
 
 #[test]
@@ -104,15 +174,15 @@ fn star_wars_l7_policy_is_enforced_by_the_kernel_and_the_proxy() -> Result<()> {
     let tiefighter = app.land("tiefighter")?;
     assert!(landed(&tiefighter), "{tiefighter:?}\n{}", agent.log_text());
     // The PUT is answered by the proxy with 403.
-    let exhaust = request(&app.node, "tiefighter", app.vip("deathstar")?, 80, "PUT", "/v1/exhaust-port")?;
-    assert_eq!(exhaust, Reply::Http { status: 403, body: "Access denied\r\n".to_owned(), served_by: None });
+    let exhaust = app.node.request("tiefighter", app.vip("deathstar", 80)?, "PUT", "/v1/exhaust-port")?;
+    assert_eq!(exhaust, access_denied());
+    let seen: Vec<String> = app.servers.values().flat_map(|s| s.seen().unwrap_or_default()).map(|(_, line)| line).collect();
+    assert_eq!(seen, vec!["POST /v1/request-landing HTTP/1.1"], "only the allowed request reached a deathstar");
 
     let xwing = app.node.pod("xwing")?.ip.to_string();
-    let drops = agent.observe(&["--verdict", "DROPPED", "--from-pod", "default/xwing"])?;
-    let drop = drops.first().context("no drop of xwing observed")?;
-    assert_eq!(drop["summary"], "Policy denied DROPPED (TCP Flags: SYN)");
-    assert_eq!(drop["drop_reason_desc"], "POLICY_DENIED");
-    assert_eq!(drop["traffic_direction"], "INGRESS");
+    // Socket LB picked one of the deathstars for xwing's connection.
+    let deathstars = [app.pod_addr("deathstar-0", 80)?, app.pod_addr("deathstar-1", 80)?];
+    let drop = assert_syn_dropped(&agent, "default/xwing", &deathstars, "INGRESS")?;
     assert_eq!(drop["source"]["ip"], xwing.as_str());
     assert!(drop["destination"]["pod_name"].as_str().is_some_and(|p| p.starts_with("deathstar-")), "{drop}");
     let denied = agent.observe(&["--http-status", "403"])?;
@@ -122,24 +192,17 @@ fn star_wars_l7_policy_is_enforced_by_the_kernel_and_the_proxy() -> Result<()> {
 
     // The kernel's view beside the intent.
     let endpoints = agent.cli_json(&["endpoint", "list"])?;
-    let deathstar = endpoints
-        .as_array()
-        .and_then(|e| e.iter().find(|e| e["name"] == "deathstar-0"))
-        .context("deathstar-0 listed")?;
+    let deathstar = endpoint(&endpoints, "default", "deathstar-0")?;
     assert_eq!(deathstar["kernel"]["entry"]["ingress_enforced"], true);
     assert_eq!(deathstar["kernel"]["interface"], "lxc0");
-    let tiefighter_id = endpoints
-        .as_array()
-        .and_then(|e| e.iter().find(|e| e["name"] == "tiefighter"))
-        .and_then(|e| e["identity"].as_u64())
-        .context("tiefighter's identity")?;
+    let tiefighter_id = endpoint(&endpoints, "default", "tiefighter")?["identity"].as_u64().context("tiefighter's identity")?;
     assert!(strings(&deathstar["kernel"]["policy"]).contains(&format!("ingress redirect:15001 {tiefighter_id} TCP/80")));
     let services = agent.cli_json(&["service", "list"])?;
     let service = services
         .as_array()
         .and_then(|s| s.iter().find(|s| s["name"] == "default/deathstar:80"))
         .context("deathstar Service listed")?;
-    assert_eq!(service["kernel"]["vip"], format!("{}:80", app.vip("deathstar")?));
+    assert_eq!(service["kernel"]["vip"], app.vip("deathstar", 80)?.to_string());
     assert_eq!(service["kernel"]["backends"].as_array().map(Vec::len), Some(2));
     let policies = agent.cli_json(&["policy", "get", "rule1"])?;
     let kernel = &policies[0]["kernel"];
@@ -154,34 +217,33 @@ fn cluster_ip_is_balanced_across_replicas_by_socket_lb_and_veths_are_followed() 
     }
     let app = App::star_wars("swlb", None)?;
     let agent = app.agent(&[])?;
-    let mut served = std::collections::BTreeSet::new();
+    let mut answered = std::collections::BTreeSet::new();
     for _ in 0..24 {
         match app.land("tiefighter")? {
             Reply::Http { status: 200, served_by: Some(by), .. } => {
-                served.insert(by);
+                answered.insert(by);
             }
             other => bail!("a landing through the VIP failed: {other:?}\n{}", agent.log_text()),
         }
     }
     // Each connection picks its backend (Maglev on the socket cookie): both replicas answer.
-    assert_eq!(served.into_iter().collect::<Vec<_>>(), vec!["deathstar-0", "deathstar-1"]);
+    assert_eq!(answered.into_iter().collect::<Vec<_>>(), vec!["deathstar-0", "deathstar-1"]);
     // Without policy xwing lands too.
     assert!(landed(&app.land("xwing")?));
 
     // A pod's veth goes away: the agent notices, drops its endpoint and says why.
-    app.node.unwire("deathstar-1")?;
+    app.node.net.unwire("deathstar-1")?;
     let status = agent.wait_for(|s| s["kernel"]["endpoints"].as_u64() == Some(3))?;
     assert!(
         strings(&status["warnings"]).iter().any(|w| w.starts_with("Pod default/deathstar-1 (198.18.0.11): no host route")),
         "{status}"
     );
     // It comes back (a new interface): attached again, and it serves again.
-    app.node.rewire("deathstar-1")?;
+    app.node.net.rewire("deathstar-1")?;
     let status = agent.wait_for(|s| s["kernel"]["endpoints"].as_u64() == Some(4))?;
     assert!(strings(&status["kernel"]["interfaces"]).contains(&"lxc1".to_owned()), "{status}");
-    let deathstar_1 = app.node.pod("deathstar-1")?.ip;
-    let reply = request(&app.node, "xwing", deathstar_1, 80, "POST", "/v1/request-landing")?;
-    assert!(matches!(&reply, Reply::Http { served_by: Some(by), .. } if by == "deathstar-1"), "{reply:?}");
+    let reply = app.node.request("xwing", app.pod_addr("deathstar-1", 80)?, "POST", "/v1/request-landing")?;
+    assert_eq!(reply, served("deathstar-1", "POST", "/v1/request-landing"));
     Ok(())
 }
 
@@ -192,7 +254,7 @@ fn an_agent_restart_keeps_established_connections_and_enforcement() -> Result<()
     }
     let app = App::star_wars("swrs", Some("sw_l3_l4_policy.yaml"))?;
     let agent = app.agent(&[])?;
-    let mut session = PodClient::connect(&app.node, "tiefighter", app.vip("deathstar")?, 80, 3)?;
+    let mut session = app.node.client("tiefighter", app.vip("deathstar", 80)?)?;
     assert!(landed(&session.request("POST", "/v1/request-landing")?));
     assert_eq!(app.land("xwing")?, Reply::TimedOut);
 
@@ -214,9 +276,8 @@ fn an_agent_restart_keeps_established_connections_and_enforcement() -> Result<()
     drop(agent);
     let agent = app.agent(&["--cleanup-on-exit"])?;
     assert!(agent.terminate()?.success());
-    assert!(!app.node.pins.exists(), "pins left behind at {}", app.node.pins.display());
-    let deathstar = app.node.pod("deathstar-0")?.ip;
-    assert!(landed(&request(&app.node, "xwing", deathstar, 80, "POST", "/v1/request-landing")?));
+    assert!(!app.node.pins.path.exists(), "pins left behind at {}", app.node.pins.path.display());
+    assert!(landed(&app.node.request("xwing", app.pod_addr("deathstar-0", 80)?, "POST", "/v1/request-landing")?));
     Ok(())
 }
 
@@ -227,12 +288,12 @@ fn a_cec_canary_split_is_reached_through_the_service_vip() -> Result<()> {
     }
     let app = App::new(
         "cec",
-        &["client-helloworld.yaml", "helloworld-service-v1-v2.yaml"],
-        &["envoy-helloworld-v1-90-v2-10.yaml"],
+        &[Manifest::example("client-helloworld.yaml")?, Manifest::example("helloworld-service-v1-v2.yaml")?],
+        &[Manifest::example("envoy-helloworld-v1-90-v2-10.yaml")?],
         &[("helloworld-v1-0", 5000), ("helloworld-v2-0", 5000)],
     )?;
     let agent = app.agent(&[])?;
-    let vip = app.vip("helloworld")?;
+    let vip = app.vip("helloworld", 5000)?;
     let services = agent.cli_json(&["service", "list"])?;
     let helloworld = services
         .as_array()
@@ -242,19 +303,19 @@ fn a_cec_canary_split_is_reached_through_the_service_vip() -> Result<()> {
 
     // The VIP is not translated at connect(): TC hands the flow to the proxy, whose frontend for
     // this VIP is the CEC listener splitting 90/10 per request.
-    let mut client = PodClient::connect(&app.node, "client-0", vip, 5000, 3)?;
-    let mut served = std::collections::BTreeMap::<String, u32>::new();
+    let mut client = app.node.client("client-0", vip)?;
+    let mut split = BTreeMap::<String, u32>::new();
     for _ in 0..100 {
         match client.request("GET", "/hello")? {
-            Reply::Http { status: 200, served_by: Some(by), .. } => *served.entry(by).or_default() += 1,
+            Reply::Http { status: 200, served_by: Some(by), .. } => *split.entry(by).or_default() += 1,
             other => bail!("a request through the helloworld VIP failed: {other:?}\n{}", agent.log_text()),
         }
     }
-    let v1 = served.get("helloworld-v1-0").copied().unwrap_or(0);
-    let v2 = served.get("helloworld-v2-0").copied().unwrap_or(0);
-    assert_eq!(v1 + v2, 100, "{served:?}");
-    assert!(v2 >= 1 && v1 > v2, "90/10 split expected: {served:?}");
+    let v1 = split.get("helloworld-v1-0").copied().unwrap_or(0);
+    let v2 = split.get("helloworld-v2-0").copied().unwrap_or(0);
+    assert_eq!(v1 + v2, 100, "{split:?}");
+    assert!(v2 >= 1 && v1 > v2, "90/10 split expected: {split:?}");
     let redirected = agent.observe(&["--verdict", "REDIRECTED", "--from-pod", "default/client-0"])?;
-    assert!(redirected.iter().any(|f| f["destination"]["ip"] == vip.to_string().as_str()), "{redirected:?}");
+    assert!(redirected.iter().any(|f| f["destination"]["ip"] == vip.ip().to_string().as_str()), "{redirected:?}");
     Ok(())
 }

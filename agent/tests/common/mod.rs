@@ -1,3 +1,3 @@
 //! Shared helpers of the agent's integration tests.
 
-pub mod netns;
+pub mod agent;
