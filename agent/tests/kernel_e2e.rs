@@ -40,7 +40,7 @@ impl Manifest {
 /// in the config dir.
 struct App {
     /// Dropped before the node: servers stop before their namespaces go.
-    servers: BTreeMap<String, PodHttpServer>,
+    servers: BTreeMap<(String, u16), PodHttpServer>,
     node: TestNode,
     /// Cluster IPs by Service name.
     vips: BTreeMap<String, Ipv4Addr>,
@@ -68,7 +68,7 @@ impl App {
         let mut started = BTreeMap::new();
         for (pod, port) in servers {
             let pod = node.pod(pod)?;
-            started.insert(pod.name.clone(), PodHttpServer::start(&pod.netns, SocketAddrV4::new(pod.ip, *port), &pod.name)?);
+            started.insert((pod.name.clone(), *port), PodHttpServer::start(&pod.netns, SocketAddrV4::new(pod.ip, *port), &pod.name)?);
         }
         let vips = running.iter().flat_map(|(_, s)| s.services.iter().map(|v| (v.name.clone(), v.cluster_ip))).collect();
         Ok(Self { servers: started, node, vips })
@@ -89,8 +89,8 @@ impl App {
         Ok(SocketAddrV4::new(self.node.pod(pod)?.ip, port))
     }
 
-    fn server(&self, pod: &str) -> Result<&PodHttpServer> {
-        self.servers.get(pod).with_context(|| format!("no server in {pod}"))
+    fn server(&self, pod: &str, port: u16) -> Result<&PodHttpServer> {
+        self.servers.get(&(pod.to_owned(), port)).with_context(|| format!("no server in {pod} on {port}"))
     }
 
     /// The agent, once every pod of this node has its interface attached and its endpoint in
@@ -176,7 +176,10 @@ fn star_wars_l7_policy_is_enforced_by_the_kernel_and_the_proxy() -> Result<()> {
     // The PUT is answered by the proxy with 403.
     let exhaust = app.node.request("tiefighter", app.vip("deathstar", 80)?, "PUT", "/v1/exhaust-port")?;
     assert_eq!(exhaust, access_denied());
-    let seen: Vec<String> = app.servers.values().flat_map(|s| s.seen().unwrap_or_default()).map(|(_, line)| line).collect();
+    let mut seen = Vec::new();
+    for server in app.servers.values() {
+        seen.extend(server.seen()?.into_iter().map(|(_, line)| line));
+    }
     assert_eq!(seen, vec!["POST /v1/request-landing HTTP/1.1"], "only the allowed request reached a deathstar");
 
     let xwing = app.node.pod("xwing")?.ip.to_string();
@@ -317,5 +320,349 @@ fn a_cec_canary_split_is_reached_through_the_service_vip() -> Result<()> {
     assert!(v2 >= 1 && v1 > v2, "90/10 split expected: {split:?}");
     let redirected = agent.observe(&["--verdict", "REDIRECTED", "--from-pod", "default/client-0"])?;
     assert!(redirected.iter().any(|f| f["destination"]["ip"] == vip.ip().to_string().as_str()), "{redirected:?}");
+    Ok(())
+}
+
+/// Cilium's labels-dependent L4 example (docs "Layer 4 Examples"): only `role=frontend` may
+/// reach `role=backend`, and only on TCP/80.
+const FRONTEND_ONLY_POLICY: &str = r#"apiVersion: "cilium.io/v2"
+kind: CiliumNetworkPolicy
+metadata:
+  name: "l4-rule"
+spec:
+  endpointSelector:
+    matchLabels:
+      role: backend
+  ingress:
+  - fromEndpoints:
+    - matchLabels:
+        role: frontend
+    toPorts:
+    - ports:
+      - port: "80"
+        protocol: TCP
+"#;
+
+const FRONTEND_BACKEND_APP: &str = r#"apiVersion: v1
+kind: Service
+metadata:
+  name: backend
+spec:
+  selector:
+    role: backend
+  ports:
+  - port: 80
+    protocol: TCP
+    targetPort: 80
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: backend
+spec:
+  replicas: 1
+  selector:
+    matchLabels:
+      role: backend
+  template:
+    metadata:
+      labels:
+        role: backend
+    spec:
+      containers:
+      - name: web
+        image: nginx
+        ports:
+        - containerPort: 80
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: frontend
+  labels:
+    role: frontend
+spec:
+  containers:
+  - name: client
+    image: curlimages/curl
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: intruder
+  labels:
+    role: other
+spec:
+  containers:
+  - name: client
+    image: curlimages/curl
+"#;
+
+#[test]
+fn a_frontend_only_policy_admits_the_frontend_on_port_80_and_drops_everyone_else() -> Result<()> {
+    if !privileged("a_frontend_only_policy_admits_the_frontend_on_port_80_and_drops_everyone_else") {
+        return Ok(());
+    }
+    let app = App::new(
+        "fe",
+        &[Manifest::inline("frontend-backend.yaml", FRONTEND_BACKEND_APP)],
+        &[Manifest::inline("l4-rule.yaml", FRONTEND_ONLY_POLICY)],
+        &[("backend-0", 80), ("backend-0", 8080)],
+    )?;
+    let agent = app.agent(&[])?;
+    let backend = app.vip("backend", 80)?;
+
+    // The frontend reaches the backend through its Service (socket LB) on port 80.
+    assert_eq!(app.node.request("frontend", backend, "GET", "/")?, served("backend-0", "GET", "/"));
+    // Another client's SYN is dropped at the backend's veth: its connect times out.
+    assert_eq!(app.node.request("intruder", backend, "GET", "/")?, Reply::TimedOut);
+    // The frontend itself gets nothing but port 80.
+    let other_port = app.pod_addr("backend-0", 8080)?;
+    assert_eq!(app.node.request("frontend", other_port, "GET", "/")?, Reply::TimedOut);
+
+    let backend_0 = app.pod_addr("backend-0", 80)?;
+    let drop = assert_syn_dropped(&agent, "default/intruder", &[backend_0], "INGRESS")?;
+    assert_eq!(drop["source"]["pod_name"], "intruder");
+    assert_eq!(drop["destination"]["pod_name"], "backend-0");
+    assert_syn_dropped(&agent, "default/frontend", &[other_port], "INGRESS")?;
+    let frontend_drops = agent.observe(&["--verdict", "DROPPED", "--from-pod", "default/frontend", "--port", "80"])?;
+    assert_eq!(frontend_drops, Vec::<Value>::new(), "the frontend's port-80 flow is never dropped");
+
+    // The kernel's policy map holds exactly that rule for the backend.
+    let endpoints = agent.cli_json(&["endpoint", "list"])?;
+    let frontend_id = endpoint(&endpoints, "default", "frontend")?["identity"].as_u64().context("frontend identity")?;
+    let kernel = &endpoint(&endpoints, "default", "backend-0")?["kernel"];
+    assert_eq!(kernel["entry"]["ingress_enforced"], true);
+    assert_eq!(strings(&kernel["policy"]), vec![format!("ingress allow {frontend_id} TCP/80")]);
+    Ok(())
+}
+
+/// An API open only to GET and POST under `/api/v1/`, and only for pods of the `luke` service
+/// account in namespace `ns1` (Cilium's service-account and namespace selectors, docs "Service
+/// Accounts" and "Namespaces", with an L7 HTTP rule as in docs "Layer 7 Examples").
+const API_POLICY: &str = r#"apiVersion: "cilium.io/v2"
+kind: CiliumNetworkPolicy
+metadata:
+  name: "api-v1-from-luke-in-ns1"
+spec:
+  endpointSelector:
+    matchLabels:
+      app: api
+  ingress:
+  - fromEndpoints:
+    - matchLabels:
+        "k8s:io.cilium.k8s.policy.serviceaccount": luke
+        "k8s:io.kubernetes.pod.namespace": ns1
+    toPorts:
+    - ports:
+      - port: "80"
+        protocol: TCP
+      rules:
+        http:
+        - method: "GET"
+          path: "/api/v1/.*"
+        - method: "POST"
+          path: "/api/v1/.*"
+"#;
+
+const API_APP: &str = r#"apiVersion: v1
+kind: Service
+metadata:
+  name: api
+spec:
+  selector:
+    app: api
+  ports:
+  - port: 80
+    protocol: TCP
+    targetPort: 80
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: api
+  labels:
+    app: api
+spec:
+  containers:
+  - name: api
+    image: nginx
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: luke
+  namespace: ns1
+spec:
+  serviceAccountName: luke
+  containers:
+  - name: client
+    image: curlimages/curl
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: leia
+  namespace: ns1
+spec:
+  serviceAccountName: leia
+  containers:
+  - name: client
+    image: curlimages/curl
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: han
+  namespace: ns2
+spec:
+  serviceAccountName: luke
+  containers:
+  - name: client
+    image: curlimages/curl
+"#;
+
+#[test]
+fn an_api_is_open_to_get_and_post_only_for_one_service_account_in_one_namespace() -> Result<()> {
+    if !privileged("an_api_is_open_to_get_and_post_only_for_one_service_account_in_one_namespace") {
+        return Ok(());
+    }
+    let app = App::new(
+        "sa",
+        &[Manifest::inline("api.yaml", API_APP)],
+        &[Manifest::inline("api-policy.yaml", API_POLICY)],
+        &[("api", 80)],
+    )?;
+    let agent = app.agent(&[])?;
+    let api = app.vip("api", 80)?;
+
+    // luke in ns1: GET and POST under /api/v1/ go through the proxy to the API.
+    let mut luke = app.node.client("luke", api)?;
+    assert_eq!(luke.request("GET", "/api/v1/users")?, served("api", "GET", "/api/v1/users"));
+    assert_eq!(luke.request("POST", "/api/v1/users")?, served("api", "POST", "/api/v1/users"));
+    // Other methods, and paths outside /api/v1/, are answered 403 by the proxy.
+    assert_eq!(luke.request("DELETE", "/api/v1/users/1")?, access_denied());
+    assert_eq!(luke.request("GET", "/api/v2/users")?, access_denied());
+    let seen: Vec<String> = app.server("api", 80)?.seen()?.into_iter().map(|(_, line)| line).collect();
+    assert_eq!(seen, vec!["GET /api/v1/users HTTP/1.1", "POST /api/v1/users HTTP/1.1"]);
+
+    // Another service account in ns1, and the same service account in ns2: SYN dropped.
+    assert_eq!(app.node.request("leia", api, "GET", "/api/v1/users")?, Reply::TimedOut);
+    assert_eq!(app.node.request("han", api, "GET", "/api/v1/users")?, Reply::TimedOut);
+    let api_pod = app.pod_addr("api", 80)?;
+    for (pod, ip) in [("ns1/leia", app.node.pod("leia")?.ip), ("ns2/han", app.node.pod("han")?.ip)] {
+        let drop = assert_syn_dropped(&agent, pod, &[api_pod], "INGRESS")?;
+        assert_eq!(drop["source"]["ip"], ip.to_string().as_str());
+    }
+    assert_eq!(app.server("api", 80)?.seen()?.len(), 2, "nothing of leia's or han's reached the API");
+
+    // The proxy's flows: luke's requests, with their verdicts.
+    let l7: Vec<(String, String, u64)> = agent
+        .observe(&["--from-pod", "ns1/luke", "--type", "l7"])?
+        .iter()
+        .map(|f| {
+            let http = &f["l7"]["http"];
+            let path = http["url"].as_str().and_then(|u| u.split_once("/api/")).map(|(_, p)| format!("/api/{p}"));
+            (http["method"].as_str().unwrap_or_default().to_owned(), path.unwrap_or_default(), http["code"].as_u64().unwrap_or(0))
+        })
+        .collect();
+    assert_eq!(
+        l7,
+        vec![
+            ("GET".to_owned(), "/api/v1/users".to_owned(), 200),
+            ("POST".to_owned(), "/api/v1/users".to_owned(), 200),
+            ("DELETE".to_owned(), "/api/v1/users/1".to_owned(), 403),
+            ("GET".to_owned(), "/api/v2/users".to_owned(), 403),
+        ],
+        "{l7:?}"
+    );
+    Ok(())
+}
+
+/// Egress default deny for `env=dev` pods with cluster traffic allowed (Cilium's entities,
+/// docs "Entities Based": `cluster` is every pod and node of the cluster, not `world`).
+const CLUSTER_ONLY_EGRESS: &str = r#"apiVersion: "cilium.io/v2"
+kind: CiliumNetworkPolicy
+metadata:
+  name: "dev-to-cluster-only"
+spec:
+  endpointSelector:
+    matchLabels:
+      env: dev
+  egress:
+  - toEntities:
+    - cluster
+"#;
+
+const DEV_APP: &str = r#"apiVersion: v1
+kind: Service
+metadata:
+  name: web
+spec:
+  selector:
+    app: web
+  ports:
+  - port: 80
+    protocol: TCP
+    targetPort: 80
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web
+  labels:
+    app: web
+spec:
+  containers:
+  - name: web
+    image: nginx
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: dev
+  labels:
+    env: dev
+spec:
+  containers:
+  - name: client
+    image: curlimages/curl
+"#;
+
+/// An address of the node namespace that is neither a pod nor the node: outside the cluster.
+const OUTSIDE: Ipv4Addr = Ipv4Addr::new(198, 18, 200, 1);
+
+#[test]
+fn egress_to_world_is_denied_while_cluster_traffic_flows() -> Result<()> {
+    if !privileged("egress_to_world_is_denied_while_cluster_traffic_flows") {
+        return Ok(());
+    }
+    let app = App::new("egr", &[Manifest::inline("dev.yaml", DEV_APP)], &[], &[("web", 80)])?;
+    app.node.net.add_outside_address(OUTSIDE)?;
+    let outside_server = PodHttpServer::start(&app.node.net.netns, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 8080), "outside")?;
+    let (outside, node) = (SocketAddrV4::new(OUTSIDE, 8080), SocketAddrV4::new(NODE_IP, 8080));
+    let agent = app.agent(&[])?;
+    // Without the policy the outside address answers: what follows is the policy's doing.
+    assert_eq!(app.node.request("dev", outside, "GET", "/")?, served("outside", "GET", "/"));
+
+    let generation = agent.cli_json(&["status"])?["generation"].as_u64().context("generation")?;
+    app.node.write_config("dev-to-cluster-only.yaml", CLUSTER_ONLY_EGRESS)?;
+    agent.wait_for(|s| s["generation"].as_u64() > Some(generation))?;
+    let endpoints = agent.cli_json(&["endpoint", "list"])?;
+    assert_eq!(endpoint(&endpoints, "default", "dev")?["kernel"]["entry"]["egress_enforced"], true);
+
+    // Cluster traffic: another pod directly and through its Service, and the node.
+    assert_eq!(app.node.request("dev", app.pod_addr("web", 80)?, "GET", "/direct")?, served("web", "GET", "/direct"));
+    assert_eq!(app.node.request("dev", app.vip("web", 80)?, "GET", "/vip")?, served("web", "GET", "/vip"));
+    assert_eq!(app.node.request("dev", node, "GET", "/node")?, served("outside", "GET", "/node"));
+    // The world: dev's SYN is dropped on its way out, and observed as an egress policy drop.
+    assert_eq!(app.node.request("dev", outside, "GET", "/world")?, Reply::TimedOut);
+    let drop = assert_syn_dropped(&agent, "default/dev", &[outside], "EGRESS")?;
+    assert_eq!(drop["destination"]["identity"], 2, "reserved:world: {drop}");
+    assert_eq!(drop["destination"].get("pod_name"), None, "{drop}");
+    // A pod the policy does not select still reaches the world.
+    assert_eq!(app.node.request("web", outside, "GET", "/web")?, served("outside", "GET", "/web"));
+    let seen: Vec<String> = outside_server.seen()?.into_iter().map(|(_, line)| line).collect();
+    assert_eq!(seen, vec!["GET / HTTP/1.1", "GET /node HTTP/1.1", "GET /web HTTP/1.1"]);
     Ok(())
 }
