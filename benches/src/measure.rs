@@ -123,30 +123,27 @@ pub fn command(workload: Workload, url: &str, settings: Settings, scratch: &Path
             seconds,
             format!("--log-file={}", scratch.join("h2load.log").display()),
         ],
-        Workload::Paced => vec![
-            "oha".into(),
-            "--no-tui".into(),
-            "--output-format".into(),
-            "json".into(),
-            "-z".into(),
-            format!("{seconds}s"),
-            "-c".into(),
-            connections,
-            "-q".into(),
-            settings.paced_rate.to_string(),
-            "--latency-correction".into(),
-        ],
-        Workload::NewConnection => vec![
-            "oha".into(),
-            "--no-tui".into(),
-            "--output-format".into(),
-            "json".into(),
-            "-z".into(),
-            format!("{seconds}s"),
-            "-c".into(),
-            connections,
-            "--disable-keepalive".into(),
-        ],
+        Workload::Paced | Workload::NewConnection => {
+            let mut oha: Vec<String> = vec![
+                "oha".into(),
+                "--no-tui".into(),
+                "--output-format".into(),
+                "json".into(),
+                "-z".into(),
+                format!("{seconds}s"),
+                "-c".into(),
+                connections,
+            ];
+            match workload {
+                Workload::Paced => oha.extend([
+                    "-q".into(),
+                    settings.paced_rate.to_string(),
+                    "--latency-correction".into(),
+                ]),
+                _ => oha.push("--disable-keepalive".into()),
+            }
+            oha
+        }
     };
     argv.push(url.to_string());
     argv

@@ -185,7 +185,7 @@ fn mib(kib: Option<u64>) -> String {
 pub fn render(context: &Context, runs: &[Run], memory: &[Memory]) -> String {
     let cells = cells(runs);
     let mut out = String::new();
-    let _ = writeln!(out, "Measured {} by `loadtest`.\n", context.date);
+    let _ = writeln!(out, "Run finished {} (`loadtest`).\n", context.date);
     for (title, pairs) in [
         ("Machine", &context.machine),
         ("Versions", &context.versions),

@@ -200,11 +200,29 @@ fn start_sluice(binary: &Path, rules: usize, core: usize, dir: &Path) -> Result<
         SLUICE_METRICS.to_string(),
     ]
     .into();
-    let mut process = Pinned::spawn(&format!("sluice-{rules}"), core, &argv, dir)?;
-    let frontend = SocketAddr::V4(SLUICE_FRONTEND);
+    spawn_proxy(
+        Target::Sluice,
+        rules,
+        &argv,
+        SocketAddr::V4(SLUICE_FRONTEND),
+        core,
+        dir,
+    )
+}
+
+/// Starts `argv` pinned to `core` and waits until it forwards on `frontend`.
+fn spawn_proxy(
+    target: Target,
+    rules: usize,
+    argv: &[String],
+    frontend: SocketAddr,
+    core: usize,
+    dir: &Path,
+) -> Result<Proxy> {
+    let mut process = Pinned::spawn(&format!("{target}-{rules}"), core, argv, dir)?;
     procs::wait_ready(&mut process, frontend, SMALL_PATH, PATIENCE)?;
     Ok(Proxy {
-        target: Target::Sluice,
+        target,
         process,
         frontend,
     })
@@ -233,14 +251,14 @@ fn start_envoy(binary: &Path, rules: usize, core: usize, dir: &Path) -> Result<P
         "warn".into(),
     ]
     .into();
-    let mut process = Pinned::spawn(&format!("envoy-{rules}"), core, &argv, dir)?;
-    let frontend = SocketAddr::V4(ENVOY_FRONTEND);
-    procs::wait_ready(&mut process, frontend, SMALL_PATH, PATIENCE)?;
-    Ok(Proxy {
-        target: Target::Envoy,
-        process,
-        frontend,
-    })
+    spawn_proxy(
+        Target::Envoy,
+        rules,
+        &argv,
+        SocketAddr::V4(ENVOY_FRONTEND),
+        core,
+        dir,
+    )
 }
 
 /// Both proxies must behave the same before their numbers mean anything: the two bodies,
