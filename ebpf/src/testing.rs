@@ -1,7 +1,7 @@
 //! Test harness (this crate's tests, other crates' through the `testing` feature): the privilege
 //! gate, a node network namespace with pod namespaces joined by veth pairs (the shape any routed
-//! CNI gives), per-test bpffs pin directories and cgroups, and ([`pods`]) servers and clients
-//! running inside the pods.
+//! CNI gives), per-test bpffs pin directories, cgroups and scratch directories, and ([`pods`])
+//! servers and clients running inside the pods.
 //!
 //! Addresses: pods in 198.18.0.0/15 (benchmarking space, never routed), the node [`NODE_IP`] on
 //! its loopback; the node namespace has no uplink, so nothing leaves the test's namespaces.
@@ -154,6 +154,67 @@ fn remove_left_behind(
     Ok(())
 }
 
+/// SIGKILLs what a dead run left running in `netns` (an agent, servers, clients: a killed test
+/// process does not stop its children), and waits until they are gone from it, so that its
+/// cgroup can be removed next.
+fn kill_processes_in(netns: &str) -> Result<()> {
+    let pids = || -> Result<Vec<libc::pid_t>> {
+        Ok(run("ip", &["netns", "pids", netns])?
+            .split_whitespace()
+            .filter_map(|pid| pid.parse().ok())
+            .collect())
+    };
+    for pid in pids()? {
+        // SAFETY: kill has no memory effects; the pid is a process inside the dead run's netns.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    for _ in 0..250 {
+        if pids()?.is_empty() {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    bail!("processes left in {netns} do not exit: {:?}", pids()?)
+}
+
+/// Where tests keep scratch files (config dirs, logs, request records), by run name.
+fn work_root() -> Result<PathBuf> {
+    let root = Path::new(TEST_ROOT).join("work");
+    fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+    Ok(root)
+}
+
+fn remove_file_or_tree(path: &Path) -> std::io::Result<()> {
+    if path.is_dir() {
+        fs::remove_dir_all(path)
+    } else {
+        fs::remove_file(path)
+    }
+}
+
+/// A scratch directory for one test (an agent's config and state dirs, logs), removed on drop.
+pub struct TestDir {
+    pub path: PathBuf,
+}
+
+impl TestDir {
+    pub fn new(tag: &str) -> Result<Self> {
+        let root = work_root()?;
+        remove_left_behind(&root, tag, remove_file_or_tree)?;
+        let path = root.join(run_name(tag, std::process::id())?);
+        fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(Self { path })
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        if let Err(e) = fs::remove_dir_all(&self.path) {
+            eprintln!("cleanup of {}: {e}", self.path.display());
+        }
+    }
+}
+
 /// A pin directory for one test (a loader's or agent's `--bpffs`), removed on drop, which also
 /// detaches whatever its pinned links hold attached.
 pub struct TestPins {
@@ -242,9 +303,12 @@ impl Node {
             .filter_map(|l| l.split_whitespace().next())
         {
             if left_behind(leftover, tag) {
+                kill_processes_in(leftover)?;
                 run("ip", &["netns", "del", leftover])?;
             }
         }
+        // The request records of the dead run's servers.
+        remove_left_behind(&work_root()?, tag, remove_file_or_tree)?;
         let netns = format!("{name}-n");
         run("ip", &["netns", "add", &netns])?;
         let mut node = Node {

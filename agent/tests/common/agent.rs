@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
-use sluice_ebpf::testing::{http_request, run, HttpClient, Node, Pod, Reply, TestCgroup, TestPins};
+use sluice_ebpf::testing::{http_request, run, HttpClient, Node, Pod, Reply, TestCgroup, TestDir, TestPins};
 
 pub const SLUICE: &str = env!("CARGO_BIN_EXE_sluice");
 pub const NODE: &str = "node-a";
@@ -24,7 +24,7 @@ pub struct TestNode {
     /// `--cgroup` of the agent; pod clients join it.
     pub cgroup: TestCgroup,
     /// Config dir, state dir and logs.
-    work: tempfile::TempDir,
+    work: TestDir,
 }
 
 impl TestNode {
@@ -34,7 +34,7 @@ impl TestNode {
             net: Node::with_pods(tag, pods)?,
             pins: TestPins::new(tag)?,
             cgroup: TestCgroup::new(tag)?,
-            work: tempfile::tempdir()?,
+            work: TestDir::new(tag)?,
         };
         fs::create_dir_all(node.config_dir())?;
         Ok(node)
@@ -45,16 +45,16 @@ impl TestNode {
     }
 
     pub fn config_dir(&self) -> PathBuf {
-        self.work.path().join("config")
+        self.work.path.as_path().join("config")
     }
 
     pub fn state_dir(&self) -> PathBuf {
-        self.work.path().join("state")
+        self.work.path.as_path().join("state")
     }
 
     /// Writes (or replaces) a manifest in the config dir, atomically.
     pub fn write_config(&self, file: &str, text: &str) -> Result<()> {
-        let temp = self.work.path().join(format!(".{file}.tmp"));
+        let temp = self.work.path.as_path().join(format!(".{file}.tmp"));
         fs::write(&temp, text)?;
         fs::rename(&temp, self.config_dir().join(file))?;
         Ok(())
@@ -81,7 +81,7 @@ pub struct AgentProcess {
 impl AgentProcess {
     /// Starts the agent and waits until it applied its first generation.
     pub fn start(node: &TestNode, extra: &[&str]) -> Result<Self> {
-        let log = node.work.path().join(format!("agent-{}.log", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos()));
+        let log = node.work.path.as_path().join(format!("agent-{}.log", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos()));
         let config_dir = node.config_dir().display().to_string();
         let state_dir = node.state_dir().display().to_string();
         let pins = node.pins.path.display().to_string();

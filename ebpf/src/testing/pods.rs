@@ -4,7 +4,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use super::{run, NetnsGuard};
+use super::{run, work_root, NetnsGuard};
 
 /// A server thread inside a namespace, stopped on drop.
 pub struct PodServer {
@@ -197,17 +197,25 @@ impl Process {
         Ok(Self(child))
     }
 
-    fn stdio(&mut self) -> Result<(ChildStdin, BufReader<ChildStdout>)> {
-        let stdin = self.0.stdin.take().context("stdin")?;
-        let stdout = self.0.stdout.take().context("stdout")?;
-        Ok((stdin, BufReader::new(stdout)))
+    fn stdin(&mut self) -> Result<ChildStdin> {
+        self.0.stdin.take().context("stdin")
+    }
+
+    fn stdout(&mut self) -> Result<ChildStdout> {
+        self.0.stdout.take().context("stdout")
+    }
+}
+
+impl Process {
+    fn stop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
 impl Drop for Process {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        self.stop();
     }
 }
 
@@ -247,31 +255,39 @@ server.serve_forever()
 /// header `x-served-by: <name>` and the body `<METHOD> <path>\n` (what the server received),
 /// and recorded with its peer address.
 pub struct PodHttpServer {
-    _process: Process,
-    log: tempfile::NamedTempFile,
+    process: Process,
+    /// Under the tests' work root, named after the namespace (so after the run).
+    log: PathBuf,
 }
 
 impl PodHttpServer {
     pub fn start(netns: &str, addr: SocketAddrV4, name: &str) -> Result<Self> {
-        let log = tempfile::NamedTempFile::new().context("request log")?;
-        let log_path = log.path().display().to_string();
-        let (ip, port) = (addr.ip().to_string(), addr.port().to_string());
-        let mut process = Process::python(netns, HTTP_SERVER, &[name, &ip, &port, &log_path])?;
-        let (_stdin, mut stdout) = process.stdio()?;
+        let log = work_root()?.join(format!("{netns}-{}.requests", addr.port()));
+        std::fs::write(&log, "").with_context(|| format!("creating {}", log.display()))?;
+        let mut server = Self {
+            process: Process::python(
+                netns,
+                HTTP_SERVER,
+                &[
+                    name,
+                    &addr.ip().to_string(),
+                    &addr.port().to_string(),
+                    &log.display().to_string(),
+                ],
+            )?,
+            log,
+        };
         let mut line = String::new();
-        stdout.read_line(&mut line)?;
+        BufReader::new(server.process.stdout()?).read_line(&mut line)?;
         if line.trim() != "ready" {
             bail!("HTTP server {name} in {netns} did not start: {line:?}");
         }
-        Ok(Self {
-            _process: process,
-            log,
-        })
+        Ok(server)
     }
 
     /// Peer address and request line of every request so far, in order.
     pub fn seen(&self) -> Result<Vec<(SocketAddr, String)>> {
-        std::fs::read_to_string(self.log.path())?
+        std::fs::read_to_string(&self.log)?
             .lines()
             .map(|line| {
                 let mut fields = line.splitn(3, ' ');
@@ -283,6 +299,16 @@ impl PodHttpServer {
                 ))
             })
             .collect()
+    }
+}
+
+impl Drop for PodHttpServer {
+    fn drop(&mut self) {
+        // Stopped first: a request arriving after the removal would create the file again.
+        self.process.stop();
+        if let Err(e) = std::fs::remove_file(&self.log) {
+            eprintln!("cleanup of {}: {e}", self.log.display());
+        }
     }
 }
 
@@ -388,10 +414,9 @@ impl HttpClient {
             &script,
             &[&cgroup, &host, &port, &timeout_secs.to_string()],
         )?;
-        let (stdin, stdout) = process.stdio()?;
         Ok(Self {
-            stdin,
-            stdout,
+            stdin: process.stdin()?,
+            stdout: BufReader::new(process.stdout()?),
             _process: process,
         })
     }
