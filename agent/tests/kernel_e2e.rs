@@ -120,6 +120,29 @@ fn access_denied() -> Reply {
     Reply::Http { status: 403, body: "Access denied\r\n".to_owned(), served_by: None }
 }
 
+/// A ClusterIP Service `name` on TCP `port` for the pods labelled `selector` (`key: value`).
+fn service(name: &str, selector: &str, port: u16) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\nspec:\n  selector:\n    {selector}\n  ports:\n  - port: {port}\n    protocol: TCP\n    targetPort: {port}\n"
+    )
+}
+
+/// A Pod `namespace/name` with `labels` (`key: value`) running as `service_account`.
+fn pod(namespace: &str, name: &str, labels: &[&str], service_account: &str) -> String {
+    let labels = match labels {
+        [] => " {}".to_owned(),
+        labels => labels.iter().map(|label| format!("\n    {label}")).collect(),
+    };
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {namespace}\n  labels:{labels}\nspec:\n  serviceAccountName: {service_account}\n  containers:\n  - name: main\n    image: nginx\n"
+    )
+}
+
+/// Manifests as one multi-document YAML file.
+fn workloads(file: &str, documents: &[String]) -> Manifest {
+    Manifest::inline(file, &documents.join("---\n"))
+}
+
 fn landed(reply: &Reply) -> bool {
     matches!(reply, Reply::Http { status: 200, body, served_by: Some(by) }
         if body == "POST /v1/request-landing\n" && by.starts_with("deathstar-"))
@@ -343,61 +366,6 @@ spec:
         protocol: TCP
 "#;
 
-const FRONTEND_BACKEND_APP: &str = r#"apiVersion: v1
-kind: Service
-metadata:
-  name: backend
-spec:
-  selector:
-    role: backend
-  ports:
-  - port: 80
-    protocol: TCP
-    targetPort: 80
----
-apiVersion: apps/v1
-kind: Deployment
-metadata:
-  name: backend
-spec:
-  replicas: 1
-  selector:
-    matchLabels:
-      role: backend
-  template:
-    metadata:
-      labels:
-        role: backend
-    spec:
-      containers:
-      - name: web
-        image: nginx
-        ports:
-        - containerPort: 80
----
-apiVersion: v1
-kind: Pod
-metadata:
-  name: frontend
-  labels:
-    role: frontend
-spec:
-  containers:
-  - name: client
-    image: curlimages/curl
----
-apiVersion: v1
-kind: Pod
-metadata:
-  name: intruder
-  labels:
-    role: other
-spec:
-  containers:
-  - name: client
-    image: curlimages/curl
-"#;
-
 #[test]
 fn a_frontend_only_policy_admits_the_frontend_on_port_80_and_drops_everyone_else() -> Result<()> {
     if !privileged("a_frontend_only_policy_admits_the_frontend_on_port_80_and_drops_everyone_else") {
@@ -405,25 +373,33 @@ fn a_frontend_only_policy_admits_the_frontend_on_port_80_and_drops_everyone_else
     }
     let app = App::new(
         "fe",
-        &[Manifest::inline("frontend-backend.yaml", FRONTEND_BACKEND_APP)],
+        &[workloads(
+            "frontend-backend.yaml",
+            &[
+                service("backend", "role: backend", 80),
+                pod("default", "backend", &["role: backend"], "default"),
+                pod("default", "frontend", &["role: frontend"], "default"),
+                pod("default", "intruder", &["role: other"], "default"),
+            ],
+        )],
         &[Manifest::inline("l4-rule.yaml", FRONTEND_ONLY_POLICY)],
-        &[("backend-0", 80), ("backend-0", 8080)],
+        &[("backend", 80), ("backend", 8080)],
     )?;
     let agent = app.agent(&[])?;
     let backend = app.vip("backend", 80)?;
 
     // The frontend reaches the backend through its Service (socket LB) on port 80.
-    assert_eq!(app.node.request("frontend", backend, "GET", "/")?, served("backend-0", "GET", "/"));
+    assert_eq!(app.node.request("frontend", backend, "GET", "/")?, served("backend", "GET", "/"));
     // Another client's SYN is dropped at the backend's veth: its connect times out.
     assert_eq!(app.node.request("intruder", backend, "GET", "/")?, Reply::TimedOut);
     // The frontend itself gets nothing but port 80.
-    let other_port = app.pod_addr("backend-0", 8080)?;
+    let other_port = app.pod_addr("backend", 8080)?;
     assert_eq!(app.node.request("frontend", other_port, "GET", "/")?, Reply::TimedOut);
 
-    let backend_0 = app.pod_addr("backend-0", 80)?;
+    let backend_0 = app.pod_addr("backend", 80)?;
     let drop = assert_syn_dropped(&agent, "default/intruder", &[backend_0], "INGRESS")?;
     assert_eq!(drop["source"]["pod_name"], "intruder");
-    assert_eq!(drop["destination"]["pod_name"], "backend-0");
+    assert_eq!(drop["destination"]["pod_name"], "backend");
     assert_syn_dropped(&agent, "default/frontend", &[other_port], "INGRESS")?;
     let frontend_drops = agent.observe(&["--verdict", "DROPPED", "--from-pod", "default/frontend", "--port", "80"])?;
     assert_eq!(frontend_drops, Vec::<Value>::new(), "the frontend's port-80 flow is never dropped");
@@ -431,7 +407,7 @@ fn a_frontend_only_policy_admits_the_frontend_on_port_80_and_drops_everyone_else
     // The kernel's policy map holds exactly that rule for the backend.
     let endpoints = agent.cli_json(&["endpoint", "list"])?;
     let frontend_id = endpoint(&endpoints, "default", "frontend")?["identity"].as_u64().context("frontend identity")?;
-    let kernel = &endpoint(&endpoints, "default", "backend-0")?["kernel"];
+    let kernel = &endpoint(&endpoints, "default", "backend")?["kernel"];
     assert_eq!(kernel["entry"]["ingress_enforced"], true);
     assert_eq!(strings(&kernel["policy"]), vec![format!("ingress allow {frontend_id} TCP/80")]);
     Ok(())
@@ -465,63 +441,6 @@ spec:
           path: "/api/v1/.*"
 "#;
 
-const API_APP: &str = r#"apiVersion: v1
-kind: Service
-metadata:
-  name: api
-spec:
-  selector:
-    app: api
-  ports:
-  - port: 80
-    protocol: TCP
-    targetPort: 80
----
-apiVersion: v1
-kind: Pod
-metadata:
-  name: api
-  labels:
-    app: api
-spec:
-  containers:
-  - name: api
-    image: nginx
----
-apiVersion: v1
-kind: Pod
-metadata:
-  name: luke
-  namespace: ns1
-spec:
-  serviceAccountName: luke
-  containers:
-  - name: client
-    image: curlimages/curl
----
-apiVersion: v1
-kind: Pod
-metadata:
-  name: leia
-  namespace: ns1
-spec:
-  serviceAccountName: leia
-  containers:
-  - name: client
-    image: curlimages/curl
----
-apiVersion: v1
-kind: Pod
-metadata:
-  name: han
-  namespace: ns2
-spec:
-  serviceAccountName: luke
-  containers:
-  - name: client
-    image: curlimages/curl
-"#;
-
 #[test]
 fn an_api_is_open_to_get_and_post_only_for_one_service_account_in_one_namespace() -> Result<()> {
     if !privileged("an_api_is_open_to_get_and_post_only_for_one_service_account_in_one_namespace") {
@@ -529,7 +448,16 @@ fn an_api_is_open_to_get_and_post_only_for_one_service_account_in_one_namespace(
     }
     let app = App::new(
         "sa",
-        &[Manifest::inline("api.yaml", API_APP)],
+        &[workloads(
+            "api.yaml",
+            &[
+                service("api", "app: api", 80),
+                pod("default", "api", &["app: api"], "api"),
+                pod("ns1", "luke", &[], "luke"),
+                pod("ns1", "leia", &[], "leia"),
+                pod("ns2", "han", &[], "luke"),
+            ],
+        )],
         &[Manifest::inline("api-policy.yaml", API_POLICY)],
         &[("api", 80)],
     )?;
@@ -594,41 +522,6 @@ spec:
     - cluster
 "#;
 
-const DEV_APP: &str = r#"apiVersion: v1
-kind: Service
-metadata:
-  name: web
-spec:
-  selector:
-    app: web
-  ports:
-  - port: 80
-    protocol: TCP
-    targetPort: 80
----
-apiVersion: v1
-kind: Pod
-metadata:
-  name: web
-  labels:
-    app: web
-spec:
-  containers:
-  - name: web
-    image: nginx
----
-apiVersion: v1
-kind: Pod
-metadata:
-  name: dev
-  labels:
-    env: dev
-spec:
-  containers:
-  - name: client
-    image: curlimages/curl
-"#;
-
 /// An address of the node namespace that is neither a pod nor the node: outside the cluster.
 const OUTSIDE: Ipv4Addr = Ipv4Addr::new(198, 18, 200, 1);
 
@@ -637,7 +530,11 @@ fn egress_to_world_is_denied_while_cluster_traffic_flows() -> Result<()> {
     if !privileged("egress_to_world_is_denied_while_cluster_traffic_flows") {
         return Ok(());
     }
-    let app = App::new("egr", &[Manifest::inline("dev.yaml", DEV_APP)], &[], &[("web", 80)])?;
+    let dev_app = workloads(
+        "dev.yaml",
+        &[service("web", "app: web", 80), pod("default", "web", &["app: web"], "default"), pod("default", "dev", &["env: dev"], "default")],
+    );
+    let app = App::new("egr", &[dev_app], &[], &[("web", 80)])?;
     app.node.net.add_outside_address(OUTSIDE)?;
     let outside_server = PodHttpServer::start(&app.node.net.netns, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 8080), "outside")?;
     let (outside, node) = (SocketAddrV4::new(OUTSIDE, 8080), SocketAddrV4::new(NODE_IP, 8080));

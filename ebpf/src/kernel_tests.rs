@@ -13,7 +13,7 @@ use crate::state::{
     BpfState, Direction, Endpoint, IpcacheEntry, L4Protocol, PolicyAction, PolicyEntry, PortRange,
     Protocol, Service,
 };
-use crate::testing::{self, pod_connect, ConnectOutcome, Node, PodServer, TestCgroup, TestPins};
+use crate::testing::{self, pod_connect, ConnectOutcome, Node, PodServer, TestDir};
 use crate::{Datapath, DropReason, FlowEvent, FlowEvents, ObservationPoint, Verdict};
 
 const TC_ACT_OK: u32 = 0;
@@ -106,13 +106,13 @@ fn redirect(port: u16) -> PolicyAction {
 struct Harness {
     datapath: Datapath,
     events: FlowEvents,
-    _pins: TestPins,
+    _pins: TestDir,
     next_sport: u16,
 }
 
 impl Harness {
     fn new(tag: &str) -> Result<Self> {
-        let pins = TestPins::new(tag)?;
+        let pins = TestDir::pins(tag)?;
         let mut datapath = Datapath::load(&pins.path)?;
         let events = datapath.flow_events()?;
         Ok(Self {
@@ -370,7 +370,7 @@ fn socket_lb_picks_the_maglev_backend_and_refuses_empty_services() -> Result<()>
     if !testing::privileged("socket_lb_picks_the_maglev_backend_and_refuses_empty_services") {
         return Ok(());
     }
-    let pins = TestPins::new("lb")?;
+    let pins = TestDir::pins("lb")?;
     let mut datapath = Datapath::load(&pins.path)?;
     let vip = Ipv4Addr::new(198, 19, 0, 10);
     let backends: Vec<SocketAddrV4> = (1..=3)
@@ -462,7 +462,7 @@ fn apply_reconciles_reads_back_and_survives_a_restart() -> Result<()> {
     if !testing::privileged("apply_reconciles_reads_back_and_survives_a_restart") {
         return Ok(());
     }
-    let pins = TestPins::new("rst")?;
+    let pins = TestDir::pins("rst")?;
     let mut state = two_pods(vec![
         PolicyEntry {
             ports: Some(PortRange {
@@ -559,8 +559,8 @@ fn netns_pods_tc_policy_and_socket_lb_end_to_end() -> Result<()> {
     }
     let node = Node::new("e2e", 3)?;
     let _in_node = node.enter()?;
-    let pins = TestPins::new("e2e")?;
-    let cgroup = TestCgroup::new("e2e")?;
+    let pins = TestDir::pins("e2e")?;
+    let cgroup = TestDir::cgroup("e2e")?;
     let mut datapath = Datapath::load(&pins.path)?;
     let mut events = datapath.flow_events()?;
     let (client, server_a, server_b) = (&node.pods[0], &node.pods[1], &node.pods[2]);

@@ -125,9 +125,16 @@ fn base36(mut n: u32) -> String {
 
 /// The pid of the run of `tag` that made `name`, if a run of `tag` made it.
 fn run_pid(name: &str, tag: &str) -> Option<u32> {
-    let rest = name.strip_prefix("sl")?.strip_prefix(tag)?.strip_prefix('-')?;
+    let rest = name
+        .strip_prefix("sl")?
+        .strip_prefix(tag)?
+        .strip_prefix('-')?;
     let pid = rest.split('-').next()?;
-    if pid.is_empty() || !pid.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()) {
+    if pid.is_empty()
+        || !pid
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    {
         return None;
     }
     u32::from_str_radix(pid, 36).ok()
@@ -139,14 +146,13 @@ fn left_behind(name: &str, tag: &str) -> bool {
 }
 
 /// Removes the entries of `dir` that runs of `tag` left behind.
-fn remove_left_behind(
-    dir: &Path,
-    tag: &str,
-    remove: fn(&Path) -> std::io::Result<()>,
-) -> Result<()> {
+fn remove_left_behind(dir: &Path, tag: &str, remove: Remove) -> Result<()> {
     for entry in fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
         let path = entry?.path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
         if left_behind(name, tag) {
             remove(&path).with_context(|| format!("removing leftover {}", path.display()))?;
         }
@@ -192,76 +198,52 @@ fn remove_file_or_tree(path: &Path) -> std::io::Result<()> {
     }
 }
 
-/// A scratch directory for one test (an agent's config and state dirs, logs), removed on drop.
+type Remove = fn(&Path) -> std::io::Result<()>;
+
+/// A directory named after this run (a pin dir, a cgroup, a scratch dir): what dead runs of the
+/// same tag left beside it is removed first, and it is removed on drop (also on panic).
 pub struct TestDir {
     pub path: PathBuf,
+    remove: Remove,
 }
 
 impl TestDir {
-    pub fn new(tag: &str) -> Result<Self> {
-        let root = work_root()?;
-        remove_left_behind(&root, tag, remove_file_or_tree)?;
+    /// A bpffs pin directory (a loader's or agent's `--bpffs`), created by its user. Removing
+    /// it also detaches whatever its pinned links hold attached.
+    pub fn pins(tag: &str) -> Result<Self> {
+        Self::under(&mounts()?.bpffs, tag, false, |path| {
+            fs::remove_dir_all(path)
+        })
+    }
+
+    /// A child cgroup (v2) for a test's client processes: never the hierarchy's root, so socket
+    /// programs attached to it affect only the test's own clients.
+    pub fn cgroup(tag: &str) -> Result<Self> {
+        Self::under(&mounts()?.cgroup2, tag, true, |path| fs::remove_dir(path))
+    }
+
+    /// A scratch directory (an agent's config and state dirs, logs).
+    pub fn scratch(tag: &str) -> Result<Self> {
+        Self::under(&work_root()?, tag, true, remove_file_or_tree)
+    }
+
+    fn under(root: &Path, tag: &str, create: bool, remove: Remove) -> Result<Self> {
+        remove_left_behind(root, tag, remove)?;
         let path = root.join(run_name(tag, std::process::id())?);
-        fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
-        Ok(Self { path })
+        if create {
+            fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
+        }
+        Ok(Self { path, remove })
     }
 }
 
 impl Drop for TestDir {
     fn drop(&mut self) {
-        if let Err(e) = fs::remove_dir_all(&self.path) {
-            eprintln!("cleanup of {}: {e}", self.path.display());
-        }
-    }
-}
-
-/// A pin directory for one test (a loader's or agent's `--bpffs`), removed on drop, which also
-/// detaches whatever its pinned links hold attached.
-pub struct TestPins {
-    pub path: PathBuf,
-}
-
-impl TestPins {
-    pub fn new(tag: &str) -> Result<Self> {
-        let root = &mounts()?.bpffs;
-        remove_left_behind(root, tag, |path| fs::remove_dir_all(path))?;
-        Ok(Self {
-            path: root.join(run_name(tag, std::process::id())?),
-        })
-    }
-}
-
-impl Drop for TestPins {
-    fn drop(&mut self) {
-        match fs::remove_dir_all(&self.path) {
+        match (self.remove)(&self.path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 eprintln!("cleanup of {}: {e}", self.path.display())
             }
             _ => {}
-        }
-    }
-}
-
-/// A child cgroup (v2) for one test's client processes: never the hierarchy's root, so socket
-/// programs attached to it affect only the test's own clients.
-pub struct TestCgroup {
-    pub path: PathBuf,
-}
-
-impl TestCgroup {
-    pub fn new(tag: &str) -> Result<Self> {
-        let root = &mounts()?.cgroup2;
-        remove_left_behind(root, tag, |path| fs::remove_dir(path))?;
-        let path = root.join(run_name(tag, std::process::id())?);
-        fs::create_dir(&path).with_context(|| format!("creating cgroup {}", path.display()))?;
-        Ok(Self { path })
-    }
-}
-
-impl Drop for TestCgroup {
-    fn drop(&mut self) {
-        if let Err(e) = fs::remove_dir(&self.path) {
-            eprintln!("cleanup of cgroup {}: {e}", self.path.display());
         }
     }
 }
@@ -359,8 +341,24 @@ impl Node {
             &["link", "set", "lo", "up"],
             &["addr", "add", &address, "dev", "eth0"],
             &["link", "set", "eth0", "up"],
-            &["route", "add", "169.254.1.1", "dev", "eth0", "scope", "link"],
-            &["route", "add", "default", "via", "169.254.1.1", "dev", "eth0"],
+            &[
+                "route",
+                "add",
+                "169.254.1.1",
+                "dev",
+                "eth0",
+                "scope",
+                "link",
+            ],
+            &[
+                "route",
+                "add",
+                "default",
+                "via",
+                "169.254.1.1",
+                "dev",
+                "eth0",
+            ],
             &[
                 "neigh",
                 "add",
@@ -425,7 +423,10 @@ impl Node {
 
     /// Runs a command in the node namespace and returns its stdout.
     pub fn exec(&self, args: &[&str]) -> Result<String> {
-        run("ip", &[&["netns", "exec", self.netns.as_str()], args].concat())
+        run(
+            "ip",
+            &[&["netns", "exec", self.netns.as_str()], args].concat(),
+        )
     }
 
     /// Moves the calling thread into the node namespace until the guard drops. Threads the

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use sluice_ebpf::testing::{self, http_request, Node, PodHttpServer, Reply, TestPins, NODE_IP};
+use sluice_ebpf::testing::{self, http_request, Node, PodHttpServer, Reply, TestDir, NODE_IP};
 use sluice_ebpf::{
     BpfState, Datapath, Direction, DropReason, Endpoint, FlowEvent, IpcacheEntry, L4Protocol, PolicyAction, PolicyEntry,
     PortRange, Protocol, Service, Verdict,
@@ -143,7 +143,7 @@ fn redirected_pod_traffic_is_policed_by_the_proxy_and_forwarded_marked() -> Resu
     }
     let node = Node::new("rdr", 2)?;
     let _in_node = node.enter()?;
-    let pins = TestPins::new("rdr")?;
+    let pins = TestDir::pins("rdr")?;
     let mut datapath = Datapath::load(&pins.path)?;
     let mut kernel_events = datapath.flow_events()?;
     datapath.apply(&kernel_state(&node)?)?;

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
-use sluice_ebpf::testing::{http_request, run, HttpClient, Node, Pod, Reply, TestCgroup, TestDir, TestPins};
+use sluice_ebpf::testing::{http_request, run, HttpClient, Node, Pod, Reply, TestDir};
 
 pub const SLUICE: &str = env!("CARGO_BIN_EXE_sluice");
 pub const NODE: &str = "node-a";
@@ -20,9 +20,9 @@ pub const NODE: &str = "node-a";
 pub struct TestNode {
     pub net: Node,
     /// `--bpffs` of the agent.
-    pub pins: TestPins,
+    pub pins: TestDir,
     /// `--cgroup` of the agent; pod clients join it.
-    pub cgroup: TestCgroup,
+    pub cgroup: TestDir,
     /// Config dir, state dir and logs.
     work: TestDir,
 }
@@ -32,9 +32,9 @@ impl TestNode {
     pub fn new(tag: &str, pods: &[(String, Ipv4Addr)]) -> Result<Self> {
         let node = TestNode {
             net: Node::with_pods(tag, pods)?,
-            pins: TestPins::new(tag)?,
-            cgroup: TestCgroup::new(tag)?,
-            work: TestDir::new(tag)?,
+            pins: TestDir::pins(tag)?,
+            cgroup: TestDir::cgroup(tag)?,
+            work: TestDir::scratch(tag)?,
         };
         fs::create_dir_all(node.config_dir())?;
         Ok(node)

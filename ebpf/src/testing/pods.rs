@@ -180,20 +180,52 @@ fn transparent_listener(port: u16) -> Result<TcpListener> {
     }
 }
 
+/// `ip` arguments running `python3 -c script args...` in `netns`.
+fn python(netns: &str, script: &str, args: &[String]) -> Vec<String> {
+    let head = ["netns", "exec", netns, "python3", "-c", script];
+    head.iter()
+        .map(|a| a.to_string())
+        .chain(args.iter().cloned())
+        .collect()
+}
+
+/// `ip` arguments running a client script in `netns`: it joins `cgroup` (when given) before
+/// anything else, then reads `target` and `timeout_secs`, then `extra`, from its argv.
+fn client(
+    netns: &str,
+    script: &str,
+    cgroup: Option<&Path>,
+    target: SocketAddrV4,
+    timeout_secs: u32,
+    extra: &[&str],
+) -> Vec<String> {
+    let cgroup = cgroup.map(|p| p.display().to_string()).unwrap_or_default();
+    let argv = [
+        cgroup,
+        target.ip().to_string(),
+        target.port().to_string(),
+        timeout_secs.to_string(),
+    ];
+    let args: Vec<String> = argv
+        .into_iter()
+        .chain(extra.iter().map(|a| a.to_string()))
+        .collect();
+    python(netns, &format!("{JOIN_CGROUP}{script}"), &args)
+}
+
 /// A child process, killed and reaped on drop.
 struct Process(Child);
 
 impl Process {
-    /// `python3 -c script args` in `netns`, with piped stdin and stdout.
-    fn python(netns: &str, script: &str, args: &[&str]) -> Result<Self> {
+    /// `ip args...` with piped stdin and stdout.
+    fn spawn(args: &[String]) -> Result<Self> {
         let child = Command::new("ip")
-            .args(["netns", "exec", netns, "python3", "-c", script])
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .context("starting python3")?;
+            .context("starting python3 in a namespace")?;
         Ok(Self(child))
     }
 
@@ -265,16 +297,16 @@ impl PodHttpServer {
         let log = work_root()?.join(format!("{netns}-{}.requests", addr.port()));
         std::fs::write(&log, "").with_context(|| format!("creating {}", log.display()))?;
         let mut server = Self {
-            process: Process::python(
+            process: Process::spawn(&python(
                 netns,
                 HTTP_SERVER,
                 &[
-                    name,
-                    &addr.ip().to_string(),
-                    &addr.port().to_string(),
-                    &log.display().to_string(),
+                    name.to_string(),
+                    addr.ip().to_string(),
+                    addr.port().to_string(),
+                    log.display().to_string(),
                 ],
-            )?,
+            ))?,
             log,
         };
         let mut line = String::new();
@@ -406,14 +438,14 @@ impl HttpClient {
         target: SocketAddrV4,
         timeout_secs: u32,
     ) -> Result<Self> {
-        let cgroup = cgroup.map(|p| p.display().to_string()).unwrap_or_default();
-        let script = format!("{JOIN_CGROUP}{HTTP_CLIENT}");
-        let (host, port) = (target.ip().to_string(), target.port().to_string());
-        let mut process = Process::python(
+        let mut process = Process::spawn(&client(
             netns,
-            &script,
-            &[&cgroup, &host, &port, &timeout_secs.to_string()],
-        )?;
+            HTTP_CLIENT,
+            cgroup,
+            target,
+            timeout_secs,
+            &[],
+        ))?;
         Ok(Self {
             stdin: process.stdin()?,
             stdout: BufReader::new(process.stdout()?),
@@ -447,14 +479,17 @@ pub fn http_request(
 pub enum ConnectOutcome {
     /// Connected; `peer` is what getpeername() (TCP) or recvfrom() (UDP) returned, `reply`
     /// what the server sent.
-    Connected { peer: SocketAddrV4, reply: String },
+    Connected {
+        peer: SocketAddrV4,
+        reply: String,
+    },
     Refused,
     TimedOut,
 }
 
 const CONNECT_CLIENT: &str = r#"
 import errno, socket
-mode, host, port, timeout = sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
+host, port, timeout, mode = sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
 s = socket.socket(socket.AF_INET, socket.SOCK_STREAM if mode == "tcp" else socket.SOCK_DGRAM)
 s.settimeout(timeout)
 try:
@@ -503,24 +538,8 @@ fn connect_client(
     target: SocketAddrV4,
     timeout_secs: u32,
 ) -> Result<ConnectOutcome> {
-    let cgroup = cgroup.map(|p| p.display().to_string()).unwrap_or_default();
-    let script = format!("{JOIN_CGROUP}{CONNECT_CLIENT}");
-    let out = run(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            netns,
-            "python3",
-            "-c",
-            &script,
-            &cgroup,
-            mode,
-            &target.ip().to_string(),
-            &target.port().to_string(),
-            &timeout_secs.to_string(),
-        ],
-    )?;
+    let args = client(netns, CONNECT_CLIENT, cgroup, target, timeout_secs, &[mode]);
+    let out = run("ip", &args.iter().map(String::as_str).collect::<Vec<_>>())?;
     let line = out.trim();
     match line.split_whitespace().collect::<Vec<_>>().as_slice() {
         ["REFUSED"] => Ok(ConnectOutcome::Refused),
