@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use sluice_envoy_config::{parse_file, Kind, Model, Object, ObjectKey};
-use sluice_proxy::{Applied, Handle};
+use sluice_proxy::{Applied, ApplyError, Handle, ProxyTables};
 
 use arc_swap::ArcSwap;
 
@@ -257,8 +257,10 @@ impl Reconciler {
         self.next_generation += 1;
         let compiled = compile::compile_for(&model, &self.identities, &self.node, generation, self.mode());
         let kernel = self.apply_kernel(&model, &compiled);
-        let tables = compiled.tables.clone();
-        match self.proxy.apply(tables) {
+        let (result, left_out) = apply_leaving_out_unbindable(&self.proxy, compiled.tables.clone());
+        let mut config_errors = config_errors;
+        config_errors.extend(left_out);
+        match result {
             Ok(applied) => {
                 self.flow_context.store(Arc::new(KernelFlowContext { peers: compiled.tables.peers.clone(), generation }));
                 let mut snapshot = self.snapshot_of(&model, &files, file_views, config_errors, compiled, &applied);
@@ -384,5 +386,61 @@ impl Reconciler {
             policies,
             services,
         }
+    }
+}
+
+/// Applies `tables`, leaving out any listener whose address cannot be bound (and the frontends
+/// it serves), each reported as an error: one busy port must never hold back a policy or route
+/// change for everything else. Any other refusal refuses the whole generation.
+fn apply_leaving_out_unbindable(proxy: &Handle, mut tables: ProxyTables) -> (Result<Applied, ApplyError>, Vec<String>) {
+    let mut left_out = Vec::new();
+    loop {
+        match proxy.apply(tables.clone()) {
+            Err(ApplyError::Bind { listener, addr, source }) if tables.listeners.iter().any(|l| l.name == listener) => {
+                left_out.push(format!("listener {listener} is left out: cannot bind {addr}: {source}"));
+                tables.listeners.retain(|l| l.name != listener);
+                tables.frontends.retain(|_, name| *name != listener);
+            }
+            result => return (result, left_out),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use sluice_proxy::tables::{Bind, Listener};
+    use sluice_proxy::{FlowSink, Handle, ProxyConfig, ProxyTables};
+
+    use super::apply_leaving_out_unbindable;
+    use crate::compile::envoy::{default_http_connection_manager, forward_all};
+
+    fn listener(name: &str, bind: Bind) -> Listener {
+        let routes = Arc::new(forward_all(name, "default/nowhere"));
+        Listener { name: name.to_string(), bind, http: Arc::new(default_http_connection_manager(name, routes)) }
+    }
+
+    #[test]
+    fn a_listener_on_a_busy_address_is_left_out_and_the_rest_applies() -> anyhow::Result<()> {
+        let busy = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let busy_addr = busy.local_addr()?;
+        let (flows, _events) = FlowSink::new(8);
+        let proxy = Handle::start(ProxyConfig { workers: 1, flows })?;
+        let tables = ProxyTables {
+            generation: 1,
+            listeners: vec![listener("busy", Bind::Addr(busy_addr)), listener("free", Bind::LoopbackAuto)],
+            ..ProxyTables::default()
+        };
+
+        let (result, left_out) = apply_leaving_out_unbindable(&proxy, tables);
+
+        let applied = result?;
+        let names: Vec<&str> = applied.listeners.iter().map(|l| l.name.as_str()).collect();
+        assert_eq!(names, ["free"]);
+        assert_eq!(left_out.len(), 1, "{left_out:?}");
+        assert!(left_out[0].starts_with(&format!("listener busy is left out: cannot bind {busy_addr}")), "{left_out:?}");
+        proxy.shutdown();
+        Ok(())
     }
 }
