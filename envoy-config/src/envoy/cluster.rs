@@ -613,5 +613,5 @@ fn lb_policy(raw: &RawCluster, path: &str) -> Result<LbPolicy, FieldError> {
 }
 
 fn is_prime(n: u64) -> bool {
-    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| n % d != 0)
+    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| !n.is_multiple_of(d))
 }
