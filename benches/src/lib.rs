@@ -7,6 +7,7 @@
 
 pub mod backend;
 pub mod bootstrap;
+pub mod datapath;
 pub mod idle;
 pub mod measure;
 pub mod procs;
