@@ -404,4 +404,16 @@ mod tests {
         assert_eq!(ingress.allow.len(), 1);
         assert_eq!(ingress.allow[0].l4.remotes, only(&[256]));
     }
+
+    #[test]
+    fn cidr_peers_err_on_the_closed_side_until_they_have_identities() {
+        let policy = web_policy("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec:\n  endpointSelector: {matchLabels: {app: web}}\n  egress:\n  - toCIDR: [20.1.1.1/32]\n  - toCIDRSet: [{cidr: 0.0.0.0/0}]\n    toPorts: [{ports: [{port: \"443\"}]}]\n  egressDeny:\n  - toCIDR: [10.0.0.0/8]\n");
+        let egress = policy.map(|p| p.egress).unwrap_or_default();
+        // A /32 allow must not turn into "allow all of world": it allows nothing yet.
+        assert_eq!(egress.allow.len(), 1, "{:?}", egress.allow);
+        // 0.0.0.0/0 is exactly world.
+        assert_eq!(egress.allow[0].l4.remotes, only(&[2]));
+        // A deny may only err wider: all of world.
+        assert_eq!(egress.deny.iter().map(|d| d.remotes.clone()).collect::<Vec<_>>(), vec![only(&[2])]);
+    }
 }

@@ -142,6 +142,13 @@ struct RuleContext<'a> {
     universe: &'a Universe,
 }
 
+/// Whether a rule allows or denies: decides which way an approximation may err.
+#[derive(Clone, Copy)]
+enum RuleEffect {
+    Allow,
+    Deny,
+}
+
 impl RuleContext<'_> {
     fn origin(&self, rule: &PeerRule) -> Arc<str> {
         Arc::from(format!("{} {}", self.policy, rule.path))
@@ -151,8 +158,10 @@ impl RuleContext<'_> {
         warnings.insert(format!("{} {}: {what}", self.policy, rule.path));
     }
 
-    /// The identities a rule's peer fields select (their union).
-    fn remotes(&self, rule: &PeerRule, warnings: &mut Warnings) -> Remotes {
+    /// The identities a rule's peer fields select (their union). Where a peer can only be
+    /// approximated, the approximation errs on the closed side for `effect`: it selects less in
+    /// an allow rule and more in a deny rule.
+    fn remotes(&self, rule: &PeerRule, effect: RuleEffect, warnings: &mut Warnings) -> Remotes {
         if rule.has_no_peers() {
             return Remotes::Any;
         }
@@ -184,15 +193,33 @@ impl RuleContext<'_> {
                     (None, None) => "cidrGroupSelector".to_string(),
                 })
                 .collect();
-            self.warn(
-                warnings,
-                rule,
-                &format!(
-                    "CIDR peers ({}) are enforced as the `world` identity in gateway mode: every address outside the cluster matches, not only these prefixes",
-                    described.join(", ")
-                ),
-            );
-            ids.insert(IDENTITY_WORLD);
+            let whole_world = rule.cidrs.iter().all(|c| c.except.is_empty() && c.cidr.is_some_and(|n| n.prefix_len() == 0));
+            if whole_world {
+                // 0.0.0.0/0 (or ::/0) is exactly `world`: CIDR peers never select pods or nodes.
+                ids.insert(IDENTITY_WORLD);
+            } else {
+                match effect {
+                    RuleEffect::Allow => self.warn(
+                        warnings,
+                        rule,
+                        &format!(
+                            "CIDR peers ({}) have no identities yet, so this allow rule allows nothing for them",
+                            described.join(", ")
+                        ),
+                    ),
+                    RuleEffect::Deny => {
+                        self.warn(
+                            warnings,
+                            rule,
+                            &format!(
+                                "CIDR peers ({}) have no identities yet, so this deny rule denies all of `world`, not only these prefixes",
+                                described.join(", ")
+                            ),
+                        );
+                        ids.insert(IDENTITY_WORLD);
+                    }
+                }
+            }
         }
         for selector in &rule.nodes {
             for (name, labels) in &universe.nodes {
@@ -224,7 +251,7 @@ impl RuleContext<'_> {
             }
             return Vec::new();
         }
-        let remotes = self.remotes(rule, warnings);
+        let remotes = self.remotes(rule, RuleEffect::Allow, warnings);
         if remotes == Remotes::Only(BTreeSet::new()) {
             // Every peer was unenforceable (warned above): the rule allows nothing.
             return Vec::new();
@@ -281,7 +308,7 @@ impl RuleContext<'_> {
         if !rule.groups.is_empty() || !rule.services.is_empty() || !rule.fqdns.is_empty() {
             self.warn(warnings, rule, "this deny rule is enforced only for its other peers: traffic to the unresolved peers is NOT denied");
         }
-        let remotes = self.remotes(rule, warnings);
+        let remotes = self.remotes(rule, RuleEffect::Deny, warnings);
         if remotes == Remotes::Only(BTreeSet::new()) {
             return Vec::new();
         }
