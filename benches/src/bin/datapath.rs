@@ -1,6 +1,7 @@
 //! `datapath`: the kernel datapath benchmarks of issue #3 in one run (see benches/README.md):
 //! connect() rate through sluice's socket LB and through iptables DNAT with 1 to 100k Services,
-//! inside a node namespace with pod namespaces that it creates and removes.
+//! and pod-to-pod HTTP requests/s through `sluice agent --datapath ebpf` with no, an L3/L4 and an
+//! L7 policy, inside node and pod namespaces that it creates and removes.
 
 use std::io::Write as _;
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
@@ -13,10 +14,13 @@ use clap::{Parser, Subcommand};
 use sluice_benches::datapath::connect::{
     self, AcceptCloseBackend, ClientResult, BACKEND_PORT, FIRST_VIP, SERVICE_PORT,
 };
-use sluice_benches::datapath::table::{self, Balancer, ConnectRun, Install};
+use sluice_benches::datapath::http::{self, Policy, DENIED_PATH, PATH, SERVER_PORT};
+use sluice_benches::datapath::table::{self, Balancer, ConnectRun, HttpRun, Install};
+use sluice_benches::measure;
+use sluice_benches::procs::{self, Pinned};
 use sluice_benches::report::{splice, Context as ReportContext};
 use sluice_benches::setup;
-use sluice_ebpf::testing::{run, NetnsGuard, Node, Pod, TestDir};
+use sluice_ebpf::testing::{run, NetnsGuard, Node, Pod, TestDir, NODE_IP};
 use sluice_ebpf::{BpfState, Datapath};
 
 const BEGIN: &str = "<!-- datapath:begin -->";
@@ -32,11 +36,30 @@ const PODS: [(&str, Ipv4Addr); 4] = [
     ("backend-1", Ipv4Addr::new(198, 18, 0, 21)),
 ];
 
+/// The HTTP bench's pods.
+const HTTP_CLIENT: (&str, Ipv4Addr) = ("client", Ipv4Addr::new(198, 18, 0, 10));
+const HTTP_SERVER: (&str, Ipv4Addr) = ("server", Ipv4Addr::new(198, 18, 0, 11));
+/// The agent (and its proxy) on one core, nginx and wrk on the other, as in `loadtest`.
+const AGENT_CORE: usize = 0;
+const LOAD_CORE: usize = 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Bench {
+    Connect,
+    Http,
+}
+
 #[derive(Parser)]
-#[command(about = "Kernel datapath benchmarks: connect() through sluice's socket LB vs iptables DNAT")]
+#[command(about = "Kernel datapath benchmarks: connect() through sluice's socket LB vs iptables DNAT, pod-to-pod HTTP by policy")]
 struct Args {
     #[command(subcommand)]
     command: Option<Internal>,
+    /// Which benchmarks to run.
+    #[arg(long, value_delimiter = ',', default_value = "connect,http")]
+    benches: Vec<Bench>,
+    /// The sluice binary for the HTTP bench (default: `cargo build --release` of this workspace).
+    #[arg(long)]
+    sluice: Option<PathBuf>,
     /// Service counts, each measured through both balancers.
     #[arg(long, value_delimiter = ',', default_value = "1,1000,10000,100000")]
     services: Vec<u32>,
@@ -113,13 +136,41 @@ fn bench(args: &Args) -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("the datapath benchmarks create network namespaces and load BPF: run as root");
     }
-    ensure_iptables(&args.iptables_restore, args.no_install)?;
+    let http_tools = if args.benches.contains(&Bench::Http) {
+        if !args.no_install {
+            setup::ensure_debian_programs(&["nginx", "wrk", "taskset"])?;
+        }
+        let sluice = match &args.sluice {
+            Some(path) => path.clone(),
+            None => setup::build_sluice(&workspace())?,
+        };
+        let nginx = setup::find_program("nginx").context("nginx is missing: apt-get install -y nginx")?;
+        Some((sluice, nginx))
+    } else {
+        None
+    };
+    if args.benches.contains(&Bench::Connect) {
+        ensure_iptables(&args.iptables_restore, args.no_install)?;
+    }
     let load_before = read_trimmed("/proc/loadavg");
     let started = Instant::now();
-    let (runs, installs) = measure_connect(args)?;
+    let (runs, installs) = if args.benches.contains(&Bench::Connect) {
+        measure_connect(args)?
+    } else {
+        Default::default()
+    };
+    let http_runs = match &http_tools {
+        Some((sluice, nginx)) => measure_http(args, sluice, nginx)?,
+        None => Vec::new(),
+    };
     tracing::info!("measured in {:.0} s", started.elapsed().as_secs_f64());
-    let mut section = table::render_context(&context(args, &load_before));
-    section.push_str(&table::render_connect(&runs, &installs));
+    let mut section = table::render_context(&context(args, &load_before, http_tools.as_ref()));
+    if !runs.is_empty() || !installs.is_empty() {
+        section.push_str(&table::render_connect(&runs, &installs));
+    }
+    if !http_runs.is_empty() {
+        section.push_str(&table::render_http(&http_runs));
+    }
     section.push_str(&commands(args));
     if let Some(out) = &args.out {
         std::fs::write(out, &section).with_context(|| format!("writing {}", out.display()))?;
@@ -315,6 +366,159 @@ fn measure_connect(args: &Args) -> Result<(Vec<ConnectRun>, Vec<Install>)> {
     Ok((runs, installs))
 }
 
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+/// `sluice agent --datapath ebpf` in a node namespace with a client and a server pod.
+struct Agent {
+    process: Pinned,
+    sluice: PathBuf,
+    state_dir: PathBuf,
+}
+
+impl Agent {
+    fn status(&self) -> Result<serde_json::Value> {
+        let output = Command::new(&self.sluice)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .args(["status", "-o", "json"])
+            .output()
+            .context("running `sluice status`")?;
+        if !output.status.success() {
+            bail!("sluice status: {}", String::from_utf8_lossy(&output.stderr).trim());
+        }
+        Ok(serde_json::from_slice(&output.stdout)?)
+    }
+
+    /// Polls `sluice status` until `done` holds (bounded), failing early if the agent died.
+    fn wait_for(&mut self, what: &str, done: impl Fn(&serde_json::Value) -> bool) -> Result<serde_json::Value> {
+        let mut last = serde_json::Value::Null;
+        for _ in 0..600 {
+            self.process.ensure_running()?;
+            if let Ok(status) = self.status() {
+                if done(&status) {
+                    return Ok(status);
+                }
+                last = status;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("the agent never reached {what}; last status {last}")
+    }
+}
+
+fn generation(status: &serde_json::Value) -> u64 {
+    status["generation"].as_u64().unwrap_or(0)
+}
+
+/// An HTTP request from inside `netns` (a socket made there stays there).
+fn request_from(netns: &str, target: SocketAddrV4, path: &str) -> Result<u16> {
+    let _inside = NetnsGuard::enter(netns)?;
+    Ok(procs::http_get(target.into(), path)?.0)
+}
+
+fn measure_http(args: &Args, sluice: &Path, nginx: &Path) -> Result<Vec<HttpRun>> {
+    const TAG: &str = "bdh";
+    let pods: Vec<(String, Ipv4Addr)> =
+        [HTTP_CLIENT, HTTP_SERVER].iter().map(|(n, ip)| (n.to_string(), *ip)).collect();
+    let node = Node::with_pods(TAG, &pods)?;
+    let pins = TestDir::pins(TAG)?;
+    let cgroup = TestDir::cgroup(TAG)?;
+    let work = TestDir::scratch(TAG)?;
+    let (config_dir, state_dir, nginx_dir) =
+        (work.path.join("config"), work.path.join("state"), work.path.join("nginx"));
+    for dir in [&config_dir, &nginx_dir.join("tmp")] {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(
+        config_dir.join("running.yaml"),
+        http::running_manifests(&[HTTP_CLIENT, HTTP_SERVER], NODE_IP),
+    )?;
+    let conf = nginx_dir.join("nginx.conf");
+    std::fs::write(&conf, http::nginx_conf(&nginx_dir, HTTP_SERVER.1))?;
+    let server_ns = node.pod(HTTP_SERVER.0)?.netns.clone();
+    let client_ns = node.pod(HTTP_CLIENT.0)?.netns.clone();
+    let in_netns = |netns: &str, argv: &[String]| -> Vec<String> {
+        ["ip", "netns", "exec", netns].iter().map(|s| s.to_string()).chain(argv.iter().cloned()).collect()
+    };
+    let nginx_argv = [nginx.display().to_string(), "-p".into(), nginx_dir.display().to_string(), "-c".into(), conf.display().to_string()];
+    let _nginx = Pinned::spawn("nginx", LOAD_CORE, &in_netns(&server_ns, &nginx_argv), &work.path)?;
+    let agent_argv: Vec<String> = [
+        sluice.display().to_string(),
+        "--state-dir".into(), state_dir.display().to_string(),
+        "agent".into(),
+        "--config-dir".into(), config_dir.display().to_string(),
+        "--node".into(), http::NODE_NAME.into(),
+        "--datapath".into(), "ebpf".into(),
+        "--cgroup".into(), cgroup.path.display().to_string(),
+        "--bpffs".into(), pins.path.display().to_string(),
+        "--proxy-workers".into(), "1".into(),
+        "--metrics-address".into(), "127.0.0.1:9965".into(),
+        "--cleanup-on-exit".into(),
+    ]
+    .into();
+    let mut agent = Agent {
+        process: Pinned::spawn("sluice-agent", AGENT_CORE, &in_netns(&node.netns, &agent_argv), &work.path)?,
+        sluice: sluice.to_path_buf(),
+        state_dir,
+    };
+    agent.wait_for("both pods in the kernel", |s| s["kernel"]["endpoints"].as_u64() == Some(2))?;
+    let server = SocketAddrV4::new(HTTP_SERVER.1, SERVER_PORT);
+    let script = work.path.join("report.lua");
+    std::fs::write(&script, measure::WRK_SCRIPT)?;
+    let wrk = |seconds: u64| -> Result<measure::Sample> {
+        let settings = measure::Settings { duration: Duration::from_secs(seconds), paced_rate: 0 };
+        let argv = measure::command(measure::Workload::H1Small, &format!("http://{server}{PATH}"), settings, &work.path);
+        let output = Command::new("ip")
+            .args(["netns", "exec", &client_ns, "taskset", "-c", &LOAD_CORE.to_string()])
+            .args(&argv)
+            .output()
+            .context("running wrk")?;
+        Ok(measure::parse_wrk(&String::from_utf8_lossy(&output.stdout))?)
+    };
+    let policy_file = config_dir.join("policy.yaml");
+    let mut runs = Vec::new();
+    for rep in 0..args.reps {
+        for policy in Policy::ALL {
+            let before = generation(&agent.status()?);
+            match policy.manifest() {
+                Some(text) => {
+                    let temp = config_dir.join(".policy.yaml.tmp");
+                    std::fs::write(&temp, text)?;
+                    std::fs::rename(&temp, &policy_file)?;
+                }
+                None if policy_file.exists() => std::fs::remove_file(&policy_file)?,
+                None => {}
+            }
+            if rep > 0 || policy != Policy::None {
+                let status = agent.wait_for("the new policy", |s| generation(s) > before)?;
+                if status["errors"].as_array().is_some_and(|e| !e.is_empty()) {
+                    bail!("the agent refused the {policy}: {}", status["errors"]);
+                }
+            }
+            // The policy is really in force before it is measured: the load's request passes,
+            // and under the L7 policy the proxy refuses another path.
+            let status = request_from(&client_ns, server, PATH)?;
+            if status != 200 {
+                bail!("{policy}: GET {PATH} from the client pod answered {status}");
+            }
+            let denied = request_from(&client_ns, server, DENIED_PATH)?;
+            let expected = if policy == Policy::L7 { 403 } else { 200 };
+            if denied != expected {
+                bail!("{policy}: GET {DENIED_PATH} answered {denied}, expected {expected}");
+            }
+            wrk(1)?;
+            tracing::info!("rep {}: {policy}", rep + 1);
+            runs.push(HttpRun { policy, sample: wrk(args.duration)? });
+        }
+    }
+    agent.process.ensure_running()?;
+    Ok(runs)
+}
+
 fn read_trimmed(path: &str) -> String {
     std::fs::read_to_string(path).map_or_else(|_| "?".to_string(), |s| s.trim().to_string())
 }
@@ -344,9 +548,19 @@ fn git_revision() -> String {
     }
 }
 
-fn context(args: &Args, load_before: &str) -> ReportContext {
+fn context(args: &Args, load_before: &str, http_tools: Option<&(PathBuf, PathBuf)>) -> ReportContext {
     let iptables = setup::find_program(&args.iptables_restore)
         .map_or_else(|| "not found".to_string(), |p| setup::version_line(&p, &["--version"]));
+    let mut versions = vec![
+        ("sluice".into(), format!("{} (release build)", git_revision())),
+        (args.iptables_restore.clone(), iptables),
+    ];
+    if let Some((_, nginx)) = http_tools {
+        versions.push(("nginx".into(), setup::version_line(nginx, &["-v"])));
+        if let Some(wrk) = setup::find_program("wrk") {
+            versions.push(("wrk".into(), setup::version_line(&wrk, &["-v"])));
+        }
+    }
     ReportContext {
         date: chrono::DateTime::<chrono::Utc>::from(std::time::SystemTime::now()).format("%Y-%m-%d %H:%M UTC").to_string(),
         machine: vec![
@@ -356,29 +570,45 @@ fn context(args: &Args, load_before: &str) -> ReportContext {
             ("loadavg before".into(), load_before.to_string()),
             ("loadavg after".into(), read_trimmed("/proc/loadavg")),
         ],
-        versions: vec![
-            ("sluice".into(), format!("{} (sluice-ebpf Datapath API, release build)", git_revision())),
-            (args.iptables_restore.clone(), iptables),
-        ],
-        settings: vec![
-            format!("{} s per client run, {} repetitions, sluice and iptables interleaved within each repetition", args.duration, args.reps),
-            "Services: ClusterIP 10.96.0.0 + i, port 80/TCP, each with the same 2 backends (198.18.0.20-21:8080, one accept+close thread each, in their own pod namespaces)".to_string(),
-            "client: one process, one connection at a time, connect() to a VIP picked uniformly at random per connect, then close with SO_LINGER 0 (RST, no TIME_WAIT)".to_string(),
-            "sluice: the datapath loaded with sluice-ebpf's `Datapath::load` + `attach_cgroup` + `apply(BpfState { services })` (not through the agent; the agent applies the same BpfState), client in the test cgroup; no iptables rules in its namespace".to_string(),
-            "iptables: `*nat` OUTPUT -> KUBE-SERVICES, one `-d VIP -p tcp --dport 80 -j DNAT --to-destination 198.18.0.20-198.18.0.21:8080` rule per Service, loaded with one iptables-restore in the client's own namespace; client not in the cgroup".to_string(),
-        ],
+        versions,
+        settings: settings(args),
         commands: Vec::new(),
     }
+}
+
+/// What was held fixed, for the benches that ran.
+fn settings(args: &Args) -> Vec<String> {
+    let mut settings = vec![format!("{} s per run, {} repetitions, the compared cases interleaved within each repetition", args.duration, args.reps)];
+    if args.benches.contains(&Bench::Connect) {
+        settings.extend([
+                "Services: ClusterIP 10.96.0.0 + i, port 80/TCP, each with the same 2 backends (198.18.0.20-21:8080, one accept+close thread each, in their own pod namespaces)".to_string(),
+                "client: one process, one connection at a time, connect() to a VIP picked uniformly at random per connect, then close with SO_LINGER 0 (RST, no TIME_WAIT)".to_string(),
+                "sluice: the datapath loaded with sluice-ebpf's `Datapath::load` + `attach_cgroup` + `apply(BpfState { services })` (not through the agent; the agent applies the same BpfState), client in the test cgroup; no iptables rules in its namespace".to_string(),
+                "iptables: `*nat` OUTPUT -> KUBE-SERVICES, one `-d VIP -p tcp --dport 80 -j DNAT --to-destination 198.18.0.20-198.18.0.21:8080` rule per Service, loaded with one iptables-restore in the client's own namespace; client not in the cgroup".to_string(),
+        ]);
+    }
+    if args.benches.contains(&Bench::Http) {
+        settings.extend([
+                format!("HTTP: `sluice agent --datapath ebpf --proxy-workers 1` in the node namespace pinned to core {AGENT_CORE}; nginx (1 process) in the server pod and wrk (1 thread, {} connections, GET {PATH}) in the client pod on core {LOAD_CORE}; policies none -> L3/L4 -> L7 interleaved within each repetition, each checked first (GET {PATH} 200; GET {DENIED_PATH} 403 only under L7), then a 1 s warm-up", measure::CONNECTIONS),
+                "L3/L4 policy: CNP on app=server, ingress from app=client to 80/TCP; L7 policy: the same plus `rules.http: [{method: GET, path: /small}]` (the kernel redirects to the proxy's transparent listener)".to_string(),
+        ]);
+    }
+    settings
 }
 
 fn commands(args: &Args) -> String {
     let services: Vec<String> = args.services.iter().map(u32::to_string).collect();
     format!(
-        "\n#### Exact commands\n\n```sh\ncargo run --release -p sluice-benches --bin datapath -- --services {} --reps {} --duration {} --iptables-restore {} --readme benches/README.md\n# inside, per run: ip netns exec <client pod> datapath connect-client --first <10.96.0.0 | 198.18.0.20> --count <N | 2> --port <80 | 8080> --seconds {} [--cgroup <test cgroup>]\n```\n",
+        "\n#### Exact commands\n\n```sh\ncargo run --release -p sluice-benches --bin datapath -- --benches {} --services {} --reps {} --duration {} --iptables-restore {} --readme benches/README.md\n# inside, per connect run: ip netns exec <client pod> datapath connect-client --first <10.96.0.0 | 198.18.0.20> --count <N | 2> --port <80 | 8080> --seconds {} [--cgroup <test cgroup>]\n# HTTP: ip netns exec <node> taskset -c {AGENT_CORE} sluice --state-dir $STATE agent --config-dir $CONFIG --node {} --datapath ebpf --cgroup $CGROUP --bpffs $PINS --proxy-workers 1 --metrics-address 127.0.0.1:9965 --cleanup-on-exit\n# HTTP: ip netns exec <server pod> taskset -c {LOAD_CORE} nginx -p $NGINX -c $NGINX/nginx.conf\n# HTTP: ip netns exec <client pod> taskset -c {LOAD_CORE} wrk -t1 -c{} -d{}s -s $SCRATCH/report.lua http://{}:{SERVER_PORT}{PATH}\n```\n",
+        args.benches.iter().map(|b| if *b == Bench::Connect { "connect" } else { "http" }).collect::<Vec<_>>().join(","),
         services.join(","),
         args.reps,
         args.duration,
         args.iptables_restore,
         args.duration,
+        http::NODE_NAME,
+        measure::CONNECTIONS,
+        args.duration,
+        HTTP_SERVER.1,
     )
 }

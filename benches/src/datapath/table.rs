@@ -8,6 +8,8 @@ use std::time::Duration;
 use crate::report::{Context, Stats};
 
 use super::connect::ClientResult;
+use super::http::Policy;
+use crate::measure::Sample;
 
 /// How the client's connect() reached a backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -169,6 +171,58 @@ pub fn render_connect(runs: &[ConnectRun], installs: &[Install]) -> String {
     out
 }
 
+/// One wrk run of the pod-to-pod HTTP flow.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpRun {
+    pub policy: Policy,
+    pub sample: Sample,
+}
+
+/// The share of requests/s lost from `before` to `after` (medians), in percent.
+fn loss(before: Option<Stats>, after: Option<Stats>) -> Option<f64> {
+    match (before, after) {
+        (Some(b), Some(a)) if b.median > 0.0 => Some(100.0 * (1.0 - a.median / b.median)),
+        _ => None,
+    }
+}
+
+/// The HTTP table: one row per policy, and the L3/L4 -> L7 loss against the issue's target.
+pub fn render_http(runs: &[HttpRun]) -> String {
+    let stats = |policy: Policy, metric: fn(&Sample) -> f64| {
+        Stats::of(runs.iter().filter(|r| r.policy == policy).map(|r| metric(&r.sample)))
+    };
+    let rps = |policy| stats(policy, |s| s.requests_per_second);
+    let mut out = String::new();
+    let _ = writeln!(out, "\n#### Pod-to-pod HTTP requests/s by policy\n");
+    let _ = writeln!(out, "wrk from the client pod to nginx in the server pod (pod IP, no Service), median over the repetitions (min–max); latencies in µs; errors are failed requests plus non-2xx, summed.\n");
+    let _ = writeln!(out, "| policy | req/s | p50 | p99 | vs no policy | errors | runs |");
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|");
+    for policy in Policy::ALL {
+        let of_policy: Vec<&HttpRun> = runs.iter().filter(|r| r.policy == policy).collect();
+        if of_policy.is_empty() {
+            continue;
+        }
+        let _ = writeln!(
+            out,
+            "| {policy} | {} | {} | {} | {} | {} | {} |",
+            spread(rps(policy)),
+            spread(stats(policy, |s| s.p50_us)),
+            spread(stats(policy, |s| s.p99_us)),
+            ratio(rps(policy), rps(Policy::None)),
+            of_policy.iter().map(|r| r.sample.errors).sum::<u64>(),
+            of_policy.len(),
+        );
+    }
+    if let Some(lost) = loss(rps(Policy::L3L4), rps(Policy::L7)) {
+        let verdict = if lost <= 40.0 { "met" } else { "not met" };
+        let _ = writeln!(
+            out,
+            "\nAdding the L7 policy to the L3/L4 one loses **{lost:.0}%** of requests/s (issue #3's target: at most 40%, {verdict}; Cilium loses ~87%).",
+        );
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -232,5 +286,33 @@ mod tests {
             table.contains("| 100000 | — | 1000 | — | — | 1.00x | — / 0 | failed: map full / — |"),
             "{table}"
         );
+    }
+
+    fn http(policy: Policy, rps: f64) -> HttpRun {
+        HttpRun {
+            policy,
+            sample: Sample {
+                requests_per_second: rps,
+                p50_us: 100.0,
+                p99_us: 900.0,
+                p999_us: 1000.0,
+                errors: 0,
+            },
+        }
+    }
+
+    #[test]
+    fn the_l7_loss_is_measured_from_the_l3_l4_median_against_the_target() {
+        let table = render_http(&[
+            http(Policy::None, 40_000.0),
+            http(Policy::L3L4, 38_000.0),
+            http(Policy::L3L4, 40_000.0),
+            http(Policy::L3L4, 36_000.0),
+            http(Policy::L7, 19_000.0),
+        ]);
+        assert!(table.contains("| L3/L4 policy | 38000 (36000–40000) | 100 | 900 | 0.95x | 0 | 3 |"), "{table}");
+        assert!(table.contains("loses **50%** of requests/s (issue #3's target: at most 40%, not met"), "{table}");
+        let met = render_http(&[http(Policy::L3L4, 10_000.0), http(Policy::L7, 7_000.0)]);
+        assert!(met.contains("loses **30%**") && met.contains("at most 40%, met"), "{met}");
     }
 }
