@@ -14,7 +14,7 @@ use crate::error::{ApplyError, ProxyError};
 use crate::flow::FlowSink;
 use crate::listener::{self, SocketEntry};
 use crate::server::Shared;
-use crate::snapshot::{connection_builder, CompiledEndpoint, ListenerEntry, Snapshot};
+use crate::snapshot::{connection_builder, CompiledEndpoint, ListenerEntry, PrefixTable, Snapshot};
 use crate::stats::{ClusterCounters, ProxyCounters, ProxyStats};
 use crate::tables::{Bind, ProxyTables};
 use crate::upstream::{ClusterState, SocketPlan};
@@ -243,7 +243,9 @@ impl Handle {
                 Some((*destination, slot_of[index]))
             })
             .collect();
-        let snapshot = Snapshot { generation: tables.generation, tables, listeners, clusters, policies, frontends };
+        let prefixes = PrefixTable::new(&tables.cidr_identities);
+        let snapshot =
+            Snapshot { generation: tables.generation, tables, listeners, clusters, policies, frontends, prefixes };
 
         // 4. Swap, then serve the new sockets and drain the removed ones; replaced cluster
         //    states stop sweeping (their hosts, if kept, are swept by the new state).

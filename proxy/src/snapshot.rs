@@ -1,14 +1,15 @@
 //! The serving form of `ProxyTables` (compile -> **snapshot** -> datapath): built once per apply, read lock-free per request.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
+use ipnet::IpNet;
 
 use crate::authorize::CompiledPolicy;
-use crate::tables::{EndpointPolicy, HttpConnectionManager, Peer, ProxyTables, IDENTITY_WORLD};
+use crate::tables::{EndpointPolicy, HttpConnectionManager, Identity, Peer, ProxyTables, IDENTITY_WORLD};
 use crate::upstream::ClusterState;
 
 /// One generation of tables as the request path uses them.
@@ -21,6 +22,8 @@ pub(crate) struct Snapshot {
     pub policies: HashMap<IpAddr, Arc<CompiledEndpoint>>,
     /// `ProxyTables::frontends` resolved to listener slots.
     pub frontends: HashMap<SocketAddr, usize>,
+    /// `ProxyTables::cidr_identities` for longest-prefix lookups.
+    pub prefixes: PrefixTable,
 }
 
 pub(crate) struct ListenerEntry {
@@ -54,6 +57,7 @@ impl Snapshot {
             clusters: HashMap::new(),
             policies: HashMap::new(),
             frontends: HashMap::new(),
+            prefixes: PrefixTable::default(),
         }
     }
 
@@ -67,12 +71,41 @@ impl Snapshot {
         dispatch(slot, transparent, local, &self.frontends)
     }
 
-    /// Who is behind `ip`: a known pod or node, else the world identity.
+    /// Who is behind `ip`: a known pod or node, else the identity of the longest CIDR prefix
+    /// containing it, else the world identity (the kernel's ipcache LPM gives the same answer).
     pub fn peer(&self, ip: IpAddr) -> (u32, Option<&Peer>) {
         match self.tables.peers.get(&ip) {
             Some(peer) => (peer.identity, Some(peer)),
-            None => (IDENTITY_WORLD, None),
+            None => (self.prefixes.lookup(ip).unwrap_or(IDENTITY_WORLD), None),
         }
+    }
+}
+
+/// Longest-prefix match over a few CIDR prefixes: one hash lookup per distinct prefix length,
+/// longest first, so a request costs at most 33 (IPv4) or 129 (IPv6) lookups however many
+/// prefixes there are, and usually a handful.
+#[derive(Debug, Default)]
+pub(crate) struct PrefixTable {
+    /// (prefix length, truncated prefix -> identity), longest length first.
+    by_length: Vec<(u8, HashMap<IpNet, Identity>)>,
+}
+
+impl PrefixTable {
+    pub fn new(prefixes: &[(IpNet, Identity)]) -> Self {
+        let mut by_length: BTreeMap<u8, HashMap<IpNet, Identity>> = BTreeMap::new();
+        for (net, identity) in prefixes {
+            by_length.entry(net.prefix_len()).or_default().entry(net.trunc()).or_insert(*identity);
+        }
+        Self { by_length: by_length.into_iter().rev().collect() }
+    }
+
+    /// The identity of the longest prefix containing `ip`.
+    pub fn lookup(&self, ip: IpAddr) -> Option<Identity> {
+        self.by_length.iter().find_map(|(length, nets)| {
+            // `IpNet::new` refuses a length longer than the address family has.
+            let net = IpNet::new(ip, *length).ok()?.trunc();
+            nets.get(&net).copied()
+        })
     }
 }
 
@@ -123,6 +156,30 @@ pub(crate) fn connection_builder(hcm: &HttpConnectionManager) -> auto::Builder<T
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_address_takes_the_identity_of_the_longest_prefix_containing_it() {
+        let net = |s: &str| s.parse::<IpNet>().expect("test prefix");
+        let ip = |s: &str| s.parse::<IpAddr>().expect("test address");
+        let table = PrefixTable::new(&[
+            (net("10.0.0.0/8"), 100),
+            (net("10.96.0.0/12"), 101),
+            (net("10.96.3.4/32"), 102),
+            // Host bits are ignored, as the kernel's LPM trie ignores them.
+            (net("20.1.1.7/24"), 103),
+            (net("fd00::/8"), 104),
+        ]);
+        assert_eq!(table.lookup(ip("10.1.2.3")), Some(100));
+        assert_eq!(table.lookup(ip("10.96.0.5")), Some(101));
+        assert_eq!(table.lookup(ip("10.111.255.255")), Some(101));
+        assert_eq!(table.lookup(ip("10.112.0.0")), Some(100));
+        assert_eq!(table.lookup(ip("10.96.3.4")), Some(102));
+        assert_eq!(table.lookup(ip("20.1.1.200")), Some(103));
+        assert_eq!(table.lookup(ip("fd12::1")), Some(104));
+        assert_eq!(table.lookup(ip("8.8.8.8")), None);
+        // An IPv4-mapped IPv6 address is not the IPv4 address's prefix.
+        assert_eq!(table.lookup(ip("::ffff:10.1.2.3")), None);
+    }
 
     fn addr(s: &str) -> SocketAddr {
         s.parse().expect("test address")

@@ -9,6 +9,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ipnet::IpNet;
 use regex::Regex;
 
 /// Numeric security identity (Cilium's numbering: 1 host, 2 world, ...; pods from 256 up).
@@ -29,6 +30,10 @@ pub struct ProxyTables {
     pub clusters: BTreeMap<String, Arc<Cluster>>,
     /// Who is behind an address: pod IPs and node IPs. Anything absent is `IDENTITY_WORLD`.
     pub peers: BTreeMap<IpAddr, Peer>,
+    /// CIDR identities (Cilium's local-scope identities): an address that is no peer takes the
+    /// identity of the longest prefix here containing it, and `IDENTITY_WORLD` when none does.
+    /// Order does not matter; a prefix listed twice keeps its first identity.
+    pub cidr_identities: Vec<(IpNet, Identity)>,
     /// L3/L4/L7 policy of each local endpoint, by endpoint IP. An endpoint absent here has no
     /// policy in either direction (everything allowed).
     pub policies: BTreeMap<IpAddr, Arc<EndpointPolicy>>,

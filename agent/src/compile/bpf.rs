@@ -3,14 +3,15 @@
 //! The kernel enforces the same per-endpoint `DirectionPolicy` the proxy gets: each deny and
 //! allow rule becomes policy entries keyed by remote identity, protocol and port range; an
 //! allow rule carrying HTTP rules becomes a redirect to the proxy's transparent listener, which
-//! then enforces the HTTP part. The ipcache is the proxy's peer table (pods and nodes); every
-//! other address is `world`, which is also what CIDR peers compile to (see policy.rs).
+//! then enforces the HTTP part. The ipcache is the proxy's peer table (pods and nodes, /32) plus
+//! the CIDR identities' prefixes, so the kernel's longest-prefix match gives every address the
+//! identity the proxy gives it; an address in neither is `world`.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net};
 use sluice_envoy_config::k8s::L4Protocol as K8sProtocol;
 use sluice_envoy_config::Model;
 use sluice_proxy::tables::{self, DirectionPolicy, L4Match, ProxyTables, Remotes};
@@ -62,6 +63,11 @@ pub fn compile_bpf(
     for (ip, peer) in &tables.peers {
         if let IpAddr::V4(v4) = ip {
             out.state.ipcache.push(sluice_ebpf::IpcacheEntry { cidr: Ipv4Net::from(*v4), identity: peer.identity });
+        }
+    }
+    for (prefix, identity) in &tables.cidr_identities {
+        if let IpNet::V4(v4) = prefix {
+            out.state.ipcache.push(sluice_ebpf::IpcacheEntry { cidr: v4.trunc(), identity: *identity });
         }
     }
     for pod in model.pods().filter(|pod| pod.node_name.as_deref() == Some(node)) {
@@ -290,5 +296,19 @@ mod tests {
         );
         let ipcache: Vec<String> = state.state.ipcache.iter().map(|e| format!("{} {}", e.cidr, e.identity)).collect();
         assert_eq!(ipcache, vec!["198.18.0.10/32 257", "198.18.0.11/32 256", "198.18.1.10/32 256"]);
+    }
+
+    #[test]
+    fn cidr_prefixes_are_in_the_ipcache_with_the_identities_the_rules_name() {
+        let state = kernel_state("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec:\n  endpointSelector: {matchLabels: {app: web}}\n  egress:\n  - toCIDRSet: [{cidr: 10.0.0.0/8, except: [10.96.0.0/12]}, {cidr: \"fd00::/8\"}]\n");
+        let ipcache: Vec<String> = state.state.ipcache.iter().map(|e| format!("{} {:#x}", e.cidr, e.identity)).collect();
+        assert_eq!(
+            ipcache,
+            vec!["198.18.0.10/32 0x101", "198.18.0.11/32 0x100", "198.18.1.10/32 0x100", "10.0.0.0/8 0x1000001", "10.96.0.0/12 0x1000002"]
+        );
+        let web = state.state.endpoints.iter().find(|e| e.ip == Ipv4Addr::new(198, 18, 0, 10));
+        let entries: Vec<String> = web.map(|e| e.policy.iter().map(policy_entry_text).collect()).unwrap_or_default();
+        // fd00::/8 has an identity for the proxy; IPv6 is not in the kernel's ipcache.
+        assert_eq!(entries, vec!["egress allow 16777217 ANY", "egress allow 16777219 ANY"]);
     }
 }

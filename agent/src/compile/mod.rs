@@ -12,6 +12,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use ipnet::IpNet;
+
 use sluice_envoy_config::{LabelSet, Model, Pod};
 use sluice_proxy::tables::{
     AllowRule, DirectionPolicy, EndpointPolicy, Identity, L4Match, Peer, PortRange, Protocol, ProxyTables, Remotes,
@@ -129,6 +131,7 @@ pub fn compile_for(model: &Model, identities: &Identities, node: &str, generatio
         .collect();
     let named: Vec<NamedPolicy<'_>> =
         model.network_policies().zip(&names).map(|(policy, name)| NamedPolicy { name, policy }).collect();
+    universe.cidr_identities = policy::cidr_identities(&named);
 
     let mut policies = BTreeMap::new();
     let mut endpoints = Vec::new();
@@ -156,12 +159,13 @@ pub fn compile_for(model: &Model, identities: &Identities, node: &str, generatio
             listeners: frontends.listeners,
             clusters: frontends.clusters,
             peers,
+            cidr_identities: universe.cidr_identities.iter().map(|(prefix, id)| (*prefix, *id)).collect(),
             policies,
             ..ProxyTables::default()
         },
         warnings: warnings.into_iter().collect(),
         errors,
-        identities: identity_views(&pods),
+        identities: identity_views(&pods, &universe.cidr_identities),
         policies: policy_views(&named, &pods),
         endpoints,
         services: frontends.views,
@@ -269,11 +273,15 @@ fn rule_views(direction: &DirectionPolicy) -> Vec<RuleView> {
     denies.chain(allows).collect()
 }
 
-fn identity_views(pods: &[PodEntry<'_>]) -> Vec<IdentityView> {
+fn identity_views(pods: &[PodEntry<'_>], cidr_identities: &BTreeMap<IpNet, Identity>) -> Vec<IdentityView> {
     let mut by_id: BTreeMap<Identity, (Vec<String>, BTreeSet<String>)> = BTreeMap::new();
     for (id, _) in RESERVED {
         let labels = identity::reserved_labels(id).map(|l| identity::label_strings(&l)).unwrap_or_default();
         by_id.insert(id, (labels, BTreeSet::new()));
+    }
+    for (prefix, id) in cidr_identities {
+        // As Cilium labels them: the prefix, and `world` (CIDR identities are part of it).
+        by_id.insert(*id, (vec![format!("cidr:{prefix}="), "reserved:world=".to_string()], BTreeSet::new()));
     }
     for entry in pods {
         by_id
@@ -405,15 +413,89 @@ mod tests {
         assert_eq!(ingress.allow[0].l4.remotes, only(&[256]));
     }
 
+    /// The identity the proxy (and the kernel's LPM) gives `ip`: its pod or node, else the
+    /// longest CIDR prefix holding it, else world.
+    fn identity_of(tables: &ProxyTables, ip: IpAddr) -> Identity {
+        tables.peers.get(&ip).map(|p| p.identity).unwrap_or_else(|| {
+            let holding = tables.cidr_identities.iter().filter(|(prefix, _)| prefix.contains(&ip));
+            holding.max_by_key(|(prefix, _)| prefix.prefix_len()).map_or(sluice_proxy::tables::IDENTITY_WORLD, |(_, id)| *id)
+        })
+    }
+
+    /// Whether `direction` lets a TCP connection to/from `ip` on `port` through.
+    fn allows(tables: &ProxyTables, direction: &DirectionPolicy, ip: &str, port: u16) -> bool {
+        let ip: IpAddr = ip.parse().unwrap_or(IpAddr::from([0, 0, 0, 0]));
+        let head = sluice_proxy::request::RequestHead {
+            method: http::Method::GET,
+            path_and_query: "/".to_string(),
+            authority: "example".to_string(),
+            headers: http::HeaderMap::new(),
+            version: http::Version::HTTP_11,
+        };
+        let policy = sluice_proxy::authorize::CompiledPolicy::new(direction);
+        matches!(
+            policy.authorize(identity_of(tables, ip), Protocol::Tcp, port, &head),
+            sluice_proxy::authorize::Decision::Allow { .. }
+        )
+    }
+
+    /// `PODS` plus `policy` compiled; the web pod's egress.
+    fn web_egress(policy: &str) -> (Compiled, DirectionPolicy) {
+        let (model, identities) = model_with_identities(&format!("{PODS}---\n{policy}"));
+        let compiled = compile(&model, &identities, "node-a", 1);
+        let egress = compiled.tables.policies.get(&IpAddr::from([127, 0, 0, 1])).map(|p| p.egress.clone());
+        (compiled, egress.unwrap_or_default())
+    }
+
     #[test]
-    fn cidr_peers_err_on_the_closed_side_until_they_have_identities() {
-        let policy = web_policy("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec:\n  endpointSelector: {matchLabels: {app: web}}\n  egress:\n  - toCIDR: [20.1.1.1/32]\n  - toCIDRSet: [{cidr: 0.0.0.0/0}]\n    toPorts: [{ports: [{port: \"443\"}]}]\n  egressDeny:\n  - toCIDR: [10.0.0.0/8]\n");
-        let egress = policy.map(|p| p.egress).unwrap_or_default();
-        // A /32 allow must not turn into "allow all of world": it allows nothing yet.
-        assert_eq!(egress.allow.len(), 1, "{:?}", egress.allow);
-        // 0.0.0.0/0 is exactly world.
-        assert_eq!(egress.allow[0].l4.remotes, only(&[2]));
-        // A deny may only err wider: all of world.
-        assert_eq!(egress.deny.iter().map(|d| d.remotes.clone()).collect::<Vec<_>>(), vec![only(&[2])]);
+    fn cidr_peers_select_the_identities_of_the_prefixes_inside_them() {
+        let corpus = include_str!("../../../conformance/cilium-examples/cidr.yaml").replace("app: myService", "app: web");
+        let (compiled, egress) = web_egress(&corpus);
+        let tables = &compiled.tables;
+        // One local identity per prefix, in prefix order, with bit 24 set.
+        let prefixes: Vec<String> = tables.cidr_identities.iter().map(|(p, id)| format!("{p} {id:#x}")).collect();
+        assert_eq!(prefixes, vec!["10.0.0.0/8 0x1000001", "10.96.0.0/12 0x1000002", "20.1.1.1/32 0x1000003"]);
+        assert!(allows(tables, &egress, "20.1.1.1", 443));
+        assert!(allows(tables, &egress, "10.1.2.3", 80));
+        assert!(!allows(tables, &egress, "10.96.0.5", 80), "inside the except prefix");
+        assert!(!allows(tables, &egress, "20.1.1.2", 443));
+        assert!(!allows(tables, &egress, "8.8.8.8", 443));
+        // Pods keep their own identities: a pod address inside 127.0.0.0/8 is not selected.
+        assert!(!allows(tables, &egress, "127.0.0.2", 80));
+        let views: Vec<(u32, Vec<String>)> =
+            compiled.identities.iter().filter(|v| v.id >= 1 << 24).map(|v| (v.id, v.labels.clone())).collect();
+        assert_eq!(
+            views,
+            vec![
+                (0x1000001, vec!["cidr:10.0.0.0/8=".to_string(), "reserved:world=".to_string()]),
+                (0x1000002, vec!["cidr:10.96.0.0/12=".to_string(), "reserved:world=".to_string()]),
+                (0x1000003, vec!["cidr:20.1.1.1/32=".to_string(), "reserved:world=".to_string()]),
+            ]
+        );
+        let rule_remotes: Vec<Vec<u32>> = compiled.endpoints.iter().find(|e| e.name == "web").map(|e| e.egress.iter().map(|r| r.remotes.clone()).collect()).unwrap_or_default();
+        assert_eq!(rule_remotes, vec![vec![0x1000003], vec![0x1000001]]);
+    }
+
+    #[test]
+    fn cidr_denies_cover_only_their_prefixes_and_world_covers_every_cidr_identity() {
+        let (compiled, egress) = web_egress("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec:\n  endpointSelector: {matchLabels: {app: web}}\n  egress:\n  - toEntities: [world]\n  egressDeny:\n  - toCIDR: [10.0.0.0/8]\n");
+        let tables = &compiled.tables;
+        assert!(!allows(tables, &egress, "10.1.2.3", 80));
+        assert!(allows(tables, &egress, "8.8.8.8", 80));
+        assert!(!allows(tables, &egress, "127.0.0.2", 80), "a pod is not world");
+    }
+
+    #[test]
+    fn everything_except_some_prefixes_still_covers_addresses_in_no_policy_prefix() {
+        let (compiled, egress) = web_egress("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec:\n  endpointSelector: {matchLabels: {app: web}}\n  egress:\n  - toCIDRSet: [{cidr: 0.0.0.0/0, except: [10.0.0.0/8, 192.168.0.0/16]}]\n  - toCIDRSet: [{cidr: 0.0.0.0/0}]\n    toPorts: [{ports: [{port: \"443\"}]}]\n");
+        let tables = &compiled.tables;
+        assert!(allows(tables, &egress, "8.8.8.8", 80));
+        assert!(allows(tables, &egress, "255.255.255.255", 80));
+        assert!(allows(tables, &egress, "192.169.0.1", 80));
+        assert!(!allows(tables, &egress, "10.1.2.3", 80));
+        assert!(!allows(tables, &egress, "192.168.3.4", 80));
+        // 0.0.0.0/0 is all of world, the prefixes included.
+        assert!(allows(tables, &egress, "10.1.2.3", 443));
+        assert!(allows(tables, &egress, "192.168.3.4", 443));
     }
 }

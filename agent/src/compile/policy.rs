@@ -8,10 +8,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+use ipnet::IpNet;
+
 use sluice_envoy_config::k8s::{ContainerPort, L4Protocol};
 use sluice_envoy_config::labels::{LabelSet, Selector};
 use sluice_envoy_config::policy::{
-    AuthenticationMode, Entity, L7Rules, NetworkPolicy, PeerRule, Port, PortRule, Protocol, Subject,
+    AuthenticationMode, CidrRule, Entity, L7Rules, NetworkPolicy, PeerRule, Port, PortRule, Protocol, Subject,
 };
 use sluice_envoy_config::policy::{HttpRule as CiliumHttpRule, MismatchAction as CiliumMismatch};
 use sluice_proxy::tables::{
@@ -35,6 +37,8 @@ pub struct Universe {
     /// Node name -> labels, and which node this agent runs.
     pub nodes: BTreeMap<String, LabelSet>,
     pub own_node: String,
+    /// Every CIDR prefix the policies use, with its local identity (see `cidr_identities`).
+    pub cidr_identities: BTreeMap<IpNet, Identity>,
 }
 
 /// A pod being compiled.
@@ -159,8 +163,8 @@ impl RuleContext<'_> {
     }
 
     /// The identities a rule's peer fields select (their union). Where a peer can only be
-    /// approximated, the approximation errs on the closed side for `effect`: it selects less in
-    /// an allow rule and more in a deny rule.
+    /// approximated (CIDR groups), the approximation errs on the closed side for `effect`: it
+    /// selects less in an allow rule and more in a deny rule.
     fn remotes(&self, rule: &PeerRule, effect: RuleEffect, warnings: &mut Warnings) -> Remotes {
         if rule.has_no_peers() {
             return Remotes::Any;
@@ -179,44 +183,25 @@ impl RuleContext<'_> {
                 self.warn(warnings, rule, "the `ingress` entity has no identity in gateway mode and selects nothing");
             }
         }
-        if !rule.cidrs.is_empty() {
-            let described: Vec<String> = rule
-                .cidrs
-                .iter()
-                .map(|c| match (&c.cidr, &c.group_ref) {
-                    (Some(cidr), _) if c.except.is_empty() => cidr.to_string(),
-                    (Some(cidr), _) => format!(
-                        "{cidr} except {}",
-                        c.except.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
-                    ),
-                    (None, Some(group)) => format!("cidrGroupRef {group}"),
-                    (None, None) => "cidrGroupSelector".to_string(),
-                })
-                .collect();
-            let whole_world = rule.cidrs.iter().all(|c| c.except.is_empty() && c.cidr.is_some_and(|n| n.prefix_len() == 0));
-            if whole_world {
-                // 0.0.0.0/0 (or ::/0) is exactly `world`: CIDR peers never select pods or nodes.
-                ids.insert(IDENTITY_WORLD);
-            } else {
-                match effect {
-                    RuleEffect::Allow => self.warn(
-                        warnings,
-                        rule,
-                        &format!(
-                            "CIDR peers ({}) have no identities yet, so this allow rule allows nothing for them",
-                            described.join(", ")
-                        ),
-                    ),
-                    RuleEffect::Deny => {
-                        self.warn(
+        for cidr_rule in &rule.cidrs {
+            match cidr_rule.cidr {
+                Some(cidr) => ids.extend(cidr_peer_identities(cidr, &cidr_rule.except, &universe.cidr_identities)),
+                None => {
+                    let group = cidr_rule.group_ref.as_deref().map_or("cidrGroupSelector".to_string(), |g| format!("cidrGroupRef {g}"));
+                    match effect {
+                        RuleEffect::Allow => self.warn(
                             warnings,
                             rule,
-                            &format!(
-                                "CIDR peers ({}) have no identities yet, so this deny rule denies all of `world`, not only these prefixes",
-                                described.join(", ")
-                            ),
-                        );
-                        ids.insert(IDENTITY_WORLD);
+                            &format!("{group}: CiliumCIDRGroups are not read, so this allow rule allows nothing for it"),
+                        ),
+                        RuleEffect::Deny => {
+                            self.warn(
+                                warnings,
+                                rule,
+                                &format!("{group}: CiliumCIDRGroups are not read, so this deny rule denies all of `world` for it"),
+                            );
+                            ids.insert(IDENTITY_WORLD);
+                        }
                     }
                 }
             }
@@ -456,12 +441,99 @@ fn table_protocol(protocol: Protocol) -> Option<TableProtocol> {
     }
 }
 
+/// Cilium's local-scope identities (CIDR identities, never shared across nodes) have this bit set.
+pub const LOCAL_IDENTITY_SCOPE: Identity = 1 << 24;
+
+/// Every CIDR prefix (and `except` prefix) the policies use, each with a local identity,
+/// allocated in prefix order so the same policies always give the same numbers. An address then
+/// takes the identity of the longest prefix containing it (pods and nodes keep their own), and
+/// a CIDR peer selects the identities of the prefixes inside it (`cidr_peer_identities`).
+///
+/// `/0` is `world` and gets no identity. For `0.0.0.0/0 except E` the prefixes covering the
+/// rest of the address space are added as well: otherwise an address in no prefix would be
+/// `world`, which that peer must not select as a whole.
+pub fn cidr_identities(policies: &[NamedPolicy<'_>]) -> BTreeMap<IpNet, Identity> {
+    let mut prefixes = BTreeSet::new();
+    let cidr_rules = policies
+        .iter()
+        .flat_map(|named| &named.policy.rules)
+        .flat_map(|rule| rule.ingress.iter().chain(&rule.ingress_deny).chain(&rule.egress).chain(&rule.egress_deny))
+        .flat_map(|peer| &peer.cidrs);
+    for CidrRule { cidr, except, .. } in cidr_rules {
+        let Some(cidr) = cidr else { continue };
+        prefixes.extend(std::iter::once(cidr).chain(except).map(IpNet::trunc));
+        if cidr.prefix_len() == 0 && !except.is_empty() {
+            prefixes.extend(prefixes_outside(*cidr, except));
+        }
+    }
+    prefixes
+        .into_iter()
+        .filter(|prefix| prefix.prefix_len() > 0)
+        .zip(1..)
+        .map(|(prefix, n)| (prefix, LOCAL_IDENTITY_SCOPE | n))
+        .collect()
+}
+
+/// The prefixes covering `whole` minus `except`: each except prefix splits the prefix holding it
+/// into halves down to its own length, keeping the halves outside it.
+fn prefixes_outside(whole: IpNet, except: &[IpNet]) -> Vec<IpNet> {
+    let mut remaining = vec![whole.trunc()];
+    for hole in except {
+        let mut next = Vec::new();
+        for prefix in remaining {
+            if hole.contains(&prefix) {
+                continue;
+            }
+            if !prefix.contains(hole) {
+                next.push(prefix);
+                continue;
+            }
+            let mut holding = prefix;
+            while holding.prefix_len() < hole.prefix_len() {
+                let Ok(halves) = holding.subnets(holding.prefix_len() + 1) else { break };
+                for half in halves {
+                    if half.contains(hole) {
+                        holding = half;
+                    } else {
+                        next.push(half);
+                    }
+                }
+            }
+        }
+        remaining = next;
+    }
+    remaining
+}
+
+/// The identities a CIDR peer `cidr except except` selects: those of the known prefixes inside
+/// `cidr` and not inside an except prefix, and `world` for a whole `/0`. Pods and nodes are
+/// never selected: they keep their own identities.
+fn cidr_peer_identities(cidr: IpNet, except: &[IpNet], known: &BTreeMap<IpNet, Identity>) -> BTreeSet<Identity> {
+    let mut ids: BTreeSet<Identity> = known
+        .iter()
+        .filter(|(prefix, _)| cidr.contains(*prefix) && !except.iter().any(|e| e.contains(*prefix)))
+        .map(|(_, id)| *id)
+        .collect();
+    if cidr.prefix_len() == 0 && except.is_empty() {
+        ids.insert(IDENTITY_WORLD);
+    }
+    ids
+}
+
 /// The identities an entity stands for (cilium.md §1.4).
 fn entity_identities(entity: Entity, universe: &Universe) -> Remotes {
     let only = |ids: &[Identity]| Remotes::Only(ids.iter().copied().collect());
     match entity {
         Entity::All => Remotes::Any,
-        Entity::World | Entity::WorldIpv4 | Entity::WorldIpv6 => only(&[IDENTITY_WORLD]),
+        // CIDR identities are part of `world` (Cilium labels them `reserved:world` too).
+        Entity::World | Entity::WorldIpv4 | Entity::WorldIpv6 => {
+            let family = |prefix: &IpNet| match (entity, prefix) {
+                (Entity::WorldIpv4, IpNet::V6(_)) | (Entity::WorldIpv6, IpNet::V4(_)) => false,
+                _ => true,
+            };
+            let cidrs = universe.cidr_identities.iter().filter(|(prefix, _)| family(prefix)).map(|(_, id)| *id);
+            Remotes::Only(std::iter::once(IDENTITY_WORLD).chain(cidrs).collect())
+        }
         Entity::Host => only(&[IDENTITY_HOST]),
         Entity::RemoteNode => only(&[IDENTITY_REMOTE_NODE]),
         Entity::Init => only(&[IDENTITY_INIT]),
