@@ -527,9 +527,8 @@ fn entity_identities(entity: Entity, universe: &Universe) -> Remotes {
         Entity::All => Remotes::Any,
         // CIDR identities are part of `world` (Cilium labels them `reserved:world` too).
         Entity::World | Entity::WorldIpv4 | Entity::WorldIpv6 => {
-            let family = |prefix: &IpNet| match (entity, prefix) {
-                (Entity::WorldIpv4, IpNet::V6(_)) | (Entity::WorldIpv6, IpNet::V4(_)) => false,
-                _ => true,
+            let family = |prefix: &IpNet| {
+                !matches!((entity, prefix), (Entity::WorldIpv4, IpNet::V6(_)) | (Entity::WorldIpv6, IpNet::V4(_)))
             };
             let cidrs = universe.cidr_identities.iter().filter(|(prefix, _)| family(prefix)).map(|(_, id)| *id);
             Remotes::Only(std::iter::once(IDENTITY_WORLD).chain(cidrs).collect())
