@@ -15,6 +15,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
 use sluice_agent::agent::{self, AgentConfig, RunningAgent};
+use sluice_agent::flows::{FlowFilter, FlowRecord};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::JoinHandle;
@@ -81,6 +82,37 @@ impl Node {
 
     pub fn service_ip(&self, service: u8) -> IpAddr {
         service_ip(self.net, service)
+    }
+
+    /// Flows recorded so far whose source is `source` (oldest first).
+    fn flows_from(&self, source: IpAddr) -> Vec<FlowRecord> {
+        let all = self.agent.flows().recent(&FlowFilter::default(), usize::MAX);
+        all.into_iter().filter(|flow| flow.source.ip == source).collect()
+    }
+
+    /// Sends one request from `source` (see [`request`]) and returns the reply together with the
+    /// flow the agent recorded for it. Flows reach the log in batches, so this waits for a flow
+    /// newer than the ones from `source` before the request.
+    pub async fn request_with_flow(
+        &self,
+        source: IpAddr,
+        target: SocketAddr,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<(Reply, FlowRecord)> {
+        let before = self.flows_from(source).len();
+        let reply = request(source, target, method, path, headers).await?;
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            if let Some(flow) = self.flows_from(source).into_iter().nth(before) {
+                return Ok((reply, flow));
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("no flow from {source} was recorded for {method} {path}");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     pub async fn stop(self) -> Result<()> {

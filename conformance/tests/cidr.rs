@@ -4,26 +4,12 @@
 //! Gateway mode: an L3/L4 drop is a connection closed without a response (cilium.md §1.4).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::time::Duration;
 
-use anyhow::{bail, Result};
-use sluice_agent::flows::{FlowFilter, FlowRecord};
-use sluice_conformance::{pod, pod_ip, request, service, service_ip, Node, RecordingBackend, Reply};
+use anyhow::Result;
+use sluice_conformance::{pod, pod_ip, service, service_ip, Node, RecordingBackend, Reply};
 
 /// Cilium's local-scope (CIDR) identities have bit 24 set.
 const LOCAL_IDENTITY_SCOPE: u32 = 1 << 24;
-
-/// The newest flow from `source`, once the agent has recorded it.
-async fn last_flow_from(node: &Node, source: IpAddr) -> Result<FlowRecord> {
-    for _ in 0..100 {
-        let flows = node.agent().flows().recent(&FlowFilter::default(), 50);
-        if let Some(flow) = flows.into_iter().rev().find(|f| f.source.ip == source) {
-            return Ok(flow);
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    bail!("no flow from {source} was recorded")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn from_cidr_admits_addresses_inside_the_prefix_only() -> Result<()> {
@@ -43,16 +29,14 @@ async fn from_cidr_admits_addresses_inside_the_prefix_only() -> Result<()> {
     let inside = IpAddr::V4(Ipv4Addr::new(127, net, 9, 9));
     let outside = IpAddr::V4(Ipv4Addr::new(127, net, 8, 8));
 
-    let admitted = request(inside, frontend, "GET", "/inside", &[]).await?;
+    let (admitted, flow) = node.request_with_flow(inside, frontend, "GET", "/inside", &[]).await?;
     assert_eq!(admitted.status(), Some(200), "{admitted:?}");
     assert_eq!(admitted.body(), "/inside");
-    let flow = last_flow_from(&node, inside).await?;
     assert_eq!(flow.verdict, "FORWARDED");
     assert_ne!(flow.source.identity & LOCAL_IDENTITY_SCOPE, 0, "the client has the prefix's CIDR identity: {flow:?}");
 
-    let refused = request(outside, frontend, "GET", "/outside", &[]).await?;
+    let (refused, flow) = node.request_with_flow(outside, frontend, "GET", "/outside", &[]).await?;
     assert_eq!(refused, Reply::Closed, "an L3/L4 drop closes the connection without a response");
-    let flow = last_flow_from(&node, outside).await?;
     assert_eq!(flow.verdict, "DROPPED");
     assert_eq!(flow.drop_reason_desc.as_deref(), Some("POLICY_DENIED"));
     assert_eq!(flow.source.identity, 2, "outside every prefix is world");

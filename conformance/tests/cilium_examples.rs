@@ -6,10 +6,8 @@
 //! without a response; an L7 denial is `403 Access denied`.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::time::Duration;
 
-use anyhow::{bail, Result};
-use sluice_agent::flows::{FlowFilter, FlowRecord};
+use anyhow::Result;
 use sluice_conformance::{pod, pod_ip, request, service, service_ip, Node, RecordingBackend, Reply};
 
 fn example(name: &str) -> Result<String> {
@@ -35,24 +33,6 @@ fn assert_forbidden(reply: &Reply, what: &str) {
 
 fn assert_dropped(reply: &Reply, what: &str) {
     assert_eq!(reply, &Reply::Closed, "{what}: an L3/L4 drop closes the connection without a response");
-}
-
-/// The newest flow from `source`, once the agent has recorded it.
-async fn last_flow_from(node: &Node, source: IpAddr) -> Result<FlowRecord> {
-    for _ in 0..100 {
-        if let Some(flow) = node
-            .agent()
-            .flows()
-            .recent(&FlowFilter::default(), 50)
-            .into_iter()
-            .rev()
-            .find(|f| f.source.ip == source)
-        {
-            return Ok(flow);
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    bail!("no flow from {source} was recorded")
 }
 
 /// `examples/policies/l7/http/http.yaml`: a peer-less L7 rule on port 80 of `app: myService`:
@@ -99,8 +79,8 @@ async fn l7_yaml_allows_get_public_from_prod_only() -> Result<()> {
     assert_eq!(request(prod, frontend, "GET", "/public", &[]).await?.status(), Some(200));
     assert_forbidden(&request(prod, frontend, "GET", "/public?page=2", &[]).await?, "Cilium matches the path with its query");
     assert_forbidden(&request(prod, frontend, "POST", "/public", &[("Content-Length", "0")]).await?, "only GET");
-    assert_dropped(&request(dev, frontend, "GET", "/public", &[]).await?, "env=dev has no L3 allow");
-    let flow = last_flow_from(&node, dev).await?;
+    let (reply, flow) = node.request_with_flow(dev, frontend, "GET", "/public", &[]).await?;
+    assert_dropped(&reply, "env=dev has no L3 allow");
     assert_eq!(flow.verdict, "DROPPED");
     assert_eq!(flow.drop_reason_desc.as_deref(), Some("POLICY_DENIED"));
     node.stop().await
@@ -122,13 +102,13 @@ async fn l7_multi_yaml_applies_source_egress_and_destination_ingress() -> Result
     let frontend = SocketAddr::new(service_ip(net, 1), 8000);
     let prod = pod_ip(net, 2);
 
-    assert_forbidden(&request(prod, frontend, "GET", "/public", &[]).await?, "prod's egress only allows POST");
-    let flow = last_flow_from(&node, prod).await?;
+    let (reply, flow) = node.request_with_flow(prod, frontend, "GET", "/public", &[]).await?;
+    assert_forbidden(&reply, "prod's egress only allows POST");
     assert_eq!(flow.traffic_direction.as_deref(), Some("EGRESS"), "the source's egress policy decided: {flow:?}");
 
-    let post = request(prod, frontend, "POST", "/public", &[("Host", "external-service.org"), ("Content-Length", "0")]).await?;
+    let (post, flow) =
+        node.request_with_flow(prod, frontend, "POST", "/public", &[("Host", "external-service.org"), ("Content-Length", "0")]).await?;
     assert_forbidden(&post, "egress allows it, the destination's ingress only allows GET");
-    let flow = last_flow_from(&node, prod).await?;
     assert_eq!(flow.traffic_direction.as_deref(), Some("INGRESS"), "the destination's ingress policy decided: {flow:?}");
     node.stop().await
 }
@@ -149,8 +129,8 @@ async fn egress_deny_yaml_beats_allow_all() -> Result<()> {
     let (node, _backends) = node_with(net, workloads, "egress-deny.yaml", &[(1, 8080), (3, 8080)]).await?;
     let frontend_pod = pod_ip(net, 2);
 
-    assert_dropped(&request(frontend_pod, SocketAddr::new(service_ip(net, 1), 8000), "GET", "/", &[]).await?, "egressDeny to backend");
-    let flow = last_flow_from(&node, frontend_pod).await?;
+    let (reply, flow) = node.request_with_flow(frontend_pod, SocketAddr::new(service_ip(net, 1), 8000), "GET", "/", &[]).await?;
+    assert_dropped(&reply, "egressDeny to backend");
     assert_eq!(flow.drop_reason_desc.as_deref(), Some("POLICY_DENY"), "an explicit deny: {flow:?}");
     let other = request(frontend_pod, SocketAddr::new(service_ip(net, 2), 8000), "GET", "/", &[]).await?;
     assert_eq!(other.status(), Some(200), "toEntities all still allows the rest: {other:?}");
@@ -173,8 +153,8 @@ async fn from_world_deny_yaml_blocks_world_only() -> Result<()> {
     let outsider = IpAddr::V4(Ipv4Addr::new(127, net, 9, 9));
 
     assert_eq!(request(pod_ip(net, 2), frontend, "GET", "/", &[]).await?.status(), Some(200), "a pod in another namespace");
-    assert_dropped(&request(outsider, frontend, "GET", "/", &[]).await?, "world is denied");
-    let flow = last_flow_from(&node, outsider).await?;
+    let (reply, flow) = node.request_with_flow(outsider, frontend, "GET", "/", &[]).await?;
+    assert_dropped(&reply, "world is denied");
     assert_eq!(flow.source.identity, 2, "an unknown address is the world identity: {flow:?}");
     node.stop().await
 }
@@ -200,8 +180,8 @@ async fn mutual_auth_required_fails_closed_until_mtls_exists() -> Result<()> {
 
     std::fs::remove_file(node.config_dir().join("cnp-without-mutual-auth.yaml"))?;
     node.apply("cnp-with-mutual-auth.yaml", &example("cnp-with-mutual-auth.yaml")?).await?;
-    assert_dropped(&request(worker, frontend, "GET", "/headers", &[]).await?, "authentication required, none possible");
-    let flow = last_flow_from(&node, worker).await?;
+    let (reply, flow) = node.request_with_flow(worker, frontend, "GET", "/headers", &[]).await?;
+    assert_dropped(&reply, "authentication required, none possible");
     assert_eq!(flow.drop_reason_desc.as_deref(), Some("AUTH_REQUIRED"), "{flow:?}");
     node.stop().await
 }

@@ -36,8 +36,7 @@ spec:
 /// Whether a request the backend received is allowed by `POLICY` (what the proxy must enforce).
 fn allowed_by_policy(method: &str, path: &str, host: Option<&str>, role: Option<&str>) -> bool {
     let full = |pattern: &str, text: &str| Regex::new(&format!("^(?:{pattern})$")).is_ok_and(|r| r.is_match(text));
-    (method == "GET" && full("/public/.*", path))
-        || (method == "GET" && path == "/api/v1/items")
+    (method == "GET" && (full("/public/.*", path) || path == "/api/v1/items"))
         || (method == "GET" && path == "/host-only" && host == Some("api.example.com"))
         || (method == "PUT" && path == "/api/v1/items" && role == Some("editor"))
 }
