@@ -73,10 +73,12 @@ fn datapath_bench_produces_connect_and_http_rows() -> Result<()> {
     ensure!(positive(connect[1]) && positive(connect[2]), "no connects: {connect:?}");
     assert_eq!(connect[6], "0 / 0", "failed connects: {connect:?}");
     for policy in ["no policy", "L3/L4 policy", "L7 policy (proxy)"] {
-        // | policy | req/s | p50 | p99 | vs no policy | errors | runs |
+        // | policy | req/s | p50 | p99 | vs no policy | proxied per request | errors | runs |
         let http = row(&table, policy)?;
         ensure!(positive(http[1]), "{policy}: no requests: {http:?}");
-        assert_eq!(http[5], "0", "{policy}: failed requests: {http:?}");
+        assert_eq!(http[6], "0", "{policy}: failed requests: {http:?}");
+        // Only the L7 run goes through the proxy.
+        assert_eq!(positive(http[5]), policy.starts_with("L7"), "{policy}: {http:?}");
     }
     ensure!(table.contains("Adding the L7 policy to the L3/L4 one loses"), "{table}");
     Ok(())

@@ -420,6 +420,21 @@ fn request_from(netns: &str, target: SocketAddrV4, path: &str) -> Result<u16> {
     Ok(procs::http_get(target.into(), path)?.0)
 }
 
+/// HTTP requests the proxy forwarded so far, from the agent's Hubble metrics (in the node
+/// namespace): shows that the L7 runs really went through the proxy and the others did not.
+fn proxied_requests(node_netns: &str) -> Result<f64> {
+    const SERIES: &str = r#"hubble_flows_processed_total{type="L7",subtype="HTTP",verdict="FORWARDED"}"#;
+    let _inside = NetnsGuard::enter(node_netns)?;
+    let (status, body) = procs::http_get("127.0.0.1:9965".parse()?, "/metrics")?;
+    if status != 200 {
+        bail!("the agent's /metrics answered {status}");
+    }
+    Ok(String::from_utf8_lossy(&body)
+        .lines()
+        .find_map(|line| line.strip_prefix(SERIES).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0.0))
+}
+
 fn measure_http(args: &Args, sluice: &Path, nginx: &Path) -> Result<Vec<HttpRun>> {
     const TAG: &str = "bdh";
     let pods: Vec<(String, Ipv4Addr)> =
@@ -512,7 +527,10 @@ fn measure_http(args: &Args, sluice: &Path, nginx: &Path) -> Result<Vec<HttpRun>
             }
             wrk(1)?;
             tracing::info!("rep {}: {policy}", rep + 1);
-            runs.push(HttpRun { policy, sample: wrk(args.duration)? });
+            let proxied_before = proxied_requests(&node.netns)?;
+            let sample = wrk(args.duration)?;
+            let proxied = proxied_requests(&node.netns)? - proxied_before;
+            runs.push(HttpRun { policy, sample, proxied_per_request: proxied / (sample.requests_per_second * args.duration as f64) });
         }
     }
     agent.process.ensure_running()?;

@@ -176,6 +176,9 @@ pub fn render_connect(runs: &[ConnectRun], installs: &[Install]) -> String {
 pub struct HttpRun {
     pub policy: Policy,
     pub sample: Sample,
+    /// HTTP flows the proxy reported forwarding per request wrk made: ~1 when the run went
+    /// through the proxy, 0 when it did not (below 1 if flow records were shed under load).
+    pub proxied_per_request: f64,
 }
 
 /// The share of requests/s lost from `before` to `after` (medians), in percent.
@@ -194,9 +197,9 @@ pub fn render_http(runs: &[HttpRun]) -> String {
     let rps = |policy| stats(policy, |s| s.requests_per_second);
     let mut out = String::new();
     let _ = writeln!(out, "\n#### Pod-to-pod HTTP requests/s by policy\n");
-    let _ = writeln!(out, "wrk from the client pod to nginx in the server pod (pod IP, no Service), median over the repetitions (min–max); latencies in µs; errors are failed requests plus non-2xx, summed.\n");
-    let _ = writeln!(out, "| policy | req/s | p50 | p99 | vs no policy | errors | runs |");
-    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(out, "wrk from the client pod to nginx in the server pod (pod IP, no Service), median over the repetitions (min–max); latencies in µs; \"proxied per request\": HTTP flows the proxy reported forwarding (agent metric `hubble_flows_processed_total{{type=\"L7\"}}`) per wrk request, median; errors are failed requests plus non-2xx, summed.\n");
+    let _ = writeln!(out, "| policy | req/s | p50 | p99 | vs no policy | proxied per request | errors | runs |");
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|");
     for policy in Policy::ALL {
         let of_policy: Vec<&HttpRun> = runs.iter().filter(|r| r.policy == policy).collect();
         if of_policy.is_empty() {
@@ -204,11 +207,13 @@ pub fn render_http(runs: &[HttpRun]) -> String {
         }
         let _ = writeln!(
             out,
-            "| {policy} | {} | {} | {} | {} | {} | {} |",
+            "| {policy} | {} | {} | {} | {} | {} | {} | {} |",
             spread(rps(policy)),
             spread(stats(policy, |s| s.p50_us)),
             spread(stats(policy, |s| s.p99_us)),
             ratio(rps(policy), rps(Policy::None)),
+            Stats::of(of_policy.iter().map(|r| r.proxied_per_request))
+                .map_or("—".to_string(), |s| format!("{:.2}", s.median)),
             of_policy.iter().map(|r| r.sample.errors).sum::<u64>(),
             of_policy.len(),
         );
@@ -291,6 +296,7 @@ mod tests {
     fn http(policy: Policy, rps: f64) -> HttpRun {
         HttpRun {
             policy,
+            proxied_per_request: if policy == Policy::L7 { 1.0 } else { 0.0 },
             sample: Sample {
                 requests_per_second: rps,
                 p50_us: 100.0,
@@ -310,7 +316,7 @@ mod tests {
             http(Policy::L3L4, 36_000.0),
             http(Policy::L7, 19_000.0),
         ]);
-        assert!(table.contains("| L3/L4 policy | 38000 (36000–40000) | 100 | 900 | 0.95x | 0 | 3 |"), "{table}");
+        assert!(table.contains("| L3/L4 policy | 38000 (36000–40000) | 100 | 900 | 0.95x | 0.00 | 0 | 3 |"), "{table}");
         assert!(table.contains("loses **50%** of requests/s (issue #3's target: at most 40%, not met"), "{table}");
         let met = render_http(&[http(Policy::L3L4, 10_000.0), http(Policy::L7, 7_000.0)]);
         assert!(met.contains("loses **30%**") && met.contains("at most 40%, met"), "{met}");
