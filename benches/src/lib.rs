@@ -9,6 +9,7 @@ pub mod backend;
 pub mod bootstrap;
 pub mod datapath;
 pub mod idle;
+pub mod machine;
 pub mod measure;
 pub mod procs;
 pub mod report;

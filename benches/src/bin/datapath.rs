@@ -19,6 +19,7 @@ use sluice_benches::datapath::table::{self, Balancer, ConnectRun, HttpRun, Insta
 use sluice_benches::measure;
 use sluice_benches::procs::{self, Pinned};
 use sluice_benches::report::{splice, Context as ReportContext};
+use sluice_benches::machine::{cpu_model, read_trimmed, revision, workspace};
 use sluice_benches::setup;
 use sluice_ebpf::testing::{run, NetnsGuard, Node, Pod, TestDir, NODE_IP};
 use sluice_ebpf::{BpfState, Datapath};
@@ -366,12 +367,6 @@ fn measure_connect(args: &Args) -> Result<(Vec<ConnectRun>, Vec<Install>)> {
     Ok((runs, installs))
 }
 
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
-}
-
 /// `sluice agent --datapath ebpf` in a node namespace with a client and a server pod.
 struct Agent {
     process: Pinned,
@@ -537,40 +532,11 @@ fn measure_http(args: &Args, sluice: &Path, nginx: &Path) -> Result<Vec<HttpRun>
     Ok(runs)
 }
 
-fn read_trimmed(path: &str) -> String {
-    std::fs::read_to_string(path).map_or_else(|_| "?".to_string(), |s| s.trim().to_string())
-}
-
-fn cpu_model() -> String {
-    read_trimmed("/proc/cpuinfo")
-        .lines()
-        .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, v)| v.trim().to_string()))
-        .unwrap_or_else(|| "?".to_string())
-}
-
-fn git_revision() -> String {
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let git = |args: &[&str]| {
-        Command::new("git")
-            .current_dir(&workspace)
-            .args(args)
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-            .unwrap_or_default()
-    };
-    let head = git(&["rev-parse", "--short", "HEAD"]);
-    if git(&["status", "--porcelain", "--", "ebpf"]).is_empty() {
-        head
-    } else {
-        format!("{head} + uncommitted ebpf changes")
-    }
-}
-
 fn context(args: &Args, load_before: &str, http_tools: Option<&(PathBuf, PathBuf)>) -> ReportContext {
     let iptables = setup::find_program(&args.iptables_restore)
         .map_or_else(|| "not found".to_string(), |p| setup::version_line(&p, &["--version"]));
     let mut versions = vec![
-        ("sluice".into(), format!("{} (release build)", git_revision())),
+        ("sluice".into(), format!("{} (release build)", revision(&["ebpf", "agent", "proxy"]))),
         (args.iptables_restore.clone(), iptables),
     ];
     if let Some((_, nginx)) = http_tools {

@@ -16,6 +16,7 @@ use sluice_benches::scenario::{
     self, BACKEND_H2C, BACKEND_V1, DENIED_PATH, ENVOY_FRONTEND, LARGE_BODY_BYTES, LARGE_PATH,
     SLUICE_FRONTEND, SLUICE_METRICS, SMALL_PATH,
 };
+use sluice_benches::machine::{cpu_model, read_trimmed, revision, workspace};
 use sluice_benches::{backend, idle, setup};
 
 const README_BEGIN: &str = "<!-- loadtest:begin -->";
@@ -117,12 +118,6 @@ fn parse_plan(args: &Args) -> Result<Plan> {
             paced_rate: args.paced_rate,
         },
     })
-}
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
 }
 
 /// Paths of every program the plan runs, installing what is missing unless told not to.
@@ -516,48 +511,6 @@ impl Harness<'_> {
     }
 }
 
-fn read_trimmed(path: &str) -> String {
-    std::fs::read_to_string(path)
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "?".to_string())
-}
-
-fn cpu_model() -> String {
-    read_trimmed("/proc/cpuinfo")
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("model name")
-                .and_then(|r| r.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .unwrap_or_else(|| "?".to_string())
-}
-
-fn sluice_revision() -> String {
-    let git = |args: &[&str]| {
-        Command::new("git")
-            .current_dir(workspace())
-            .args(args)
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-    };
-    let head = git(&["rev-parse", "--short", "HEAD"]).unwrap_or_default();
-    let dirty = git(&[
-        "status",
-        "--porcelain",
-        "--",
-        "proxy",
-        "agent",
-        "envoy-config",
-    ])
-    .is_ok_and(|s| !s.is_empty());
-    if dirty {
-        format!("{head} + uncommitted changes")
-    } else {
-        head
-    }
-}
-
 fn context(
     args: &Args,
     plan: &Plan,
@@ -571,7 +524,7 @@ fn context(
             Some(revision) => revision.clone(),
             None => format!("{} (given with --sluice)", path.display()),
         },
-        None => sluice_revision(),
+        None => revision(&["proxy", "agent", "envoy-config"]),
     };
     let mut versions = vec![("sluice".to_string(), sluice)];
     if let Some(envoy) = &tools.envoy {

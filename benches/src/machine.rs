@@ -1,0 +1,42 @@
+//! Where a results table was measured (report header): the workspace, the CPU, the revision.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The repository root (the parent of the `benches` crate).
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+/// A small /proc or /sys file, trimmed; `?` when it cannot be read.
+pub fn read_trimmed(path: &str) -> String {
+    std::fs::read_to_string(path).map_or_else(|_| "?".to_string(), |s| s.trim().to_string())
+}
+
+/// The `model name` line of /proc/cpuinfo.
+pub fn cpu_model() -> String {
+    read_trimmed("/proc/cpuinfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, v)| v.trim().to_string()))
+        .unwrap_or_else(|| "?".to_string())
+}
+
+/// `git rev-parse --short HEAD`, marked when the measured code (`paths`) has uncommitted changes.
+pub fn revision(paths: &[&str]) -> String {
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .current_dir(workspace())
+            .args(args)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default()
+    };
+    let head = git(&["rev-parse", "--short", "HEAD"]);
+    let mut status = vec!["status", "--porcelain", "--"];
+    status.extend_from_slice(paths);
+    if git(&status).is_empty() {
+        head
+    } else {
+        format!("{head} + uncommitted changes in {}", paths.join(", "))
+    }
+}
