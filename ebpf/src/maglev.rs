@@ -4,9 +4,14 @@
 
 use std::net::SocketAddrV4;
 
-/// Table sizes (primes). Cilium sizes M > 100·N to keep the spread within 1%; a single backend
-/// needs a single slot, and the largest table bounds memory per service.
-const TABLE_SIZES: [u32; 4] = [251, 1021, 4093, 16381];
+/// Table sizes (primes). Socket LB picks a backend once per connect, so a table size only has to
+/// keep new connections evenly spread (Maglev gives every backend ⌊M/N⌋ or ⌈M/N⌉ slots);
+/// established connections never move. M ≥ 10·N keeps the spread within 10% while 100k
+/// two-backend Services (31 slots each) fit the 4M-slot map; Cilium's M > 100·N targets
+/// per-packet N-S balancing, which sluice does not do. The largest table bounds memory per
+/// service.
+const TABLE_SIZES: [u32; 10] = [31, 61, 127, 251, 509, 1021, 2039, 4093, 8191, 16381];
+const SLOTS_PER_BACKEND: u64 = 10;
 
 /// M for a service with `backends` backends (0 for none).
 pub fn table_size(backends: usize) -> u32 {
@@ -16,7 +21,7 @@ pub fn table_size(backends: usize) -> u32 {
         n => TABLE_SIZES
             .iter()
             .copied()
-            .find(|&m| u64::from(m) >= 100 * n as u64)
+            .find(|&m| u64::from(m) >= SLOTS_PER_BACKEND * n as u64)
             .unwrap_or(TABLE_SIZES[TABLE_SIZES.len() - 1]),
     }
 }
@@ -91,9 +96,13 @@ mod tests {
     fn sizes_grow_with_backends_and_are_prime() {
         assert_eq!(table_size(0), 0);
         assert_eq!(table_size(1), 1);
-        assert_eq!(table_size(2), 251);
-        assert_eq!(table_size(3), 1021);
+        assert_eq!(table_size(2), 31);
+        assert_eq!(table_size(3), 31);
+        assert_eq!(table_size(4), 61);
+        assert_eq!(table_size(100), 1021);
         assert_eq!(table_size(1000), 16381);
+        // 100k Services of two backends fit the kernel's 4M-slot Maglev map.
+        assert!(100_000 * u64::from(table_size(2)) <= 4 * 1024 * 1024);
         for m in TABLE_SIZES {
             assert!(
                 (2..m).take_while(|d| d * d <= m).all(|d| m % d != 0),

@@ -392,14 +392,14 @@ mod tests {
 
     #[test]
     fn a_maglev_table_keeps_its_size_when_backends_go() {
-        let three = BpfState {
+        let four = BpfState {
             services: vec![service(
                 [198, 19, 0, 1],
-                &[[198, 18, 0, 10], [198, 18, 0, 11], [198, 18, 0, 12]],
+                &[[198, 18, 0, 10], [198, 18, 0, 11], [198, 18, 0, 12], [198, 18, 0, 13]],
             )],
             ..Default::default()
         };
-        let first = plan(&three, &ExistingIds::default()).expect("valid state");
+        let first = plan(&four, &ExistingIds::default()).expect("valid state");
         let two = BpfState {
             services: vec![service(
                 [198, 19, 0, 1],
@@ -413,9 +413,10 @@ mod tests {
         )
         .expect("valid state");
         let size = |c: &MapContents| c.services.values().next().map(|v| v.maglev_size);
-        assert_eq!(size(&first), Some(1021));
-        assert_eq!(size(&second), Some(1021));
-        assert_eq!(second.maglev.len(), 1021);
+        // Four backends need 61 slots, two only 31: the table stays at 61.
+        assert_eq!(size(&first), Some(61));
+        assert_eq!(size(&second), Some(61));
+        assert_eq!(second.maglev.len(), 61);
     }
 
     #[test]
