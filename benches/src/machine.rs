@@ -40,3 +40,19 @@ pub fn revision(paths: &[&str]) -> String {
         format!("{head} + uncommitted changes in {}", paths.join(", "))
     }
 }
+
+/// The report's measurement date (UTC, minutes).
+pub fn now_utc() -> String {
+    chrono::DateTime::<chrono::Utc>::from(std::time::SystemTime::now()).format("%Y-%m-%d %H:%M UTC").to_string()
+}
+
+/// The report's machine rows: cores, CPU, kernel, and the load average before and now.
+pub fn machine_rows(load_before: &str) -> Vec<(String, String)> {
+    vec![
+        ("nproc".into(), std::thread::available_parallelism().map_or(0, |n| n.get()).to_string()),
+        ("CPU".into(), cpu_model()),
+        ("kernel".into(), read_trimmed("/proc/sys/kernel/osrelease")),
+        ("loadavg before".into(), load_before.to_string()),
+        ("loadavg after".into(), read_trimmed("/proc/loadavg")),
+    ]
+}

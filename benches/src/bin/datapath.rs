@@ -19,7 +19,7 @@ use sluice_benches::datapath::table::{self, Balancer, ConnectRun, HttpRun, Insta
 use sluice_benches::measure;
 use sluice_benches::procs::{self, Pinned};
 use sluice_benches::report::{splice, Context as ReportContext};
-use sluice_benches::machine::{cpu_model, read_trimmed, revision, workspace};
+use sluice_benches::machine::{machine_rows, now_utc, read_trimmed, revision, workspace};
 use sluice_benches::setup;
 use sluice_ebpf::testing::{run, NetnsGuard, Node, Pod, TestDir, NODE_IP};
 use sluice_ebpf::{BpfState, Datapath};
@@ -546,14 +546,8 @@ fn context(args: &Args, load_before: &str, http_tools: Option<&(PathBuf, PathBuf
         }
     }
     ReportContext {
-        date: chrono::DateTime::<chrono::Utc>::from(std::time::SystemTime::now()).format("%Y-%m-%d %H:%M UTC").to_string(),
-        machine: vec![
-            ("nproc".into(), std::thread::available_parallelism().map_or(0, |n| n.get()).to_string()),
-            ("CPU".into(), cpu_model()),
-            ("kernel".into(), read_trimmed("/proc/sys/kernel/osrelease")),
-            ("loadavg before".into(), load_before.to_string()),
-            ("loadavg after".into(), read_trimmed("/proc/loadavg")),
-        ],
+        date: now_utc(),
+        machine: machine_rows(load_before),
         versions,
         settings: settings(args),
         commands: Vec::new(),

@@ -16,7 +16,7 @@ use sluice_benches::scenario::{
     self, BACKEND_H2C, BACKEND_V1, DENIED_PATH, ENVOY_FRONTEND, LARGE_BODY_BYTES, LARGE_PATH,
     SLUICE_FRONTEND, SLUICE_METRICS, SMALL_PATH,
 };
-use sluice_benches::machine::{cpu_model, read_trimmed, revision, workspace};
+use sluice_benches::machine::{machine_rows, now_utc, read_trimmed, revision, workspace};
 use sluice_benches::{backend, idle, setup};
 
 const README_BEGIN: &str = "<!-- loadtest:begin -->";
@@ -567,14 +567,8 @@ fn context(
         ));
     }
     report::Context {
-        date: chrono::DateTime::<chrono::Utc>::from(std::time::SystemTime::now()).format("%Y-%m-%d %H:%M UTC").to_string(),
-        machine: vec![
-            ("nproc".into(), std::thread::available_parallelism().map_or(0, |n| n.get()).to_string()),
-            ("CPU".into(), cpu_model()),
-            ("kernel".into(), read_trimmed("/proc/sys/kernel/osrelease")),
-            ("loadavg before".into(), load_before.to_string()),
-            ("loadavg after".into(), read_trimmed("/proc/loadavg")),
-        ],
+        date: now_utc(),
+        machine: machine_rows(load_before),
         versions,
         settings: vec![
             format!(
