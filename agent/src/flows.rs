@@ -965,7 +965,7 @@ impl FlowLog {
 /// After draining, the recorder lets events gather this long before it looks again: the
 /// proxy's workers then wake the agent once per batch instead of once per request (+26% req/s
 /// on one pinned core, see benches/README.md), and `sluice observe` lags by at most this much.
-const FLOW_BATCH_WINDOW: std::time::Duration = std::time::Duration::from_millis(2);
+pub const FLOW_BATCH_WINDOW: std::time::Duration = std::time::Duration::from_millis(2);
 const FLOW_BATCH_MAX: usize = 1024;
 
 /// Moves the proxy's flow events (the receiver of its `FlowSink`) into `log` until every sink

@@ -117,7 +117,9 @@ async fn start_backends(cast: &Cast) -> anyhow::Result<Vec<Backend>> {
     Ok(backends)
 }
 
-fn print_flows(agent: &RunningAgent, pod: &str, last: usize) -> anyhow::Result<()> {
+/// Prints the newest flows of `pod`, once the last requests' flows have left their batch.
+async fn print_flows(agent: &RunningAgent, pod: &str, last: usize) -> anyhow::Result<()> {
+    tokio::time::sleep(crate::flows::FLOW_BATCH_WINDOW * 5).await;
     let filter = FlowFilter::parse(&FilterArgs { pod: vec![pod.to_string()], ..FilterArgs::default() })
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     for record in agent.flows().recent(&filter, last) {
@@ -237,7 +239,7 @@ pub async fn run(network: Network) -> anyhow::Result<bool> {
     story.check("xwing      POST /v1/request-landing", &o, "dropped: connection closed, no response", o == Outcome::Closed);
 
     story.chapter("What the proxy saw (sluice observe --pod deathstar)");
-    print_flows(&agent, "default/deathstar", 8)?;
+    print_flows(&agent, "default/deathstar", 8).await?;
 
     story.chapter("kubectl apply -f envoy-helloworld-v1-90-v2-10.yaml: a 90/10 canary split for helloworld");
     apply(&mut agent, &config_dir, "envoy-helloworld-v1-90-v2-10.yaml", HELLOWORLD_CEC).await?;
@@ -262,7 +264,7 @@ pub async fn run(network: Network) -> anyhow::Result<bool> {
         body: format!("v1 {v1} ({:.1}%), v2 {v2} ({:.1}%), failed {}", v1 as f64 / 10.0, v2_share * 100.0, other.len()),
     };
     story.check(&format!("client-0   {SPLIT_REQUESTS} x GET /hello"), &summary, "~90% v1 / ~10% v2 (v2 within 6-14%), none failed", split_ok);
-    print_flows(&agent, "default/helloworld", 3)?;
+    print_flows(&agent, "default/helloworld", 3).await?;
 
     agent.stop().await?;
     println!();
