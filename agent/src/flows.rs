@@ -202,8 +202,8 @@ impl FlowRecord {
             destination: FlowEndpoint::from_peer(&event.destination),
             l7,
             summary: String::new(),
-            listener: event.listener.clone(),
-            cluster: event.cluster.clone(),
+            listener: event.listener.to_string(),
+            cluster: event.cluster.as_deref().map(str::to_owned),
             attempts: event.attempts,
             policy: event.policy.as_deref().map(str::to_owned),
             generation: event.generation,
@@ -220,7 +220,7 @@ impl FlowRecord {
     pub fn from_kernel_event(event: &sluice_ebpf::FlowEvent, time: DateTime<Utc>, context: &KernelFlowContext) -> Self {
         let endpoint = |addr: std::net::SocketAddrV4, identity: u32| {
             let ip = std::net::IpAddr::V4(*addr.ip());
-            let name = context.peers.get(&ip).map(|peer| peer.name.clone());
+            let name = context.peers.get(&ip).map(|peer| Arc::from(peer.name.as_str()));
             FlowEndpoint::from_peer(&FlowPeer { ip, port: addr.port(), identity, name })
         };
         let observation_point = match (event.verdict, event.observation_point) {
@@ -306,7 +306,7 @@ impl FlowEndpoint {
     fn from_peer(peer: &FlowPeer) -> Self {
         let (namespace, pod_name) = match peer.name.as_deref().map(|name| name.split_once('/')) {
             Some(Some((namespace, pod))) => (Some(namespace.to_owned()), Some(pod.to_owned())),
-            Some(None) => (None, peer.name.clone()),
+            Some(None) => (None, peer.name.as_deref().map(str::to_owned)),
             None => (None, None),
         };
         Self {
@@ -380,7 +380,7 @@ fn layer7(verdict: Verdict, http: &HttpFlow) -> Layer7 {
         latency_ns: u64::try_from(http.latency.as_nanos()).unwrap_or(u64::MAX),
         http: HttpRecord {
             code: http.status,
-            method: http.method.clone(),
+            method: http.method.as_str().to_owned(),
             url: format!("http://{}{}", http.authority, http.url),
             protocol: http.protocol.to_owned(),
         },
@@ -860,8 +860,8 @@ pub struct FlowLog {
 
 struct FlowLogInner {
     capacity: usize,
-    ring: Mutex<VecDeque<Arc<FlowRecord>>>,
-    followers: broadcast::Sender<Arc<FlowRecord>>,
+    ring: Mutex<VecDeque<Arc<StoredFlow>>>,
+    followers: broadcast::Sender<Arc<StoredFlow>>,
     seen: AtomicU64,
     metrics: Metrics,
 }
@@ -883,16 +883,16 @@ impl FlowLog {
 
     pub fn record(&self, event: FlowEvent) {
         self.inner.metrics.observe_flow(&event);
-        self.push(Arc::new(FlowRecord::from_event(&event)));
+        self.push(Arc::new(StoredFlow::Proxy(event)));
     }
 
     /// Records a kernel datapath event seen at `time`.
     pub fn record_kernel(&self, event: &sluice_ebpf::FlowEvent, time: DateTime<Utc>, context: &KernelFlowContext) {
         self.inner.metrics.observe_kernel_flow(event);
-        self.push(Arc::new(FlowRecord::from_kernel_event(event, time, context)));
+        self.push(Arc::new(StoredFlow::Kernel(FlowRecord::from_kernel_event(event, time, context))));
     }
 
-    fn push(&self, record: Arc<FlowRecord>) {
+    fn push(&self, record: Arc<StoredFlow>) {
         let mut ring = self
             .inner
             .ring
@@ -980,17 +980,37 @@ pub async fn record_from(mut events: tokio::sync::mpsc::Receiver<FlowEvent>, log
     }
 }
 
+/// What the ring keeps. A proxy event stays as the proxy sent it and takes Hubble's shape only
+/// when someone reads it: the shape costs a dozen allocations, and a busy proxy records tens of
+/// thousands of flows a second that nobody may ever look at (shaping them all was ~10% of the
+/// proxy's core under load). A kernel event is shaped at once: its names come from the tables
+/// in force when it was seen.
+#[derive(Debug)]
+enum StoredFlow {
+    Proxy(FlowEvent),
+    Kernel(FlowRecord),
+}
+
+impl StoredFlow {
+    fn record(&self) -> FlowRecord {
+        match self {
+            Self::Proxy(event) => FlowRecord::from_event(event),
+            Self::Kernel(record) => record.clone(),
+        }
+    }
+}
+
 fn newest_matching(
-    ring: &VecDeque<Arc<FlowRecord>>,
+    ring: &VecDeque<Arc<StoredFlow>>,
     filter: &FlowFilter,
     last: usize,
 ) -> Vec<FlowRecord> {
     let mut newest: Vec<FlowRecord> = ring
         .iter()
         .rev()
+        .map(|stored| stored.record())
         .filter(|record| filter.matches(record))
         .take(last)
-        .map(|record| (**record).clone())
         .collect();
     newest.reverse();
     newest
@@ -999,16 +1019,16 @@ fn newest_matching(
 /// A follower's feed. Falling behind by more than the ring's capacity skips the oldest records
 /// and counts them as lost instead of slowing the proxy down.
 pub struct FlowSubscription {
-    receiver: broadcast::Receiver<Arc<FlowRecord>>,
+    receiver: broadcast::Receiver<Arc<StoredFlow>>,
     log: FlowLog,
 }
 
 impl FlowSubscription {
     /// The next record, or `None` once the log is gone.
-    pub async fn next(&mut self) -> Option<Arc<FlowRecord>> {
+    pub async fn next(&mut self) -> Option<FlowRecord> {
         loop {
             match self.receiver.recv().await {
-                Ok(record) => return Some(record),
+                Ok(stored) => return Some(stored.record()),
                 Err(broadcast::error::RecvError::Lagged(skipped)) => {
                     tracing::debug!(skipped, "flow follower fell behind");
                     self.log
@@ -1033,13 +1053,13 @@ pub(crate) mod tests {
             ip: IpAddr::V4(Ipv4Addr::new(198, 18, 0, last_octet)),
             port,
             identity,
-            name: name.map(str::to_owned),
+            name: name.map(Arc::from),
         }
     }
 
     pub(crate) fn http(method: &str, url: &str, status: Option<u16>, latency_ms: u64) -> HttpFlow {
         HttpFlow {
-            method: method.to_owned(),
+            method: http::Method::from_bytes(method.as_bytes()).expect("test method"),
             url: url.to_owned(),
             authority: "deathstar.default".to_owned(),
             protocol: "HTTP/1.1",
@@ -1062,9 +1082,9 @@ pub(crate) mod tests {
             direction: drop_reason.map(|_| TrafficDirection::Ingress),
             source: peer(Some("default/tiefighter"), 10, 40000, 257),
             destination: peer(Some("default/deathstar-0"), 20, 80, 258),
-            listener: "default/deathstar:80".to_owned(),
+            listener: Arc::from("default/deathstar:80"),
             http,
-            cluster: Some("default/deathstar:80".to_owned()),
+            cluster: Some(Arc::from("default/deathstar:80")),
             attempts: u32::from(verdict == Verdict::Forwarded),
             policy: Some(Arc::from(
                 "CiliumNetworkPolicy default/rule1 spec.ingress[0]",
@@ -1502,7 +1522,7 @@ pub(crate) mod tests {
         assert_eq!(backlog, vec![record(landing_ok())]);
         log.record(exhaust_denied());
         let next = feed.next().await.expect("feed open");
-        assert_eq!(*next, record(exhaust_denied()));
+        assert_eq!(next, record(exhaust_denied()));
     }
 
     #[tokio::test]

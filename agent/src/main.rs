@@ -10,6 +10,12 @@ use sluice_agent::agent::{self, AgentConfig, AgentDatapath};
 use sluice_agent::cli::{self, ClientCommand};
 use sluice_agent::kernel::{self, KernelConfig};
 
+// glibc malloc was ~10% of the proxy core under load (per-request headers, bodies, flow
+// events); mimalloc's thread-local free lists cut that (benches/README.md, profile section).
+// Its `no_thp` build keeps transparent huge pages off, which otherwise doubled idle RSS.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(name = "sluice", version, about = "Sidecarless service-mesh data plane and L7 gateway")]
 struct Cli {

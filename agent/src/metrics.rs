@@ -1,5 +1,6 @@
 //! Observe: flow events and agent/proxy state -> Prometheus metrics with Hubble's names, served on `GET /metrics`.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -43,21 +44,21 @@ struct DropLabels {
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct HttpRequestLabels {
-    method: String,
+    method: Cow<'static, str>,
     protocol: &'static str,
     reporter: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct HttpResponseLabels {
-    method: String,
-    status: String,
+    method: Cow<'static, str>,
+    status: u16,
     reporter: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct HttpDurationLabels {
-    method: String,
+    method: Cow<'static, str>,
     reporter: &'static str,
 }
 
@@ -327,7 +328,7 @@ impl Metrics {
 
         if let Some(http) = &event.http {
             let reporter = reporter(event.direction);
-            let method = http.method.clone();
+            let method = method_label(&http.method);
             self.http_requests
                 .get_or_create(&HttpRequestLabels {
                     method: method.clone(),
@@ -339,7 +340,7 @@ impl Metrics {
                 self.http_responses
                     .get_or_create(&HttpResponseLabels {
                         method: method.clone(),
-                        status: status.to_string(),
+                        status,
                         reporter,
                     })
                     .inc();
@@ -482,6 +483,26 @@ fn reporter(direction: Option<TrafficDirection>) -> &'static str {
 }
 
 /// A policy verdict is counted when the event says whose policy decided.
+/// The method as a label value, without an allocation for the standard methods (every flow
+/// is counted with it).
+fn method_label(method: &http::Method) -> Cow<'static, str> {
+    static STANDARD: [http::Method; 9] = [
+        http::Method::GET,
+        http::Method::POST,
+        http::Method::PUT,
+        http::Method::DELETE,
+        http::Method::HEAD,
+        http::Method::OPTIONS,
+        http::Method::PATCH,
+        http::Method::CONNECT,
+        http::Method::TRACE,
+    ];
+    match STANDARD.iter().find(|standard| *standard == method) {
+        Some(standard) => Cow::Borrowed(standard.as_str()),
+        None => Cow::Owned(method.as_str().to_owned()),
+    }
+}
+
 fn policy_verdict(event: &FlowEvent) -> Option<PolicyVerdictLabels> {
     let direction = match event.direction? {
         TrafficDirection::Ingress => "ingress",

@@ -51,18 +51,19 @@ pub enum TrafficDirection {
 }
 
 /// One side of a flow.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FlowPeer {
     pub ip: IpAddr,
     pub port: u16,
     pub identity: Identity,
-    /// `namespace/pod` (or node name); `None` for world.
-    pub name: Option<String>,
+    /// `namespace/pod` (or node name); `None` for world. Shared with the tables: one event
+    /// per request must not copy names.
+    pub name: Option<Arc<str>>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpFlow {
-    pub method: String,
+    pub method: http::Method,
     /// Path and query as the policy saw it (normalized).
     pub url: String,
     pub authority: String,
@@ -70,12 +71,11 @@ pub struct HttpFlow {
     pub protocol: &'static str,
     /// `None` when no response was sent (L3/L4 drop).
     pub status: Option<u16>,
-    #[serde(with = "duration_micros")]
     pub latency: Duration,
 }
 
 /// One request through the proxy.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone)]
 pub struct FlowEvent {
     pub time: SystemTime,
     /// `ProxyTables::generation` that handled it.
@@ -92,9 +92,9 @@ pub struct FlowEvent {
     pub source: FlowPeer,
     /// The backend chosen, or the listener's own address when none was chosen.
     pub destination: FlowPeer,
-    pub listener: String,
+    pub listener: Arc<str>,
     pub http: Option<HttpFlow>,
-    pub cluster: Option<String>,
+    pub cluster: Option<Arc<str>>,
     /// Upstream attempts made (1 + retries); 0 when no upstream was contacted.
     pub attempts: u32,
     /// The policy rule that decided, e.g. `CiliumNetworkPolicy default/rule1 spec.ingress[0]`.
@@ -123,11 +123,5 @@ impl FlowSink {
 
     pub fn lost(&self) -> u64 {
         self.lost.load(Ordering::Relaxed)
-    }
-}
-
-mod duration_micros {
-    pub fn serialize<S: serde::Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
     }
 }

@@ -14,7 +14,7 @@ use crate::error::{ApplyError, ProxyError};
 use crate::flow::FlowSink;
 use crate::listener::{self, SocketEntry};
 use crate::server::Shared;
-use crate::snapshot::{connection_builder, CompiledEndpoint, ListenerEntry, PrefixTable, Snapshot};
+use crate::snapshot::{connection_builder, CompiledEndpoint, KnownPeer, ListenerEntry, PrefixTable, Snapshot};
 use crate::stats::{ClusterCounters, ProxyCounters, ProxyStats};
 use crate::tables::{Bind, ProxyTables};
 use crate::upstream::{ClusterState, SocketPlan};
@@ -220,7 +220,7 @@ impl Handle {
         let mut listeners: Vec<Option<ListenerEntry>> = (0..sockets.len()).map(|_| None).collect();
         for (index, listener) in tables.listeners.iter().enumerate() {
             listeners[slot_of[index]] = Some(ListenerEntry {
-                name: listener.name.clone(),
+                name: Arc::from(listener.name.as_str()),
                 transparent: matches!(listener.bind, Bind::Transparent { .. }).then(|| listener.bind.socket_addr()),
                 http: Arc::clone(&listener.http),
                 builder: Arc::new(connection_builder(&listener.http)),
@@ -244,8 +244,9 @@ impl Handle {
             })
             .collect();
         let prefixes = PrefixTable::new(&tables.cidr_identities);
+        let peers = KnownPeer::index(&tables.peers);
         let snapshot =
-            Snapshot { generation: tables.generation, tables, listeners, clusters, policies, frontends, prefixes };
+            Snapshot { generation: tables.generation, listeners, clusters, policies, frontends, prefixes, peers };
 
         // 4. Swap, then serve the new sockets and drain the removed ones; replaced cluster
         //    states stop sweeping (their hosts, if kept, are swept by the new state).

@@ -72,7 +72,7 @@ struct Exchange<'a> {
     source_identity: u32,
     head: Option<RequestHead>,
     destination: Option<(SocketAddr, u32)>,
-    cluster: Option<String>,
+    cluster: Option<Arc<str>>,
     attempts: u32,
     policy: Option<Arc<str>>,
     /// Whose policy decided (see `flow_direction`).
@@ -264,8 +264,12 @@ impl<'a> Exchange<'a> {
     fn pick_cluster(&mut self, action: &ForwardAction) -> Result<Arc<ClusterState>, StatusCode> {
         let not_found = StatusCode::from_u16(action.cluster_not_found_status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
         let picked = pick_weighted_cluster(&action.clusters, rand::random()).ok_or(not_found)?;
-        self.cluster = Some(picked.name.clone());
-        self.snapshot.clusters.get(&picked.name).cloned().ok_or(not_found)
+        let Some(cluster) = self.snapshot.clusters.get(&picked.name) else {
+            self.cluster = Some(Arc::from(picked.name.as_str()));
+            return Err(not_found);
+        };
+        self.cluster = Some(Arc::clone(&cluster.name));
+        Ok(Arc::clone(cluster))
     }
 
     fn authorize(&mut self, host: &HostState, head: &RequestHead) -> Result<Vec<HeaderEdit>, AuthorizeDenial> {
@@ -329,19 +333,19 @@ impl<'a> Exchange<'a> {
             ip: ctx.peer.ip(),
             port: ctx.peer.port(),
             identity: source_identity,
-            name: source_peer.map(|p| p.name.clone()),
+            name: source_peer.map(|p| Arc::clone(&p.name)),
         };
         let destination = match self.destination {
             Some((addr, identity)) => FlowPeer {
                 ip: addr.ip(),
                 port: addr.port(),
                 identity,
-                name: snapshot.peer(addr.ip()).1.map(|p| p.name.clone()),
+                name: snapshot.peer(addr.ip()).1.map(|p| Arc::clone(&p.name)),
             },
             None => FlowPeer { ip: ctx.local.ip(), port: ctx.local.port(), identity: snapshot.peer(ctx.local.ip()).0, name: None },
         };
         let http = self.head.take().map(|head| HttpFlow {
-            method: head.method.as_str().to_owned(),
+            method: head.method,
             url: head.path_and_query,
             authority: head.authority,
             protocol: protocol_name(head.version),
@@ -356,7 +360,7 @@ impl<'a> Exchange<'a> {
             direction: Some(flow_direction(self.direction, source_peer.is_some())),
             source,
             destination,
-            listener: self.listener.name.clone(),
+            listener: Arc::clone(&self.listener.name),
             http,
             cluster: self.cluster.take(),
             attempts: self.attempts,

@@ -9,13 +9,12 @@ use hyper_util::server::conn::auto;
 use ipnet::IpNet;
 
 use crate::authorize::CompiledPolicy;
-use crate::tables::{EndpointPolicy, HttpConnectionManager, Identity, Peer, ProxyTables, IDENTITY_WORLD};
+use crate::tables::{EndpointPolicy, HttpConnectionManager, Identity, Peer, IDENTITY_WORLD};
 use crate::upstream::ClusterState;
 
 /// One generation of tables as the request path uses them.
 pub(crate) struct Snapshot {
     pub generation: u64,
-    pub tables: ProxyTables,
     /// Listener settings by socket slot (see `listener::Sockets`); `None` for free slots.
     pub listeners: Vec<Option<ListenerEntry>>,
     pub clusters: HashMap<String, Arc<ClusterState>>,
@@ -24,10 +23,25 @@ pub(crate) struct Snapshot {
     pub frontends: HashMap<SocketAddr, usize>,
     /// `ProxyTables::cidr_identities` for longest-prefix lookups.
     pub prefixes: PrefixTable,
+    /// `ProxyTables::peers` as the request path reads them: a hash lookup, and a name every
+    /// flow event can share.
+    pub peers: HashMap<IpAddr, KnownPeer>,
+}
+
+/// A pod or node address of `ProxyTables::peers`.
+pub(crate) struct KnownPeer {
+    pub identity: Identity,
+    pub name: Arc<str>,
+}
+
+impl KnownPeer {
+    pub fn index(peers: &BTreeMap<IpAddr, Peer>) -> HashMap<IpAddr, KnownPeer> {
+        peers.iter().map(|(ip, peer)| (*ip, KnownPeer { identity: peer.identity, name: Arc::from(peer.name.as_str()) })).collect()
+    }
 }
 
 pub(crate) struct ListenerEntry {
-    pub name: String,
+    pub name: Arc<str>,
     /// `Bind::Transparent`: the listener's own address; its accepted sockets carry the flow's
     /// original destination.
     pub transparent: Option<SocketAddr>,
@@ -52,12 +66,12 @@ impl Snapshot {
     pub fn empty() -> Self {
         Self {
             generation: 0,
-            tables: ProxyTables::default(),
             listeners: Vec::new(),
             clusters: HashMap::new(),
             policies: HashMap::new(),
             frontends: HashMap::new(),
             prefixes: PrefixTable::default(),
+            peers: HashMap::new(),
         }
     }
 
@@ -73,8 +87,8 @@ impl Snapshot {
 
     /// Who is behind `ip`: a known pod or node, else the identity of the longest CIDR prefix
     /// containing it, else the world identity (the kernel's ipcache LPM gives the same answer).
-    pub fn peer(&self, ip: IpAddr) -> (u32, Option<&Peer>) {
-        match self.tables.peers.get(&ip) {
+    pub fn peer(&self, ip: IpAddr) -> (u32, Option<&KnownPeer>) {
+        match self.peers.get(&ip) {
             Some(peer) => (peer.identity, Some(peer)),
             None => (self.prefixes.lookup(ip).unwrap_or(IDENTITY_WORLD), None),
         }

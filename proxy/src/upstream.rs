@@ -79,6 +79,8 @@ impl SocketPlan {
 #[derive(Debug)]
 pub(crate) struct ClusterState {
     pub config: Arc<Cluster>,
+    /// `config.name`, shared by the flow events of the cluster's requests.
+    pub name: Arc<str>,
     pub hosts: Box<[Arc<HostState>]>,
     balancer: Balancer,
     pub counters: Arc<ClusterCounters>,
@@ -130,6 +132,7 @@ impl ClusterState {
         let balancer = Balancer::new(config.lb_policy, &weighted);
         let detector = config.outlier_detection.filter(|_| !hosts.is_empty()).map(Detector::new);
         Self {
+            name: Arc::from(config.name.as_str()),
             config,
             hosts,
             balancer,

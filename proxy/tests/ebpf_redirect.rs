@@ -180,7 +180,7 @@ fn redirected_pod_traffic_is_policed_by_the_proxy_and_forwarded_marked() -> Resu
 
     let flows = proxy.drain_flows();
     let listeners: Vec<(&str, ProxyVerdict, Option<u16>)> =
-        flows.iter().map(|f| (f.listener.as_str(), f.verdict, f.http.as_ref().and_then(|h| h.status))).collect();
+        flows.iter().map(|f| (&*f.listener, f.verdict, f.http.as_ref().and_then(|h| h.status))).collect();
     assert_eq!(
         listeners,
         vec![
