@@ -18,6 +18,7 @@ use crate::snapshot::{connection_builder, CompiledEndpoint, KnownPeer, ListenerE
 use crate::stats::{ClusterCounters, ProxyCounters, ProxyStats};
 use crate::tables::{Bind, ProxyTables};
 use crate::upstream::{ClusterState, SocketPlan};
+use crate::workers::{WorkerThreads, Workers};
 
 /// How long `shutdown` waits for downstream connections to finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
@@ -64,9 +65,10 @@ impl std::fmt::Debug for Handle {
 
 struct Inner {
     shared: Arc<Shared>,
+    /// Worker 0's runtime: accept loops, swaps and outlier sweeps (`shared.workers.primary()`).
     runtime: tokio::runtime::Handle,
-    /// `Some` when the proxy owns its runtime (`start`), taken by `shutdown`.
-    owned_runtime: Mutex<Option<tokio::runtime::Runtime>>,
+    /// `Some` when the proxy owns its workers (`start`), taken by `shutdown`.
+    owned_workers: Mutex<Option<WorkerThreads>>,
     /// Serializes `apply` and holds what it carries from one generation to the next.
     registry: Mutex<Registry>,
     /// Parent of every listener's stop token.
@@ -84,36 +86,32 @@ struct Registry {
 }
 
 impl Handle {
-    /// Starts the proxy on its own multi-thread tokio runtime with `workers` worker threads
-    /// (named `sluice-proxy`), with no listeners.
+    /// Starts the proxy on `workers` threads of its own (named `sluice-proxy`, one
+    /// single-threaded runtime each, see `workers`), with no listeners.
     pub fn start(config: ProxyConfig) -> Result<Handle, ProxyError> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(config.workers.max(1))
-            .thread_name("sluice-proxy")
-            .enable_all()
-            .build()
-            .map_err(ProxyError::Runtime)?;
-        let handle = Self::new(runtime.handle().clone(), config.flows, Some(runtime));
-        Ok(handle)
+        let (workers, threads) = WorkerThreads::start(config.workers).map_err(ProxyError::Runtime)?;
+        Ok(Self::new(workers, config.flows, Some(threads)))
     }
 
     /// Runs the proxy's tasks on an existing runtime (embedding it in another program, or
     /// tests under paused time). `shutdown` then stops the proxy but leaves the runtime alone.
     pub fn start_on(runtime: tokio::runtime::Handle, flows: FlowSink) -> Handle {
-        Self::new(runtime, flows, None)
+        Self::new(Workers::on(runtime), flows, None)
     }
 
-    fn new(runtime: tokio::runtime::Handle, flows: FlowSink, owned: Option<tokio::runtime::Runtime>) -> Handle {
+    fn new(workers: Workers, flows: FlowSink, owned: Option<WorkerThreads>) -> Handle {
+        let runtime = workers.primary().clone();
         let shared = Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(Snapshot::empty()),
             flows,
             counters: Arc::new(ProxyCounters::default()),
+            workers,
         });
         Handle {
             inner: Arc::new(Inner {
                 shared,
                 runtime,
-                owned_runtime: Mutex::new(owned),
+                owned_workers: Mutex::new(owned),
                 registry: Mutex::new(Registry::default()),
                 root: CancellationToken::new(),
                 accepting: TaskTracker::new(),
@@ -300,8 +298,8 @@ impl Handle {
         for cluster in inner.shared.snapshot.load().clusters.values() {
             cluster.retire();
         }
-        let owned = inner.owned_runtime.lock().unwrap_or_else(PoisonError::into_inner).take();
-        let Some(runtime) = owned else { return };
+        let owned = inner.owned_workers.lock().unwrap_or_else(PoisonError::into_inner).take();
+        let Some(workers) = owned else { return };
         let mut waited = Duration::ZERO;
         let draining = || {
             !inner.accepting.is_empty()
@@ -311,16 +309,15 @@ impl Handle {
             std::thread::sleep(DRAIN_POLL);
             waited += DRAIN_POLL;
         }
-        // Safe from any context, including inside another runtime.
-        runtime.shutdown_background();
+        workers.stop();
     }
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
         self.root.cancel();
-        if let Some(runtime) = self.owned_runtime.get_mut().unwrap_or_else(PoisonError::into_inner).take() {
-            runtime.shutdown_background();
+        if let Some(workers) = self.owned_workers.get_mut().unwrap_or_else(PoisonError::into_inner).take() {
+            workers.stop();
         }
     }
 }

@@ -18,6 +18,7 @@ mod snapshot;
 mod stats;
 pub mod tables;
 mod upstream;
+mod workers;
 
 pub use error::{ApplyError, ProxyError};
 pub use flow::{FlowEvent, FlowSink};

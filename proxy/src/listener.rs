@@ -64,7 +64,10 @@ pub(crate) async fn accept_loop(listener: TcpListener, slot: usize, shared: Arc<
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(serve_connection(stream, peer, local, slot, Arc::clone(&shared), stop.clone()));
+                let (connection_shared, stop) = (Arc::clone(&shared), stop.clone());
+                shared.workers.spawn_connection(stream, move |stream| {
+                    serve_connection(stream, peer, local, slot, connection_shared, stop)
+                });
             }
             Err(error) => {
                 tracing::warn!(%error, "accept failed");

@@ -42,6 +42,7 @@ pub(crate) struct Shared {
     pub snapshot: ArcSwap<Snapshot>,
     pub flows: FlowSink,
     pub counters: Arc<ProxyCounters>,
+    pub workers: crate::workers::Workers,
 }
 
 /// One accepted downstream connection.

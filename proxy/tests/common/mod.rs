@@ -31,7 +31,8 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// The proxy on its own runtime, as the agent runs it.
+    /// The proxy on its own threads, as the agent runs it. Two workers: every other connection
+    /// is handed from the accepting worker to the other one, so each test covers both paths.
     pub fn start() -> Proxy {
         let (sink, flows) = FlowSink::new(100_000);
         let handle = Handle::start(ProxyConfig { workers: 2, flows: sink }).expect("proxy starts");
