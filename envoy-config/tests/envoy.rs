@@ -324,6 +324,7 @@ fn absent_fields_take_envoy_defaults() -> Result<()> {
     let hcm = &listener.listeners[0].filter_chains[0].http_connection_manager;
     assert_eq!(hcm.stream_idle_timeout, Some(Duration::from_secs(300)));
     assert_eq!(hcm.request_timeout, None);
+    assert_eq!(hcm.request_headers_timeout, None);
     assert_eq!(hcm.max_request_headers_kb, 60);
     assert_eq!(
         hcm.common_http_protocol_options.idle_timeout,
@@ -478,5 +479,18 @@ fn static_cluster_keeps_its_load_assignment() -> Result<()> {
     assert_eq!(assignment.cluster_name, "/cfg/static");
     assert_eq!(config.load_assignments[0].cluster_name, "/cfg/other");
     assert_eq!(config.load_assignments[0].endpoints[0].priority, 1);
+    Ok(())
+}
+
+#[test]
+fn hcm_timeouts_take_durations_and_zero_disables_them() -> Result<()> {
+    let timeouts = "          stat_prefix: ingress\n          request_headers_timeout: 10s\n          stream_idle_timeout: 0s\n";
+    let listener = cec(None, &LISTENER_AND_ROUTES.replace("          stat_prefix: ingress\n", timeouts))?;
+    let hcm = &listener.listeners[0].filter_chains[0].http_connection_manager;
+    assert_eq!(hcm.request_headers_timeout, Some(Duration::from_secs(10)));
+    assert_eq!(hcm.stream_idle_timeout, None);
+    let zero = "          stat_prefix: ingress\n          request_headers_timeout: 0s\n";
+    let listener = cec(None, &LISTENER_AND_ROUTES.replace("          stat_prefix: ingress\n", zero))?;
+    assert_eq!(listener.listeners[0].filter_chains[0].http_connection_manager.request_headers_timeout, None);
     Ok(())
 }

@@ -151,7 +151,13 @@ pub(crate) fn connection_builder(hcm: &HttpConnectionManager) -> auto::Builder<T
     let header_bytes = hcm.max_request_headers_bytes;
     {
         let mut http1 = builder.http1();
-        http1.timer(TokioTimer::new()).keep_alive(true).max_buf_size(header_bytes.max(8192));
+        http1
+            .timer(TokioTimer::new())
+            .keep_alive(true)
+            .max_buf_size(header_bytes.max(8192))
+            // hyper's own default is 30 s, a timer armed and dropped on every request (3% of
+            // req/s on one core); Envoy's default is none.
+            .header_read_timeout(hcm.request_headers_timeout);
         // hyper's default is 100; setting it moves the header array to the heap.
         if hcm.max_headers_count != 100 {
             http1.max_headers(hcm.max_headers_count);

@@ -131,6 +131,10 @@ pub struct HttpConnectionManager {
     pub escaped_slashes: EscapedSlashesAction,
     /// Idle time before a stream with no upstream response headers gets 408 (default 5 min).
     pub stream_idle_timeout: Option<Duration>,
+    /// `request_headers_timeout`: an HTTP/1 request head that has started must be complete
+    /// within it, or the connection is closed. None (Envoy's default) arms no timer, so the
+    /// request path reads no clock for it.
+    pub request_headers_timeout: Option<Duration>,
     /// `max_request_headers_kb` in bytes (default 60 KiB); above it the request gets 431.
     pub max_request_headers_bytes: usize,
     /// `common_http_protocol_options.max_headers_count` (default 100).

@@ -89,3 +89,36 @@ async fn a_zero_route_timeout_disables_it() {
     let addr = proxy.apply(svc_tables(action, &[backend.addr]));
     assert_eq!(get(addr, "/").await.status, StatusCode::OK);
 }
+
+/// Writes the first line of a request head and waits for the proxy to close the connection.
+async fn half_a_head_is_closed(addr: std::net::SocketAddr) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(b"GET / HTTP/1.1\r\nhost: app.test\r\n").await.expect("write");
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(60), stream.read(&mut buf)).await;
+    // Closed: EOF or a reset; still open after a minute: the timeout.
+    matches!(read, Ok(Ok(0) | Err(_)))
+}
+
+#[tokio::test(start_paused = true)]
+async fn request_headers_timeout_closes_a_connection_whose_head_never_ends() {
+    let backend = hanging().await;
+    let proxy = Proxy::start_here();
+    let mut http = hcm(vec![prefix_route("/", to_cluster("svc"))]);
+    http.request_headers_timeout = Some(Duration::from_secs(5));
+    let addr = proxy.apply(tables(1, http, vec![cluster("svc", &[backend.addr])]));
+    let started = tokio::time::Instant::now();
+    assert!(half_a_head_is_closed(addr).await);
+    assert!(started.elapsed() >= Duration::from_secs(5));
+    assert_eq!(backend.hits(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_request_headers_timeout_a_slow_head_is_not_cut_off() {
+    let backend = hanging().await;
+    let proxy = Proxy::start_here();
+    let addr = proxy.apply(tables(1, hcm(vec![prefix_route("/", to_cluster("svc"))]), vec![cluster("svc", &[backend.addr])]));
+    // Envoy's default: no request head timeout (hyper's own default would close at 30 s).
+    assert!(!half_a_head_is_closed(addr).await);
+}

@@ -234,6 +234,9 @@ pub struct HttpConnectionManager {
     pub stream_idle_timeout: Option<Duration>,
     /// `request_timeout`; None = disabled (the default, or `0s`).
     pub request_timeout: Option<Duration>,
+    /// `request_headers_timeout`: the whole request head must arrive within it once its first
+    /// byte has; None = disabled (the default, or `0s`).
+    pub request_headers_timeout: Option<Duration>,
     /// `max_request_headers_kb` (default 60, at most 8192).
     pub max_request_headers_kb: u32,
     /// `common_http_protocol_options`.
@@ -318,6 +321,8 @@ struct RawHcm {
     stream_idle_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "duration::optional")]
     request_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "duration::optional")]
+    request_headers_timeout: Option<Duration>,
     #[serde(default)]
     max_request_headers_kb: Option<u32>,
     #[serde(default)]
@@ -518,6 +523,7 @@ fn hcm_from_value(
             Some(timeout) => Some(timeout).filter(|t| !t.is_zero()),
         },
         request_timeout: raw.request_timeout.filter(|t| !t.is_zero()),
+        request_headers_timeout: raw.request_headers_timeout.filter(|t| !t.is_zero()),
         max_request_headers_kb,
         common_http_protocol_options: raw.common_http_protocol_options,
         upgrade_configs: raw.upgrade_configs,

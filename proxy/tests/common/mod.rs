@@ -298,6 +298,7 @@ pub fn hcm(routes: Vec<Route>) -> HttpConnectionManager {
         merge_slashes: true,
         escaped_slashes: EscapedSlashesAction::default(),
         stream_idle_timeout: Some(Duration::from_secs(300)),
+        request_headers_timeout: None,
         max_request_headers_bytes: 60 * 1024,
         max_headers_count: 100,
         idle_timeout: Some(Duration::from_secs(3600)),
