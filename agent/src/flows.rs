@@ -882,8 +882,16 @@ impl FlowLog {
     }
 
     pub fn record(&self, event: FlowEvent) {
-        self.inner.metrics.observe_flow(&event);
-        self.push(Arc::new(StoredFlow::Proxy(event)));
+        self.record_batch(vec![event]);
+    }
+
+    /// Records proxy events in order: counted in one pass, appended under one lock.
+    pub fn record_batch(&self, events: Vec<FlowEvent>) {
+        self.inner.metrics.observe_flows(&events);
+        let mut ring = self.inner.ring.lock().unwrap_or_else(PoisonError::into_inner);
+        for event in events {
+            self.push_locked(&mut ring, Arc::new(StoredFlow::Proxy(event)));
+        }
     }
 
     /// Records a kernel datapath event seen at `time`.
@@ -898,6 +906,10 @@ impl FlowLog {
             .ring
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
+        self.push_locked(&mut ring, record);
+    }
+
+    fn push_locked(&self, ring: &mut VecDeque<Arc<StoredFlow>>, record: Arc<StoredFlow>) {
         if ring.len() == self.inner.capacity {
             ring.pop_front();
         }
@@ -971,11 +983,12 @@ const FLOW_BATCH_MAX: usize = 1024;
 /// Moves the proxy's flow events (the receiver of its `FlowSink`) into `log` until every sink
 /// is dropped. An idle agent waits in `recv_many` and is not woken at all.
 pub async fn record_from(mut events: tokio::sync::mpsc::Receiver<FlowEvent>, log: FlowLog) {
-    let mut batch = Vec::with_capacity(FLOW_BATCH_MAX);
-    while events.recv_many(&mut batch, FLOW_BATCH_MAX).await > 0 {
-        for event in batch.drain(..) {
-            log.record(event);
+    loop {
+        let mut batch = Vec::with_capacity(FLOW_BATCH_MAX);
+        if events.recv_many(&mut batch, FLOW_BATCH_MAX).await == 0 {
+            return;
         }
+        log.record_batch(batch);
         tokio::time::sleep(FLOW_BATCH_WINDOW).await;
     }
 }

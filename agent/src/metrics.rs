@@ -301,57 +301,57 @@ impl Metrics {
 
     /// Counts one flow in every Hubble metric it belongs to.
     pub fn observe_flow(&self, event: &FlowEvent) {
-        let verdict = verdict_name(event.verdict);
-        let (r#type, subtype) = EventType::of(
-            event.http.is_some(),
-            event.verdict == Verdict::Dropped,
-            event.drop_reason.map(drop_reason_name),
-        )
-        .metric_labels();
-        self.flows_processed
-            .get_or_create(&FlowLabels {
-                r#type,
-                subtype,
-                verdict,
-            })
-            .inc();
+        self.observe_flows(std::slice::from_ref(event));
+    }
 
-        if event.verdict == Verdict::Dropped {
-            let reason = event.drop_reason.map_or("UNKNOWN", drop_reason_name);
-            self.drops
-                .get_or_create(&DropLabels {
-                    reason,
-                    protocol: "TCP",
-                })
-                .inc();
-        }
-
-        if let Some(http) = &event.http {
-            let reporter = reporter(event.direction);
-            let method = method_label(&http.method);
-            self.http_requests
-                .get_or_create(&HttpRequestLabels {
-                    method: method.clone(),
-                    protocol: http.protocol,
-                    reporter,
-                })
-                .inc();
-            if let Some(status) = http.status {
-                self.http_responses
-                    .get_or_create(&HttpResponseLabels {
-                        method: method.clone(),
-                        status,
-                        reporter,
-                    })
-                    .inc();
-                self.http_duration
-                    .get_or_create(&HttpDurationLabels { method, reporter })
-                    .observe(http.latency.as_secs_f64());
+    /// Counts a batch of flows. Each distinct label set is looked up once per batch (a family
+    /// lookup hashes the labels under a lock, and a busy proxy sends batches of hundreds of
+    /// flows that mostly share their labels).
+    pub fn observe_flows(&self, events: &[FlowEvent]) {
+        let mut flows = Tally::default();
+        let mut drops = Tally::default();
+        let mut requests = Tally::default();
+        let mut responses = Tally::default();
+        let mut verdicts = Tally::default();
+        let mut durations: Vec<(HttpDurationLabels, Vec<f64>)> = Vec::new();
+        for event in events {
+            let (r#type, subtype) = EventType::of(
+                event.http.is_some(),
+                event.verdict == Verdict::Dropped,
+                event.drop_reason.map(drop_reason_name),
+            )
+            .metric_labels();
+            flows.add(FlowLabels { r#type, subtype, verdict: verdict_name(event.verdict) });
+            if event.verdict == Verdict::Dropped {
+                let reason = event.drop_reason.map_or("UNKNOWN", drop_reason_name);
+                drops.add(DropLabels { reason, protocol: "TCP" });
+            }
+            if let Some(http) = &event.http {
+                let reporter = reporter(event.direction);
+                let method = method_label(&http.method);
+                requests.add(HttpRequestLabels { method: method.clone(), protocol: http.protocol, reporter });
+                if let Some(status) = http.status {
+                    responses.add(HttpResponseLabels { method: method.clone(), status, reporter });
+                    let labels = HttpDurationLabels { method, reporter };
+                    let seconds = http.latency.as_secs_f64();
+                    match durations.iter_mut().find(|(seen, _)| *seen == labels) {
+                        Some((_, values)) => values.push(seconds),
+                        None => durations.push((labels, vec![seconds])),
+                    }
+                }
+            }
+            if let Some(labels) = policy_verdict(event) {
+                verdicts.add(labels);
             }
         }
-
-        if let Some(labels) = policy_verdict(event) {
-            self.policy_verdicts.get_or_create(&labels).inc();
+        flows.apply(&self.flows_processed);
+        drops.apply(&self.drops);
+        requests.apply(&self.http_requests);
+        responses.apply(&self.http_responses);
+        verdicts.apply(&self.policy_verdicts);
+        for (labels, values) in durations {
+            let histogram = self.http_duration.get_or_create(&labels);
+            values.into_iter().for_each(|seconds| histogram.observe(seconds));
         }
     }
 
@@ -483,6 +483,30 @@ fn reporter(direction: Option<TrafficDirection>) -> &'static str {
 }
 
 /// A policy verdict is counted when the event says whose policy decided.
+/// How many times each label set occurred in a batch (a few distinct sets, so a list).
+struct Tally<L>(Vec<(L, u64)>);
+
+impl<L> Default for Tally<L> {
+    fn default() -> Self {
+        Self(Vec::new())
+    }
+}
+
+impl<L: EncodeLabelSet + Clone + std::hash::Hash + Eq + std::fmt::Debug + Send + Sync + 'static> Tally<L> {
+    fn add(&mut self, labels: L) {
+        match self.0.iter_mut().find(|(seen, _)| *seen == labels) {
+            Some((_, count)) => *count += 1,
+            None => self.0.push((labels, 1)),
+        }
+    }
+
+    fn apply(self, family: &Family<L, Counter>) {
+        for (labels, count) in self.0 {
+            family.get_or_create(&labels).inc_by(count);
+        }
+    }
+}
+
 /// The method as a label value, without an allocation for the standard methods (every flow
 /// is counted with it).
 fn method_label(method: &http::Method) -> Cow<'static, str> {
