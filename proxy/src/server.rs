@@ -71,8 +71,11 @@ struct Exchange<'a> {
     listener: &'a ListenerEntry,
     started: Instant,
     source_identity: u32,
+    /// The source's name when it is a known pod or node.
+    source_name: Option<&'a Arc<str>>,
     head: Option<RequestHead>,
-    destination: Option<(SocketAddr, u32)>,
+    /// The backend chosen: its address, identity and name (looked up once per host).
+    destination: Option<(SocketAddr, u32, Option<&'a Arc<str>>)>,
     cluster: Option<Arc<str>>,
     attempts: u32,
     policy: Option<Arc<str>>,
@@ -89,13 +92,14 @@ pub(crate) async fn handle(ctx: Arc<ConnContext>, request: Request<Incoming>) ->
         response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
         return Ok(response);
     };
-    let (source_identity, _) = snapshot.peer(ctx.peer.ip());
+    let (source_identity, source_peer) = snapshot.peer(ctx.peer.ip());
     let mut exchange = Exchange {
         ctx: &ctx,
         snapshot: &snapshot,
         listener,
         started: Instant::now(),
         source_identity,
+        source_name: source_peer.map(|peer| &peer.name),
         head: None,
         destination: None,
         cluster: None,
@@ -189,8 +193,8 @@ impl<'a> Exchange<'a> {
                 Some(DropReason::NoHealthyUpstream),
             ));
         };
-        self.destination = Some((host.addr, self.snapshot.peer(host.addr.ip()).0));
-        let edits = match self.authorize(&host, head) {
+        let destination_identity = self.set_destination(host.addr);
+        let edits = match self.authorize(&host, destination_identity, head) {
             Ok(edits) => edits,
             Err(AuthorizeDenial::L7) => return Ok(access_denied()),
             Err(AuthorizeDenial::L4(reason)) => return Err(reason),
@@ -253,11 +257,14 @@ impl<'a> Exchange<'a> {
         let head_for_retries = &*head;
         let source_identity = self.source_identity;
         let forwarded = forward::forward(plan, host, outgoing, |next| {
-            authorize_pair(snapshot, ctx.peer.ip(), source_identity, next, head_for_retries).ok().map(|allowed| allowed.edits)
+            let (destination_identity, _) = snapshot.peer(next.addr.ip());
+            authorize_pair(snapshot, ctx.peer.ip(), source_identity, next, destination_identity, head_for_retries)
+                .ok()
+                .map(|allowed| allowed.edits)
         })
         .await;
         self.attempts = forwarded.attempts;
-        self.destination = Some((forwarded.upstream, self.snapshot.peer(forwarded.upstream.ip()).0));
+        self.set_destination(forwarded.upstream);
         Ok(self.respond(forwarded.result, &hcm.route_config))
     }
 
@@ -273,8 +280,20 @@ impl<'a> Exchange<'a> {
         Ok(Arc::clone(cluster))
     }
 
-    fn authorize(&mut self, host: &HostState, head: &RequestHead) -> Result<Vec<HeaderEdit>, AuthorizeDenial> {
-        match authorize_pair(self.snapshot, self.ctx.peer.ip(), self.source_identity, host, head) {
+    /// Records the backend of the flow; returns its identity.
+    fn set_destination(&mut self, addr: SocketAddr) -> u32 {
+        match self.destination {
+            Some((known, identity, _)) if known == addr => identity,
+            _ => {
+                let (identity, peer) = self.snapshot.peer(addr.ip());
+                self.destination = Some((addr, identity, peer.map(|peer| &peer.name)));
+                identity
+            }
+        }
+    }
+
+    fn authorize(&mut self, host: &HostState, destination_identity: u32, head: &RequestHead) -> Result<Vec<HeaderEdit>, AuthorizeDenial> {
+        match authorize_pair(self.snapshot, self.ctx.peer.ip(), self.source_identity, host, destination_identity, head) {
             Ok(allowed) => {
                 self.policy = allowed.origin;
                 self.direction = allowed.enforced;
@@ -329,20 +348,14 @@ impl<'a> Exchange<'a> {
     fn emit(&mut self, verdict: Verdict, drop_reason: Option<DropReason>, status: Option<u16>) {
         let snapshot = self.snapshot;
         let ctx = self.ctx;
-        let (source_identity, source_peer) = snapshot.peer(ctx.peer.ip());
         let source = FlowPeer {
             ip: ctx.peer.ip(),
             port: ctx.peer.port(),
-            identity: source_identity,
-            name: source_peer.map(|p| Arc::clone(&p.name)),
+            identity: self.source_identity,
+            name: self.source_name.cloned(),
         };
         let destination = match self.destination {
-            Some((addr, identity)) => FlowPeer {
-                ip: addr.ip(),
-                port: addr.port(),
-                identity,
-                name: snapshot.peer(addr.ip()).1.map(|p| Arc::clone(&p.name)),
-            },
+            Some((addr, identity, name)) => FlowPeer { ip: addr.ip(), port: addr.port(), identity, name: name.cloned() },
             None => FlowPeer { ip: ctx.local.ip(), port: ctx.local.port(), identity: snapshot.peer(ctx.local.ip()).0, name: None },
         };
         let http = self.head.take().map(|head| HttpFlow {
@@ -358,7 +371,7 @@ impl<'a> Exchange<'a> {
             generation: snapshot.generation,
             verdict,
             drop_reason,
-            direction: Some(flow_direction(self.direction, source_peer.is_some())),
+            direction: Some(flow_direction(self.direction, self.source_name.is_some())),
             source,
             destination,
             listener: Arc::clone(&self.listener.name),
@@ -396,12 +409,12 @@ fn authorize_pair(
     source_ip: IpAddr,
     source_identity: u32,
     destination: &HostState,
+    destination_identity: u32,
     head: &RequestHead,
 ) -> Result<Allowed, Denied> {
     let port = destination.addr.port();
     let mut allowed = Allowed { origin: None, edits: Vec::new(), enforced: None };
     if let Some(policy) = snapshot.policies.get(&source_ip) {
-        let (destination_identity, _) = snapshot.peer(destination.addr.ip());
         let decision = policy.egress.authorize(destination_identity, Protocol::Tcp, port, head);
         allowed.origin = merge_decision(decision, &mut allowed.edits, TrafficDirection::Egress)?;
         allowed.enforced = Some(TrafficDirection::Egress);
@@ -553,6 +566,17 @@ fn append_header(headers: &mut HeaderMap, name: &str, value: &str) {
 
 /// RFC 9110 §7.6.1: connection-specific headers never cross the proxy.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // One pass over the (usually few) headers instead of a hash lookup per hop-by-hop name.
+    let hop_by_hop = |name: &HeaderName| {
+        name == CONNECTION
+            || name == KEEP_ALIVE
+            || name == PROXY_CONNECTION
+            || name == http::header::TRANSFER_ENCODING
+            || name == UPGRADE
+    };
+    if !headers.keys().any(hop_by_hop) {
+        return;
+    }
     if let Some(connection) = headers.remove(CONNECTION) {
         if let Ok(listed) = connection.to_str() {
             for name in listed.split(',').map(str::trim).filter(|n| !n.is_empty()) {
