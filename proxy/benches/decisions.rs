@@ -10,7 +10,7 @@ use sluice_proxy::authorize::{CompiledPolicy, Decision};
 use sluice_proxy::request::RequestHead;
 use sluice_proxy::route::select_route;
 use sluice_proxy::tables::{
-    AllowRule, DirectionPolicy, HttpRule, L4Match, PathMatch, PortRange, Protocol, Remotes, Route, RouteAction,
+    AllowRule, DirectionPolicy, FieldPattern, HttpRule, L4Match, PathMatch, PortRange, Protocol, Remotes, Route, RouteAction,
     RouteConfig, RouteMatch, VirtualHost,
 };
 
@@ -20,8 +20,8 @@ const RULES_PER_IDENTITY: usize = 10;
 const FIRST_IDENTITY: u32 = 1_000;
 const FIRST_PORT: u16 = 8_000;
 
-fn anchored(pattern: &str) -> Regex {
-    Regex::new(&format!("^(?:{pattern})$")).expect("benchmark regex")
+fn anchored(pattern: &str) -> FieldPattern {
+    FieldPattern::Regex(Regex::new(&format!("^(?:{pattern})$")).expect("benchmark regex"))
 }
 
 fn request(method: &str, path_and_query: &str) -> RequestHead {

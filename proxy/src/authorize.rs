@@ -7,7 +7,7 @@ use regex::Regex;
 
 use crate::flow::DropReason;
 use crate::request::RequestHead;
-use crate::tables::{DirectionPolicy, HttpHeaderRule, HttpRule, Identity, L4Match, MismatchAction, PortRange, Protocol, Remotes};
+use crate::tables::{DirectionPolicy, FieldPattern, HttpHeaderRule, HttpRule, Identity, L4Match, MismatchAction, PortRange, Protocol, Remotes};
 
 /// A header change that a matching `headerMatches` rule asks for because the request's header
 /// did not match. The forwarder applies it to the request before routing:
@@ -42,7 +42,11 @@ enum FieldMatcher {
 }
 
 impl FieldMatcher {
-    fn new(regex: &Regex) -> Self {
+    fn new(pattern: &FieldPattern) -> Self {
+        let regex = match pattern {
+            FieldPattern::Literal(literal) => return FieldMatcher::Literal(literal.clone()),
+            FieldPattern::Regex(regex) => regex,
+        };
         let anchored = full_match(regex);
         match literal_of(&anchored) {
             Some(literal) => FieldMatcher::Literal(literal),
@@ -392,8 +396,12 @@ mod tests {
         PortRange { protocol: Protocol::Tcp, start, end }
     }
 
-    fn anchored(pattern: &str) -> Regex {
+    fn anchored_regex(pattern: &str) -> Regex {
         Regex::new(&format!("^(?:{pattern})$")).unwrap()
+    }
+
+    fn anchored(pattern: &str) -> FieldPattern {
+        FieldPattern::Regex(anchored_regex(pattern))
     }
 
     fn http(method: &str, path: &str) -> HttpRule {
@@ -480,7 +488,7 @@ mod tests {
 
     #[test]
     fn unanchored_regexes_are_anchored_at_compile_time() {
-        let unanchored = HttpRule { path: Some(Regex::new("/public").unwrap()), ..HttpRule::default() };
+        let unanchored = HttpRule { path: Some(FieldPattern::Regex(Regex::new("/public").unwrap())), ..HttpRule::default() };
         let compiled = policy(vec![allow("l7", Remotes::Any, vec![tcp(80, 80)], Some(vec![unanchored]))]);
         assert_eq!(verdict(&compiled, FRONTEND, 80, &get("/public")), allowed("l7"));
         assert_eq!(verdict(&compiled, FRONTEND, 80, &get("/admin?/public")), Err(DropReason::L7PolicyDenied));
@@ -630,13 +638,16 @@ mod tests {
 
     #[test]
     fn plain_strings_compare_as_strings_and_anything_with_syntax_stays_a_regex() {
-        assert_eq!(literal_of(&anchored("/v1/request-landing")).as_deref(), Some("/v1/request-landing"));
-        assert_eq!(literal_of(&anchored("GET")).as_deref(), Some("GET"));
+        assert_eq!(literal_of(&anchored_regex("/v1/request-landing")).as_deref(), Some("/v1/request-landing"));
+        assert_eq!(literal_of(&anchored_regex("GET")).as_deref(), Some("GET"));
         for pattern in ["/api/.*", "GET|POST", "(?i)get", "/a\\.b", "/x[0-9]", "/p?"] {
-            assert_eq!(literal_of(&anchored(pattern)), None, "{pattern}");
+            assert_eq!(literal_of(&anchored_regex(pattern)), None, "{pattern}");
         }
         // Not anchored by the compiler: wrapped first, then recognised.
-        assert!(matches!(FieldMatcher::new(&Regex::new("/health").unwrap()), FieldMatcher::Literal(l) if l == "/health"));
+        assert!(matches!(FieldMatcher::new(&FieldPattern::Regex(Regex::new("/health").unwrap())), FieldMatcher::Literal(l) if l == "/health"));
+        // A literal from the agent is compared as it is, never read as a regex.
+        let literal = FieldMatcher::new(&FieldPattern::Literal("/a.b".to_owned()));
+        assert!(literal.matches("/a.b") && !literal.matches("/axb"));
     }
 
     #[test]

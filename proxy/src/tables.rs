@@ -580,11 +580,30 @@ pub struct AllowRule {
 /// One `rules.http[]` entry; every present field must match.
 #[derive(Debug, Clone, Default)]
 pub struct HttpRule {
-    /// Anchored regexes (Cilium/Envoy use RE2 full-match).
-    pub method: Option<Regex>,
-    pub path: Option<Regex>,
-    pub host: Option<Regex>,
+    /// Full-string matches (Cilium/Envoy use RE2 full-match).
+    pub method: Option<FieldPattern>,
+    pub path: Option<FieldPattern>,
+    pub host: Option<FieldPattern>,
     pub headers: Vec<HttpHeaderRule>,
+}
+
+/// What one field of an HTTP rule must be, as a whole.
+#[derive(Debug, Clone)]
+pub enum FieldPattern {
+    /// A pattern without regex syntax: the field must equal it (nothing is compiled).
+    Literal(String),
+    /// An anchored regex, `^(?:...)$`.
+    Regex(Regex),
+}
+
+impl FieldPattern {
+    /// Whether the whole of `text` matches.
+    pub fn is_match(&self, text: &str) -> bool {
+        match self {
+            FieldPattern::Literal(literal) => literal == text,
+            FieldPattern::Regex(regex) => regex.is_match(text),
+        }
+    }
 }
 
 /// A header requirement from `headers` ("Name: value" / "Name") or `headerMatches`.

@@ -16,7 +16,7 @@ use ipnet::IpNet;
 
 use sluice_envoy_config::{LabelSet, Model, Pod};
 use sluice_proxy::tables::{
-    AllowRule, DirectionPolicy, EndpointPolicy, Identity, L4Match, Peer, PortRange, Protocol, ProxyTables, Remotes,
+    AllowRule, DirectionPolicy, EndpointPolicy, FieldPattern, Identity, L4Match, Peer, PortRange, Protocol, ProxyTables, Remotes,
     IDENTITY_HOST,
 };
 
@@ -224,9 +224,12 @@ fn ports_view(l4: &L4Match) -> Vec<String> {
     }
 }
 
-/// The policy's own text of an anchored `^(?:...)$` regex.
-fn regex_text(regex: &regex::Regex) -> &str {
-    let text = regex.as_str();
+/// The policy's own text of a field pattern (a literal, or an anchored `^(?:...)$` regex).
+fn regex_text(pattern: &FieldPattern) -> &str {
+    let text = match pattern {
+        FieldPattern::Literal(literal) => return literal,
+        FieldPattern::Regex(regex) => regex.as_str(),
+    };
     text.strip_prefix("^(?:").and_then(|t| t.strip_suffix(")$")).unwrap_or(text)
 }
 

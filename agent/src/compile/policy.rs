@@ -15,9 +15,9 @@ use sluice_envoy_config::labels::{LabelSet, Selector};
 use sluice_envoy_config::policy::{
     AuthenticationMode, CidrRule, Entity, L7Rules, NetworkPolicy, PeerRule, Port, PortRule, Protocol, Subject,
 };
-use sluice_envoy_config::policy::{HttpRule as CiliumHttpRule, MismatchAction as CiliumMismatch};
+use sluice_envoy_config::policy::{AnchoredRegex, HttpRule as CiliumHttpRule, MismatchAction as CiliumMismatch};
 use sluice_proxy::tables::{
-    AllowRule, DirectionPolicy, EndpointPolicy, HttpHeaderRule, HttpRule, Identity, L4Match, MismatchAction,
+    AllowRule, DirectionPolicy, EndpointPolicy, FieldPattern, HttpHeaderRule, HttpRule, Identity, L4Match, MismatchAction,
     PortRange, Protocol as TableProtocol, Remotes, IDENTITY_HOST, IDENTITY_WORLD,
 };
 
@@ -421,13 +421,20 @@ impl RuleContext<'_> {
                 });
             }
             out.push(HttpRule {
-                method: http.method.as_ref().map(|r| r.regex.clone()),
-                path: http.path.as_ref().map(|r| r.regex.clone()),
-                host: http.host.as_ref().map(|r| r.regex.clone()),
+                method: http.method.as_ref().map(field_pattern),
+                path: http.path.as_ref().map(field_pattern),
+                host: http.host.as_ref().map(field_pattern),
                 headers,
             });
         }
         out
+    }
+}
+
+fn field_pattern(pattern: &AnchoredRegex) -> FieldPattern {
+    match pattern.regex() {
+        Some(regex) => FieldPattern::Regex(regex.clone()),
+        None => FieldPattern::Literal(pattern.source.clone()),
     }
 }
 

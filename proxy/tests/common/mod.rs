@@ -414,7 +414,12 @@ pub fn allow(remotes: &[Identity], port: u16, http: Option<Vec<HttpRule>>, origi
 }
 
 pub fn http_rule(method: &str, path: &str) -> HttpRule {
-    HttpRule { method: Some(Regex::new(method).unwrap()), path: Some(Regex::new(path).unwrap()), host: None, headers: vec![] }
+    HttpRule {
+        method: Some(FieldPattern::Regex(Regex::new(method).unwrap())),
+        path: Some(FieldPattern::Regex(Regex::new(path).unwrap())),
+        host: None,
+        headers: vec![],
+    }
 }
 
 pub fn egress_only(default_deny: bool, allow: Vec<AllowRule>) -> Arc<EndpointPolicy> {
