@@ -207,7 +207,8 @@ pub(crate) async fn forward(
         outgoing.edits = edits;
         let wake = Instant::now() + backoff(policy, attempts, rand::random::<u64>());
         let deadline_first = plan.deadline.at.filter(|at| *at <= wake);
-        if let Err(failure) = back_off(deadline_first.unwrap_or(wake), &outgoing.body).await {
+        // Boxed like every cold path: it would otherwise add to each request's future.
+        if let Err(failure) = Box::pin(back_off(deadline_first.unwrap_or(wake), &outgoing.body)).await {
             return Forwarded { result: Err(failure), attempts, upstream: host.addr };
         }
         if deadline_first.is_some() {

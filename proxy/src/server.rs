@@ -226,7 +226,7 @@ impl<'a> Exchange<'a> {
             *upstream_request.uri_mut() = uri;
             *upstream_request.headers_mut() = headers;
             self.attempts = 1;
-            let result = forward::forward_upgrade(&cluster, &host, upstream_request, on_upgrade, deadline).await;
+            let result = Box::pin(forward::forward_upgrade(&cluster, &host, upstream_request, on_upgrade, deadline)).await;
             return Ok(self.respond(result, &hcm.route_config));
         }
 
@@ -657,7 +657,7 @@ async fn read_body(body: Incoming, replay: Replay<'_>, limit: usize, deadline: D
         bump(&counters.retry_or_shadow_abandoned);
         return Ok(OutgoingBody::Streaming(Some(ProxyBody::incoming(body))));
     }
-    let buffering = buffer_up_to(body, limit);
+    let buffering = Box::pin(buffer_up_to(body, limit));
     let buffered = match deadline.at {
         Some(at) => tokio::time::timeout_at(at, buffering).await.map_err(|_| BodyError::Deadline)?,
         None => buffering.await,

@@ -356,7 +356,9 @@ impl HostState {
                 pending = Some(PendingSlot::enter(&self.counters, breakers)?);
             }
             if let Some(guard) = self.reserve_connection(breakers) {
-                return self.connect_http1(guard, false).await;
+                // Boxed: the connect path is rare and large; inline it would enlarge every
+                // request's future (which is moved into its box once per request).
+                return Box::pin(self.connect_http1(guard, false)).await;
             }
             // At max_connections: wait for one of this host's connections to come back.
             let notified = self.released.notified();
@@ -377,7 +379,7 @@ impl HostState {
                     Some(sender) => sender,
                     None => {
                         let guard = self.reserve_connection_unconditionally();
-                        let sender = self.connect_http2(guard).await?;
+                        let sender = Box::pin(self.connect_http2(guard)).await?;
                         self.multiplexed.store(Some(Arc::new(sender.clone())));
                         sender
                     }
