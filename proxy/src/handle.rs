@@ -18,7 +18,7 @@ use crate::snapshot::{connection_builder, CompiledEndpoint, KnownPeer, ListenerE
 use crate::stats::{ClusterCounters, ProxyCounters, ProxyStats};
 use crate::tables::{Bind, ProxyTables};
 use crate::upstream::{ClusterState, SocketPlan};
-use crate::workers::{WorkerThreads, Workers};
+use crate::workers::ProxyRuntime;
 
 /// How long `shutdown` waits for downstream connections to finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
@@ -65,10 +65,9 @@ impl std::fmt::Debug for Handle {
 
 struct Inner {
     shared: Arc<Shared>,
-    /// Worker 0's runtime: accept loops, swaps and outlier sweeps (`shared.workers.primary()`).
     runtime: tokio::runtime::Handle,
-    /// `Some` when the proxy owns its workers (`start`), taken by `shutdown`.
-    owned_workers: Mutex<Option<WorkerThreads>>,
+    /// `Some` when the proxy owns its runtime (`start`), taken by `shutdown`.
+    owned_runtime: Mutex<Option<ProxyRuntime>>,
     /// Serializes `apply` and holds what it carries from one generation to the next.
     registry: Mutex<Registry>,
     /// Parent of every listener's stop token.
@@ -86,32 +85,30 @@ struct Registry {
 }
 
 impl Handle {
-    /// Starts the proxy on `workers` threads of its own (named `sluice-proxy`, one
-    /// single-threaded runtime each, see `workers`), with no listeners.
+    /// Starts the proxy on `workers` threads of its own (named `sluice-proxy`; see `workers`
+    /// for the runtime they run), with no listeners.
     pub fn start(config: ProxyConfig) -> Result<Handle, ProxyError> {
-        let (workers, threads) = WorkerThreads::start(config.workers).map_err(ProxyError::Runtime)?;
-        Ok(Self::new(workers, config.flows, Some(threads)))
+        let (runtime, owned) = ProxyRuntime::start(config.workers).map_err(ProxyError::Runtime)?;
+        Ok(Self::new(runtime, config.flows, Some(owned)))
     }
 
     /// Runs the proxy's tasks on an existing runtime (embedding it in another program, or
     /// tests under paused time). `shutdown` then stops the proxy but leaves the runtime alone.
     pub fn start_on(runtime: tokio::runtime::Handle, flows: FlowSink) -> Handle {
-        Self::new(Workers::on(runtime), flows, None)
+        Self::new(runtime, flows, None)
     }
 
-    fn new(workers: Workers, flows: FlowSink, owned: Option<WorkerThreads>) -> Handle {
-        let runtime = workers.primary().clone();
+    fn new(runtime: tokio::runtime::Handle, flows: FlowSink, owned: Option<ProxyRuntime>) -> Handle {
         let shared = Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(Snapshot::empty()),
             flows,
             counters: Arc::new(ProxyCounters::default()),
-            workers,
         });
         Handle {
             inner: Arc::new(Inner {
                 shared,
                 runtime,
-                owned_workers: Mutex::new(owned),
+                owned_runtime: Mutex::new(owned),
                 registry: Mutex::new(Registry::default()),
                 root: CancellationToken::new(),
                 accepting: TaskTracker::new(),
@@ -298,8 +295,8 @@ impl Handle {
         for cluster in inner.shared.snapshot.load().clusters.values() {
             cluster.retire();
         }
-        let owned = inner.owned_workers.lock().unwrap_or_else(PoisonError::into_inner).take();
-        let Some(workers) = owned else { return };
+        let owned = inner.owned_runtime.lock().unwrap_or_else(PoisonError::into_inner).take();
+        let Some(runtime) = owned else { return };
         let mut waited = Duration::ZERO;
         let draining = || {
             !inner.accepting.is_empty()
@@ -309,15 +306,15 @@ impl Handle {
             std::thread::sleep(DRAIN_POLL);
             waited += DRAIN_POLL;
         }
-        workers.stop();
+        runtime.stop();
     }
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
         self.root.cancel();
-        if let Some(workers) = self.owned_workers.get_mut().unwrap_or_else(PoisonError::into_inner).take() {
-            workers.stop();
+        if let Some(runtime) = self.owned_runtime.get_mut().unwrap_or_else(PoisonError::into_inner).take() {
+            runtime.stop();
         }
     }
 }

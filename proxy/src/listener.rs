@@ -64,10 +64,7 @@ pub(crate) async fn accept_loop(listener: TcpListener, slot: usize, shared: Arc<
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let (connection_shared, stop) = (Arc::clone(&shared), stop.clone());
-                shared.workers.spawn_connection(stream, move |stream| {
-                    serve_connection(stream, peer, local, slot, connection_shared, stop)
-                });
+                tokio::spawn(serve_connection(stream, peer, local, slot, Arc::clone(&shared), stop.clone()));
             }
             Err(error) => {
                 tracing::warn!(%error, "accept failed");

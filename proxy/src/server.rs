@@ -42,7 +42,6 @@ pub(crate) struct Shared {
     pub snapshot: ArcSwap<Snapshot>,
     pub flows: FlowSink,
     pub counters: Arc<ProxyCounters>,
-    pub workers: crate::workers::Workers,
 }
 
 /// One accepted downstream connection.

@@ -1,113 +1,60 @@
-//! The proxy's threads (agent -> Handle -> **workers** -> listeners): one single-threaded tokio
-//! runtime per worker, as Envoy runs one event loop per worker thread.
+//! The proxy's threads (agent -> Handle -> **workers** -> listeners): the runtime its listeners,
+//! connections and upstream pools run on.
 //!
-//! A connection lives on one worker from accept to close, with the upstream connections its
-//! requests open, so its tasks wake each other without crossing threads. Single-threaded
-//! runtimes skip the work-stealing scheduler's bookkeeping: +7% req/s on one pinned core
-//! against a one-worker multi-thread runtime (benches/README.md, profile section).
+//! One worker gets a single-threaded tokio runtime on a thread of its own: it skips the
+//! work-stealing scheduler's bookkeeping, +7% req/s on one pinned core against a one-worker
+//! multi-thread runtime (benches/README.md, profile section). Several workers share tokio's
+//! work-stealing runtime: a task woken from a worker runs on that worker, so a request and the
+//! pooled upstream connection it borrows meet on one thread whichever worker opened the
+//! connection. Separate single-threaded runtimes would pay a cross-thread wake-up each way
+//! for every request that borrows another worker's connection.
 
 use std::io;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 
-use tokio::net::TcpStream;
-use tokio::runtime::Handle;
+use tokio::runtime::{Handle, Runtime};
 use tokio_util::sync::CancellationToken;
 
-/// Where accepted connections are served.
-pub(crate) struct Workers {
-    handles: Vec<Handle>,
-    next: AtomicUsize,
+/// The runtime of a proxy that owns its threads (`Handle::start`).
+pub(crate) enum ProxyRuntime {
+    Single { stop: CancellationToken, thread: JoinHandle<()> },
+    Shared(Runtime),
 }
 
-impl Workers {
-    /// Everything on one given runtime (`Handle::start_on`).
-    pub fn on(runtime: Handle) -> Self {
-        Self { handles: vec![runtime], next: AtomicUsize::new(0) }
-    }
-
-    /// The runtime of worker 0: accept loops, table swaps and outlier sweeps run there.
-    pub fn primary(&self) -> &Handle {
-        &self.handles[0]
-    }
-
-    /// Serves `stream` with `serve` on the next worker, round robin. Called on worker 0 (the
-    /// accept loops' runtime): a connection for another worker leaves this runtime's reactor
-    /// and joins that worker's.
-    pub fn spawn_connection<F, Fut>(&self, stream: TcpStream, serve: F)
-    where
-        F: FnOnce(TcpStream) -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = ()> + Send + 'static,
-    {
-        let index = match self.handles.len() {
-            1 => 0,
-            count => self.next.fetch_add(1, Ordering::Relaxed) % count,
-        };
-        if index == 0 {
-            tokio::spawn(serve(stream));
-            return;
+impl ProxyRuntime {
+    /// Starts `workers` (at least 1) threads named `sluice-proxy`.
+    pub fn start(workers: usize) -> io::Result<(Handle, ProxyRuntime)> {
+        if workers > 1 {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(workers)
+                .thread_name("sluice-proxy")
+                .enable_all()
+                .build()?;
+            return Ok((runtime.handle().clone(), ProxyRuntime::Shared(runtime)));
         }
-        let stream = match stream.into_std() {
-            Ok(stream) => stream,
-            Err(error) => {
-                tracing::debug!(%error, "could not hand an accepted connection to a worker");
-                return;
-            }
-        };
-        self.handles[index].spawn(async move {
-            match TcpStream::from_std(stream) {
-                Ok(stream) => serve(stream).await,
-                Err(error) => tracing::debug!(%error, "worker could not take an accepted connection"),
-            }
-        });
-    }
-}
-
-/// The worker threads of a proxy that owns them (`Handle::start`).
-pub(crate) struct WorkerThreads {
-    stop: CancellationToken,
-    threads: Vec<JoinHandle<()>>,
-}
-
-impl WorkerThreads {
-    /// Starts `count` (at least 1) threads named `sluice-proxy`, each running its own runtime
-    /// until `stop`.
-    pub fn start(count: usize) -> io::Result<(Workers, WorkerThreads)> {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let handle = runtime.handle().clone();
         let stop = CancellationToken::new();
-        let mut handles = Vec::new();
-        let mut threads = Vec::new();
-        for _ in 0..count.max(1) {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            handles.push(runtime.handle().clone());
-            let stopped = stop.clone();
-            let spawned = std::thread::Builder::new()
-                .name("sluice-proxy".to_owned())
-                .spawn(move || {
-                    runtime.block_on(stopped.cancelled_owned());
-                    // Drops the remaining tasks without waiting for any blocking ones.
-                    runtime.shutdown_background();
-                });
-            match spawned {
-                Ok(thread) => threads.push(thread),
-                Err(error) => {
-                    stop.cancel();
-                    return Err(error);
+        let stopped = stop.clone();
+        let thread = std::thread::Builder::new().name("sluice-proxy".to_owned()).spawn(move || {
+            runtime.block_on(stopped.cancelled_owned());
+            // Drops the remaining tasks without waiting for any blocking ones.
+            runtime.shutdown_background();
+        })?;
+        Ok((handle, ProxyRuntime::Single { stop, thread }))
+    }
+
+    /// Ends the runtime (its remaining tasks are dropped). Safe from any thread, including
+    /// the proxy's own; waits for the single worker thread only when called from outside it.
+    pub fn stop(self) {
+        match self {
+            ProxyRuntime::Shared(runtime) => runtime.shutdown_background(),
+            ProxyRuntime::Single { stop, thread } => {
+                stop.cancel();
+                if thread.thread().id() != std::thread::current().id() {
+                    let _ = thread.join();
                 }
             }
-        }
-        Ok((Workers { handles, next: AtomicUsize::new(0) }, WorkerThreads { stop, threads }))
-    }
-
-    /// Ends every worker's runtime (its remaining tasks are dropped). Safe from any thread,
-    /// including a worker's own; waits for the threads only when called from outside them.
-    pub fn stop(self) {
-        self.stop.cancel();
-        let current = std::thread::current().id();
-        if self.threads.iter().any(|thread| thread.thread().id() == current) {
-            return;
-        }
-        for thread in self.threads {
-            let _ = thread.join();
         }
     }
 }

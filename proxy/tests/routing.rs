@@ -125,12 +125,18 @@ async fn oversized_or_too_many_request_headers_get_431() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_stops_accepting_and_refuses_further_applies() {
-    let backend = Backend::echo("backend").await;
-    let proxy = Proxy::start();
-    let addr = proxy.apply(tables(1, hcm(vec![prefix_route("/", to_cluster("svc"))]), vec![cluster("svc", &[backend.addr])]));
-    assert_eq!(get(addr, "/").await.status, StatusCode::OK);
-    let handle = proxy.handle.clone();
-    tokio::task::spawn_blocking(move || handle.shutdown()).await.unwrap();
-    assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "still accepting after shutdown");
-    assert!(matches!(proxy.handle.apply(tables(2, hcm(vec![]), vec![])), Err(ApplyError::Stopped)));
+    // Several workers share a work-stealing runtime; one runs a single-threaded runtime on a
+    // thread of its own: both serve, and both stop.
+    for workers in [2, 1] {
+        let backend = Backend::echo("backend").await;
+        let proxy = Proxy::start_with_workers(workers);
+        let addr = proxy.apply(tables(1, hcm(vec![prefix_route("/", to_cluster("svc"))]), vec![cluster("svc", &[backend.addr])]));
+        for _ in 0..20 {
+            assert_eq!(get(addr, "/").await.status, StatusCode::OK, "{workers} workers");
+        }
+        let handle = proxy.handle.clone();
+        tokio::task::spawn_blocking(move || handle.shutdown()).await.unwrap();
+        assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "still accepting after shutdown ({workers} workers)");
+        assert!(matches!(proxy.handle.apply(tables(2, hcm(vec![]), vec![])), Err(ApplyError::Stopped)));
+    }
 }

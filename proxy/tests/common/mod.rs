@@ -31,11 +31,14 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// The proxy on its own threads, as the agent runs it. Two workers: every other connection
-    /// is handed from the accepting worker to the other one, so each test covers both paths.
+    /// The proxy on its own threads, as the agent runs it on a multi-core node.
     pub fn start() -> Proxy {
+        Self::start_with_workers(2)
+    }
+
+    pub fn start_with_workers(workers: usize) -> Proxy {
         let (sink, flows) = FlowSink::new(100_000);
-        let handle = Handle::start(ProxyConfig { workers: 2, flows: sink }).expect("proxy starts");
+        let handle = Handle::start(ProxyConfig { workers, flows: sink }).expect("proxy starts");
         Proxy { handle, flows }
     }
 
