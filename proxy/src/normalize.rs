@@ -3,6 +3,7 @@
 //! The rules and the reasons for them are in proxy/NORMALIZATION.md.
 
 use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
+use http::uri::PathAndQuery;
 use http::{Method, StatusCode, Uri, Version};
 
 use crate::request::RequestHead;
@@ -54,15 +55,25 @@ pub fn normalize_request(
     let authority = canonical_request_authority(parts)?;
     let (path_and_query, unescaped_slash) = canonical_target(&parts.method, &parts.uri, hcm)?;
 
-    parts.uri = Uri::try_from(path_and_query.as_str()).map_err(|_| Rejection::bad_request("invalid request target"))?;
+    // Most targets already are their canonical origin form: then there is nothing to re-parse.
+    let canonical_already = parts.uri.scheme().is_none()
+        && parts.uri.authority().is_none()
+        && parts.uri.path_and_query().map(PathAndQuery::as_str) == Some(path_and_query.as_str());
+    if !canonical_already {
+        parts.uri =
+            Uri::try_from(path_and_query.as_str()).map_err(|_| Rejection::bad_request("invalid request target"))?;
+    }
     if unescaped_slash && hcm.escaped_slashes == EscapedSlashesAction::UnescapeAndRedirect {
         return Err(Rejection {
             status: StatusCode::TEMPORARY_REDIRECT,
             reason: "escaped slashes: redirected to the unescaped path",
         });
     }
-    let host = HeaderValue::try_from(authority.as_str()).map_err(|_| Rejection::bad_request("invalid host"))?;
-    parts.headers.insert(HOST, host);
+    // At most one `host` is left (more are rejected above); it is rewritten only when it differs.
+    if parts.headers.get(HOST).map(HeaderValue::as_bytes) != Some(authority.as_bytes()) {
+        let host = HeaderValue::try_from(authority.as_str()).map_err(|_| Rejection::bad_request("invalid host"))?;
+        parts.headers.insert(HOST, host);
+    }
     strip_untrusted_headers(&mut parts.headers);
 
     Ok(RequestHead {
@@ -321,15 +332,16 @@ fn strip_untrusted_headers(headers: &mut http::HeaderMap) {
         .filter_map(|token| HeaderName::from_bytes(token.trim_ascii()).ok())
         .filter(|name| !NOT_NOMINATABLE.contains(&name.as_str()))
         .collect();
-    let proxy_owned: Vec<HeaderName> = headers
+    // One pass over the names present rather than a lookup per name that might be.
+    let untrusted: Vec<HeaderName> = headers
         .keys()
-        .filter(|name| name.as_str().starts_with(PROXY_OWNED_PREFIX) || PROXY_OWNED.contains(&name.as_str()))
+        .filter(|name| {
+            let name = name.as_str();
+            name.starts_with(PROXY_OWNED_PREFIX) || PROXY_OWNED.contains(&name) || HOP_BY_HOP.contains(&name)
+        })
         .cloned()
         .collect();
-    for name in nominated.iter().chain(&proxy_owned) {
-        headers.remove(name);
-    }
-    for name in HOP_BY_HOP {
+    for name in nominated.iter().chain(&untrusted) {
         headers.remove(name);
     }
 }
