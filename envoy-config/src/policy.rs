@@ -431,11 +431,6 @@ impl AnchoredRegex {
         }
     }
 
-    /// The only text the pattern matches, when it is a plain string.
-    pub fn literal(&self) -> Option<&str> {
-        self.regex.is_none().then_some(self.source.as_str())
-    }
-
     /// The compiled anchored pattern, when it is not a plain string.
     pub fn regex(&self) -> Option<&Regex> {
         self.regex.as_ref()
@@ -571,13 +566,11 @@ mod tests {
     #[test]
     fn plain_strings_are_kept_as_literals_and_match_exactly() {
         let literal = AnchoredRegex::new("/api/v1-items").expect("valid pattern");
-        assert_eq!(literal.literal(), Some("/api/v1-items"));
         assert!(literal.regex().is_none());
         assert!(literal.is_match("/api/v1-items"));
         assert!(!literal.is_match("/api/v1-items/x") && !literal.is_match("x/api/v1-items"));
         for pattern in ["/api/.*", "GET|POST", "/a.b", "/x?", "[a]", "^/x$", "/a\\d"] {
             let regex = AnchoredRegex::new(pattern).expect("valid pattern");
-            assert_eq!(regex.literal(), None, "{pattern}");
             assert!(regex.regex().is_some(), "{pattern}");
         }
         assert!(!AnchoredRegex::new("/a.b").expect("valid pattern").is_match("/a.b/"));
