@@ -881,7 +881,8 @@ impl FlowLog {
         }
     }
 
-    pub fn record(&self, event: FlowEvent) {
+    #[cfg(test)]
+    pub(crate) fn record(&self, event: FlowEvent) {
         self.record_batch(vec![event]);
     }
 

@@ -300,7 +300,8 @@ impl Metrics {
     }
 
     /// Counts one flow in every Hubble metric it belongs to.
-    pub fn observe_flow(&self, event: &FlowEvent) {
+    #[cfg(test)]
+    pub(crate) fn observe_flow(&self, event: &FlowEvent) {
         self.observe_flows(std::slice::from_ref(event));
     }
 
