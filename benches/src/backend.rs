@@ -10,19 +10,32 @@ use crate::scenario::{
 /// nginx.conf for a single-process nginx rooted at `dir` (`x-pod` names the answering pod so
 /// the harness can check that both proxies split between the two).
 pub fn nginx_conf(dir: &Path) -> String {
-    let dir = dir.display();
+    let root = dir.display();
     let large = LARGE_PATH.trim_start_matches('/');
+    single_process_nginx(
+        dir,
+        &format!(
+            "    listen {BACKEND_V1};\n    listen {BACKEND_V2};\n    listen {BACKEND_H2C} http2;\n\
+             \x20   root {root}/www;\n    add_header x-pod $server_addr always;\n\
+             \x20   location = {SMALL_PATH} {{ default_type text/plain; return 200 \"hello\\n\"; }}\n\
+             \x20   location = {LARGE_PATH} {{ default_type application/octet-stream; try_files /{large} =404; }}\n\
+             \x20   location / {{ return 404; }}\n"
+        ),
+    )
+}
+
+/// One nginx process (no master, one worker), its pid, log and temp files under `dir`, no
+/// access log and keep-alive without a request cap, serving one `server` block with `server`
+/// inside it. Both load harnesses use it for their backends.
+pub fn single_process_nginx(dir: &Path, server: &str) -> String {
+    let dir = dir.display();
     format!(
         "daemon off;\nmaster_process off;\nworker_processes 1;\npid {dir}/nginx.pid;\nerror_log {dir}/nginx-error.log warn;\n\
          events {{ worker_connections 16384; }}\n\
          http {{\n  access_log off;\n  keepalive_requests 100000000;\n  keepalive_timeout 600s;\n\
          \x20 client_body_temp_path {dir}/tmp;\n  proxy_temp_path {dir}/tmp;\n  fastcgi_temp_path {dir}/tmp;\n\
          \x20 uwsgi_temp_path {dir}/tmp;\n  scgi_temp_path {dir}/tmp;\n\
-         \x20 server {{\n    listen {BACKEND_V1};\n    listen {BACKEND_V2};\n    listen {BACKEND_H2C} http2;\n\
-         \x20   root {dir}/www;\n    add_header x-pod $server_addr always;\n\
-         \x20   location = {SMALL_PATH} {{ default_type text/plain; return 200 \"hello\\n\"; }}\n\
-         \x20   location = {LARGE_PATH} {{ default_type application/octet-stream; try_files /{large} =404; }}\n\
-         \x20   location / {{ return 404; }}\n  }}\n}}\n"
+         \x20 server {{\n{server}  }}\n}}\n"
     )
 }
 

@@ -75,16 +75,13 @@ pub fn running_manifests(pods: &[(&str, Ipv4Addr)], node_ip: Ipv4Addr) -> String
 
 /// nginx.conf for one single-process nginx in the server pod, rooted at `dir`.
 pub fn nginx_conf(dir: &Path, listen: Ipv4Addr) -> String {
-    let dir = dir.display();
-    format!(
-        "daemon off;\nmaster_process off;\nworker_processes 1;\npid {dir}/nginx.pid;\nerror_log {dir}/nginx-error.log warn;\n\
-         events {{ worker_connections 16384; }}\n\
-         http {{\n  access_log off;\n  keepalive_requests 100000000;\n  keepalive_timeout 600s;\n\
-         \x20 client_body_temp_path {dir}/tmp;\n  proxy_temp_path {dir}/tmp;\n  fastcgi_temp_path {dir}/tmp;\n\
-         \x20 uwsgi_temp_path {dir}/tmp;\n  scgi_temp_path {dir}/tmp;\n\
-         \x20 server {{\n    listen {listen}:{SERVER_PORT};\n\
-         \x20   location = {PATH} {{ default_type text/plain; return 200 \"hello\\n\"; }}\n\
-         \x20   location / {{ default_type text/plain; return 200 \"not for the load\\n\"; }}\n  }}\n}}\n"
+    crate::backend::single_process_nginx(
+        dir,
+        &format!(
+            "    listen {listen}:{SERVER_PORT};\n\
+             \x20   location = {PATH} {{ default_type text/plain; return 200 \"hello\\n\"; }}\n\
+             \x20   location / {{ default_type text/plain; return 200 \"not for the load\\n\"; }}\n"
+        ),
     )
 }
 
