@@ -28,8 +28,9 @@ pub(crate) struct Outgoing {
     pub method: Method,
     /// Origin form for HTTP/1.1 upstreams, absolute form for HTTP/2 ones.
     pub uri: Uri,
+    /// The first attempt's headers, taken by it; a later attempt gets `Plan::retry_headers`.
     /// Without the policy's header edits, which depend on the host of each attempt.
-    pub headers: HeaderMap,
+    pub headers: Option<HeaderMap>,
     /// `headerMatches` mismatch edits of the policies that allowed the current host.
     pub edits: Vec<HeaderEdit>,
     pub body: OutgoingBody,
@@ -113,6 +114,9 @@ pub(crate) struct Forwarded {
 
 /// Everything the retry loop needs besides the request.
 pub(crate) struct Plan<'a> {
+    /// The headers for an attempt after the first (retries are rare: the first attempt takes
+    /// the request's own headers and nothing is copied for attempts that never happen).
+    pub retry_headers: &'a (dyn Fn() -> HeaderMap + Sync),
     pub cluster: &'a ClusterState,
     pub retry_policy: Option<&'a RetryPolicy>,
     pub include_attempt_count: bool,
@@ -140,7 +144,12 @@ pub(crate) async fn forward(
         let last_try = plan.retry_policy.is_none_or(|policy| attempts > policy.num_retries);
         let per_try = plan.retry_policy.and_then(|p| p.per_try_timeout).map(|t| Instant::now() + t);
         let try_deadline = earliest(per_try, plan.deadline.at);
-        let request = build_attempt(&mut outgoing, attempts, plan.include_attempt_count, last_try);
+        let request = PendingRequest {
+            outgoing: &mut outgoing,
+            attempt: attempts,
+            include_count: plan.include_attempt_count,
+            retry_headers: plan.retry_headers,
+        };
         let attempt = attempt(cluster, &host, request);
         let result = match try_deadline {
             Some(at) => tokio::time::timeout_at(at, attempt).await.unwrap_or(Err(AttemptOutcome::PerTryTimeout)),
@@ -252,17 +261,13 @@ fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
     }
 }
 
-fn build_attempt(outgoing: &mut Outgoing, attempt: u32, include_count: bool, last_try: bool) -> PendingRequest<'_> {
-    PendingRequest { outgoing, attempt, include_count, move_headers: last_try && attempt == 1 }
-}
-
-/// A request built only once a connection is ready, so a streamed body survives connect failures.
+/// A request built only once a connection is ready, so a streamed body (and the request's own
+/// headers) survive connect failures.
 struct PendingRequest<'a> {
     outgoing: &'a mut Outgoing,
     attempt: u32,
     include_count: bool,
-    /// The only attempt: move the headers instead of cloning them.
-    move_headers: bool,
+    retry_headers: &'a (dyn Fn() -> HeaderMap + Sync),
 }
 
 impl PendingRequest<'_> {
@@ -271,8 +276,7 @@ impl PendingRequest<'_> {
         let mut request = Request::new(outgoing.body.take_for_attempt());
         *request.method_mut() = outgoing.method.clone();
         *request.uri_mut() = outgoing.uri.clone();
-        *request.headers_mut() =
-            if self.move_headers { std::mem::take(&mut outgoing.headers) } else { outgoing.headers.clone() };
+        *request.headers_mut() = outgoing.headers.take().unwrap_or_else(self.retry_headers);
         apply_header_edits(request.headers_mut(), &outgoing.edits);
         if self.include_count {
             request.headers_mut().insert(ATTEMPT_COUNT.clone(), HeaderValue::from(self.attempt));
@@ -407,8 +411,10 @@ pub(crate) fn mirror(cluster: Arc<ClusterState>, input: PickInput, method: Metho
     }
     tokio::spawn(async move {
         let Some(host) = cluster.pick(input, &[]) else { return };
-        let mut outgoing = Outgoing { method, uri, headers, edits: Vec::new(), body: OutgoingBody::Replayable(body) };
-        let request = build_attempt(&mut outgoing, 1, false, true);
+        let mut outgoing =
+            Outgoing { method, uri, headers: Some(headers), edits: Vec::new(), body: OutgoingBody::Replayable(body) };
+        // One attempt, which takes the headers above: there is nothing to rebuild.
+        let request = PendingRequest { outgoing: &mut outgoing, attempt: 1, include_count: false, retry_headers: &HeaderMap::new };
         match attempt(&cluster, &host, request).await {
             Ok((response, lease)) => {
                 // Drain so the connection can be reused.

@@ -198,21 +198,23 @@ impl<'a> Exchange<'a> {
             Err(AuthorizeDenial::L7) => return Ok(access_denied()),
             Err(AuthorizeDenial::L4(reason)) => return Err(reason),
         };
-        let mut headers = std::mem::take(&mut parts.headers);
-        prepare_request_headers(&mut headers, &hcm.route_config, hcm, self.ctx.peer.ip());
-        let rewritten = original_path.is_some();
-        if let Some(original) = original_path {
-            if let Ok(value) = HeaderValue::from_str(&original) {
-                headers.insert(ORIGINAL_PATH.clone(), value);
-            }
-        }
         let protocol = cluster.config.protocol;
+        let upstream = UpstreamHeaders {
+            hcm,
+            peer: self.ctx.peer.ip(),
+            original_path: original_path.as_deref(),
+            protocol,
+            head: &*head,
+            host_rewritten: action.host_rewrite_literal.is_some(),
+        };
+        // The request's own headers go to the first attempt; a retry rebuilds them from the
+        // head (the same headers as normalization left them), so no copy is made up front.
+        let mut headers = upstream.build(std::mem::take(&mut parts.headers));
         let uri = match protocol {
             // Normalization left the canonical origin-form target in `parts.uri`.
-            UpstreamProtocol::Http1 if !rewritten => std::mem::take(&mut parts.uri),
+            UpstreamProtocol::Http1 if original_path.is_none() => std::mem::take(&mut parts.uri),
             _ => upstream_uri(protocol, head),
         };
-        set_upstream_host(&mut headers, protocol, head, action.host_rewrite_literal.is_some());
         let deadline = Deadline::new(self.started, action.timeout, hcm.stream_idle_timeout);
         let vhost = selection.virtual_host;
 
@@ -244,8 +246,10 @@ impl<'a> Exchange<'a> {
         if let OutgoingBody::Replayable(bytes) = &body {
             self.mirror(&action, &parts.method, &uri, &headers, bytes);
         }
-        let outgoing = Outgoing { method: parts.method, uri, headers, edits, body };
+        let outgoing = Outgoing { method: parts.method, uri, headers: Some(headers), edits, body };
+        let retry_headers = || upstream.build(head.headers.clone());
         let plan = Plan {
+            retry_headers: &retry_headers,
             cluster: &cluster,
             retry_policy: action.retry_policy.as_ref(),
             include_attempt_count: vhost.include_request_attempt_count,
@@ -516,8 +520,32 @@ fn rewrite(route: &crate::tables::Route, action: &ForwardAction, head: &mut Requ
     Some(std::mem::replace(&mut head.path_and_query, rewritten))
 }
 
-/// Hop-by-hop removal, the route config's header mutations, `x-forwarded-for` (the policy's
-/// edits depend on the host and are applied per attempt).
+/// What turns the request's headers into an upstream attempt's.
+struct UpstreamHeaders<'a> {
+    hcm: &'a HttpConnectionManager,
+    peer: IpAddr,
+    /// The path before a rewrite, for `x-envoy-original-path`.
+    original_path: Option<&'a str>,
+    protocol: UpstreamProtocol,
+    head: &'a RequestHead,
+    host_rewritten: bool,
+}
+
+impl UpstreamHeaders<'_> {
+    /// Hop-by-hop removal, the route config's mutations, `x-forwarded-for`,
+    /// `x-envoy-original-path` and the upstream's `Host` (the policies' edits depend on the host
+    /// and are applied per attempt).
+    fn build(&self, mut headers: HeaderMap) -> HeaderMap {
+        prepare_request_headers(&mut headers, &self.hcm.route_config, self.hcm, self.peer);
+        if let Some(value) = self.original_path.and_then(|original| HeaderValue::from_str(original).ok()) {
+            headers.insert(ORIGINAL_PATH.clone(), value);
+        }
+        set_upstream_host(&mut headers, self.protocol, self.head, self.host_rewritten);
+        headers
+    }
+}
+
+/// Hop-by-hop removal, the route config's header mutations, `x-forwarded-for`.
 fn prepare_request_headers(headers: &mut HeaderMap, route_config: &RouteConfig, hcm: &HttpConnectionManager, peer: IpAddr) {
     // `te: trailers` is the one TE value worth keeping (gRPC needs it); it is hop-by-hop
     // otherwise.

@@ -431,3 +431,49 @@ async fn mirrors_get_a_shadow_copy_and_never_affect_the_response() {
     assert_eq!(copy.headers["host"], "app.test-shadow");
     assert_eq!(primary.seen()[0].headers["host"], "app.test");
 }
+
+#[tokio::test]
+async fn a_retry_carries_the_same_upstream_headers_as_the_first_attempt() {
+    // The first attempt takes the request's own headers; a retry rebuilds them: every
+    // mutation (route config, x-forwarded-for, rewrite, host rewrite) must come out the same.
+    let backend = failing_first(1).await;
+    let proxy = Proxy::start();
+    let mut action = retrying(retry_policy(on_5xx(), 1));
+    action.rewrite = Some(sluice_proxy::tables::PathRewrite::Prefix("/".into()));
+    action.host_rewrite_literal = Some("new.host".into());
+    let mut http = hcm(vec![prefix_route("/prefix/", action)]);
+    http.use_remote_address = true;
+    http.route_config = Arc::new(sluice_proxy::tables::RouteConfig {
+        request_headers_to_add: vec![("x-added".into(), "yes".into())],
+        request_headers_to_remove: vec!["x-secret".into()],
+        ..(*http.route_config).clone()
+    });
+    let addr = proxy.apply(tables(1, http, vec![cluster("svc", &[backend.addr])]));
+    let mut sender = http1_connect([127, 0, 0, 1].into(), addr).await;
+    let request = http::Request::get("/prefix/etc?x=1")
+        .header("host", "app.test")
+        .header("x-secret", "s3cret")
+        .header("connection", "keep-alive, x-hop")
+        .header("x-hop", "1")
+        .header("x-kept", "k")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(send(&mut sender, request).await.unwrap().status, StatusCode::OK);
+
+    let seen = backend.seen();
+    assert_eq!(seen.len(), 2);
+    let without_count = |headers: &http::HeaderMap| {
+        let mut headers = headers.clone();
+        headers.remove("x-envoy-attempt-count");
+        headers
+    };
+    assert_eq!(without_count(&seen[1].headers), without_count(&seen[0].headers));
+    assert_eq!(seen[1].path, seen[0].path);
+    let first = &seen[0].headers;
+    assert_eq!(first["x-added"], "yes");
+    assert_eq!(first["x-envoy-original-path"], "/prefix/etc?x=1");
+    assert_eq!(first["host"], "new.host");
+    assert_eq!(first["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(first["x-kept"], "k");
+    assert!(!first.contains_key("x-secret") && !first.contains_key("x-hop") && !first.contains_key("connection"));
+}
