@@ -898,7 +898,7 @@ impl FlowLog {
     /// Records a kernel datapath event seen at `time`.
     pub fn record_kernel(&self, event: &sluice_ebpf::FlowEvent, time: DateTime<Utc>, context: &KernelFlowContext) {
         self.inner.metrics.observe_kernel_flow(event);
-        self.push(Arc::new(StoredFlow::Kernel(FlowRecord::from_kernel_event(event, time, context))));
+        self.push(Arc::new(StoredFlow::Kernel(Box::new(FlowRecord::from_kernel_event(event, time, context)))));
     }
 
     fn push(&self, record: Arc<StoredFlow>) {
@@ -1000,16 +1000,18 @@ pub async fn record_from(mut events: tokio::sync::mpsc::Receiver<FlowEvent>, log
 /// proxy's core under load). A kernel event is shaped at once: its names come from the tables
 /// in force when it was seen.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant, reason = "the common variant is stored inline in its Arc; boxing it would add an allocation per request")]
 enum StoredFlow {
     Proxy(FlowEvent),
-    Kernel(FlowRecord),
+    /// Boxed: a record is twice an event's size, and every proxy event would pay for it.
+    Kernel(Box<FlowRecord>),
 }
 
 impl StoredFlow {
     fn record(&self) -> FlowRecord {
         match self {
             Self::Proxy(event) => FlowRecord::from_event(event),
-            Self::Kernel(record) => record.clone(),
+            Self::Kernel(record) => (**record).clone(),
         }
     }
 }
