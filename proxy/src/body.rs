@@ -10,6 +10,7 @@ use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use crate::http1::{RequestBody, RequestBodyError};
 use crate::stats::{bump, ClusterCounters};
 use crate::upstream::Lease;
 
@@ -18,6 +19,8 @@ use crate::upstream::Lease;
 pub enum BodyError {
     #[error(transparent)]
     Hyper(#[from] hyper::Error),
+    #[error(transparent)]
+    Http1(#[from] RequestBodyError),
     /// The attempt this request body belonged to was given up for a retry; failing the body
     /// aborts that upstream exchange instead of ending its request early but cleanly.
     #[error("request body abandoned: the attempt was superseded by a retry")]
@@ -34,8 +37,10 @@ pub enum ProxyBody {
     /// Locally generated replies and request bodies kept for replay (`Bytes` clones are cheap).
     Full(Option<Bytes>),
     /// A request body that did not fit the replay buffer: the part already read, then the rest.
-    Streamed { prefix: Option<Bytes>, rest: Incoming },
-    /// A body passed through as it arrives (requests without replay, upstream responses).
+    Streamed { prefix: Option<Bytes>, rest: DownstreamBody },
+    /// A request body passed through as it arrives (no replay).
+    Downstream(DownstreamBody),
+    /// An upstream response passed through as it arrives.
     Incoming { body: Incoming, lease: Option<Lease> },
     /// One attempt's view of a request body that is streamed and copied for retries.
     Replay(ReplayReader),
@@ -51,8 +56,38 @@ impl ProxyBody {
         Self::Full((!bytes.is_empty()).then_some(bytes))
     }
 
-    pub fn incoming(body: Incoming) -> Self {
-        Self::Incoming { body, lease: None }
+}
+
+/// A downstream request's body: from sluice's HTTP/1 server or hyper's HTTP/2 one.
+#[derive(Debug)]
+pub enum DownstreamBody {
+    Http1(RequestBody),
+    Http2(Incoming),
+}
+
+impl Body for DownstreamBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match self.get_mut() {
+            Self::Http1(body) => Pin::new(body).poll_frame(cx).map_err(BodyError::from),
+            Self::Http2(body) => Pin::new(body).poll_frame(cx).map_err(BodyError::from),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Http1(body) => body.is_end_stream(),
+            Self::Http2(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Http1(body) => body.size_hint(),
+            Self::Http2(body) => body.size_hint(),
+        }
     }
 }
 
@@ -61,13 +96,14 @@ impl Body for ProxyBody {
     type Error = BodyError;
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        // Every variant is Unpin (Incoming is), so plain `&mut` access is fine.
+        // Every variant is Unpin (the bodies inside are), so plain `&mut` access is fine.
         match self.get_mut() {
             Self::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Self::Streamed { prefix, rest } => match prefix.take() {
                 Some(bytes) => Poll::Ready(Some(Ok(Frame::data(bytes)))),
-                None => Pin::new(rest).poll_frame(cx).map_err(BodyError::from),
+                None => Pin::new(rest).poll_frame(cx),
             },
+            Self::Downstream(body) => Pin::new(body).poll_frame(cx),
             Self::Replay(reader) => reader.poll_frame(cx),
             Self::Incoming { body, lease } => {
                 let polled = Pin::new(&mut *body).poll_frame(cx);
@@ -92,6 +128,7 @@ impl Body for ProxyBody {
         match self {
             Self::Full(bytes) => bytes.is_none(),
             Self::Streamed { prefix, rest } => prefix.is_none() && rest.is_end_stream(),
+            Self::Downstream(body) => body.is_end_stream(),
             Self::Incoming { body, .. } => body.is_end_stream(),
             Self::Replay(reader) => reader.is_end_stream(),
         }
@@ -101,6 +138,7 @@ impl Body for ProxyBody {
         match self {
             Self::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
             Self::Streamed { prefix, rest } => plus(rest.size_hint(), prefix.as_ref().map_or(0, |b| b.len() as u64)),
+            Self::Downstream(body) => body.size_hint(),
             Self::Incoming { body, .. } => body.size_hint(),
             Self::Replay(reader) => reader.size_hint(),
         }
@@ -119,7 +157,7 @@ pub(crate) struct ReplayBuffer {
 #[derive(Debug)]
 struct ReplayState {
     /// What is left of the downstream body; `None` once it ended or failed.
-    source: Option<Incoming>,
+    source: Option<DownstreamBody>,
     chunks: Vec<Bytes>,
     trailers: Option<HeaderMap>,
     buffered: usize,
@@ -163,7 +201,7 @@ pub(crate) enum FillError {
 }
 
 impl ReplayBuffer {
-    pub fn new(source: Incoming, limit: usize, counters: Arc<ClusterCounters>) -> Arc<Self> {
+    pub fn new(source: DownstreamBody, limit: usize, counters: Arc<ClusterCounters>) -> Arc<Self> {
         Arc::new(Self {
             state: Mutex::new(ReplayState {
                 source: Some(source),
@@ -268,7 +306,7 @@ impl ReplayReader {
             Poll::Ready(Some(Err(error))) => {
                 state.source = None;
                 state.failed = true;
-                Poll::Ready(Some(Err(BodyError::Hyper(error))))
+                Poll::Ready(Some(Err(error)))
             }
             Poll::Pending => Poll::Pending,
         }

@@ -11,6 +11,7 @@ use tokio::time::Instant;
 
 use crate::authorize::HeaderEdit;
 use crate::body::{FillError, ProxyBody, ReplayBuffer};
+use crate::http1::DownstreamUpgrade;
 use crate::lb::PickInput;
 use crate::retry::{backoff, is_retriable, AttemptOutcome};
 use crate::stats::bump;
@@ -364,7 +365,7 @@ pub(crate) async fn forward_upgrade(
     cluster: &ClusterState,
     host: &Arc<HostState>,
     mut request: Request<ProxyBody>,
-    downstream: hyper::upgrade::OnUpgrade,
+    downstream: DownstreamUpgrade,
     deadline: Deadline,
 ) -> Result<Response<ProxyBody>, Failure> {
     let exchange = async {
@@ -386,9 +387,8 @@ pub(crate) async fn forward_upgrade(
     let addr = host.addr;
     tokio::spawn(async move {
         let _lease = lease;
-        match tokio::try_join!(downstream, upstream) {
-            Ok((downstream, upstream)) => {
-                let mut downstream = hyper_util::rt::TokioIo::new(downstream);
+        match tokio::try_join!(downstream, async { upstream.await.map_err(std::io::Error::other) }) {
+            Ok((mut downstream, upstream)) => {
                 let mut upstream = hyper_util::rt::TokioIo::new(upstream);
                 if let Err(error) = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
                     tracing::debug!(upstream = %addr, %error, "upgraded connection ended with an error");

@@ -14,7 +14,7 @@ use crate::error::{ApplyError, ProxyError};
 use crate::flow::FlowSink;
 use crate::listener::{self, SocketEntry};
 use crate::server::Shared;
-use crate::snapshot::{connection_builder, CompiledEndpoint, KnownPeer, ListenerEntry, PrefixTable, Snapshot};
+use crate::snapshot::{http1_settings, http2_builder, CompiledEndpoint, KnownPeer, ListenerEntry, PrefixTable, Snapshot};
 use crate::stats::{ClusterCounters, ProxyCounters, ProxyStats};
 use crate::tables::{Bind, ProxyTables};
 use crate::upstream::{ClusterState, SocketPlan};
@@ -218,7 +218,8 @@ impl Handle {
                 name: Arc::from(listener.name.as_str()),
                 transparent: matches!(listener.bind, Bind::Transparent { .. }).then(|| listener.bind.socket_addr()),
                 http: Arc::clone(&listener.http),
-                builder: Arc::new(connection_builder(&listener.http)),
+                http1: http1_settings(&listener.http),
+                http2: Arc::new(http2_builder(&listener.http)),
             });
         }
         let applied = Applied {

@@ -6,6 +6,7 @@ mod error;
 pub mod flow;
 mod forward;
 mod handle;
+mod http1;
 mod lb;
 mod listener;
 pub mod normalize;

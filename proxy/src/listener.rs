@@ -1,4 +1,5 @@
-//! Listeners (**accept** -> identify -> ...): bound sockets, accept loops, and one hyper connection per client.
+//! Listeners (**accept** -> identify -> ...): bound sockets, accept loops, and per client either
+//! sluice's HTTP/1 server or hyper's HTTP/2 one, by the client's first bytes.
 
 use std::io;
 use std::net::SocketAddr;
@@ -8,12 +9,18 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
+use bytes::BytesMut;
+use http::Request;
+use hyper::body::Incoming;
+use hyper::server::conn::http2;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use socket2::{Domain, Socket, Type};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+use crate::body::DownstreamBody;
+use crate::http1::{self, PrefixedStream};
 use crate::server::{self, ConnContext, Shared};
 use crate::stats::bump;
 use crate::tables::Bind;
@@ -75,7 +82,7 @@ pub(crate) async fn accept_loop(listener: TcpListener, slot: usize, shared: Arc<
 }
 
 async fn serve_connection(
-    stream: TcpStream,
+    mut stream: TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
     slot: usize,
@@ -83,14 +90,12 @@ async fn serve_connection(
     stop: CancellationToken,
 ) {
     let _active = ActiveConnection::new(&shared);
-    let (builder, idle_timeout, dispatch) = {
+    let (http1, http2, dispatch) = {
         let snapshot = shared.snapshot.load();
         let dispatch = snapshot.dispatch(slot, local);
         let Some(entry) = snapshot.listener(dispatch.slot) else { return };
-        (Arc::clone(&entry.builder), entry.http.idle_timeout.filter(|t| !t.is_zero()), dispatch)
+        (entry.http1, Arc::clone(&entry.http2), dispatch)
     };
-    let activity = Arc::new(AtomicU64::new(0));
-    let io = TokioIo::new(ActivityIo { inner: stream, activity: Arc::clone(&activity), writes: WriteBatching::default() });
     let ctx = Arc::new(ConnContext {
         shared,
         slot,
@@ -98,12 +103,47 @@ async fn serve_connection(
         local,
         original_destination: dispatch.original_destination,
     });
+    let mut first_bytes = BytesMut::new();
+    match sniff(&mut stream, &mut first_bytes, http1.idle_timeout, &stop).await {
+        Some(ClientProtocol::Http1) => http1::serve(stream, first_bytes, ctx, http1, stop).await,
+        Some(ClientProtocol::Http2) => {
+            let io = PrefixedStream::new(first_bytes.freeze(), stream);
+            serve_http2(io, ctx, &http2, http1.idle_timeout, stop).await;
+        }
+        None => {}
+    }
+}
+
+/// Reads the client's first bytes until they tell HTTP/1 from HTTP/2 prior knowledge; `None`
+/// when the connection closes (or idles, or the listener stops) first.
+async fn sniff(stream: &mut TcpStream, first_bytes: &mut BytesMut, idle_timeout: Option<Duration>, stop: &CancellationToken) -> Option<ClientProtocol> {
+    loop {
+        if let Some(protocol) = client_protocol(first_bytes) {
+            return Some(protocol);
+        }
+        if !http1::until_readable(stream.readable(), idle_timeout, stop).await {
+            return None;
+        }
+        first_bytes.reserve(HTTP2_PREFACE_START.len());
+        match stream.try_read_buf(first_bytes) {
+            Ok(0) => return None,
+            Ok(_) => {}
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => return None,
+        }
+    }
+}
+
+async fn serve_http2(io: PrefixedStream, ctx: Arc<ConnContext>, builder: &http2::Builder<TokioExecutor>, idle_timeout: Option<Duration>, stop: CancellationToken) {
+    let activity = Arc::new(AtomicU64::new(0));
+    let io = TokioIo::new(ActivityIo { inner: io, activity: Arc::clone(&activity), writes: WriteBatching::default() });
+    let peer = ctx.peer;
     // Boxed: hyper keeps room for one in-flight request future per connection for the
-    // connection's whole life; unboxed that is the full request state machine (~4 KiB) on
-    // every idle keep-alive connection, boxed it is a pointer and the state lives only
-    // while a request does (10k idle connections: 225 -> 197 MiB RSS).
-    let service = hyper::service::service_fn(move |request| Box::pin(server::handle(Arc::clone(&ctx), request)));
-    let connection = builder.serve_connection_with_upgrades(io, service);
+    // connection's whole life; boxed it is a pointer and the state lives only while a request does.
+    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+        Box::pin(server::handle(Arc::clone(&ctx), request.map(DownstreamBody::Http2), None))
+    });
+    let connection = builder.serve_connection(io, service);
     tokio::pin!(connection);
     let mut seen_activity = 0;
     let mut draining = false;
@@ -158,52 +198,42 @@ impl Drop for ActiveConnection {
 /// The HTTP/2 connection preface's first bytes: a client that starts with them speaks HTTP/2.
 const HTTP2_PREFACE_START: &[u8] = b"PRI * HTTP/2.0";
 
+/// What the connection's first bytes say.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum ClientProtocol {
+    Http1,
+    /// The bytes start with the HTTP/2 connection preface (prior knowledge, as h2c clients do).
+    Http2,
+}
+
+/// `None` while the bytes so far are a prefix of the HTTP/2 preface.
+fn client_protocol(first_bytes: &[u8]) -> Option<ClientProtocol> {
+    let compared = first_bytes.len().min(HTTP2_PREFACE_START.len());
+    if first_bytes[..compared] != HTTP2_PREFACE_START[..compared] {
+        Some(ClientProtocol::Http1)
+    } else if compared == HTTP2_PREFACE_START.len() {
+        Some(ClientProtocol::Http2)
+    } else {
+        None
+    }
+}
+
 /// Write batching for HTTP/2 downstream connections. Each stream's response wakes the
 /// connection task, which writes whatever frames are ready: with several streams per
 /// connection that was a `writev` per response (h2load, 4 streams per connection: 1.85 `writev`
 /// per request, one of them upstream). Deferring the first write of a batch by one scheduler
 /// pass lets the other streams that are ready add their frames first, so one `writev` carries
-/// them all (1.14 per request). HTTP/1 connections carry one response at a time and are never
-/// deferred.
+/// them all (1.14 per request).
 #[derive(Default)]
 struct WriteBatching {
-    protocol: ClientProtocol,
     /// A write was deferred and its retry is due.
     deferred: bool,
 }
 
-/// What the connection's first bytes say.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum ClientProtocol {
-    /// This many bytes of the HTTP/2 preface matched so far.
-    Undecided(usize),
-    Http1,
-    Http2,
-}
-
-impl Default for ClientProtocol {
-    fn default() -> Self {
-        ClientProtocol::Undecided(0)
-    }
-}
-
 impl WriteBatching {
-    fn on_read(&mut self, filled: &[u8]) {
-        let ClientProtocol::Undecided(matched) = self.protocol else { return };
-        let expected = &HTTP2_PREFACE_START[matched..];
-        let compared = filled.len().min(expected.len());
-        self.protocol = if filled[..compared] != expected[..compared] {
-            ClientProtocol::Http1
-        } else if compared == expected.len() {
-            ClientProtocol::Http2
-        } else {
-            ClientProtocol::Undecided(matched + compared)
-        };
-    }
-
     /// `true`: return `Pending` now (the task was woken to retry after the others ran).
     fn defer(&mut self, cx: &Context<'_>) -> bool {
-        if self.protocol != ClientProtocol::Http2 || std::mem::take(&mut self.deferred) {
+        if std::mem::take(&mut self.deferred) {
             return false;
         }
         self.deferred = true;
@@ -212,10 +242,10 @@ impl WriteBatching {
     }
 }
 
-/// A TCP stream that counts I/O operations, for the connection idle timeout, and batches
-/// HTTP/2 writes (`WriteBatching`).
+/// An HTTP/2 client's stream that counts I/O operations, for the connection idle timeout, and
+/// batches writes (`WriteBatching`).
 struct ActivityIo {
-    inner: TcpStream,
+    inner: PrefixedStream,
     activity: Arc<AtomicU64>,
     writes: WriteBatching,
 }
@@ -229,11 +259,9 @@ impl ActivityIo {
 impl AsyncRead for ActivityIo {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        let before = buf.filled().len();
         let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
         if polled.is_ready() {
             this.touch();
-            this.writes.on_read(&buf.filled()[before..]);
         }
         polled
     }
@@ -281,40 +309,22 @@ impl AsyncWrite for ActivityIo {
 mod tests {
     use super::*;
 
-    fn context() -> Context<'static> {
-        Context::from_waker(std::task::Waker::noop())
+    #[test]
+    fn the_http2_preface_decides_the_protocol_even_in_pieces() {
+        assert_eq!(client_protocol(b""), None);
+        assert_eq!(client_protocol(b"PRI"), None);
+        assert_eq!(client_protocol(b"PRI * HTTP/2.0\r\n\r\nSM"), Some(ClientProtocol::Http2));
+        assert_eq!(client_protocol(b"P"), None);
+        assert_eq!(client_protocol(b"POST / HTTP/1.1\r\n"), Some(ClientProtocol::Http1));
+        assert_eq!(client_protocol(b"GET"), Some(ClientProtocol::Http1));
     }
 
     #[test]
-    fn http2_connections_defer_the_first_write_of_each_batch_once() {
+    fn http2_writes_wait_one_pass_per_batch() {
         let mut batching = WriteBatching::default();
-        batching.on_read(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
-        let cx = context();
+        let cx = Context::from_waker(std::task::Waker::noop());
         assert!(batching.defer(&cx), "first write of a batch waits one pass");
         assert!(!batching.defer(&cx), "its retry goes out");
         assert!(batching.defer(&cx), "the next batch waits again");
-    }
-
-    #[test]
-    fn http1_connections_never_defer() {
-        let mut batching = WriteBatching::default();
-        batching.on_read(b"GET / HTTP/1.1\r\n");
-        // Later bytes (a body that happens to start like the preface) change nothing.
-        batching.on_read(b"PRI * HTTP/2.0");
-        let cx = context();
-        assert!(!batching.defer(&cx) && !batching.defer(&cx));
-    }
-
-    #[test]
-    fn the_preface_may_arrive_in_pieces_and_a_lookalike_start_is_http1() {
-        let mut http2 = WriteBatching::default();
-        http2.on_read(b"PRI");
-        assert!(!http2.defer(&context()), "undecided: not deferred");
-        http2.on_read(b" * HTTP/2.0\r\n");
-        assert!(http2.defer(&context()));
-        let mut post = WriteBatching::default();
-        post.on_read(b"P");
-        post.on_read(b"OST / HTTP/1.1\r\n");
-        assert!(!post.defer(&context()) && !post.defer(&context()));
     }
 }

@@ -51,7 +51,7 @@ pub fn normalize_request(
         });
     }
     check_header_limits(parts, hcm)?;
-    check_framing(parts.version, &parts.headers)?;
+    request_body_framing(parts.version, &parts.headers)?;
     let authority = canonical_request_authority(parts)?;
     let (path_and_query, unescaped_slash) = canonical_target(&parts.method, &parts.uri, hcm)?;
 
@@ -101,8 +101,18 @@ fn check_header_limits(parts: &http::request::Parts, hcm: &HttpConnectionManager
     Ok(())
 }
 
-/// Request smuggling defences: one unambiguous body length, chunked only on HTTP/1.1.
-fn check_framing(version: Version, headers: &http::HeaderMap) -> Result<(), Rejection> {
+/// How a request's body is delimited on the wire (RFC 9112 §6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFraming {
+    /// Neither `content-length` nor `transfer-encoding`: no body.
+    Empty,
+    Length(u64),
+    Chunked,
+}
+
+/// Request smuggling defences: one unambiguous body length, chunked only on HTTP/1.1. The
+/// HTTP/1 server reads bodies by this very decision, so what policy accepted is what is read.
+pub fn request_body_framing(version: Version, headers: &http::HeaderMap) -> Result<BodyFraming, Rejection> {
     let mut transfer_encodings = headers.get_all(TRANSFER_ENCODING).iter();
     if let Some(first) = transfer_encodings.next() {
         if version != Version::HTTP_11 {
@@ -114,18 +124,21 @@ fn check_framing(version: Version, headers: &http::HeaderMap) -> Result<(), Reje
         if headers.contains_key(CONTENT_LENGTH) {
             return Err(Rejection::bad_request("both transfer-encoding and content-length"));
         }
+        return Ok(BodyFraming::Chunked);
     }
     let mut lengths = headers
         .get_all(CONTENT_LENGTH)
         .iter()
         .flat_map(|value| value.as_bytes().split(|byte| *byte == b','))
         .map(<[u8]>::trim_ascii);
-    if let Some(first) = lengths.next() {
-        if first.is_empty() || !first.iter().all(u8::is_ascii_digit) || lengths.any(|other| other != first) {
-            return Err(Rejection::bad_request("invalid or conflicting content-length"));
-        }
+    let Some(first) = lengths.next() else { return Ok(BodyFraming::Empty) };
+    let invalid = || Rejection::bad_request("invalid or conflicting content-length");
+    if first.is_empty() || !first.iter().all(u8::is_ascii_digit) || lengths.any(|other| other != first) {
+        return Err(invalid());
     }
-    Ok(())
+    // All ASCII digits, so UTF-8; too many of them for a u64 is invalid too.
+    let length = std::str::from_utf8(first).ok().and_then(|digits| digits.parse().ok()).ok_or_else(invalid)?;
+    Ok(BodyFraming::Length(length))
 }
 
 /// The authority of the request: from an absolute-form target or `:authority` when present,
@@ -616,6 +629,14 @@ mod tests {
         assert_eq!(framing(h11, &[("content-length", "")]), Err(400));
         assert_eq!(framing(Version::HTTP_10, &[("transfer-encoding", "chunked")]), Err(400));
         assert_eq!(framing(Version::HTTP_2, &[("transfer-encoding", "chunked")]), Err(400));
+        assert_eq!(framing(h11, &[("content-length", "18446744073709551616")]), Err(400), "past u64");
+        let decided = |headers: &[(&str, &str)]| {
+            let map = parts(h11, "POST", "/", headers).headers;
+            request_body_framing(h11, &map).map_err(|rejection| rejection.status.as_u16())
+        };
+        assert_eq!(decided(&[]), Ok(BodyFraming::Empty));
+        assert_eq!(decided(&[("content-length", "10, 10")]), Ok(BodyFraming::Length(10)));
+        assert_eq!(decided(&[("transfer-encoding", "chunked")]), Ok(BodyFraming::Chunked));
     }
 
     /// NUL/CR/LF in header values (CVE-2019-9900) never reach normalize: hyper's parser and h2

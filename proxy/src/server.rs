@@ -13,11 +13,11 @@ use http::header::{HeaderName, HeaderValue, CONNECTION, HOST, UPGRADE};
 use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::authorize::{Decision, HeaderEdit};
-use crate::body::{ProxyBody, ReplayBuffer};
+use crate::body::{DownstreamBody, ProxyBody, ReplayBuffer};
+use crate::http1::DownstreamUpgrade;
 use crate::flow::{DropReason, FlowEvent, FlowPeer, FlowSink, HttpFlow, TrafficDirection, Verdict};
 use crate::forward::{self, Deadline, Failure, Outgoing, OutgoingBody, Plan};
 use crate::lb::PickInput;
@@ -82,7 +82,12 @@ struct Exchange<'a> {
     direction: Option<TrafficDirection>,
 }
 
-pub(crate) async fn handle(ctx: Arc<ConnContext>, request: Request<Incoming>) -> Result<Response<ProxyBody>, DroppedByPolicy> {
+/// Serves one request; `upgrade` is set by the HTTP/1 server when the request asks to switch protocols.
+pub(crate) async fn handle(
+    ctx: Arc<ConnContext>,
+    request: Request<DownstreamBody>,
+    upgrade: Option<DownstreamUpgrade>,
+) -> Result<Response<ProxyBody>, DroppedByPolicy> {
     let snapshot = ctx.shared.snapshot.load_full();
     bump(&ctx.shared.counters.downstream_rq_total);
     let Some(listener) = snapshot.listener(snapshot.dispatch(ctx.slot, ctx.local).slot) else {
@@ -106,7 +111,7 @@ pub(crate) async fn handle(ctx: Arc<ConnContext>, request: Request<Incoming>) ->
         policy: None,
         direction: None,
     };
-    let outcome = exchange.run(request).await;
+    let outcome = exchange.run(request, upgrade).await;
     let (verdict, reason, status) = match &outcome {
         Ok((response, reason)) => {
             let verdict = match reason {
@@ -129,17 +134,14 @@ pub(crate) async fn handle(ctx: Arc<ConnContext>, request: Request<Incoming>) ->
 type PhaseResult = Result<(Response<ProxyBody>, Option<DropReason>), DropReason>;
 
 impl<'a> Exchange<'a> {
-    async fn run(&mut self, mut request: Request<Incoming>) -> PhaseResult {
+    async fn run(&mut self, request: Request<DownstreamBody>, upgrade: Option<DownstreamUpgrade>) -> PhaseResult {
         let hcm: &'a HttpConnectionManager = &self.listener.http;
-        // Taken before normalization strips hop-by-hop headers.
-        let upgrade = upgrade_requested(&request);
-        let on_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
         let (mut parts, body) = request.into_parts();
         let mut head = match normalize_request(&mut parts, hcm) {
             Ok(head) => head,
             Err(rejection) => return Ok(rejected(rejection, &parts.uri)),
         };
-        let result = self.route_and_forward(&mut head, parts, body, upgrade, on_upgrade).await;
+        let result = self.route_and_forward(&mut head, parts, body, upgrade).await;
         self.head = Some(head);
         result
     }
@@ -148,9 +150,8 @@ impl<'a> Exchange<'a> {
         &mut self,
         head: &mut RequestHead,
         mut parts: http::request::Parts,
-        body: Incoming,
-        upgrade: Option<HeaderValue>,
-        on_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        body: DownstreamBody,
+        upgrade: Option<DownstreamUpgrade>,
     ) -> PhaseResult {
         let hcm: &'a HttpConnectionManager = &self.listener.http;
         let snapshot: &'a Snapshot = self.snapshot;
@@ -173,8 +174,8 @@ impl<'a> Exchange<'a> {
             }
             RouteAction::Forward(action) => Arc::clone(action),
         };
-        if let Some(kind) = &upgrade {
-            if !upgrade_allowed(hcm, kind) {
+        if let Some(upgrade) = &upgrade {
+            if !upgrade_allowed(hcm, &upgrade.kind) {
                 // Envoy answers an upgrade type without `upgrade_configs` with 403.
                 return Ok((local_reply(StatusCode::FORBIDDEN, Bytes::new()), Some(DropReason::InvalidRequest)));
             }
@@ -218,16 +219,16 @@ impl<'a> Exchange<'a> {
         let deadline = Deadline::new(self.started, action.timeout, hcm.stream_idle_timeout);
         let vhost = selection.virtual_host;
 
-        if let (Some(kind), Some(on_upgrade)) = (upgrade, on_upgrade) {
+        if let Some(upgrade) = upgrade {
             forward::apply_header_edits(&mut headers, &edits);
             headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
-            headers.insert(UPGRADE, kind);
-            let mut upstream_request = Request::new(ProxyBody::incoming(body));
+            headers.insert(UPGRADE, upgrade.kind.clone());
+            let mut upstream_request = Request::new(ProxyBody::Downstream(body));
             *upstream_request.method_mut() = parts.method;
             *upstream_request.uri_mut() = uri;
             *upstream_request.headers_mut() = headers;
             self.attempts = 1;
-            let result = Box::pin(forward::forward_upgrade(&cluster, &host, upstream_request, on_upgrade, deadline)).await;
+            let result = Box::pin(forward::forward_upgrade(&cluster, &host, upstream_request, upgrade, deadline)).await;
             return Ok(self.respond(result, &hcm.route_config));
         }
 
@@ -488,22 +489,6 @@ fn local_reply(status: StatusCode, body: Bytes) -> Response<ProxyBody> {
     response
 }
 
-/// The `Upgrade` value of an HTTP/1.1 request that asks to switch protocols.
-fn upgrade_requested(request: &Request<Incoming>) -> Option<HeaderValue> {
-    if request.version() != Version::HTTP_11 {
-        return None;
-    }
-    let upgrade = request.headers().get(UPGRADE)?;
-    let connection_says_upgrade = request
-        .headers()
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
-    connection_says_upgrade.then(|| upgrade.clone())
-}
-
 fn upgrade_allowed(hcm: &HttpConnectionManager, kind: &HeaderValue) -> bool {
     let Ok(kind) = kind.to_str() else { return false };
     hcm.upgrades.iter().any(|allowed| allowed.eq_ignore_ascii_case(kind.trim()))
@@ -671,18 +656,18 @@ enum Replay<'a> {
 
 /// Prepares the request body for the attempts: kept for replay as `replay` says while it fits
 /// `limit`, otherwise streamed (then sent once, never retried or mirrored).
-async fn read_body(body: Incoming, replay: Replay<'_>, limit: usize, deadline: Deadline) -> Result<OutgoingBody, BodyError> {
+async fn read_body(body: DownstreamBody, replay: Replay<'_>, limit: usize, deadline: Deadline) -> Result<OutgoingBody, BodyError> {
     if body.is_end_stream() {
         return Ok(OutgoingBody::Replayable(None));
     }
     let counters = match replay {
-        Replay::None => return Ok(OutgoingBody::Streaming(Some(ProxyBody::incoming(body)))),
+        Replay::None => return Ok(OutgoingBody::Streaming(Some(ProxyBody::Downstream(body)))),
         Replay::Teed(counters) => return Ok(OutgoingBody::Teed(ReplayBuffer::new(body, limit, Arc::clone(counters)))),
         Replay::Buffered(counters) => counters,
     };
     if body.size_hint().lower() > limit as u64 {
         bump(&counters.retry_or_shadow_abandoned);
-        return Ok(OutgoingBody::Streaming(Some(ProxyBody::incoming(body))));
+        return Ok(OutgoingBody::Streaming(Some(ProxyBody::Downstream(body))));
     }
     let buffering = Box::pin(buffer_up_to(body, limit));
     let buffered = match deadline.at {
@@ -696,7 +681,7 @@ async fn read_body(body: Incoming, replay: Replay<'_>, limit: usize, deadline: D
     Ok(buffered)
 }
 
-async fn buffer_up_to(mut body: Incoming, limit: usize) -> Result<OutgoingBody, hyper::Error> {
+async fn buffer_up_to(mut body: DownstreamBody, limit: usize) -> Result<OutgoingBody, crate::body::BodyError> {
     let mut buffer = BytesMut::new();
     while let Some(frame) = body.frame().await {
         // Trailers are not replayed (Envoy drops them for buffered retries too).

@@ -4,11 +4,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
+use hyper::server::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use hyper_util::server::conn::auto;
 use ipnet::IpNet;
 
 use crate::authorize::CompiledPolicy;
+use crate::http1::Http1Settings;
 use crate::tables::{EndpointPolicy, HttpConnectionManager, Identity, Peer, IDENTITY_WORLD};
 use crate::upstream::ClusterState;
 
@@ -47,7 +48,8 @@ pub(crate) struct ListenerEntry {
     pub transparent: Option<SocketAddr>,
     pub http: Arc<HttpConnectionManager>,
     /// Connection settings derived from the HCM, shared by the listener's connections.
-    pub builder: Arc<auto::Builder<TokioExecutor>>,
+    pub http1: Http1Settings,
+    pub http2: Arc<http2::Builder<TokioExecutor>>,
 }
 
 /// An endpoint's policy compiled for matching, both directions.
@@ -145,28 +147,25 @@ fn dispatch(accepted_on: usize, transparent: Option<SocketAddr>, local: SocketAd
     Dispatch { slot: frontends.get(&local).copied().unwrap_or(accepted_on), original_destination: Some(local) }
 }
 
-/// hyper's connection builder for one HCM: HTTP/1.1 and HTTP/2 prior knowledge on one port.
-pub(crate) fn connection_builder(hcm: &HttpConnectionManager) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    let header_bytes = hcm.max_request_headers_bytes;
-    {
-        let mut http1 = builder.http1();
-        http1
-            .timer(TokioTimer::new())
-            .keep_alive(true)
-            .max_buf_size(header_bytes.max(8192))
-            // hyper's own default is 30 s, a timer armed and dropped on every request (3% of
-            // req/s on one core); Envoy's default is none.
-            .header_read_timeout(hcm.request_headers_timeout);
-        // hyper's default is 100; setting it moves the header array to the heap.
-        if hcm.max_headers_count != 100 {
-            http1.max_headers(hcm.max_headers_count);
-        }
+/// The HTTP/1 server's settings for one HCM.
+pub(crate) fn http1_settings(hcm: &HttpConnectionManager) -> Http1Settings {
+    Http1Settings {
+        // Normalization applies the exact `max_request_headers_kb` (names, values and target) and
+        // answers 431; the wire limit only has to leave room for the separators around them.
+        max_head_bytes: hcm.max_request_headers_bytes.saturating_add(4 * hcm.max_headers_count + 1024),
+        // Normalization counts against `max_headers_count` exactly; this only stops the parser.
+        max_headers: hcm.max_headers_count + 1,
+        headers_timeout: hcm.request_headers_timeout,
+        idle_timeout: hcm.idle_timeout.filter(|timeout| !timeout.is_zero()),
     }
+}
+
+/// hyper's HTTP/2 connection builder for one HCM (prior knowledge; HTTP/1.1 is `http1`'s).
+pub(crate) fn http2_builder(hcm: &HttpConnectionManager) -> http2::Builder<TokioExecutor> {
+    let mut builder = http2::Builder::new(TokioExecutor::new());
     builder
-        .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(header_bytes).unwrap_or(u32::MAX))
+        .max_header_list_size(u32::try_from(hcm.max_request_headers_bytes).unwrap_or(u32::MAX))
         // Envoy's current defaults (envoy-ztunnel.md §2.11); also bounds Rapid Reset work.
         .max_concurrent_streams(1024)
         .max_pending_accept_reset_streams(100);

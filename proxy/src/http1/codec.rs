@@ -1,0 +1,568 @@
+//! HTTP/1.1 wire format of the downstream server (accept -> **parse** -> normalize ... respond -> **encode**):
+//! request heads and chunked bodies in, response heads and chunked bodies out. Pure: bytes in,
+//! values out; the connection loop in `conn.rs` does the I/O.
+//!
+//! Heads are tokenized by `httparse`; what is hand-written here is framing (RFC 9112 §6-7) and
+//! the response head, kept strict because a lenient parser in front of a stricter backend is
+//! how requests get smuggled: bare LF line ends, chunk sizes with signs or whitespace inside, and
+//! trailers past the header limit are all refused.
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, DATE, TRANSFER_ENCODING};
+use http::{HeaderMap, Method, StatusCode, Uri, Version};
+
+/// Header slots on the stack; a listener allowing more parses into a heap array instead.
+const HEADER_SLOTS: usize = 128;
+/// The longest chunk-size line accepted (size, extensions and CRLF).
+const MAX_CHUNK_LINE: usize = 4096;
+
+/// Why a request head could not be read; the connection answers and closes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum HeadError {
+    #[error("request head too large")]
+    TooLarge,
+    #[error("malformed request head: {0}")]
+    Malformed(&'static str),
+}
+
+impl HeadError {
+    pub fn status(self) -> StatusCode {
+        match self {
+            HeadError::TooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            HeadError::Malformed(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
+/// Parses one request head from the start of `buf`: the head and its length in bytes, or `None`
+/// when more bytes are needed. `max_bytes` bounds the head while it is incomplete; more than
+/// `max_headers` header lines make it too large.
+pub(crate) fn parse_request_head(buf: &[u8], max_bytes: usize, max_headers: usize) -> Result<Option<(http::request::Parts, usize)>, HeadError> {
+    if max_headers <= HEADER_SLOTS {
+        let mut slots = [httparse::EMPTY_HEADER; HEADER_SLOTS];
+        parse_into(buf, max_bytes, &mut slots[..max_headers])
+    } else {
+        parse_into(buf, max_bytes, &mut vec![httparse::EMPTY_HEADER; max_headers])
+    }
+}
+
+fn parse_into<'b>(buf: &'b [u8], max_bytes: usize, slots: &mut [httparse::Header<'b>]) -> Result<Option<(http::request::Parts, usize)>, HeadError> {
+    let mut parsed = httparse::Request::new(slots);
+    let consumed = match parsed.parse(buf) {
+        Ok(httparse::Status::Complete(consumed)) => consumed,
+        Ok(httparse::Status::Partial) if buf.len() > max_bytes => return Err(HeadError::TooLarge),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
+        Err(httparse::Error::Version) => return Err(HeadError::Malformed("unsupported HTTP version")),
+        Err(_) => return Err(HeadError::Malformed("invalid request line or header")),
+    };
+    if consumed > max_bytes {
+        return Err(HeadError::TooLarge);
+    }
+    let method = parsed.method.map(str::as_bytes).map(Method::from_bytes).and_then(Result::ok);
+    let method = method.ok_or(HeadError::Malformed("invalid method"))?;
+    let target = parsed.path.ok_or(HeadError::Malformed("missing request target"))?;
+    let uri = Uri::try_from(target).map_err(|_| HeadError::Malformed("invalid request target"))?;
+    let version = match parsed.version {
+        Some(0) => Version::HTTP_10,
+        _ => Version::HTTP_11,
+    };
+    let mut headers = HeaderMap::with_capacity(parsed.headers.len());
+    append_headers(&mut headers, parsed.headers)?;
+    let (mut parts, ()) = http::Request::new(()).into_parts();
+    parts.method = method;
+    parts.uri = uri;
+    parts.version = version;
+    parts.headers = headers;
+    Ok(Some((parts, consumed)))
+}
+
+fn append_headers(headers: &mut HeaderMap, parsed: &[httparse::Header<'_>]) -> Result<(), HeadError> {
+    for header in parsed {
+        let name = HeaderName::from_bytes(header.name.as_bytes()).map_err(|_| HeadError::Malformed("invalid header name"))?;
+        let value = HeaderValue::from_bytes(header.value).map_err(|_| HeadError::Malformed("invalid header value"))?;
+        headers.append(name, value);
+    }
+    Ok(())
+}
+
+/// Whether a `Connection` header lists `token`.
+fn connection_lists(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|listed| listed.trim().eq_ignore_ascii_case(token))
+}
+
+/// Whether the client asked to keep the connection open after this request (RFC 9112 §9.3).
+pub(crate) fn wants_keep_alive(version: Version, headers: &HeaderMap) -> bool {
+    if version == Version::HTTP_10 { connection_lists(headers, "keep-alive") } else { !connection_lists(headers, "close") }
+}
+
+/// The `Upgrade` value of an HTTP/1.1 request that asks to switch protocols.
+pub(crate) fn requested_upgrade(version: Version, headers: &HeaderMap) -> Option<HeaderValue> {
+    let upgrade = headers.get(http::header::UPGRADE)?;
+    (version == Version::HTTP_11 && connection_lists(headers, "upgrade")).then(|| upgrade.clone())
+}
+
+/// Whether the client sent `Expect: 100-continue` and waits for a go-ahead before its body.
+pub(crate) fn expects_continue(version: Version, headers: &HeaderMap) -> bool {
+    version == Version::HTTP_11
+        && headers.get(http::header::EXPECT).is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+}
+
+/// One step of a request body.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Decoded {
+    Data(Bytes),
+    Trailers(HeaderMap),
+    /// The body is complete; bytes after it belong to the next request.
+    End,
+    /// `buf` holds no complete step: read more.
+    NeedMore,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum BodyDecodeError {
+    #[error("invalid chunk size line")]
+    ChunkSize,
+    #[error("chunk data not followed by CRLF")]
+    ChunkEnd,
+    #[error("invalid or oversized trailers")]
+    Trailers,
+}
+
+/// Reads a request body out of the connection's buffer, `Content-Length` or chunked.
+#[derive(Debug)]
+pub(crate) enum BodyDecoder {
+    Length { remaining: u64 },
+    Chunked { state: ChunkState, max_trailer_bytes: usize },
+    Done,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ChunkState {
+    Size,
+    Data { remaining: u64 },
+    DataEnd,
+    Trailers,
+}
+
+impl BodyDecoder {
+    pub fn length(length: u64) -> Self {
+        if length == 0 { BodyDecoder::Done } else { BodyDecoder::Length { remaining: length } }
+    }
+
+    pub fn chunked(max_trailer_bytes: usize) -> Self {
+        BodyDecoder::Chunked { state: ChunkState::Size, max_trailer_bytes }
+    }
+
+    pub fn is_done(&self) -> bool {
+        matches!(self, BodyDecoder::Done)
+    }
+
+    /// Takes the next step of the body from the front of `buf`.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, BodyDecodeError> {
+        match self {
+            BodyDecoder::Done => Ok(Decoded::End),
+            BodyDecoder::Length { remaining } => {
+                if buf.is_empty() {
+                    return Ok(Decoded::NeedMore);
+                }
+                let take = usize::try_from(*remaining).unwrap_or(usize::MAX).min(buf.len());
+                *remaining -= take as u64;
+                let data = buf.split_to(take).freeze();
+                if *remaining == 0 {
+                    *self = BodyDecoder::Done;
+                }
+                Ok(Decoded::Data(data))
+            }
+            BodyDecoder::Chunked { state, max_trailer_bytes } => loop {
+                match *state {
+                    ChunkState::Size => {
+                        let Some(line_end) = find_crlf(buf, MAX_CHUNK_LINE)? else { return Ok(Decoded::NeedMore) };
+                        let size = chunk_size(&buf[..line_end])?;
+                        buf.advance(line_end + 2);
+                        *state = if size == 0 { ChunkState::Trailers } else { ChunkState::Data { remaining: size } };
+                    }
+                    ChunkState::Data { remaining } => {
+                        if buf.is_empty() {
+                            return Ok(Decoded::NeedMore);
+                        }
+                        let take = usize::try_from(remaining).unwrap_or(usize::MAX).min(buf.len());
+                        let left = remaining - take as u64;
+                        *state = if left == 0 { ChunkState::DataEnd } else { ChunkState::Data { remaining: left } };
+                        return Ok(Decoded::Data(buf.split_to(take).freeze()));
+                    }
+                    ChunkState::DataEnd => {
+                        if buf.len() < 2 {
+                            return Ok(Decoded::NeedMore);
+                        }
+                        if &buf[..2] != b"\r\n" {
+                            return Err(BodyDecodeError::ChunkEnd);
+                        }
+                        buf.advance(2);
+                        *state = ChunkState::Size;
+                    }
+                    ChunkState::Trailers => {
+                        let limit = *max_trailer_bytes;
+                        let decoded = trailers(buf, limit)?;
+                        if decoded != Decoded::NeedMore {
+                            *self = BodyDecoder::Done;
+                        }
+                        return Ok(decoded);
+                    }
+                }
+            },
+        }
+    }
+}
+
+/// Position of the first CRLF; a bare LF or a line longer than `max` is an error.
+fn find_crlf(buf: &[u8], max: usize) -> Result<Option<usize>, BodyDecodeError> {
+    match buf.iter().take(max).position(|&byte| byte == b'\n') {
+        Some(0) => Err(BodyDecodeError::ChunkSize),
+        Some(lf) if buf[lf - 1] == b'\r' => Ok(Some(lf - 1)),
+        Some(_) => Err(BodyDecodeError::ChunkSize),
+        None if buf.len() >= max => Err(BodyDecodeError::ChunkSize),
+        None => Ok(None),
+    }
+}
+
+/// `1*HEXDIG [ BWS ";" extensions ]`; extensions are ignored but may not hold control bytes.
+fn chunk_size(line: &[u8]) -> Result<u64, BodyDecodeError> {
+    let digits = line.iter().take_while(|byte| byte.is_ascii_hexdigit()).count();
+    if digits == 0 || digits > 16 {
+        return Err(BodyDecodeError::ChunkSize);
+    }
+    let rest = line[digits..].trim_ascii_start();
+    let extension_ok = rest.is_empty() || (rest[0] == b';' && rest.iter().all(|&byte| byte == b'\t' || (b' '..0x7f).contains(&byte) || byte >= 0x80));
+    if !extension_ok {
+        return Err(BodyDecodeError::ChunkSize);
+    }
+    let text = std::str::from_utf8(&line[..digits]).map_err(|_| BodyDecodeError::ChunkSize)?;
+    u64::from_str_radix(text, 16).map_err(|_| BodyDecodeError::ChunkSize)
+}
+
+/// The trailer section after the last chunk, up to and including its empty line.
+fn trailers(buf: &mut BytesMut, limit: usize) -> Result<Decoded, BodyDecodeError> {
+    if buf.starts_with(b"\r\n") {
+        buf.advance(2);
+        return Ok(Decoded::End);
+    }
+    let mut slots = [httparse::EMPTY_HEADER; 32];
+    match httparse::parse_headers(buf, &mut slots) {
+        Ok(httparse::Status::Complete((consumed, parsed))) if consumed <= limit => {
+            let mut headers = HeaderMap::with_capacity(parsed.len());
+            append_headers(&mut headers, parsed).map_err(|_| BodyDecodeError::Trailers)?;
+            buf.advance(consumed);
+            Ok(Decoded::Trailers(headers))
+        }
+        Ok(httparse::Status::Partial) if buf.len() <= limit => Ok(Decoded::NeedMore),
+        _ => Err(BodyDecodeError::Trailers),
+    }
+}
+
+/// How a response body is delimited on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ResponseFraming {
+    /// No body bytes follow the head (HEAD, 1xx, 204, 304); a `content-length` the upstream sent
+    /// for a HEAD or 304 is passed on.
+    NoBody,
+    Length(u64),
+    Chunked,
+    /// An HTTP/1.0 client and a body of unknown length: the end of the connection ends it.
+    UntilClose,
+}
+
+/// Picks the framing: what the request and status allow, then the body's exact length if it
+/// is known, else chunked for HTTP/1.1 clients.
+pub(crate) fn response_framing(request_method: &Method, request_version: Version, status: StatusCode, exact_length: Option<u64>) -> ResponseFraming {
+    if request_method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        return ResponseFraming::NoBody;
+    }
+    match exact_length {
+        Some(length) => ResponseFraming::Length(length),
+        None if request_version == Version::HTTP_11 => ResponseFraming::Chunked,
+        None => ResponseFraming::UntilClose,
+    }
+}
+
+/// What the connection says about itself in a response head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ConnectionHeader {
+    /// HTTP/1.1 keep-alive: nothing to say.
+    Default,
+    /// HTTP/1.0 keep-alive must be confirmed.
+    KeepAlive,
+    Close,
+    /// A 101: the response's own `connection` and `upgrade` headers go out as they are.
+    Upgrade,
+}
+
+/// Writes the status line and headers. Framing and connection headers are this hop's own:
+/// the ones the response carries are replaced (except on a 101 and for HEAD/304 lengths).
+pub(crate) fn encode_response_head(
+    out: &mut Vec<u8>,
+    status: StatusCode,
+    headers: &HeaderMap,
+    framing: ResponseFraming,
+    connection: ConnectionHeader,
+    date: &[u8],
+) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let keep_length = framing == ResponseFraming::NoBody && !status.is_informational() && status != StatusCode::NO_CONTENT;
+    for (name, value) in headers {
+        let own = name == TRANSFER_ENCODING
+            || (name == CONTENT_LENGTH && !keep_length)
+            || (name == CONNECTION && connection != ConnectionHeader::Upgrade)
+            || name.as_str() == "keep-alive";
+        if !own {
+            header_line(out, name.as_str().as_bytes(), value.as_bytes());
+        }
+    }
+    if !headers.contains_key(DATE) {
+        header_line(out, b"date", date);
+    }
+    match framing {
+        ResponseFraming::Length(length) => header_line(out, b"content-length", length.to_string().as_bytes()),
+        ResponseFraming::Chunked => header_line(out, b"transfer-encoding", b"chunked"),
+        ResponseFraming::NoBody | ResponseFraming::UntilClose => {}
+    }
+    match connection {
+        ConnectionHeader::Close => header_line(out, b"connection", b"close"),
+        ConnectionHeader::KeepAlive => header_line(out, b"connection", b"keep-alive"),
+        ConnectionHeader::Default | ConnectionHeader::Upgrade => {}
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+fn header_line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The chunk header for `length` bytes of data.
+pub(crate) fn chunk_header(length: usize) -> String {
+    format!("{length:x}\r\n")
+}
+
+/// The last chunk and the trailer section.
+pub(crate) fn encode_last_chunk(out: &mut Vec<u8>, trailers: Option<&HeaderMap>) {
+    out.extend_from_slice(b"0\r\n");
+    for (name, value) in trailers.into_iter().flatten() {
+        header_line(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Whether the response asks for the connection to close after it.
+pub(crate) fn response_closes(headers: &HeaderMap) -> bool {
+    connection_lists(headers, "close")
+}
+
+/// The `date` header value, formatted once per second per thread.
+pub(crate) fn http_date() -> Bytes {
+    thread_local! {
+        static CACHED: std::cell::RefCell<(u64, Bytes)> = const { std::cell::RefCell::new((0, Bytes::new())) };
+    }
+    let now = std::time::SystemTime::now();
+    let second = now.duration_since(std::time::UNIX_EPOCH).map_or(0, |since| since.as_secs());
+    CACHED.with(|cached| {
+        let mut cached = cached.borrow_mut();
+        if cached.0 != second || cached.1.is_empty() {
+            *cached = (second, Bytes::from(httpdate::fmt_http_date(now)));
+        }
+        cached.1.clone()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(raw: &str) -> Result<Option<(http::request::Parts, usize)>, HeadError> {
+        parse_request_head(raw.as_bytes(), 1024, 101)
+    }
+
+    #[test]
+    fn a_complete_head_becomes_parts_and_its_length() {
+        let raw = "GET /a?b=1 HTTP/1.1\r\nHost: x.com\r\nX-Two: 1\r\nx-two: 2\r\n\r\nNEXT";
+        let (parts, consumed) = head(raw).unwrap().unwrap();
+        assert_eq!((parts.method, parts.version), (Method::GET, Version::HTTP_11));
+        assert_eq!(parts.uri, "/a?b=1");
+        assert_eq!(parts.headers["host"], "x.com");
+        assert_eq!(parts.headers.get_all("x-two").iter().count(), 2);
+        assert_eq!(&raw[consumed..], "NEXT");
+        let (parts, _) = head("POST http://x.com/p HTTP/1.0\r\n\r\n").unwrap().unwrap();
+        assert_eq!((parts.uri.host(), parts.version), (Some("x.com"), Version::HTTP_10));
+    }
+
+    #[test]
+    fn heads_are_incomplete_until_the_empty_line_and_bounded_meanwhile() {
+        assert!(matches!(head("GET / HTTP/1.1\r\nHost: x\r\n"), Ok(None)));
+        let long = format!("GET / HTTP/1.1\r\nx-big: {}", "v".repeat(2000));
+        assert_eq!(head(&long).unwrap_err(), HeadError::TooLarge);
+        let complete_but_long = format!("GET / HTTP/1.1\r\nx-big: {}\r\n\r\n", "v".repeat(2000));
+        assert_eq!(head(&complete_but_long).unwrap_err(), HeadError::TooLarge);
+        let many: String = (0..200).map(|i| format!("x-{i}: v\r\n")).collect();
+        let many = format!("GET / HTTP/1.1\r\n{many}\r\n");
+        assert_eq!(parse_request_head(many.as_bytes(), 1 << 20, 101).unwrap_err(), HeadError::TooLarge);
+        assert_eq!(parse_request_head(many.as_bytes(), 1 << 20, 200).unwrap().unwrap().0.headers.len(), 200, "past the stack slots");
+    }
+
+    #[test]
+    fn malformed_heads_are_refused() {
+        // (A bare LF ending a head line is accepted, RFC 9112 §2.2; the head is re-serialized
+        // with CRLF for the upstream, so no backend sees it.)
+        for raw in [
+            "GET / HTTP/2.0\r\n\r\n",                 // not HTTP/1.x
+            "GET /a b HTTP/1.1\r\n\r\n",              // space in the target
+            "GET / HTTP/1.1\r\nHost : x\r\n\r\n",     // space before the colon
+            "GET / HTTP/1.1\r\nx: a\r\n b\r\n\r\n",   // obsolete line folding
+            "GET / HTTP/1.1\r\nx: a\0b\r\n\r\n",      // NUL in a value
+            "G\u{1}T / HTTP/1.1\r\n\r\n",             // control byte in the method
+        ] {
+            assert!(matches!(head(raw), Err(HeadError::Malformed(_))), "{raw:?}: {:?}", head(raw));
+        }
+    }
+
+    #[test]
+    fn keep_alive_follows_the_version_default_and_the_connection_header() {
+        let headers = |value: &str| {
+            let mut map = HeaderMap::new();
+            map.insert(CONNECTION, HeaderValue::from_str(value).unwrap());
+            map
+        };
+        assert!(wants_keep_alive(Version::HTTP_11, &HeaderMap::new()));
+        assert!(!wants_keep_alive(Version::HTTP_11, &headers("foo, Close")));
+        assert!(!wants_keep_alive(Version::HTTP_10, &HeaderMap::new()));
+        assert!(wants_keep_alive(Version::HTTP_10, &headers("Keep-Alive")));
+    }
+
+    fn decode_all(decoder: &mut BodyDecoder, wire: &[u8]) -> Result<(Vec<u8>, Option<HeaderMap>, BytesMut), BodyDecodeError> {
+        let mut buf = BytesMut::from(wire);
+        let (mut data, mut trailers) = (Vec::new(), None);
+        loop {
+            match decoder.decode(&mut buf)? {
+                Decoded::Data(bytes) => data.extend_from_slice(&bytes),
+                Decoded::Trailers(map) => trailers = Some(map),
+                Decoded::End => return Ok((data, trailers, buf)),
+                Decoded::NeedMore => panic!("incomplete: {buf:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn content_length_bodies_stop_at_their_length() {
+        let mut decoder = BodyDecoder::length(5);
+        let (data, _, rest) = decode_all(&mut decoder, b"helloGET /next").unwrap();
+        assert_eq!((&data[..], &rest[..]), (&b"hello"[..], &b"GET /next"[..]));
+        assert!(BodyDecoder::length(0).is_done());
+    }
+
+    #[test]
+    fn chunked_bodies_with_extensions_and_trailers() {
+        let wire = b"5;ext=1\r\nhello\r\n6 ; name\r\n world\r\n0\r\nx-sum: 1\r\n\r\nNEXT";
+        let (data, trailers, rest) = decode_all(&mut BodyDecoder::chunked(1024), wire).unwrap();
+        assert_eq!(data, b"hello world");
+        assert_eq!(trailers.unwrap()["x-sum"], "1");
+        assert_eq!(&rest[..], b"NEXT");
+        let (data, trailers, _) = decode_all(&mut BodyDecoder::chunked(1024), b"A\r\n0123456789\r\n0\r\n\r\n").unwrap();
+        assert_eq!((data.len(), trailers), (10, None));
+    }
+
+    #[test]
+    fn chunked_bodies_arrive_in_pieces() {
+        let wire = b"5\r\nhello\r\n0\r\n\r\n";
+        let mut decoder = BodyDecoder::chunked(1024);
+        let mut buf = BytesMut::new();
+        let mut data = Vec::new();
+        for &byte in wire {
+            buf.extend_from_slice(&[byte]);
+            loop {
+                match decoder.decode(&mut buf).unwrap() {
+                    Decoded::Data(bytes) => data.extend_from_slice(&bytes),
+                    Decoded::NeedMore => break,
+                    Decoded::End => break,
+                    Decoded::Trailers(_) => unreachable!("no trailers sent"),
+                }
+            }
+        }
+        assert_eq!(data, b"hello");
+        assert!(decoder.is_done());
+    }
+
+    #[test]
+    fn malformed_chunked_framing_is_refused() {
+        for wire in [
+            &b"5\nhello\r\n0\r\n\r\n"[..],         // bare LF after the size
+            b"+5\r\nhello\r\n0\r\n\r\n",           // sign
+            b"5 5\r\nhello\r\n0\r\n\r\n",          // space inside the size
+            b"0x5\r\nhello\r\n0\r\n\r\n",          // prefix
+            b"11111111111111111\r\n",              // more than 64 bits
+            b"5\r\nhelloXX0\r\n\r\n",              // data longer than its size
+            b"\r\n",                                // no size at all
+        ] {
+            let mut buf = BytesMut::from(wire);
+            let mut decoder = BodyDecoder::chunked(1024);
+            let failed = loop {
+                match decoder.decode(&mut buf) {
+                    Err(_) => break true,
+                    Ok(Decoded::End | Decoded::NeedMore) => break false,
+                    Ok(_) => {}
+                }
+            };
+            assert!(failed, "{:?}", String::from_utf8_lossy(wire));
+        }
+        let oversized = format!("0\r\nx-big: {}\r\n\r\n", "v".repeat(100));
+        assert_eq!(decode_all(&mut BodyDecoder::chunked(64), oversized.as_bytes()).unwrap_err(), BodyDecodeError::Trailers);
+    }
+
+    #[test]
+    fn response_framing_follows_method_status_and_length() {
+        let get = |status: u16, length: Option<u64>, version: Version| {
+            response_framing(&Method::GET, version, StatusCode::from_u16(status).unwrap(), length)
+        };
+        assert_eq!(get(200, Some(3), Version::HTTP_11), ResponseFraming::Length(3));
+        assert_eq!(get(200, None, Version::HTTP_11), ResponseFraming::Chunked);
+        assert_eq!(get(200, None, Version::HTTP_10), ResponseFraming::UntilClose);
+        assert_eq!(get(204, None, Version::HTTP_11), ResponseFraming::NoBody);
+        assert_eq!(get(304, Some(10), Version::HTTP_11), ResponseFraming::NoBody);
+        assert_eq!(response_framing(&Method::HEAD, Version::HTTP_11, StatusCode::OK, Some(10)), ResponseFraming::NoBody);
+    }
+
+    #[test]
+    fn response_heads_carry_this_hops_framing_and_connection_headers() {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-a", HeaderValue::from_static("1"));
+        headers.insert(CONTENT_LENGTH, HeaderValue::from_static("999"));
+        headers.insert(TRANSFER_ENCODING, HeaderValue::from_static("gzip"));
+        headers.insert(CONNECTION, HeaderValue::from_static("keep-alive"));
+        let mut out = Vec::new();
+        encode_response_head(&mut out, StatusCode::OK, &headers, ResponseFraming::Length(2), ConnectionHeader::Close, b"D");
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "HTTP/1.1 200 OK\r\nx-a: 1\r\ndate: D\r\ncontent-length: 2\r\nconnection: close\r\n\r\n"
+        );
+        let mut out = Vec::new();
+        encode_response_head(&mut out, StatusCode::OK, &headers, ResponseFraming::NoBody, ConnectionHeader::Default, b"D");
+        assert!(String::from_utf8(out).unwrap().contains("content-length: 999\r\n"), "HEAD keeps the length");
+        let mut out = Vec::new();
+        encode_last_chunk(&mut out, Some(&headers));
+        assert!(out.starts_with(b"0\r\nx-a: 1\r\n") && out.ends_with(b"\r\n\r\n"));
+        assert_eq!(chunk_header(255), "ff\r\n");
+    }
+}

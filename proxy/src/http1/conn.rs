@@ -1,0 +1,481 @@
+//! One HTTP/1.1 downstream connection (**accept** -> parse -> handle -> **respond**): requests one at a
+//! time, pipelined bytes kept for the next, and no buffer held while the connection waits.
+//!
+//! Between requests a keep-alive connection owns only its socket: the read buffer is released
+//! once it is empty and the response head is built in a buffer that lives as long as the write.
+//! (hyper keeps an 8 KiB read and an 8 KiB write buffer for the life of every connection.)
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{HeaderValue, EXPECT};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::codec::{self, BodyDecodeError, BodyDecoder, ConnectionHeader, Decoded, ResponseFraming};
+use crate::body::{DownstreamBody, ProxyBody};
+use crate::normalize::{request_body_framing, BodyFraming};
+use crate::server::{self, ConnContext};
+
+/// Bytes asked of the socket per read.
+const READ_SIZE: usize = 8192;
+/// Response bytes gathered before they are written; body frames already available are added
+/// to the head's write up to this size.
+const WRITE_BATCH: usize = 64 * 1024;
+
+/// The listener's HTTP/1 limits and timers.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Http1Settings {
+    /// The most bytes a request head (or trailer section) may take on the wire.
+    pub max_head_bytes: usize,
+    /// The most header lines a head may have before it is refused without further parsing.
+    pub max_headers: usize,
+    /// From a head's first byte to its end (`request_headers_timeout`).
+    pub headers_timeout: Option<Duration>,
+    /// Between requests (`idle_timeout`).
+    pub idle_timeout: Option<Duration>,
+}
+
+/// The read side of the connection. A request body borrows it while it streams and sends it
+/// back when it ends (or is dropped).
+#[derive(Debug)]
+pub(crate) struct Reader {
+    io: OwnedReadHalf,
+    buf: BytesMut,
+}
+
+impl Reader {
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        self.buf.reserve(READ_SIZE);
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
+    }
+
+    async fn fill(&mut self) -> io::Result<usize> {
+        std::future::poll_fn(|cx| self.poll_fill(cx)).await
+    }
+}
+
+/// A reader coming home from a request body: `complete` when the body was read to its end, so
+/// the next bytes are the next request.
+#[derive(Debug)]
+struct Returned {
+    reader: Reader,
+    complete: bool,
+}
+
+/// Why a request body stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestBodyError {
+    #[error(transparent)]
+    Framing(#[from] BodyDecodeError),
+    #[error("the client closed the connection inside the request body")]
+    Truncated,
+    #[error("reading the request body: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// An HTTP/1.1 request body read straight from the connection.
+#[derive(Debug)]
+pub struct RequestBody {
+    reader: Option<Reader>,
+    decoder: BodyDecoder,
+    home: Option<oneshot::Sender<Returned>>,
+}
+
+impl RequestBody {
+    pub(crate) fn empty() -> Self {
+        Self { reader: None, decoder: BodyDecoder::Done, home: None }
+    }
+
+    fn send_home(&mut self) {
+        if let (Some(reader), Some(home)) = (self.reader.take(), self.home.take()) {
+            let _ = home.send(Returned { reader, complete: self.decoder.is_done() });
+        }
+    }
+
+    fn fail(&mut self, error: RequestBodyError) -> Poll<Option<Result<Frame<Bytes>, RequestBodyError>>> {
+        self.send_home();
+        Poll::Ready(Some(Err(error)))
+    }
+}
+
+impl Drop for RequestBody {
+    fn drop(&mut self) {
+        self.send_home();
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = RequestBodyError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, RequestBodyError>>> {
+        let this = self.get_mut();
+        loop {
+            let Some(reader) = this.reader.as_mut() else { return Poll::Ready(None) };
+            let frame = match this.decoder.decode(&mut reader.buf) {
+                Ok(Decoded::Data(data)) => Frame::data(data),
+                Ok(Decoded::Trailers(trailers)) => Frame::trailers(trailers),
+                Ok(Decoded::End) => {
+                    this.send_home();
+                    return Poll::Ready(None);
+                }
+                Ok(Decoded::NeedMore) => match reader.poll_fill(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(0)) => return this.fail(RequestBodyError::Truncated),
+                    Poll::Ready(Ok(_)) => continue,
+                    Poll::Ready(Err(error)) => return this.fail(error.into()),
+                },
+                Err(error) => return this.fail(error.into()),
+            };
+            if this.decoder.is_done() {
+                // The next bytes are the next request's: the connection may read them now.
+                this.send_home();
+            }
+            return Poll::Ready(Some(Ok(frame)));
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.decoder.is_done()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.decoder {
+            BodyDecoder::Length { remaining } => SizeHint::with_exact(remaining),
+            BodyDecoder::Done => SizeHint::with_exact(0),
+            BodyDecoder::Chunked { .. } => SizeHint::default(),
+        }
+    }
+}
+
+/// Attached to an upgrade request: its protocol and the client's connection once the `101`
+/// has gone out.
+#[derive(Debug)]
+pub(crate) struct DownstreamUpgrade {
+    pub kind: HeaderValue,
+    switched: oneshot::Receiver<PrefixedStream>,
+}
+
+impl Future for DownstreamUpgrade {
+    type Output = io::Result<PrefixedStream>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<PrefixedStream>> {
+        Pin::new(&mut self.get_mut().switched)
+            .poll(cx)
+            .map_err(|_| io::Error::new(io::ErrorKind::ConnectionAborted, "the client connection did not switch protocols"))
+    }
+}
+
+/// A TCP stream with bytes already read from it in front: the client's first bytes handed to
+/// the HTTP/2 server, or what followed a `101` on an upgraded connection.
+#[derive(Debug)]
+pub(crate) struct PrefixedStream {
+    prefix: Bytes,
+    io: TcpStream,
+}
+
+impl PrefixedStream {
+    pub fn new(prefix: Bytes, io: TcpStream) -> Self {
+        Self { prefix, io }
+    }
+}
+
+impl AsyncRead for PrefixedStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.prefix.is_empty() {
+            let take = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix[..take]);
+            this.prefix.advance(take);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for PrefixedStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// What the response needs to know about its request.
+struct Exchange {
+    method: Method,
+    version: Version,
+    keep_alive: bool,
+    /// `request_body_framing` refused the head: nobody knows where the next request starts.
+    framing_refused: bool,
+    upgrade: Option<oneshot::Sender<PrefixedStream>>,
+}
+
+/// Serves requests on `stream` until either side closes, `stop` fires between requests, or
+/// the connection idles past its timeout. `first_bytes` were read while detecting the protocol.
+pub(crate) async fn serve(stream: TcpStream, first_bytes: BytesMut, ctx: Arc<ConnContext>, settings: Http1Settings, stop: CancellationToken) {
+    let (read, mut write) = stream.into_split();
+    let mut reader = Reader { io: read, buf: first_bytes };
+    loop {
+        if reader.buf.is_empty() {
+            // Nothing pipelined: give the buffer back and wait for the next request.
+            reader.buf = BytesMut::new();
+            if !until_readable(reader.io.readable(), settings.idle_timeout, &stop).await {
+                return;
+            }
+        }
+        let mut parts = match read_head(&mut reader, &settings).await {
+            Ok(Some(parts)) => parts,
+            Ok(None) => return,
+            Err(error) => {
+                tracing::debug!(peer = %ctx.peer, %error, "refused a request head");
+                let _ = write_local_error(&mut write, error.status()).await;
+                return;
+            }
+        };
+        let framing = request_body_framing(parts.version, &parts.headers);
+        let mut exchange = Exchange {
+            method: parts.method.clone(),
+            version: parts.version,
+            keep_alive: codec::wants_keep_alive(parts.version, &parts.headers),
+            framing_refused: framing.is_err(),
+            upgrade: None,
+        };
+        let upgrade = codec::requested_upgrade(parts.version, &parts.headers).map(|kind| {
+            let (sender, switched) = oneshot::channel();
+            exchange.upgrade = Some(sender);
+            DownstreamUpgrade { kind, switched }
+        });
+        let has_body = matches!(framing, Ok(BodyFraming::Length(1..) | BodyFraming::Chunked));
+        if has_body && codec::expects_continue(parts.version, &parts.headers) {
+            // Envoy's default: answer the expectation here and do not pass it on.
+            parts.headers.remove(EXPECT);
+            if write.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err() {
+                return;
+            }
+        }
+        let (body, reader_at) = match framing {
+            Ok(BodyFraming::Length(length)) if length > 0 => lend(reader, BodyDecoder::length(length)),
+            Ok(BodyFraming::Chunked) => lend(reader, BodyDecoder::chunked(settings.max_head_bytes)),
+            _ => (RequestBody::empty(), ReaderAt::Home(reader)),
+        };
+        let request = Request::from_parts(parts, DownstreamBody::Http1(body));
+        let Ok(response) = server::handle(Arc::clone(&ctx), request, upgrade).await else {
+            // Dropped by L3/L4 policy: no response at all.
+            return;
+        };
+        // A body not read to its end by now leaves the connection's position unknown.
+        let complete = match reader_at {
+            ReaderAt::Home(reader) => Some(reader),
+            ReaderAt::Lent(mut returning) => match returning.try_recv() {
+                Ok(returned) if returned.complete => Some(returned.reader),
+                _ => None,
+            },
+        };
+        let Some(home) = complete else {
+            let _ = write_response(&mut write, response, &exchange, true).await;
+            return;
+        };
+        reader = home;
+        let close = !exchange.keep_alive || exchange.framing_refused || stop.is_cancelled();
+        let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+        match write_response(&mut write, response, &exchange, close).await {
+            Ok(Outcome::KeepAlive) if !switching => {}
+            Ok(Outcome::KeepAlive) => {
+                if let (Some(upgrade), Ok(stream)) = (exchange.upgrade, reader.io.reunite(write)) {
+                    let _ = upgrade.send(PrefixedStream::new(reader.buf.freeze(), stream));
+                }
+                return;
+            }
+            Ok(Outcome::Close) | Err(_) => return,
+        }
+    }
+}
+
+/// Where the read side is while a request is handled.
+enum ReaderAt {
+    Home(Reader),
+    /// Lent to the request body; comes back through this channel.
+    Lent(oneshot::Receiver<Returned>),
+}
+
+fn lend(reader: Reader, decoder: BodyDecoder) -> (RequestBody, ReaderAt) {
+    let (home, returning) = oneshot::channel();
+    (RequestBody { reader: Some(reader), decoder, home: Some(home) }, ReaderAt::Lent(returning))
+}
+
+/// Waits for the client's next bytes: `false` when the connection should close instead
+/// (`stop` fired, or nothing came for `idle_timeout`).
+pub(crate) async fn until_readable(readable: impl Future<Output = io::Result<()>>, idle_timeout: Option<Duration>, stop: &CancellationToken) -> bool {
+    let idle = async {
+        match idle_timeout {
+            Some(timeout) => tokio::time::sleep(timeout).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        ready = readable => ready.is_ok(),
+        () = stop.cancelled() => false,
+        () = idle => false,
+    }
+}
+
+/// Reads until a whole request head is buffered. `None`: the client closed (or went silent
+/// past `request_headers_timeout`) before sending one.
+async fn read_head(reader: &mut Reader, settings: &Http1Settings) -> Result<Option<http::request::Parts>, codec::HeadError> {
+    let deadline = settings.headers_timeout.map(|timeout| Instant::now() + timeout);
+    loop {
+        if !reader.buf.is_empty() {
+            if let Some((parts, consumed)) = codec::parse_request_head(&reader.buf, settings.max_head_bytes, settings.max_headers)? {
+                reader.buf.advance(consumed);
+                return Ok(Some(parts));
+            }
+        }
+        let read = match deadline {
+            Some(at) => match tokio::time::timeout_at(at, reader.fill()).await {
+                Ok(read) => read,
+                Err(_) => return Ok(None),
+            },
+            None => reader.fill().await,
+        };
+        match read {
+            Ok(0) | Err(_) => return Ok(None),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// A head the server refused before any request existed: status only, then close.
+async fn write_local_error(write: &mut OwnedWriteHalf, status: StatusCode) -> io::Result<()> {
+    let mut out = Vec::with_capacity(160);
+    let date = codec::http_date();
+    codec::encode_response_head(&mut out, status, &HeaderMap::new(), ResponseFraming::Length(0), ConnectionHeader::Close, &date);
+    write.write_all(&out).await
+}
+
+/// Whether the connection may carry another request after a response.
+enum Outcome {
+    KeepAlive,
+    Close,
+}
+
+/// Writes the head and streams the body. Frames already available go out with the head in
+/// one write; afterwards each batch of ready frames is one write.
+async fn write_response(write: &mut OwnedWriteHalf, response: Response<ProxyBody>, exchange: &Exchange, close: bool) -> io::Result<Outcome> {
+    let (parts, mut body) = response.into_parts();
+    let framing = codec::response_framing(&exchange.method, exchange.version, parts.status, body.size_hint().exact());
+    let close = close || framing == ResponseFraming::UntilClose || codec::response_closes(&parts.headers);
+    let connection = if parts.status == StatusCode::SWITCHING_PROTOCOLS && exchange.upgrade.is_some() {
+        ConnectionHeader::Upgrade
+    } else if close {
+        ConnectionHeader::Close
+    } else if exchange.version == Version::HTTP_10 {
+        ConnectionHeader::KeepAlive
+    } else {
+        ConnectionHeader::Default
+    };
+    let mut out = Vec::with_capacity(256);
+    codec::encode_response_head(&mut out, parts.status, &parts.headers, framing, connection, &codec::http_date());
+    let outcome = if close { Outcome::Close } else { Outcome::KeepAlive };
+    if framing == ResponseFraming::NoBody {
+        write.write_all(&out).await?;
+        return Ok(outcome);
+    }
+    let mut remaining = match framing {
+        ResponseFraming::Length(length) => Some(length),
+        _ => None,
+    };
+    let mut pending = None;
+    loop {
+        let frame = match pending.take() {
+            Some(frame) => frame,
+            None => body.frame().await,
+        };
+        let ended = match frame {
+            None => true,
+            Some(Err(error)) => {
+                // Already-sent bytes cannot be taken back: cut the connection so the client
+                // sees an incomplete response, not a short one that looks whole.
+                let _ = write.write_all(&out).await;
+                return Err(io::Error::other(error));
+            }
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => {
+                    append_data(&mut out, framing, &mut remaining, &data)?;
+                    body.is_end_stream()
+                }
+                Err(frame) => {
+                    if let (Ok(trailers), ResponseFraming::Chunked) = (frame.into_trailers(), framing) {
+                        codec::encode_last_chunk(&mut out, Some(&trailers));
+                        write.write_all(&out).await?;
+                        return Ok(outcome);
+                    }
+                    false
+                }
+            },
+        };
+        if ended {
+            if framing == ResponseFraming::Chunked {
+                codec::encode_last_chunk(&mut out, None);
+            }
+            write.write_all(&out).await?;
+            if remaining.is_some_and(|left| left > 0) {
+                return Err(io::Error::other("response body shorter than its length"));
+            }
+            return Ok(outcome);
+        }
+        // Add whatever else is ready now, then write.
+        if out.len() < WRITE_BATCH {
+            if let Some(ready) = futures_util::FutureExt::now_or_never(body.frame()) {
+                pending = Some(ready);
+                continue;
+            }
+        }
+        write.write_all(&out).await?;
+        out.clear();
+    }
+}
+
+fn append_data(out: &mut Vec<u8>, framing: ResponseFraming, remaining: &mut Option<u64>, data: &[u8]) -> io::Result<()> {
+    if data.is_empty() {
+        return Ok(());
+    }
+    if let Some(left) = remaining {
+        *left = left.checked_sub(data.len() as u64).ok_or_else(|| io::Error::other("response body longer than its length"))?;
+    }
+    if framing == ResponseFraming::Chunked {
+        out.extend_from_slice(codec::chunk_header(data.len()).as_bytes());
+        out.extend_from_slice(data);
+        out.extend_from_slice(b"\r\n");
+    } else {
+        out.extend_from_slice(data);
+    }
+    Ok(())
+}
