@@ -108,7 +108,8 @@ async fn serve_connection(
         Some(ClientProtocol::Http1) => http1::serve(stream, first_bytes, ctx, http1, stop).await,
         Some(ClientProtocol::Http2) => {
             let io = PrefixedStream::new(first_bytes.freeze(), stream);
-            serve_http2(io, ctx, &http2, http1.idle_timeout, stop).await;
+            // Boxed: hyper's HTTP/2 connection state would otherwise size every HTTP/1 task too.
+            Box::pin(serve_http2(io, ctx, &http2, http1.idle_timeout, stop)).await;
         }
         None => {}
     }
