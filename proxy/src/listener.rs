@@ -118,11 +118,12 @@ async fn serve_connection(
 /// Reads the client's first bytes until they tell HTTP/1 from HTTP/2 prior knowledge; `None`
 /// when the connection closes (or idles, or the listener stops) first.
 async fn sniff(stream: &mut TcpStream, first_bytes: &mut BytesMut, idle_timeout: Option<Duration>, stop: &CancellationToken) -> Option<ClientProtocol> {
+    let mut idle = http1::IdleTimer::new(idle_timeout);
     loop {
         if let Some(protocol) = client_protocol(first_bytes) {
             return Some(protocol);
         }
-        if !http1::until_readable(stream.readable(), idle_timeout, stop).await {
+        if !http1::until_readable(stream.readable(), &mut idle, stop).await {
             return None;
         }
         first_bytes.reserve(HTTP2_PREFACE_START.len());

@@ -124,3 +124,30 @@ async fn without_request_headers_timeout_a_slow_head_is_not_cut_off() {
     // Envoy's default: no request head timeout (hyper's own default would close at 30 s).
     assert!(!half_a_head_is_closed(addr).await);
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = Backend::echo("backend").await;
+    let mut proxy = Proxy::start_here();
+    let mut http = hcm(vec![prefix_route("/", to_cluster("svc"))]);
+    http.idle_timeout = Some(Duration::from_secs(10));
+    let addr = proxy.apply(tables(1, http, vec![cluster("svc", &[backend.addr])]));
+    let mut stream = connect_from([127, 0, 0, 1].into(), addr).await;
+    let mut buf = [0u8; 1024];
+    let opened = tokio::time::Instant::now();
+    // Requests 6 s apart: never idle for 10 s, so the connection outlives the timeout.
+    for _ in 0..3 {
+        stream.write_all(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n").await.unwrap();
+        let read = stream.read(&mut buf).await.unwrap();
+        assert!(String::from_utf8_lossy(&buf[..read]).ends_with("backend"));
+        tokio::time::sleep(Duration::from_secs(6)).await;
+    }
+    assert!(opened.elapsed() >= Duration::from_secs(18));
+    // Then silence: the proxy closes it 10 s after the last response.
+    let read = stream.read(&mut buf).await.unwrap();
+    assert_eq!(read, 0, "closed without a response");
+    let idle = opened.elapsed() - Duration::from_secs(18);
+    assert!(idle >= Duration::from_secs(4) && idle < Duration::from_secs(5), "closed after {idle:?} more");
+    assert_eq!(backend.hits(), 3);
+}

@@ -243,11 +243,12 @@ struct Exchange {
 pub(crate) async fn serve(stream: TcpStream, first_bytes: BytesMut, ctx: Arc<ConnContext>, settings: Http1Settings, stop: CancellationToken) {
     let (read, mut write) = stream.into_split();
     let mut reader = Reader { io: read, buf: first_bytes };
+    let mut idle = IdleTimer::new(settings.idle_timeout);
     loop {
         if reader.buf.is_empty() {
             // Nothing pipelined: give the buffer back and wait for the next request.
             reader.buf = BytesMut::new();
-            if !until_readable(reader.io.readable(), settings.idle_timeout, &stop).await {
+            if !until_readable(reader.io.readable(), &mut idle, &stop).await {
                 return;
             }
         }
@@ -334,18 +335,41 @@ fn lend(reader: Reader, decoder: BodyDecoder) -> (RequestBody, ReaderAt) {
 }
 
 /// Waits for the client's next bytes: `false` when the connection should close instead
-/// (`stop` fired, or nothing came for `idle_timeout`).
-pub(crate) async fn until_readable(readable: impl Future<Output = io::Result<()>>, idle_timeout: Option<Duration>, stop: &CancellationToken) -> bool {
-    let idle = async {
-        match idle_timeout {
-            Some(timeout) => tokio::time::sleep(timeout).await,
-            None => std::future::pending().await,
-        }
-    };
+/// (`stop` fired, or nothing came for the idle timeout).
+pub(crate) async fn until_readable(readable: impl Future<Output = io::Result<()>>, idle: &mut IdleTimer, stop: &CancellationToken) -> bool {
+    let since = Instant::now();
     tokio::select! {
         ready = readable => ready.is_ok(),
         () = stop.cancelled() => false,
-        () = idle => false,
+        () = idle.expired(since) => false,
+    }
+}
+
+/// A connection's idle timer (`idle_timeout`), armed once per connection: a wait moves its
+/// deadline only when it fires early, so keep-alive requests register no timer each.
+pub(crate) struct IdleTimer {
+    timeout: Option<Duration>,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl IdleTimer {
+    pub fn new(timeout: Option<Duration>) -> Self {
+        Self { timeout, sleep: timeout.map(|timeout| Box::pin(tokio::time::sleep(timeout))) }
+    }
+
+    /// Resolves once `timeout` has passed since `since`; never without a timeout.
+    async fn expired(&mut self, since: Instant) {
+        let (Some(timeout), Some(sleep)) = (self.timeout, self.sleep.as_mut()) else {
+            return std::future::pending().await;
+        };
+        loop {
+            sleep.as_mut().await;
+            let due = since + timeout;
+            if Instant::now() >= due {
+                return;
+            }
+            sleep.as_mut().reset(due);
+        }
     }
 }
 
@@ -407,6 +431,9 @@ async fn write_response(write: &mut OwnedWriteHalf, response: Response<ProxyBody
     codec::encode_response_head(&mut out, parts.status, &parts.headers, framing, connection, &codec::http_date());
     let outcome = if close { Outcome::Close } else { Outcome::KeepAlive };
     if framing == ResponseFraming::NoBody {
+        // An upstream response without a body ends on its first poll, which hands the upstream
+        // connection back to its pool.
+        let _ = futures_util::FutureExt::now_or_never(body.frame());
         write.write_all(&out).await?;
         return Ok(outcome);
     }

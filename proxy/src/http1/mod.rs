@@ -4,4 +4,4 @@
 pub(crate) mod codec;
 pub(crate) mod conn;
 
-pub(crate) use conn::{serve, until_readable, DownstreamUpgrade, Http1Settings, PrefixedStream, RequestBody, RequestBodyError};
+pub(crate) use conn::{serve, until_readable, DownstreamUpgrade, IdleTimer, Http1Settings, PrefixedStream, RequestBody, RequestBodyError};

@@ -1,0 +1,179 @@
+//! sluice's HTTP/1.1 server on the wire: pipelining, keep-alive by version, `Expect:
+//! 100-continue`, chunked bodies both ways, and what a malformed body does to the connection.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+async fn connect(addr: SocketAddr) -> TcpStream {
+    connect_from([127, 0, 0, 1].into(), addr).await
+}
+
+/// Reads until `done` says the bytes so far are enough, or the proxy closes (then `closed`).
+async fn read_until(stream: &mut TcpStream, done: impl Fn(&str) -> bool) -> (String, bool) {
+    let mut response = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&response).into_owned();
+        if done(&text) {
+            return (text, false);
+        }
+        match tokio::time::timeout(Duration::from_secs(10), stream.read(&mut chunk)).await {
+            Ok(Ok(read)) if read > 0 => response.extend_from_slice(&chunk[..read]),
+            Ok(_) => return (String::from_utf8_lossy(&response).into_owned(), true),
+            Err(_) => panic!("no response within 10 s; so far: {}", String::from_utf8_lossy(&response)),
+        }
+    }
+}
+
+fn responses(text: &str) -> usize {
+    text.matches("HTTP/1.1 ").count()
+}
+
+async fn echo_proxy() -> (Backend, Proxy, SocketAddr) {
+    let backend = Backend::echo("backend").await;
+    let proxy = Proxy::start();
+    let addr = proxy.apply(svc_tables(to_cluster("svc"), &[backend.addr]));
+    (backend, proxy, addr)
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order_on_one_connection() {
+    let (backend, _proxy, addr) = echo_proxy().await;
+    let mut stream = connect(addr).await;
+    let raw = "GET /one HTTP/1.1\r\nhost: a\r\n\r\nPOST /two HTTP/1.1\r\nhost: a\r\ncontent-length: 3\r\n\r\nxyzGET /three HTTP/1.1\r\nhost: a\r\n\r\n";
+    stream.write_all(raw.as_bytes()).await.unwrap();
+    let (text, closed) = read_until(&mut stream, |text| responses(text) == 3 && text.ends_with("backend")).await;
+    assert!(!closed, "{text}");
+    let paths: Vec<(String, Bytes)> = backend.seen().into_iter().map(|r| (r.path, r.body)).collect();
+    assert_eq!(paths, [("/one", ""), ("/two", "xyz"), ("/three", "")].map(|(p, b)| (p.to_owned(), Bytes::from(b))));
+}
+
+#[tokio::test]
+async fn keep_alive_follows_the_http_version() {
+    let (_backend, _proxy, addr) = echo_proxy().await;
+    // HTTP/1.0 closes after the response unless the client asks to keep the connection.
+    let mut stream = connect(addr).await;
+    stream.write_all(b"GET / HTTP/1.0\r\nhost: a\r\n\r\n").await.unwrap();
+    let (text, closed) = read_until(&mut stream, |_| false).await;
+    assert!(closed && text.starts_with("HTTP/1.1 200") && text.contains("connection: close\r\n"), "{text}");
+
+    let mut stream = connect(addr).await;
+    for _ in 0..2 {
+        stream.write_all(b"GET / HTTP/1.0\r\nhost: a\r\nconnection: keep-alive\r\n\r\n").await.unwrap();
+        let (text, closed) = read_until(&mut stream, |text| text.ends_with("backend")).await;
+        assert!(!closed && text.contains("connection: keep-alive\r\n"), "{text}");
+    }
+    // HTTP/1.1 `connection: close` is honoured and echoed.
+    let mut stream = connect(addr).await;
+    stream.write_all(b"GET / HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n").await.unwrap();
+    let (text, closed) = read_until(&mut stream, |_| false).await;
+    assert!(closed && text.contains("connection: close\r\n") && text.ends_with("backend"), "{text}");
+}
+
+#[tokio::test]
+async fn expect_100_continue_is_answered_by_the_proxy() {
+    let (backend, _proxy, addr) = echo_proxy().await;
+    let mut stream = connect(addr).await;
+    stream.write_all(b"PUT /up HTTP/1.1\r\nhost: a\r\ncontent-length: 5\r\nexpect: 100-continue\r\n\r\n").await.unwrap();
+    let (text, _) = read_until(&mut stream, |text| text.contains("\r\n\r\n")).await;
+    assert_eq!(text, "HTTP/1.1 100 Continue\r\n\r\n");
+    stream.write_all(b"hello").await.unwrap();
+    let (text, closed) = read_until(&mut stream, |text| text.ends_with("backend")).await;
+    assert!(!closed && text.starts_with("HTTP/1.1 200"), "{text}");
+    let seen = &backend.seen()[0];
+    assert_eq!(seen.body, "hello");
+    assert!(!seen.headers.contains_key("expect"), "the expectation is this hop's: {:?}", seen.headers);
+}
+
+/// A backend answering every request with a body of unknown length, in two chunks.
+async fn chunked_backend() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                loop {
+                    let (head, closed) = read_until(&mut stream, |text| text.contains("\r\n\r\n")).await;
+                    if closed || head.is_empty() {
+                        return;
+                    }
+                    let reply = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n4\r\ngot:\r\n3\r\nxyz\r\n0\r\n\r\n";
+                    if stream.write_all(reply).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn chunked_bodies_pass_through_both_ways() {
+    let (backend, _proxy, addr) = echo_proxy().await;
+    let mut stream = connect(addr).await;
+    stream.write_all(b"POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n4\r\nab").await.unwrap();
+    stream.write_all(b"cd\r\n2;ext=1\r\nef\r\n0\r\n\r\n").await.unwrap();
+    let (text, closed) = read_until(&mut stream, |text| text.ends_with("backend")).await;
+    assert!(!closed && text.starts_with("HTTP/1.1 200"), "{text}");
+    assert_eq!(backend.seen()[0].body, "abcdef");
+
+    let proxy = Proxy::start();
+    let addr = proxy.apply(svc_tables(to_cluster("svc"), &[chunked_backend().await]));
+    let mut stream = connect(addr).await;
+    stream.write_all(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n").await.unwrap();
+    let (text, closed) = read_until(&mut stream, |text| text.ends_with("0\r\n\r\n")).await;
+    assert!(!closed && text.contains("transfer-encoding: chunked\r\n"), "{text}");
+    let body = &text[text.find("\r\n\r\n").expect("head end") + 4..];
+    assert_eq!(dechunk(body), "got:xyz");
+
+    // An HTTP/1.0 client cannot read chunked framing: the end of the connection ends the body.
+    let mut stream = connect(addr).await;
+    stream.write_all(b"GET / HTTP/1.0\r\nhost: a\r\n\r\n").await.unwrap();
+    let (text, closed) = read_until(&mut stream, |_| false).await;
+    assert!(closed && !text.contains("transfer-encoding") && text.ends_with("\r\n\r\ngot:xyz"), "{text}");
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = body.split_once("\r\n").expect("chunk size line");
+        let size = usize::from_str_radix(size, 16).expect("hex size");
+        if size == 0 {
+            return out;
+        }
+        out.push_str(&rest[..size]);
+        body = &rest[size + 2..];
+    }
+}
+
+#[tokio::test]
+async fn a_malformed_chunked_body_never_reaches_the_backend_whole() {
+    let (backend, _proxy, addr) = echo_proxy().await;
+    let mut stream = connect(addr).await;
+    // A chunk size with a sign in it: the proxy cannot know where this body ends.
+    stream.write_all(b"POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n+3\r\nabc\r\n0\r\n\r\nGET /next HTTP/1.1\r\nhost: a\r\n\r\n").await.unwrap();
+    let (text, closed) = read_until(&mut stream, |_| false).await;
+    assert!(closed, "the connection must not carry on: {text}");
+    assert!(responses(&text) <= 1 && !text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(backend.seen().iter().all(|r| r.path != "/next" && r.body != "abc"), "{:?}", backend.seen().len());
+}
+
+#[tokio::test]
+async fn a_head_request_gets_the_length_but_no_body() {
+    let (_backend, _proxy, addr) = echo_proxy().await;
+    let mut stream = connect(addr).await;
+    stream.write_all(b"HEAD / HTTP/1.1\r\nhost: a\r\n\r\nGET / HTTP/1.1\r\nhost: a\r\n\r\n").await.unwrap();
+    let (text, closed) = read_until(&mut stream, |text| responses(text) == 2 && text.ends_with("backend")).await;
+    assert!(!closed, "{text}");
+    let head = &text[..text.find("\r\n\r\n").expect("head end") + 4];
+    assert!(head.contains("content-length: 7\r\n"), "{head}");
+    assert!(text[head.len()..].starts_with("HTTP/1.1 200"), "no body after a HEAD response: {text}");
+}
