@@ -427,14 +427,14 @@ async fn write_response(write: &mut OwnedWriteHalf, response: Response<ProxyBody
     } else {
         ConnectionHeader::Default
     };
-    let mut out = Vec::with_capacity(256);
-    codec::encode_response_head(&mut out, parts.status, &parts.headers, framing, connection, &codec::http_date());
+    let mut out = WriteQueue::default();
+    codec::encode_response_head(&mut out.copied, parts.status, &parts.headers, framing, connection, &codec::http_date());
     let outcome = if close { Outcome::Close } else { Outcome::KeepAlive };
     if framing == ResponseFraming::NoBody {
         // An upstream response without a body ends on its first poll, which hands the upstream
         // connection back to its pool.
         let _ = futures_util::FutureExt::now_or_never(body.frame());
-        write.write_all(&out).await?;
+        out.write_to(write).await?;
         return Ok(outcome);
     }
     let mut remaining = match framing {
@@ -452,18 +452,18 @@ async fn write_response(write: &mut OwnedWriteHalf, response: Response<ProxyBody
             Some(Err(error)) => {
                 // Already-sent bytes cannot be taken back: cut the connection so the client
                 // sees an incomplete response, not a short one that looks whole.
-                let _ = write.write_all(&out).await;
+                let _ = out.write_to(write).await;
                 return Err(io::Error::other(error));
             }
             Some(Ok(frame)) => match frame.into_data() {
                 Ok(data) => {
-                    append_data(&mut out, framing, &mut remaining, &data)?;
+                    append_data(&mut out, framing, &mut remaining, data)?;
                     body.is_end_stream()
                 }
                 Err(frame) => {
                     if let (Ok(trailers), ResponseFraming::Chunked) = (frame.into_trailers(), framing) {
-                        codec::encode_last_chunk(&mut out, Some(&trailers));
-                        write.write_all(&out).await?;
+                        codec::encode_last_chunk(&mut out.copied, Some(&trailers));
+                        out.write_to(write).await?;
                         return Ok(outcome);
                     }
                     false
@@ -472,9 +472,9 @@ async fn write_response(write: &mut OwnedWriteHalf, response: Response<ProxyBody
         };
         if ended {
             if framing == ResponseFraming::Chunked {
-                codec::encode_last_chunk(&mut out, None);
+                codec::encode_last_chunk(&mut out.copied, None);
             }
-            write.write_all(&out).await?;
+            out.write_to(write).await?;
             if remaining.is_some_and(|left| left > 0) {
                 return Err(io::Error::other("response body shorter than its length"));
             }
@@ -487,12 +487,11 @@ async fn write_response(write: &mut OwnedWriteHalf, response: Response<ProxyBody
                 continue;
             }
         }
-        write.write_all(&out).await?;
-        out.clear();
+        out.write_to(write).await?;
     }
 }
 
-fn append_data(out: &mut Vec<u8>, framing: ResponseFraming, remaining: &mut Option<u64>, data: &[u8]) -> io::Result<()> {
+fn append_data(out: &mut WriteQueue, framing: ResponseFraming, remaining: &mut Option<u64>, data: Bytes) -> io::Result<()> {
     if data.is_empty() {
         return Ok(());
     }
@@ -500,11 +499,95 @@ fn append_data(out: &mut Vec<u8>, framing: ResponseFraming, remaining: &mut Opti
         *left = left.checked_sub(data.len() as u64).ok_or_else(|| io::Error::other("response body longer than its length"))?;
     }
     if framing == ResponseFraming::Chunked {
-        out.extend_from_slice(codec::chunk_header(data.len()).as_bytes());
-        out.extend_from_slice(data);
-        out.extend_from_slice(b"\r\n");
+        out.copied.extend_from_slice(codec::chunk_header(data.len()).as_bytes());
+        out.put(data);
+        out.copied.extend_from_slice(b"\r\n");
     } else {
-        out.extend_from_slice(data);
+        out.put(data);
     }
     Ok(())
+}
+
+/// Data frames at least this long are written from where they are instead of being copied
+/// next to the head (a 16 KiB body costs a copy otherwise).
+const COPY_BELOW: usize = 2048;
+
+/// Response bytes waiting for one `writev`: the head, framing and small frames copied
+/// together; large frames queued as they came.
+#[derive(Default)]
+struct WriteQueue {
+    /// What goes out first, in order.
+    segments: Vec<Bytes>,
+    /// What follows the last segment.
+    copied: Vec<u8>,
+}
+
+impl WriteQueue {
+    fn put(&mut self, data: Bytes) {
+        if data.len() < COPY_BELOW {
+            self.copied.extend_from_slice(&data);
+            return;
+        }
+        if !self.copied.is_empty() {
+            self.segments.push(Bytes::from(std::mem::take(&mut self.copied)));
+        }
+        self.segments.push(data);
+    }
+
+    fn len(&self) -> usize {
+        self.segments.iter().map(Bytes::len).sum::<usize>() + self.copied.len()
+    }
+
+    /// Writes everything queued, in order, and empties the queue.
+    async fn write_to(&mut self, write: &mut OwnedWriteHalf) -> io::Result<()> {
+        if self.segments.is_empty() {
+            write.write_all(&self.copied).await?;
+            self.copied.clear();
+            return Ok(());
+        }
+        let mut slices: Vec<io::IoSlice<'_>> = self.segments.iter().map(|segment| io::IoSlice::new(segment)).collect();
+        if !self.copied.is_empty() {
+            slices.push(io::IoSlice::new(&self.copied));
+        }
+        let mut unwritten = &mut slices[..];
+        while !unwritten.is_empty() {
+            let written = write.write_vectored(unwritten).await?;
+            if written == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            io::IoSlice::advance_slices(&mut unwritten, written);
+        }
+        drop(slices);
+        self.segments.clear();
+        self.copied.clear();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    #[tokio::test]
+    async fn queued_pieces_go_out_in_order_whatever_their_size() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let client = TcpStream::connect(listener.local_addr().expect("address")).await.expect("connect");
+        let (mut server, _) = listener.accept().await.expect("accept");
+        let (_read, mut write) = client.into_split();
+        let pieces: Vec<Vec<u8>> = vec![b"head".to_vec(), vec![b'a'; 4096], b"small".to_vec(), vec![b'b'; 70_000], b"tail".to_vec()];
+        let mut queue = WriteQueue::default();
+        queue.copied.extend_from_slice(&pieces[0]);
+        for piece in &pieces[1..] {
+            queue.put(Bytes::from(piece.clone()));
+        }
+        assert_eq!(queue.len(), pieces.iter().map(Vec::len).sum::<usize>());
+        assert_eq!(queue.segments.len(), 4, "head, 4 KiB frame, `small`, 70 KB frame (`tail` stays copied)");
+        queue.write_to(&mut write).await.expect("written");
+        assert_eq!(queue.len(), 0);
+        drop(write);
+        let mut received = Vec::new();
+        server.read_to_end(&mut received).await.expect("read");
+        assert_eq!(received, pieces.concat());
+    }
 }
