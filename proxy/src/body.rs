@@ -10,7 +10,7 @@ use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use crate::http1::{RequestBody, RequestBodyError};
+use crate::http1::{RequestBody, RequestBodyError, ResponseBody, ResponseBodyError};
 use crate::stats::{bump, ClusterCounters};
 use crate::upstream::Lease;
 
@@ -21,6 +21,8 @@ pub enum BodyError {
     Hyper(#[from] hyper::Error),
     #[error(transparent)]
     Http1(#[from] RequestBodyError),
+    #[error(transparent)]
+    Upstream(#[from] ResponseBodyError),
     /// The attempt this request body belonged to was given up for a retry; failing the body
     /// aborts that upstream exchange instead of ending its request early but cleanly.
     #[error("request body abandoned: the attempt was superseded by a retry")]
@@ -41,7 +43,7 @@ pub enum ProxyBody {
     /// A request body passed through as it arrives (no replay).
     Downstream(DownstreamBody),
     /// An upstream response passed through as it arrives.
-    Incoming { body: Incoming, lease: Option<Lease> },
+    Upstream { body: UpstreamBody, lease: Option<Lease> },
     /// One attempt's view of a request body that is streamed and copied for retries.
     Replay(ReplayReader),
 }
@@ -56,6 +58,39 @@ impl ProxyBody {
         Self::Full((!bytes.is_empty()).then_some(bytes))
     }
 
+}
+
+/// An upstream response's body: from sluice's HTTP/1 client or hyper's HTTP/2 one.
+#[derive(Debug)]
+pub enum UpstreamBody {
+    Http1(ResponseBody),
+    Http2(Incoming),
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match self.get_mut() {
+            Self::Http1(body) => Pin::new(body).poll_frame(cx).map_err(BodyError::from),
+            Self::Http2(body) => Pin::new(body).poll_frame(cx).map_err(BodyError::from),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Http1(body) => body.is_end_stream(),
+            Self::Http2(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Http1(body) => body.size_hint(),
+            Self::Http2(body) => body.size_hint(),
+        }
+    }
 }
 
 /// A downstream request's body: from sluice's HTTP/1 server or hyper's HTTP/2 one.
@@ -105,9 +140,9 @@ impl Body for ProxyBody {
             },
             Self::Downstream(body) => Pin::new(body).poll_frame(cx),
             Self::Replay(reader) => reader.poll_frame(cx),
-            Self::Incoming { body, lease } => {
+            Self::Upstream { body, lease } => {
                 let polled = Pin::new(&mut *body).poll_frame(cx);
-                // Finished cleanly: the connection may be reused. hyper stops polling once
+                // Finished cleanly: the connection may be reused. Writers stop polling once
                 // `is_end_stream` holds, so the end is checked after every frame too.
                 let ended = match &polled {
                     Poll::Ready(None) => true,
@@ -116,10 +151,10 @@ impl Body for ProxyBody {
                 };
                 if ended {
                     if let Some(lease) = lease.as_mut() {
-                        lease.finished();
+                        lease.finished(body);
                     }
                 }
-                polled.map_err(BodyError::from)
+                polled
             }
         }
     }
@@ -129,7 +164,7 @@ impl Body for ProxyBody {
             Self::Full(bytes) => bytes.is_none(),
             Self::Streamed { prefix, rest } => prefix.is_none() && rest.is_end_stream(),
             Self::Downstream(body) => body.is_end_stream(),
-            Self::Incoming { body, .. } => body.is_end_stream(),
+            Self::Upstream { body, .. } => body.is_end_stream(),
             Self::Replay(reader) => reader.is_end_stream(),
         }
     }
@@ -139,7 +174,7 @@ impl Body for ProxyBody {
             Self::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
             Self::Streamed { prefix, rest } => plus(rest.size_hint(), prefix.as_ref().map_or(0, |b| b.len() as u64)),
             Self::Downstream(body) => body.size_hint(),
-            Self::Incoming { body, .. } => body.size_hint(),
+            Self::Upstream { body, .. } => body.size_hint(),
             Self::Replay(reader) => reader.size_hint(),
         }
     }

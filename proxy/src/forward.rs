@@ -6,11 +6,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, HOST};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
-use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::authorize::HeaderEdit;
-use crate::body::{FillError, ProxyBody, ReplayBuffer};
+use crate::body::{FillError, ProxyBody, ReplayBuffer, UpstreamBody};
 use crate::http1::DownstreamUpgrade;
 use crate::lb::PickInput;
 use crate::retry::{backoff, is_retriable, AttemptOutcome};
@@ -290,20 +289,20 @@ async fn attempt(
     cluster: &ClusterState,
     host: &Arc<HostState>,
     request: PendingRequest<'_>,
-) -> Result<(Response<Incoming>, Lease), AttemptOutcome> {
+) -> Result<(Response<UpstreamBody>, Lease), AttemptOutcome> {
     let breakers = &cluster.config.circuit_breakers;
-    let mut lease = host.begin_request(breakers)?;
-    let response = host.send(&mut lease, breakers, || request.build()).await?;
+    let lease = host.begin_request(breakers)?;
+    let response = host.send(breakers, || request.build()).await?;
     Ok((response, lease))
 }
 
-fn into_downstream(response: Response<Incoming>, mut lease: Lease) -> Response<ProxyBody> {
-    let (parts, body) = response.into_parts();
+fn into_downstream(response: Response<UpstreamBody>, mut lease: Lease) -> Response<ProxyBody> {
+    let (parts, mut body) = response.into_parts();
     if http_body::Body::is_end_stream(&body) {
-        // hyper never polls an empty body, so it would never report the end.
-        lease.finished();
+        // Writers never poll an empty body, so it would never report the end.
+        lease.finished(&mut body);
     }
-    Response::from_parts(parts, ProxyBody::Incoming { body, lease: Some(lease) })
+    Response::from_parts(parts, ProxyBody::Upstream { body, lease: Some(lease) })
 }
 
 /// Cilium's `headerMatches` mismatch actions.
@@ -370,26 +369,28 @@ pub(crate) async fn forward_upgrade(
 ) -> Result<Response<ProxyBody>, Failure> {
     let exchange = async {
         let lease = host.begin_request(&cluster.config.circuit_breakers)?;
-        let mut sender = host.connect_upgradable().await?;
+        let conn = host.connect_upgradable().await?;
         request.headers_mut().remove(&ATTEMPT_COUNT);
-        let response = sender.send_request(request).await.map_err(|_| AttemptOutcome::Reset { request_sent: true })?;
-        Ok::<_, AttemptOutcome>((response, lease, sender))
+        let response = conn.send(request).await.map_err(|error| AttemptOutcome::Reset { request_sent: error.request_sent })?;
+        Ok::<_, AttemptOutcome>((response, lease))
     };
-    let (mut response, lease, _sender) = match deadline.at {
+    let (response, lease) = match deadline.at {
         Some(at) => tokio::time::timeout_at(at, exchange).await.map_err(|_| deadline.failure())?,
         None => exchange.await,
     }
     .map_err(failure_of)?;
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
-        return Ok(into_downstream(response, lease));
+        return Ok(into_downstream(response.map(UpstreamBody::Http1), lease));
     }
-    let upstream = hyper::upgrade::on(&mut response);
+    let (parts, body) = response.into_parts();
+    let Some(mut upstream) = body.into_upgraded() else {
+        return Err(Failure::Upstream);
+    };
     let addr = host.addr;
     tokio::spawn(async move {
         let _lease = lease;
-        match tokio::try_join!(downstream, async { upstream.await.map_err(std::io::Error::other) }) {
-            Ok((mut downstream, upstream)) => {
-                let mut upstream = hyper_util::rt::TokioIo::new(upstream);
+        match downstream.await {
+            Ok(mut downstream) => {
                 if let Err(error) = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
                     tracing::debug!(upstream = %addr, %error, "upgraded connection ended with an error");
                 }
@@ -397,7 +398,6 @@ pub(crate) async fn forward_upgrade(
             Err(error) => tracing::debug!(upstream = %addr, %error, "protocol switch failed"),
         }
     });
-    let (parts, _) = response.into_parts();
     Ok(Response::from_parts(parts, ProxyBody::empty()))
 }
 

@@ -13,15 +13,15 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use crossbeam_queue::ArrayQueue;
-use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http2;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::body::ProxyBody;
+use crate::body::{ProxyBody, UpstreamBody};
+use crate::http1::ClientConn;
 use crate::lb::{Balancer, PickInput};
 use crate::outlier::{Detector, HostOutlier, OutlierSignal};
 use crate::retry::AttemptOutcome;
@@ -266,7 +266,7 @@ pub(crate) struct HostState {
     pub active_requests: AtomicU64,
     /// Open (or opening) connections to this host.
     connections: AtomicU64,
-    idle: ArrayQueue<http1::SendRequest<ProxyBody>>,
+    idle: ArrayQueue<ClientConn>,
     multiplexed: ArcSwapOption<http2::SendRequest<ProxyBody>>,
     /// Serializes opening the HTTP/2 connection (slow path only).
     multiplexed_connecting: tokio::sync::Mutex<()>,
@@ -308,7 +308,7 @@ impl HostState {
     pub fn begin_request(self: &Arc<Self>, breakers: &CircuitBreakers) -> Result<Lease, AttemptOutcome> {
         let active = self.counters.upstream_rq_active.fetch_add(1, Ordering::Relaxed);
         self.active_requests.fetch_add(1, Ordering::Relaxed);
-        let lease = Lease { host: Arc::clone(self), sender: None, reusable: false };
+        let lease = Lease { host: Arc::clone(self), conn: None };
         if active >= u64::from(breakers.max_requests) {
             bump(&self.counters.upstream_rq_pending_overflow);
             return Err(AttemptOutcome::Overflow);
@@ -320,36 +320,38 @@ impl HostState {
     /// Sends `request` over a pooled connection (opening one if needed).
     pub async fn send(
         self: &Arc<Self>,
-        lease: &mut Lease,
         breakers: &CircuitBreakers,
         request: impl FnOnce() -> Request<ProxyBody>,
-    ) -> Result<Response<Incoming>, AttemptOutcome> {
+    ) -> Result<Response<UpstreamBody>, AttemptOutcome> {
         match self.protocol {
             UpstreamProtocol::Http1 => {
-                let mut sender = self.checkout_http1(breakers).await?;
-                let response = sender.send_request(request()).await.map_err(|e| classify(&e));
-                lease.sender = Some(sender);
-                response
+                let conn = self.checkout_http1(breakers).await?;
+                let response = conn.send(request()).await.map_err(|error| {
+                    tracing::debug!(upstream = %self.addr, %error, "upstream exchange failed");
+                    AttemptOutcome::Reset { request_sent: error.request_sent }
+                })?;
+                Ok(response.map(UpstreamBody::Http1))
             }
             UpstreamProtocol::Http2 => {
                 let mut sender = self.checkout_http2().await?;
-                sender.send_request(request()).await.map_err(|e| classify(&e))
+                let response = sender.send_request(request()).await.map_err(|e| classify(&e))?;
+                Ok(response.map(UpstreamBody::Http2))
             }
         }
     }
 
     /// Opens a dedicated HTTP/1.1 connection that may switch protocols (never pooled).
-    pub async fn connect_upgradable(self: &Arc<Self>) -> Result<http1::SendRequest<ProxyBody>, AttemptOutcome> {
+    pub async fn connect_upgradable(self: &Arc<Self>) -> Result<ClientConn, AttemptOutcome> {
         let guard = self.reserve_connection_unconditionally();
-        self.connect_http1(guard, true).await
+        self.connect_http1(guard).await
     }
 
-    async fn checkout_http1(self: &Arc<Self>, breakers: &CircuitBreakers) -> Result<http1::SendRequest<ProxyBody>, AttemptOutcome> {
+    async fn checkout_http1(self: &Arc<Self>, breakers: &CircuitBreakers) -> Result<ClientConn, AttemptOutcome> {
         let mut pending: Option<PendingSlot> = None;
         loop {
-            while let Some(mut sender) = self.idle.pop() {
-                if !sender.is_closed() && sender.ready().await.is_ok() {
-                    return Ok(sender);
+            while let Some(conn) = self.idle.pop() {
+                if conn.is_reusable() {
+                    return Ok(conn);
                 }
             }
             if pending.is_none() {
@@ -358,7 +360,7 @@ impl HostState {
             if let Some(guard) = self.reserve_connection(breakers) {
                 // Boxed: the connect path is rare and large; inline it would enlarge every
                 // request's future (which is moved into its box once per request).
-                return Box::pin(self.connect_http1(guard, false)).await;
+                return Box::pin(self.connect_http1(guard)).await;
             }
             // At max_connections: wait for one of this host's connections to come back.
             let notified = self.released.notified();
@@ -437,17 +439,9 @@ impl HostState {
         }
     }
 
-    async fn connect_http1(&self, guard: ConnectionGuard, upgradable: bool) -> Result<http1::SendRequest<ProxyBody>, AttemptOutcome> {
+    async fn connect_http1(&self, guard: ConnectionGuard) -> Result<ClientConn, AttemptOutcome> {
         let io = self.connect_tcp().await?;
-        let (sender, connection) = http1::handshake(io).await.map_err(|_| AttemptOutcome::ConnectFailure)?;
-        tokio::spawn(async move {
-            let result = if upgradable { connection.with_upgrades().await } else { connection.await };
-            if let Err(error) = result {
-                tracing::debug!(upstream = %guard.0.addr, %error, "upstream connection ended with an error");
-            }
-            drop(guard);
-        });
-        Ok(sender)
+        Ok(ClientConn::new(io.into_inner(), guard))
     }
 
     async fn connect_http2(&self, guard: ConnectionGuard) -> Result<http2::SendRequest<ProxyBody>, AttemptOutcome> {
@@ -466,11 +460,9 @@ impl HostState {
         Ok(sender)
     }
 
-    fn release(&self, sender: http1::SendRequest<ProxyBody>) {
-        if !sender.is_closed() {
-            // A full queue drops the connection, which closes it.
-            let _ = self.idle.push(sender);
-        }
+    fn release(&self, conn: ClientConn) {
+        // A full queue drops the connection, which closes it.
+        let _ = self.idle.push(conn);
         self.released.notify_one();
     }
 }
@@ -526,7 +518,7 @@ impl Drop for PendingSlot {
 
 /// Keeps one upstream connection counted while it is open.
 #[derive(Debug)]
-struct ConnectionGuard(Arc<HostState>);
+pub(crate) struct ConnectionGuard(Arc<HostState>);
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
@@ -539,18 +531,20 @@ impl Drop for ConnectionGuard {
 }
 
 /// One request on one host: counted as active until dropped; returns its HTTP/1.1 connection to
-/// the pool when the response finished cleanly.
+/// the pool when the response finished cleanly. (An unfinished exchange's connection is dropped
+/// with its response body, which closes it.)
 #[derive(Debug)]
 pub struct Lease {
     host: Arc<HostState>,
-    sender: Option<http1::SendRequest<ProxyBody>>,
-    reusable: bool,
+    conn: Option<ClientConn>,
 }
 
 impl Lease {
-    /// The response body ended cleanly: the connection can take the next request.
-    pub(crate) fn finished(&mut self) {
-        self.reusable = true;
+    /// The response body ended cleanly: its HTTP/1.1 connection can take the next request.
+    pub(crate) fn finished(&mut self, body: &mut UpstreamBody) {
+        if let UpstreamBody::Http1(body) = body {
+            self.conn = body.take_finished();
+        }
     }
 }
 
@@ -558,13 +552,8 @@ impl Drop for Lease {
     fn drop(&mut self) {
         self.host.active_requests.fetch_sub(1, Ordering::Relaxed);
         self.host.counters.upstream_rq_active.fetch_sub(1, Ordering::Relaxed);
-        if let Some(sender) = self.sender.take() {
-            if self.reusable {
-                self.host.release(sender);
-            } else {
-                // Dropping an unfinished HTTP/1.1 exchange closes its connection.
-                self.host.released.notify_one();
-            }
+        if let Some(conn) = self.conn.take() {
+            self.host.release(conn);
         }
     }
 }

@@ -134,11 +134,13 @@ pub(crate) enum BodyDecodeError {
     Trailers,
 }
 
-/// Reads a request body out of the connection's buffer, `Content-Length` or chunked.
+/// Reads a message body out of the connection's buffer: `Content-Length`, chunked, or (upstream
+/// responses only) everything until the connection closes.
 #[derive(Debug)]
 pub(crate) enum BodyDecoder {
     Length { remaining: u64 },
     Chunked { state: ChunkState, max_trailer_bytes: usize },
+    UntilClose,
     Done,
 }
 
@@ -167,6 +169,8 @@ impl BodyDecoder {
     pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, BodyDecodeError> {
         match self {
             BodyDecoder::Done => Ok(Decoded::End),
+            BodyDecoder::UntilClose if buf.is_empty() => Ok(Decoded::NeedMore),
+            BodyDecoder::UntilClose => Ok(Decoded::Data(buf.split().freeze())),
             BodyDecoder::Length { remaining } => {
                 if buf.is_empty() {
                     return Ok(Decoded::NeedMore);
@@ -265,11 +269,73 @@ fn trailers(buf: &mut BytesMut, limit: usize) -> Result<Decoded, BodyDecodeError
     }
 }
 
-/// How a response body is delimited on the wire.
+/// Parses an upstream response head from the start of `buf`, like `parse_request_head`.
+pub(crate) fn parse_response_head(buf: &[u8], max_bytes: usize) -> Result<Option<(http::response::Parts, usize)>, HeadError> {
+    let mut slots = [httparse::EMPTY_HEADER; HEADER_SLOTS];
+    let mut parsed = httparse::Response::new(&mut slots);
+    let consumed = match parsed.parse(buf) {
+        Ok(httparse::Status::Complete(consumed)) if consumed <= max_bytes => consumed,
+        Ok(httparse::Status::Partial) if buf.len() <= max_bytes => return Ok(None),
+        Ok(_) | Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
+        Err(_) => return Err(HeadError::Malformed("invalid status line or header")),
+    };
+    let status = parsed.code.and_then(|code| StatusCode::from_u16(code).ok()).ok_or(HeadError::Malformed("invalid status"))?;
+    let mut headers = HeaderMap::with_capacity(parsed.headers.len());
+    append_headers(&mut headers, parsed.headers)?;
+    let (mut parts, ()) = http::Response::new(()).into_parts();
+    parts.status = status;
+    parts.version = if parsed.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
+    parts.headers = headers;
+    Ok(Some((parts, consumed)))
+}
+
+/// How an upstream response body ends (RFC 9112 §6.3) and whether the connection can carry
+/// another request after it.
+pub(crate) fn response_body(request_method: &Method, parts: &http::response::Parts, max_trailer_bytes: usize) -> Result<(BodyDecoder, bool), HeadError> {
+    let keep_alive = wants_keep_alive(parts.version, &parts.headers);
+    let status = parts.status;
+    if request_method == Method::HEAD || status.is_informational() || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        return Ok((BodyDecoder::Done, keep_alive));
+    }
+    if let Some(last) = parts.headers.get_all(TRANSFER_ENCODING).iter().last() {
+        let chunked = last.as_bytes().rsplit(|&byte| byte == b',').next().is_some_and(|coding| coding.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        // With a content-length beside it, the message was framed by a sender not to be trusted
+        // with the next one either (RFC 9112 §6.3 item 3).
+        let reusable = keep_alive && chunked && !parts.headers.contains_key(CONTENT_LENGTH);
+        let decoder = if chunked { BodyDecoder::chunked(max_trailer_bytes) } else { BodyDecoder::UntilClose };
+        return Ok((decoder, reusable));
+    }
+    match crate::normalize::request_body_framing(parts.version, &parts.headers) {
+        Ok(crate::normalize::BodyFraming::Length(length)) => Ok((BodyDecoder::length(length), keep_alive)),
+        Ok(_) => Ok((BodyDecoder::UntilClose, false)),
+        Err(_) => Err(HeadError::Malformed("invalid content-length")),
+    }
+}
+
+/// Writes an HTTP/1.1 request line and headers; the framing headers are this hop's own.
+pub(crate) fn encode_request_head(out: &mut Vec<u8>, method: &Method, uri: &Uri, headers: &HeaderMap, framing: OutgoingFraming) {
+    out.extend_from_slice(method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(uri.path_and_query().map_or("/", |target| target.as_str()).as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in headers {
+        if name != TRANSFER_ENCODING && name != CONTENT_LENGTH {
+            header_line(out, name.as_str().as_bytes(), value.as_bytes());
+        }
+    }
+    match framing {
+        OutgoingFraming::Length(length) => header_line(out, b"content-length", length.to_string().as_bytes()),
+        OutgoingFraming::Chunked => header_line(out, b"transfer-encoding", b"chunked"),
+        OutgoingFraming::NoBody | OutgoingFraming::UntilClose => {}
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// How a body the proxy writes (a response downstream, a request upstream) is delimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum ResponseFraming {
-    /// No body bytes follow the head (HEAD, 1xx, 204, 304); a `content-length` the upstream sent
-    /// for a HEAD or 304 is passed on.
+pub(crate) enum OutgoingFraming {
+    /// No body bytes follow the head (HEAD, 1xx, 204, 304; a request without a body); a
+    /// `content-length` the upstream sent for a HEAD or 304 is passed on.
     NoBody,
     Length(u64),
     Chunked,
@@ -279,18 +345,18 @@ pub(crate) enum ResponseFraming {
 
 /// Picks the framing: what the request and status allow, then the body's exact length if it
 /// is known, else chunked for HTTP/1.1 clients.
-pub(crate) fn response_framing(request_method: &Method, request_version: Version, status: StatusCode, exact_length: Option<u64>) -> ResponseFraming {
+pub(crate) fn response_framing(request_method: &Method, request_version: Version, status: StatusCode, exact_length: Option<u64>) -> OutgoingFraming {
     if request_method == Method::HEAD
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
     {
-        return ResponseFraming::NoBody;
+        return OutgoingFraming::NoBody;
     }
     match exact_length {
-        Some(length) => ResponseFraming::Length(length),
-        None if request_version == Version::HTTP_11 => ResponseFraming::Chunked,
-        None => ResponseFraming::UntilClose,
+        Some(length) => OutgoingFraming::Length(length),
+        None if request_version == Version::HTTP_11 => OutgoingFraming::Chunked,
+        None => OutgoingFraming::UntilClose,
     }
 }
 
@@ -312,7 +378,7 @@ pub(crate) fn encode_response_head(
     out: &mut Vec<u8>,
     status: StatusCode,
     headers: &HeaderMap,
-    framing: ResponseFraming,
+    framing: OutgoingFraming,
     connection: ConnectionHeader,
     date: &[u8],
 ) {
@@ -321,7 +387,7 @@ pub(crate) fn encode_response_head(
     out.push(b' ');
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
-    let keep_length = framing == ResponseFraming::NoBody && !status.is_informational() && status != StatusCode::NO_CONTENT;
+    let keep_length = framing == OutgoingFraming::NoBody && !status.is_informational() && status != StatusCode::NO_CONTENT;
     for (name, value) in headers {
         let own = name == TRANSFER_ENCODING
             || (name == CONTENT_LENGTH && !keep_length)
@@ -335,9 +401,9 @@ pub(crate) fn encode_response_head(
         header_line(out, b"date", date);
     }
     match framing {
-        ResponseFraming::Length(length) => header_line(out, b"content-length", length.to_string().as_bytes()),
-        ResponseFraming::Chunked => header_line(out, b"transfer-encoding", b"chunked"),
-        ResponseFraming::NoBody | ResponseFraming::UntilClose => {}
+        OutgoingFraming::Length(length) => header_line(out, b"content-length", length.to_string().as_bytes()),
+        OutgoingFraming::Chunked => header_line(out, b"transfer-encoding", b"chunked"),
+        OutgoingFraming::NoBody | OutgoingFraming::UntilClose => {}
     }
     match connection {
         ConnectionHeader::Close => header_line(out, b"connection", b"close"),
@@ -532,16 +598,49 @@ mod tests {
     }
 
     #[test]
+    fn upstream_response_bodies_end_by_length_chunks_or_close() {
+        let parse = |raw: &str| parse_response_head(raw.as_bytes(), 4096).unwrap().unwrap().0;
+        let body = |method: Method, raw: &str| {
+            let (decoder, reusable) = response_body(&method, &parse(raw), 1024).unwrap();
+            (format!("{decoder:?}"), reusable)
+        };
+        assert_eq!(body(Method::GET, "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"), ("Length { remaining: 5 }".into(), true));
+        assert_eq!(body(Method::GET, "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n").1, true);
+        assert_eq!(body(Method::GET, "HTTP/1.1 200 OK\r\n\r\n"), ("UntilClose".into(), false));
+        assert_eq!(body(Method::GET, "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n"), ("UntilClose".into(), false));
+        assert_eq!(body(Method::GET, "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n").1, false);
+        assert_eq!(body(Method::GET, "HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\n").1, false);
+        assert_eq!(body(Method::GET, "HTTP/1.0 200 OK\r\ncontent-length: 5\r\n\r\n").1, false);
+        assert_eq!(body(Method::HEAD, "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"), ("Done".into(), true));
+        assert_eq!(body(Method::GET, "HTTP/1.1 304 Not Modified\r\n\r\n"), ("Done".into(), true));
+        assert!(response_body(&Method::GET, &parse("HTTP/1.1 200 OK\r\ncontent-length: 1, 2\r\n\r\n"), 1024).is_err());
+        assert!(matches!(parse_response_head(b"HTTP/1.1 200 OK\r\n", 4096), Ok(None)));
+        assert!(parse_response_head(b"HTTP/1.1 2000 OK\r\n\r\n", 4096).is_err());
+        let mut rest = BytesMut::from(&b"all of it"[..]);
+        assert_eq!(BodyDecoder::UntilClose.decode(&mut rest).unwrap(), Decoded::Data(Bytes::from_static(b"all of it")));
+    }
+
+    #[test]
+    fn request_heads_carry_this_hops_framing() {
+        let mut headers = HeaderMap::new();
+        headers.insert("host", HeaderValue::from_static("a"));
+        headers.insert(CONTENT_LENGTH, HeaderValue::from_static("3"));
+        let mut out = Vec::new();
+        encode_request_head(&mut out, &Method::POST, &Uri::from_static("/p?q=1"), &headers, OutgoingFraming::Chunked);
+        assert_eq!(String::from_utf8(out).unwrap(), "POST /p?q=1 HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n");
+    }
+
+    #[test]
     fn response_framing_follows_method_status_and_length() {
         let get = |status: u16, length: Option<u64>, version: Version| {
             response_framing(&Method::GET, version, StatusCode::from_u16(status).unwrap(), length)
         };
-        assert_eq!(get(200, Some(3), Version::HTTP_11), ResponseFraming::Length(3));
-        assert_eq!(get(200, None, Version::HTTP_11), ResponseFraming::Chunked);
-        assert_eq!(get(200, None, Version::HTTP_10), ResponseFraming::UntilClose);
-        assert_eq!(get(204, None, Version::HTTP_11), ResponseFraming::NoBody);
-        assert_eq!(get(304, Some(10), Version::HTTP_11), ResponseFraming::NoBody);
-        assert_eq!(response_framing(&Method::HEAD, Version::HTTP_11, StatusCode::OK, Some(10)), ResponseFraming::NoBody);
+        assert_eq!(get(200, Some(3), Version::HTTP_11), OutgoingFraming::Length(3));
+        assert_eq!(get(200, None, Version::HTTP_11), OutgoingFraming::Chunked);
+        assert_eq!(get(200, None, Version::HTTP_10), OutgoingFraming::UntilClose);
+        assert_eq!(get(204, None, Version::HTTP_11), OutgoingFraming::NoBody);
+        assert_eq!(get(304, Some(10), Version::HTTP_11), OutgoingFraming::NoBody);
+        assert_eq!(response_framing(&Method::HEAD, Version::HTTP_11, StatusCode::OK, Some(10)), OutgoingFraming::NoBody);
     }
 
     #[test]
@@ -552,13 +651,13 @@ mod tests {
         headers.insert(TRANSFER_ENCODING, HeaderValue::from_static("gzip"));
         headers.insert(CONNECTION, HeaderValue::from_static("keep-alive"));
         let mut out = Vec::new();
-        encode_response_head(&mut out, StatusCode::OK, &headers, ResponseFraming::Length(2), ConnectionHeader::Close, b"D");
+        encode_response_head(&mut out, StatusCode::OK, &headers, OutgoingFraming::Length(2), ConnectionHeader::Close, b"D");
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "HTTP/1.1 200 OK\r\nx-a: 1\r\ndate: D\r\ncontent-length: 2\r\nconnection: close\r\n\r\n"
         );
         let mut out = Vec::new();
-        encode_response_head(&mut out, StatusCode::OK, &headers, ResponseFraming::NoBody, ConnectionHeader::Default, b"D");
+        encode_response_head(&mut out, StatusCode::OK, &headers, OutgoingFraming::NoBody, ConnectionHeader::Default, b"D");
         assert!(String::from_utf8(out).unwrap().contains("content-length: 999\r\n"), "HEAD keeps the length");
         let mut out = Vec::new();
         encode_last_chunk(&mut out, Some(&headers));

@@ -24,7 +24,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::codec::{self, BodyDecodeError, BodyDecoder, ConnectionHeader, Decoded, ResponseFraming};
+use super::codec::{self, BodyDecodeError, BodyDecoder, ConnectionHeader, Decoded, OutgoingFraming};
 use crate::body::{DownstreamBody, ProxyBody};
 use crate::normalize::{request_body_framing, BodyFraming};
 use crate::server::{self, ConnContext};
@@ -156,7 +156,7 @@ impl Body for RequestBody {
         match self.decoder {
             BodyDecoder::Length { remaining } => SizeHint::with_exact(remaining),
             BodyDecoder::Done => SizeHint::with_exact(0),
-            BodyDecoder::Chunked { .. } => SizeHint::default(),
+            BodyDecoder::Chunked { .. } | BodyDecoder::UntilClose => SizeHint::default(),
         }
     }
 }
@@ -402,7 +402,7 @@ async fn read_head(reader: &mut Reader, settings: &Http1Settings) -> Result<Opti
 async fn write_local_error(write: &mut OwnedWriteHalf, status: StatusCode) -> io::Result<()> {
     let mut out = Vec::with_capacity(160);
     let date = codec::http_date();
-    codec::encode_response_head(&mut out, status, &HeaderMap::new(), ResponseFraming::Length(0), ConnectionHeader::Close, &date);
+    codec::encode_response_head(&mut out, status, &HeaderMap::new(), OutgoingFraming::Length(0), ConnectionHeader::Close, &date);
     write.write_all(&out).await
 }
 
@@ -417,7 +417,7 @@ enum Outcome {
 async fn write_response(write: &mut OwnedWriteHalf, response: Response<ProxyBody>, exchange: &Exchange, close: bool) -> io::Result<Outcome> {
     let (parts, mut body) = response.into_parts();
     let framing = codec::response_framing(&exchange.method, exchange.version, parts.status, body.size_hint().exact());
-    let close = close || framing == ResponseFraming::UntilClose || codec::response_closes(&parts.headers);
+    let close = close || framing == OutgoingFraming::UntilClose || codec::response_closes(&parts.headers);
     let connection = if parts.status == StatusCode::SWITCHING_PROTOCOLS && exchange.upgrade.is_some() {
         ConnectionHeader::Upgrade
     } else if close {
@@ -430,7 +430,7 @@ async fn write_response(write: &mut OwnedWriteHalf, response: Response<ProxyBody
     let mut out = WriteQueue::default();
     codec::encode_response_head(&mut out.copied, parts.status, &parts.headers, framing, connection, &codec::http_date());
     let outcome = if close { Outcome::Close } else { Outcome::KeepAlive };
-    if framing == ResponseFraming::NoBody {
+    if framing == OutgoingFraming::NoBody {
         // An upstream response without a body ends on its first poll, which hands the upstream
         // connection back to its pool.
         let _ = futures_util::FutureExt::now_or_never(body.frame());
@@ -438,7 +438,7 @@ async fn write_response(write: &mut OwnedWriteHalf, response: Response<ProxyBody
         return Ok(outcome);
     }
     let mut remaining = match framing {
-        ResponseFraming::Length(length) => Some(length),
+        OutgoingFraming::Length(length) => Some(length),
         _ => None,
     };
     let mut pending = None;
@@ -461,7 +461,7 @@ async fn write_response(write: &mut OwnedWriteHalf, response: Response<ProxyBody
                     body.is_end_stream()
                 }
                 Err(frame) => {
-                    if let (Ok(trailers), ResponseFraming::Chunked) = (frame.into_trailers(), framing) {
+                    if let (Ok(trailers), OutgoingFraming::Chunked) = (frame.into_trailers(), framing) {
                         codec::encode_last_chunk(&mut out.copied, Some(&trailers));
                         out.write_to(write).await?;
                         return Ok(outcome);
@@ -471,7 +471,7 @@ async fn write_response(write: &mut OwnedWriteHalf, response: Response<ProxyBody
             },
         };
         if ended {
-            if framing == ResponseFraming::Chunked {
+            if framing == OutgoingFraming::Chunked {
                 codec::encode_last_chunk(&mut out.copied, None);
             }
             out.write_to(write).await?;
@@ -491,14 +491,15 @@ async fn write_response(write: &mut OwnedWriteHalf, response: Response<ProxyBody
     }
 }
 
-fn append_data(out: &mut WriteQueue, framing: ResponseFraming, remaining: &mut Option<u64>, data: Bytes) -> io::Result<()> {
+/// Adds a data frame in `framing` (chunked, or counted against the remaining length).
+pub(super) fn append_data(out: &mut WriteQueue, framing: OutgoingFraming, remaining: &mut Option<u64>, data: Bytes) -> io::Result<()> {
     if data.is_empty() {
         return Ok(());
     }
     if let Some(left) = remaining {
-        *left = left.checked_sub(data.len() as u64).ok_or_else(|| io::Error::other("response body longer than its length"))?;
+        *left = left.checked_sub(data.len() as u64).ok_or_else(|| io::Error::other("body longer than its length"))?;
     }
-    if framing == ResponseFraming::Chunked {
+    if framing == OutgoingFraming::Chunked {
         out.copied.extend_from_slice(codec::chunk_header(data.len()).as_bytes());
         out.put(data);
         out.copied.extend_from_slice(b"\r\n");
@@ -515,15 +516,15 @@ const COPY_BELOW: usize = 2048;
 /// Response bytes waiting for one `writev`: the head, framing and small frames copied
 /// together; large frames queued as they came.
 #[derive(Default)]
-struct WriteQueue {
+pub(super) struct WriteQueue {
     /// What goes out first, in order.
     segments: Vec<Bytes>,
     /// What follows the last segment.
-    copied: Vec<u8>,
+    pub copied: Vec<u8>,
 }
 
 impl WriteQueue {
-    fn put(&mut self, data: Bytes) {
+    pub fn put(&mut self, data: Bytes) {
         if data.len() < COPY_BELOW {
             self.copied.extend_from_slice(&data);
             return;
@@ -534,12 +535,12 @@ impl WriteQueue {
         self.segments.push(data);
     }
 
-    fn len(&self) -> usize {
+    pub fn len(&self) -> usize {
         self.segments.iter().map(Bytes::len).sum::<usize>() + self.copied.len()
     }
 
     /// Writes everything queued, in order, and empties the queue.
-    async fn write_to(&mut self, write: &mut OwnedWriteHalf) -> io::Result<()> {
+    pub async fn write_to(&mut self, write: &mut (impl AsyncWrite + Unpin)) -> io::Result<()> {
         if self.segments.is_empty() {
             write.write_all(&self.copied).await?;
             self.copied.clear();

@@ -1,7 +1,10 @@
-//! The HTTP/1.1 downstream server (**accept** -> parse -> handle -> respond), sluice's own so that idle
-//! keep-alive connections hold no buffers; HTTP/2 stays with hyper.
+//! sluice's own HTTP/1.1 (**accept** -> parse ... forward -> **upstream**): the downstream server, so that idle
+//! keep-alive connections hold no buffers, and the upstream client, driven by the request's own
+//! task. HTTP/2 stays with hyper on both sides.
 
+pub(crate) mod client;
 pub(crate) mod codec;
 pub(crate) mod conn;
 
+pub(crate) use client::{ClientConn, ResponseBody, ResponseBodyError};
 pub(crate) use conn::{serve, until_readable, DownstreamUpgrade, IdleTimer, Http1Settings, PrefixedStream, RequestBody, RequestBodyError};

@@ -1,0 +1,302 @@
+//! The HTTP/1.1 upstream client (forward -> **upstream** -> respond): one pooled connection driven by the
+//! request's own task, so an exchange costs no channel and no second task.
+//!
+//! The request (head and body) is written first, then the response head is read; the response
+//! body reads the connection itself while the downstream writer polls it, and hands the
+//! connection back for the pool when it ends cleanly.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use http::{Method, Request, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use tokio::net::tcp::ReadHalf;
+use tokio::net::TcpStream;
+
+use super::codec::{self, BodyDecodeError, BodyDecoder, Decoded, OutgoingFraming};
+use super::conn::{append_data, PrefixedStream, WriteQueue};
+use crate::body::ProxyBody;
+use crate::upstream::ConnectionGuard;
+
+/// Bytes asked of the socket per read.
+const READ_SIZE: usize = 8192;
+/// The largest upstream response head (Envoy's default header limit, plus the status line).
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// Request body bytes gathered before they are written.
+const WRITE_BATCH: usize = 64 * 1024;
+
+/// An open connection to one upstream host, counted under the cluster's `max_connections`
+/// until it is dropped.
+#[derive(Debug)]
+pub(crate) struct ClientConn {
+    io: TcpStream,
+    buf: BytesMut,
+    _guard: ConnectionGuard,
+}
+
+/// Why an exchange failed; `request_sent` as in `AttemptOutcome::Reset`.
+#[derive(Debug, thiserror::Error)]
+#[error("upstream HTTP/1.1 exchange failed (request sent: {request_sent}): {reason}")]
+pub(crate) struct ExchangeError {
+    pub request_sent: bool,
+    reason: String,
+}
+
+impl ExchangeError {
+    fn new(request_sent: bool, reason: impl ToString) -> Self {
+        Self { request_sent, reason: reason.to_string() }
+    }
+}
+
+impl ClientConn {
+    pub fn new(io: TcpStream, guard: ConnectionGuard) -> Self {
+        Self { io, buf: BytesMut::new(), _guard: guard }
+    }
+
+    /// Whether a pooled connection can take another request: the upstream has neither closed
+    /// it nor sent anything unasked. Readiness is what the I/O driver last saw, so an idle
+    /// connection costs no system call here.
+    pub fn is_reusable(&self) -> bool {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match self.io.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            // Readable: EOF or stray bytes, unless the readiness was stale.
+            Poll::Ready(Ok(())) => matches!(self.io.try_read(&mut [0u8; 1]), Err(error) if error.kind() == io::ErrorKind::WouldBlock),
+        }
+    }
+
+    /// Sends `request` and reads the response head.
+    pub async fn send(mut self, request: Request<ProxyBody>) -> Result<Response<ResponseBody>, ExchangeError> {
+        let (parts, mut body) = request.into_parts();
+        let framing = match body.size_hint().exact() {
+            Some(0) if body.is_end_stream() && !matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) => OutgoingFraming::NoBody,
+            Some(length) => OutgoingFraming::Length(length),
+            None => OutgoingFraming::Chunked,
+        };
+        let mut out = WriteQueue::default();
+        codec::encode_request_head(&mut out.copied, &parts.method, &parts.uri, &parts.headers, framing);
+        let mut sent = false;
+        let whole = self.send_body(&mut body, &mut out, framing, &mut sent).await?;
+        drop(body);
+        let head = self.read_response_head().await?;
+        let (decoder, reusable) = codec::response_body(&parts.method, &head, MAX_RESPONSE_HEAD).map_err(|error| ExchangeError::new(true, error))?;
+        let upgrading = head.status == StatusCode::SWITCHING_PROTOCOLS;
+        // An answer before the whole request leaves the connection mid-request: never reused.
+        let reusable = reusable && whole && !upgrading;
+        Ok(Response::from_parts(head, ResponseBody { conn: Some(self), decoder, reusable, finished: None, upgrading }))
+    }
+
+    /// Writes the head queued in `out` and then the body. Returns `false` when the upstream
+    /// answered (or closed) before the whole body was written: then the rest is not sent, and
+    /// what it sent is in `buf` for the response.
+    async fn send_body(&mut self, body: &mut ProxyBody, out: &mut WriteQueue, framing: OutgoingFraming, sent: &mut bool) -> Result<bool, ExchangeError> {
+        let (read, mut write) = self.io.split();
+        let buf = &mut self.buf;
+        let mut remaining = match framing {
+            OutgoingFraming::Length(length) => Some(length),
+            _ => None,
+        };
+        let mut last_chunk_written = framing != OutgoingFraming::Chunked;
+        let mut pending = None;
+        let mut ended = framing == OutgoingFraming::NoBody;
+        while !ended {
+            let frame = match pending.take() {
+                Some(frame) => frame,
+                None => tokio::select! {
+                    frame = body.frame() => frame,
+                    answered = answered_early(&read, buf) => return answered.map(|()| false),
+                },
+            };
+            let Some(frame) = frame else { break };
+            let frame = frame.map_err(|error| ExchangeError::new(*sent, error))?;
+            match frame.into_data() {
+                Ok(data) => append_data(out, framing, &mut remaining, data).map_err(|error| ExchangeError::new(*sent, error))?,
+                Err(frame) => {
+                    if let (Ok(trailers), OutgoingFraming::Chunked) = (frame.into_trailers(), framing) {
+                        codec::encode_last_chunk(&mut out.copied, Some(&trailers));
+                        last_chunk_written = true;
+                    }
+                }
+            }
+            ended = body.is_end_stream();
+            if ended {
+                break;
+            }
+            // Add whatever else is ready now, then write.
+            if out.len() < WRITE_BATCH {
+                if let Some(ready) = futures_util::FutureExt::now_or_never(body.frame()) {
+                    pending = Some(ready);
+                    continue;
+                }
+            }
+            tokio::select! {
+                written = out.write_to(&mut write) => written.map_err(|error| ExchangeError::new(*sent, error))?,
+                answered = answered_early(&read, buf) => return answered.map(|()| false),
+            }
+            *sent = true;
+        }
+        if !last_chunk_written {
+            codec::encode_last_chunk(&mut out.copied, None);
+        }
+        if remaining.is_some_and(|left| left > 0) {
+            return Err(ExchangeError::new(*sent, "request body shorter than its length"));
+        }
+        tokio::select! {
+            written = out.write_to(&mut write) => written.map_err(|error| ExchangeError::new(*sent, error))?,
+            answered = answered_early(&read, buf) => return answered.map(|()| false),
+        }
+        *sent = true;
+        Ok(true)
+    }
+
+    /// Reads until a final response head (1xx other than 101 are skipped) is buffered.
+    async fn read_response_head(&mut self) -> Result<http::response::Parts, ExchangeError> {
+        loop {
+            if let Some((parts, consumed)) = codec::parse_response_head(&self.buf, MAX_RESPONSE_HEAD).map_err(|error| ExchangeError::new(true, error))? {
+                let _ = self.buf.split_to(consumed);
+                if parts.status.is_informational() && parts.status != StatusCode::SWITCHING_PROTOCOLS {
+                    continue;
+                }
+                return Ok(parts);
+            }
+            self.buf.reserve(READ_SIZE);
+            let read = std::future::poll_fn(|cx| tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)).await;
+            match read {
+                Ok(0) => return Err(ExchangeError::new(true, "connection closed before the response head")),
+                Ok(_) => {}
+                Err(error) => return Err(ExchangeError::new(true, error)),
+            }
+        }
+    }
+}
+
+/// Resolves when the upstream sends something (or closes) while the request is still being
+/// written, with those bytes in `buf`: an early answer such as a 413 or a 503.
+async fn answered_early(read: &ReadHalf<'_>, buf: &mut BytesMut) -> Result<(), ExchangeError> {
+    loop {
+        read.readable().await.map_err(|error| ExchangeError::new(true, error))?;
+        buf.reserve(READ_SIZE);
+        match read.try_read_buf(buf) {
+            // Bytes or the end of the stream: either way the request is over.
+            Ok(_) => return Ok(()),
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+            Err(error) => return Err(ExchangeError::new(true, error)),
+        }
+    }
+}
+
+/// An upstream response body read from its connection.
+#[derive(Debug)]
+pub struct ResponseBody {
+    conn: Option<ClientConn>,
+    decoder: BodyDecoder,
+    reusable: bool,
+    /// The connection, once the body ended cleanly on a reusable connection.
+    finished: Option<ClientConn>,
+    upgrading: bool,
+}
+
+/// Why an upstream response body stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum ResponseBodyError {
+    #[error(transparent)]
+    Framing(#[from] BodyDecodeError),
+    #[error("the upstream closed the connection inside the response body")]
+    Truncated,
+    #[error("reading the response body: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl ResponseBody {
+    /// The connection to pool again, when the body was read to its end and nothing about the
+    /// exchange rules reuse out.
+    pub fn take_finished(&mut self) -> Option<ClientConn> {
+        if self.decoder.is_done() && !self.upgrading {
+            // A body that was empty from the start (HEAD, 204, 304, length 0) is never polled.
+            self.end();
+        }
+        self.finished.take()
+    }
+
+    /// The connection of a `101` exchange, with whatever the upstream sent after the head.
+    pub fn into_upgraded(mut self) -> Option<PrefixedStream> {
+        let conn = self.conn.take().filter(|_| self.upgrading)?;
+        Some(PrefixedStream::new(conn.buf.freeze(), conn.io))
+    }
+
+    fn end(&mut self) {
+        self.decoder = BodyDecoder::Done;
+        if let Some(conn) = self.conn.take() {
+            if self.reusable && conn.buf.is_empty() {
+                self.finished = Some(conn);
+            }
+        }
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = ResponseBodyError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, ResponseBodyError>>> {
+        let this = self.get_mut();
+        if this.upgrading {
+            return Poll::Ready(None);
+        }
+        loop {
+            let Some(conn) = this.conn.as_mut() else { return Poll::Ready(None) };
+            let frame = match this.decoder.decode(&mut conn.buf) {
+                Ok(Decoded::Data(data)) => Frame::data(data),
+                Ok(Decoded::Trailers(trailers)) => Frame::trailers(trailers),
+                Ok(Decoded::End) => {
+                    this.end();
+                    return Poll::Ready(None);
+                }
+                Ok(Decoded::NeedMore) => {
+                    conn.buf.reserve(READ_SIZE);
+                    match tokio_util::io::poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.buf) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(Ok(0)) if matches!(this.decoder, BodyDecoder::UntilClose) => {
+                            this.reusable = false;
+                            this.end();
+                            return Poll::Ready(None);
+                        }
+                        Poll::Ready(Ok(0)) => {
+                            this.conn = None;
+                            return Poll::Ready(Some(Err(ResponseBodyError::Truncated)));
+                        }
+                        Poll::Ready(Ok(_)) => continue,
+                        Poll::Ready(Err(error)) => {
+                            this.conn = None;
+                            return Poll::Ready(Some(Err(error.into())));
+                        }
+                    }
+                }
+                Err(error) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(error.into())));
+                }
+            };
+            if this.decoder.is_done() {
+                this.end();
+            }
+            return Poll::Ready(Some(Ok(frame)));
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.upgrading || self.decoder.is_done()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.decoder {
+            BodyDecoder::Length { remaining } => SizeHint::with_exact(remaining),
+            BodyDecoder::Done => SizeHint::with_exact(0),
+            BodyDecoder::Chunked { .. } | BodyDecoder::UntilClose => SizeHint::default(),
+        }
+    }
+}
