@@ -1,9 +1,12 @@
-//! sluice's HTTP/1.1 server on the wire: pipelining, keep-alive by version, `Expect:
-//! 100-continue`, chunked bodies both ways, and what a malformed body does to the connection.
+//! sluice's HTTP/1.1 server and client on the wire: pipelining, keep-alive by version, `Expect:
+//! 100-continue`, chunked bodies both ways, what a malformed body does to the connection, and
+//! upstream responses ended by close, interim responses and pooled connections the upstream closed.
 
 mod common;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -92,27 +95,82 @@ async fn expect_100_continue_is_answered_by_the_proxy() {
     assert!(!seen.headers.contains_key("expect"), "the expectation is this hop's: {:?}", seen.headers);
 }
 
-/// A backend answering every request with a body of unknown length, in two chunks.
-async fn chunked_backend() -> SocketAddr {
+/// A backend that reads request heads (bodiless requests only) and answers each with `reply`,
+/// closing the connection after it when `close` says so. Returns its address and a count of the
+/// connections it accepted.
+async fn scripted_backend(reply: &'static [u8], close: bool) -> (SocketAddr, Arc<AtomicUsize>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&accepted);
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
                 loop {
                     let (head, closed) = read_until(&mut stream, |text| text.contains("\r\n\r\n")).await;
-                    if closed || head.is_empty() {
-                        return;
-                    }
-                    let reply = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n4\r\ngot:\r\n3\r\nxyz\r\n0\r\n\r\n";
-                    if stream.write_all(reply).await.is_err() {
+                    if closed || head.is_empty() || stream.write_all(reply).await.is_err() || close {
                         return;
                     }
                 }
             });
         }
     });
-    addr
+    (addr, accepted)
+}
+
+/// A backend answering every request with a body of unknown length, in two chunks.
+async fn chunked_backend() -> SocketAddr {
+    scripted_backend(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n4\r\ngot:\r\n3\r\nxyz\r\n0\r\n\r\n", false).await.0
+}
+
+async fn get_through(addr: SocketAddr) -> String {
+    let mut stream = connect(addr).await;
+    stream.write_all(b"GET / HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n").await.unwrap();
+    read_until(&mut stream, |_| false).await.0
+}
+
+#[tokio::test]
+async fn an_upstream_body_ended_by_close_is_passed_on_and_its_connection_not_reused() {
+    let (backend, accepted) = scripted_backend(b"HTTP/1.1 200 OK\r\nx-from: raw\r\n\r\nuntil close", true).await;
+    let proxy = Proxy::start();
+    let addr = proxy.apply(svc_tables(to_cluster("svc"), &[backend]));
+    for _ in 0..2 {
+        let text = get_through(addr).await;
+        assert!(text.starts_with("HTTP/1.1 200") && text.contains("x-from: raw"), "{text}");
+        // Of unknown length, so chunked for this HTTP/1.1 client.
+        let body = &text[text.find("\r\n\r\n").expect("head end") + 4..];
+        assert_eq!(dechunk(body), "until close");
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 2, "a close-delimited response ends its connection");
+}
+
+#[tokio::test]
+async fn a_pooled_connection_the_upstream_closed_is_not_used_again() {
+    // Answers with a length (so the proxy pools the connection), then closes it anyway.
+    let (backend, accepted) = scripted_backend(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", true).await;
+    let proxy = Proxy::start();
+    let addr = proxy.apply(svc_tables(to_cluster("svc"), &[backend]));
+    for _ in 0..3 {
+        let text = get_through(addr).await;
+        assert!(text.starts_with("HTTP/1.1 200") && text.ends_with("\r\n\r\nok"), "{text}");
+        // Let the close reach the proxy's pooled connection before the next request.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    assert_eq!(proxy.handle.stats().clusters["svc"].upstream_rq_total, 3, "no request failed and was retried");
+}
+
+#[tokio::test]
+async fn interim_upstream_responses_are_skipped() {
+    let (backend, accepted) = scripted_backend(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfinal", false).await;
+    let proxy = Proxy::start();
+    let addr = proxy.apply(svc_tables(to_cluster("svc"), &[backend]));
+    for _ in 0..2 {
+        let text = get_through(addr).await;
+        assert!(text.starts_with("HTTP/1.1 200") && text.ends_with("\r\n\r\nfinal") && responses(&text) == 1, "{text}");
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "the connection was pooled and reused");
 }
 
 #[tokio::test]

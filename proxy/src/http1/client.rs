@@ -107,6 +107,7 @@ impl ClientConn {
             let frame = match pending.take() {
                 Some(frame) => frame,
                 None => tokio::select! {
+                    biased;
                     frame = body.frame() => frame,
                     answered = answered_early(&read, buf) => return answered.map(|()| false),
                 },
@@ -134,6 +135,7 @@ impl ClientConn {
                 }
             }
             tokio::select! {
+                biased;
                 written = out.write_to(&mut write) => written.map_err(|error| ExchangeError::new(*sent, error))?,
                 answered = answered_early(&read, buf) => return answered.map(|()| false),
             }
@@ -146,6 +148,7 @@ impl ClientConn {
             return Err(ExchangeError::new(*sent, "request body shorter than its length"));
         }
         tokio::select! {
+            biased;
             written = out.write_to(&mut write) => written.map_err(|error| ExchangeError::new(*sent, error))?,
             answered = answered_early(&read, buf) => return answered.map(|()| false),
         }
