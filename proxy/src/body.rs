@@ -20,9 +20,9 @@ pub enum BodyError {
     #[error(transparent)]
     Hyper(#[from] hyper::Error),
     #[error(transparent)]
-    Http1(#[from] RequestBodyError),
+    DownstreamHttp1(#[from] RequestBodyError),
     #[error(transparent)]
-    Upstream(#[from] ResponseBodyError),
+    UpstreamHttp1(#[from] ResponseBodyError),
     /// The attempt this request body belonged to was given up for a retry; failing the body
     /// aborts that upstream exchange instead of ending its request early but cleanly.
     #[error("request body abandoned: the attempt was superseded by a retry")]
@@ -60,54 +60,30 @@ impl ProxyBody {
 
 }
 
-/// An upstream response's body: from sluice's HTTP/1 client or hyper's HTTP/2 one.
+/// A message body read by sluice's own HTTP/1.1 code or by hyper's HTTP/2.
 #[derive(Debug)]
-pub enum UpstreamBody {
-    Http1(ResponseBody),
+pub enum ByVersion<H1> {
+    Http1(H1),
     Http2(Incoming),
 }
 
-impl Body for UpstreamBody {
+/// A downstream request's body.
+pub type DownstreamBody = ByVersion<RequestBody>;
+/// An upstream response's body.
+pub type UpstreamBody = ByVersion<ResponseBody>;
+
+impl<H1> Body for ByVersion<H1>
+where
+    H1: Body<Data = Bytes> + Unpin,
+    BodyError: From<H1::Error>,
+{
     type Data = Bytes;
     type Error = BodyError;
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             Self::Http1(body) => Pin::new(body).poll_frame(cx).map_err(BodyError::from),
-            Self::Http2(body) => Pin::new(body).poll_frame(cx).map_err(BodyError::from),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            Self::Http1(body) => body.is_end_stream(),
-            Self::Http2(body) => body.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            Self::Http1(body) => body.size_hint(),
-            Self::Http2(body) => body.size_hint(),
-        }
-    }
-}
-
-/// A downstream request's body: from sluice's HTTP/1 server or hyper's HTTP/2 one.
-#[derive(Debug)]
-pub enum DownstreamBody {
-    Http1(RequestBody),
-    Http2(Incoming),
-}
-
-impl Body for DownstreamBody {
-    type Data = Bytes;
-    type Error = BodyError;
-
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        match self.get_mut() {
-            Self::Http1(body) => Pin::new(body).poll_frame(cx).map_err(BodyError::from),
-            Self::Http2(body) => Pin::new(body).poll_frame(cx).map_err(BodyError::from),
+            Self::Http2(body) => Pin::new(body).poll_frame(cx).map_err(BodyError::Hyper),
         }
     }
 
