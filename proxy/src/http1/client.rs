@@ -1,9 +1,10 @@
 //! The HTTP/1.1 upstream client (forward -> **upstream** -> respond): one pooled connection driven by the
 //! request's own task, so an exchange costs no channel and no second task.
 //!
-//! The request (head and body) is written first, then the response head is read; the response
-//! body reads the connection itself while the downstream writer polls it, and hands the
-//! connection back for the pool when it ends cleanly.
+//! The request (head and body) is written first, then the response head is read; an upstream
+//! that answers (or closes) while the body is still being written stops the rest of it, as an
+//! early 413 or 503 must. The response body reads the connection itself while the downstream
+//! writer polls it, and hands the connection back for the pool when it ends cleanly.
 
 use std::io;
 use std::pin::Pin;
@@ -21,8 +22,13 @@ use super::conn::{append_data, PrefixedStream, WriteQueue};
 use crate::body::ProxyBody;
 use crate::upstream::ConnectionGuard;
 
-/// Bytes asked of the socket per read.
-const READ_SIZE: usize = 8192;
+/// Bytes asked of the socket per read of a response head (with the start of its body) and per
+/// read of a body of unknown length.
+const READ_SIZE: usize = 16 * 1024;
+/// The most asked per read of a body of known length: the rest of it, up to this. One read per
+/// 16 KiB response instead of three; each read's bytes become one data frame, which is one
+/// HTTP/2 DATA write downstream.
+const MAX_BODY_READ: usize = 256 * 1024;
 /// The largest upstream response head (Envoy's default header limit, plus the status line).
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// Request body bytes gathered before they are written.
@@ -34,6 +40,9 @@ const WRITE_BATCH: usize = 64 * 1024;
 pub(crate) struct ClientConn {
     io: TcpStream,
     buf: BytesMut,
+    /// What the first read of a response asks for: grows while reads fill it, so a response
+    /// head and its body usually arrive in one read.
+    head_read_size: usize,
     _guard: ConnectionGuard,
 }
 
@@ -53,7 +62,7 @@ impl ExchangeError {
 
 impl ClientConn {
     pub fn new(io: TcpStream, guard: ConnectionGuard) -> Self {
-        Self { io, buf: BytesMut::new(), _guard: guard }
+        Self { io, buf: BytesMut::new(), head_read_size: READ_SIZE, _guard: guard }
     }
 
     /// Whether a pooled connection can take another request: the upstream has neither closed
@@ -166,10 +175,13 @@ impl ClientConn {
                 }
                 return Ok(parts);
             }
-            self.buf.reserve(READ_SIZE);
+            let wanted = self.head_read_size;
+            self.buf.reserve(wanted);
             let read = std::future::poll_fn(|cx| tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)).await;
             match read {
                 Ok(0) => return Err(ExchangeError::new(true, "connection closed before the response head")),
+                // Filled: this upstream's answers are larger; read more at once next time.
+                Ok(read) if read >= wanted => self.head_read_size = (wanted * 2).min(MAX_BODY_READ),
                 Ok(_) => {}
                 Err(error) => return Err(ExchangeError::new(true, error)),
             }
@@ -189,6 +201,14 @@ async fn answered_early(read: &ReadHalf<'_>, buf: &mut BytesMut) -> Result<(), E
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
             Err(error) => return Err(ExchangeError::new(true, error)),
         }
+    }
+}
+
+/// How much to ask of the socket for the rest of a body.
+fn body_read_size(decoder: &BodyDecoder) -> usize {
+    match decoder {
+        BodyDecoder::Length { remaining } => usize::try_from(*remaining).unwrap_or(usize::MAX).clamp(READ_SIZE, MAX_BODY_READ),
+        _ => READ_SIZE,
     }
 }
 
@@ -233,8 +253,10 @@ impl ResponseBody {
 
     fn end(&mut self) {
         self.decoder = BodyDecoder::Done;
-        if let Some(conn) = self.conn.take() {
+        if let Some(mut conn) = self.conn.take() {
             if self.reusable && conn.buf.is_empty() {
+                // A pooled connection holds no buffer.
+                conn.buf = BytesMut::new();
                 self.finished = Some(conn);
             }
         }
@@ -260,7 +282,7 @@ impl Body for ResponseBody {
                     return Poll::Ready(None);
                 }
                 Ok(Decoded::NeedMore) => {
-                    conn.buf.reserve(READ_SIZE);
+                    conn.buf.reserve(body_read_size(&this.decoder));
                     match tokio_util::io::poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.buf) {
                         Poll::Pending => return Poll::Pending,
                         Poll::Ready(Ok(0)) if matches!(this.decoder, BodyDecoder::UntilClose) => {
