@@ -409,14 +409,14 @@ impl HostState {
         }
         self.connections.fetch_add(1, Ordering::Relaxed);
         bump(&self.proxy_counters.upstream_cx_active);
-        Some(ConnectionGuard(Arc::clone(self)))
+        Some(ConnectionGuard::new(self))
     }
 
     fn reserve_connection_unconditionally(self: &Arc<Self>) -> ConnectionGuard {
         bump(&self.counters.upstream_cx_active);
         self.connections.fetch_add(1, Ordering::Relaxed);
         bump(&self.proxy_counters.upstream_cx_active);
-        ConnectionGuard(Arc::clone(self))
+        ConnectionGuard::new(self)
     }
 
     async fn connect_tcp(&self) -> Result<TokioIo<TcpStream>, AttemptOutcome> {
@@ -451,9 +451,10 @@ impl HostState {
             .handshake(io)
             .await
             .map_err(|_| AttemptOutcome::ConnectFailure)?;
+        let addr = self.addr;
         tokio::spawn(async move {
             if let Err(error) = connection.await {
-                tracing::debug!(upstream = %guard.0.addr, %error, "upstream HTTP/2 connection ended with an error");
+                tracing::debug!(upstream = %addr, %error, "upstream HTTP/2 connection ended with an error");
             }
             drop(guard);
         });
@@ -516,17 +517,30 @@ impl Drop for PendingSlot {
     }
 }
 
-/// Keeps one upstream connection counted while it is open.
+/// Keeps one upstream connection counted while it is open. It refers to its host weakly:
+/// pooled HTTP/1.1 connections sit in the host's own queue, and a strong reference from there
+/// would keep a host that a table swap removed (and its open connections) alive forever.
 #[derive(Debug)]
-pub(crate) struct ConnectionGuard(Arc<HostState>);
+pub(crate) struct ConnectionGuard {
+    host: Weak<HostState>,
+    counters: Arc<ClusterCounters>,
+    proxy_counters: Arc<ProxyCounters>,
+}
+
+impl ConnectionGuard {
+    fn new(host: &Arc<HostState>) -> Self {
+        Self { host: Arc::downgrade(host), counters: Arc::clone(&host.counters), proxy_counters: Arc::clone(&host.proxy_counters) }
+    }
+}
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        let host = &self.0;
-        host.connections.fetch_sub(1, Ordering::Relaxed);
-        host.counters.upstream_cx_active.fetch_sub(1, Ordering::Relaxed);
-        host.proxy_counters.upstream_cx_active.fetch_sub(1, Ordering::Relaxed);
-        host.released.notify_one();
+        self.counters.upstream_cx_active.fetch_sub(1, Ordering::Relaxed);
+        self.proxy_counters.upstream_cx_active.fetch_sub(1, Ordering::Relaxed);
+        if let Some(host) = self.host.upgrade() {
+            host.connections.fetch_sub(1, Ordering::Relaxed);
+            host.released.notify_one();
+        }
     }
 }
 

@@ -99,16 +99,27 @@ async fn expect_100_continue_is_answered_by_the_proxy() {
 /// closing the connection after it when `close` says so. Returns its address and a count of the
 /// connections it accepted.
 async fn scripted_backend(reply: &'static [u8], close: bool) -> (SocketAddr, Arc<AtomicUsize>) {
+    let (addr, accepted, _) = scripted_backend_counting_closes(reply, close).await;
+    (addr, accepted)
+}
+
+/// `scripted_backend`, also counting the connections the proxy closed.
+async fn scripted_backend_counting_closes(reply: &'static [u8], close: bool) -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let accepted = Arc::new(AtomicUsize::new(0));
-    let counter = Arc::clone(&accepted);
+    let closed_by_proxy = Arc::new(AtomicUsize::new(0));
+    let (counter, closes) = (Arc::clone(&accepted), Arc::clone(&closed_by_proxy));
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
             counter.fetch_add(1, Ordering::SeqCst);
+            let closes = Arc::clone(&closes);
             tokio::spawn(async move {
                 loop {
                     let (head, closed) = read_until(&mut stream, |text| text.contains("\r\n\r\n")).await;
+                    if closed {
+                        closes.fetch_add(1, Ordering::SeqCst);
+                    }
                     if closed || head.is_empty() || stream.write_all(reply).await.is_err() || close {
                         return;
                     }
@@ -116,7 +127,25 @@ async fn scripted_backend(reply: &'static [u8], close: bool) -> (SocketAddr, Arc
             });
         }
     });
-    (addr, accepted)
+    (addr, accepted, closed_by_proxy)
+}
+
+#[tokio::test]
+async fn pooled_connections_of_a_removed_cluster_are_closed() {
+    let (backend, accepted, closed) = scripted_backend_counting_closes(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", false).await;
+    let other = Backend::echo("other").await;
+    let proxy = Proxy::start();
+    let addr = proxy.apply(svc_tables(to_cluster("svc"), &[backend]));
+    assert!(get_through(addr).await.ends_with("\r\n\r\nok"));
+    assert_eq!((accepted.load(Ordering::SeqCst), closed.load(Ordering::SeqCst)), (1, 0), "pooled, open");
+    // The same service now has another endpoint: the old host and its pool go away.
+    proxy.apply(svc_tables(to_cluster("svc"), &[other.addr]));
+    let gone = async {
+        while closed.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), gone).await.expect("the proxy closes the removed host's pooled connection");
 }
 
 /// A backend answering every request with a body of unknown length, in two chunks.
