@@ -266,7 +266,7 @@ pub(crate) struct HostState {
     pub active_requests: AtomicU64,
     /// Open (or opening) connections to this host.
     connections: AtomicU64,
-    idle: ArrayQueue<ClientConn>,
+    idle: ArrayQueue<Box<ClientConn>>,
     multiplexed: ArcSwapOption<http2::SendRequest<ProxyBody>>,
     /// Serializes opening the HTTP/2 connection (slow path only).
     multiplexed_connecting: tokio::sync::Mutex<()>,
@@ -341,12 +341,12 @@ impl HostState {
     }
 
     /// Opens a dedicated HTTP/1.1 connection that may switch protocols (never pooled).
-    pub async fn connect_upgradable(self: &Arc<Self>) -> Result<ClientConn, AttemptOutcome> {
+    pub async fn connect_upgradable(self: &Arc<Self>) -> Result<Box<ClientConn>, AttemptOutcome> {
         let guard = self.reserve_connection_unconditionally();
         self.connect_http1(guard).await
     }
 
-    async fn checkout_http1(self: &Arc<Self>, breakers: &CircuitBreakers) -> Result<ClientConn, AttemptOutcome> {
+    async fn checkout_http1(self: &Arc<Self>, breakers: &CircuitBreakers) -> Result<Box<ClientConn>, AttemptOutcome> {
         let mut pending: Option<PendingSlot> = None;
         loop {
             while let Some(conn) = self.idle.pop() {
@@ -439,7 +439,7 @@ impl HostState {
         }
     }
 
-    async fn connect_http1(&self, guard: ConnectionGuard) -> Result<ClientConn, AttemptOutcome> {
+    async fn connect_http1(&self, guard: ConnectionGuard) -> Result<Box<ClientConn>, AttemptOutcome> {
         let io = self.connect_tcp().await?;
         Ok(ClientConn::new(io.into_inner(), guard))
     }
@@ -461,7 +461,7 @@ impl HostState {
         Ok(sender)
     }
 
-    fn release(&self, conn: ClientConn) {
+    fn release(&self, conn: Box<ClientConn>) {
         // A full queue drops the connection, which closes it.
         let _ = self.idle.push(conn);
         self.released.notify_one();
@@ -550,7 +550,7 @@ impl Drop for ConnectionGuard {
 #[derive(Debug)]
 pub struct Lease {
     host: Arc<HostState>,
-    conn: Option<ClientConn>,
+    conn: Option<Box<ClientConn>>,
 }
 
 impl Lease {

@@ -129,7 +129,7 @@ async fn without_request_headers_timeout_a_slow_head_is_not_cut_off() {
 async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let backend = Backend::echo("backend").await;
-    let mut proxy = Proxy::start_here();
+    let proxy = Proxy::start_here();
     let mut http = hcm(vec![prefix_route("/", to_cluster("svc"))]);
     http.idle_timeout = Some(Duration::from_secs(10));
     let addr = proxy.apply(tables(1, http, vec![cluster("svc", &[backend.addr])]));

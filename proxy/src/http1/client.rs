@@ -61,8 +61,9 @@ impl ExchangeError {
 }
 
 impl ClientConn {
-    pub fn new(io: TcpStream, guard: ConnectionGuard) -> Self {
-        Self { io, buf: BytesMut::new(), head_read_size: READ_SIZE, _guard: guard }
+    /// Boxed: a connection moves between the pool, the exchange and the response body.
+    pub fn new(io: TcpStream, guard: ConnectionGuard) -> Box<Self> {
+        Box::new(Self { io, buf: BytesMut::new(), head_read_size: READ_SIZE, _guard: guard })
     }
 
     /// Whether a pooled connection can take another request: the upstream has neither closed
@@ -79,7 +80,7 @@ impl ClientConn {
     }
 
     /// Sends `request` and reads the response head.
-    pub async fn send(mut self, request: Request<ProxyBody>) -> Result<Response<ResponseBody>, ExchangeError> {
+    pub async fn send(mut self: Box<Self>, request: Request<ProxyBody>) -> Result<Response<ResponseBody>, ExchangeError> {
         let (parts, mut body) = request.into_parts();
         let framing = match body.size_hint().exact() {
             Some(0) if body.is_end_stream() && !matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) => OutgoingFraming::NoBody,
@@ -96,7 +97,7 @@ impl ClientConn {
         let upgrading = head.status == StatusCode::SWITCHING_PROTOCOLS;
         // An answer before the whole request leaves the connection mid-request: never reused.
         let reusable = reusable && whole && !upgrading;
-        Ok(Response::from_parts(head, ResponseBody { conn: Some(self), decoder, reusable, finished: None, upgrading }))
+        Ok(Response::from_parts(head, ResponseBody { conn: Some(self), decoder, reusable, upgrading }))
     }
 
     /// Writes the head queued in `out` and then the body. Returns `false` when the upstream
@@ -215,11 +216,10 @@ fn body_read_size(decoder: &BodyDecoder) -> usize {
 /// An upstream response body read from its connection.
 #[derive(Debug)]
 pub struct ResponseBody {
-    conn: Option<ClientConn>,
+    /// Kept after a clean end when the connection may be pooled again; dropped (closed) otherwise.
+    conn: Option<Box<ClientConn>>,
     decoder: BodyDecoder,
     reusable: bool,
-    /// The connection, once the body ended cleanly on a reusable connection.
-    finished: Option<ClientConn>,
     upgrading: bool,
 }
 
@@ -237,12 +237,14 @@ pub enum ResponseBodyError {
 impl ResponseBody {
     /// The connection to pool again, when the body was read to its end and nothing about the
     /// exchange rules reuse out.
-    pub fn take_finished(&mut self) -> Option<ClientConn> {
-        if self.decoder.is_done() && !self.upgrading {
-            // A body that was empty from the start (HEAD, 204, 304, length 0) is never polled.
-            self.end();
+    pub fn take_finished(&mut self) -> Option<Box<ClientConn>> {
+        if !self.decoder.is_done() || self.upgrading {
+            return None;
         }
-        self.finished.take()
+        // Also for a body that was empty from the start (HEAD, 204, 304, length 0): writers
+        // never poll those.
+        self.end();
+        self.conn.take()
     }
 
     /// The connection of a `101` exchange, with whatever the upstream sent after the head.
@@ -251,14 +253,13 @@ impl ResponseBody {
         Some(PrefixedStream::new(conn.buf.freeze(), conn.io))
     }
 
+    /// The body ended cleanly: keep the connection only if it can be pooled again.
     fn end(&mut self) {
         self.decoder = BodyDecoder::Done;
-        if let Some(mut conn) = self.conn.take() {
-            if self.reusable && conn.buf.is_empty() {
-                // A pooled connection holds no buffer.
-                conn.buf = BytesMut::new();
-                self.finished = Some(conn);
-            }
+        match self.conn.as_mut() {
+            // A pooled connection holds no buffer.
+            Some(conn) if self.reusable && conn.buf.is_empty() => conn.buf = BytesMut::new(),
+            _ => self.conn = None,
         }
     }
 }
