@@ -56,6 +56,11 @@ pub(crate) fn bind(bind: &Bind) -> io::Result<TcpListener> {
 }
 
 pub(crate) async fn accept_loop(listener: TcpListener, slot: usize, shared: Arc<Shared>, stop: CancellationToken) {
+    // Every connection's local address is the listener's own unless the listener is bound to
+    // a wildcard or is transparent (then it is the client's original destination): only then
+    // is it asked of the kernel per connection.
+    let transparent = socket2::SockRef::from(&listener).ip_transparent_v4().unwrap_or(true);
+    let fixed_local = listener.local_addr().ok().filter(|addr| !addr.ip().is_unspecified() && !transparent);
     loop {
         let accepted = tokio::select! {
             () = stop.cancelled() => break,
@@ -63,7 +68,7 @@ pub(crate) async fn accept_loop(listener: TcpListener, slot: usize, shared: Arc<
         };
         match accepted {
             Ok((stream, peer)) => {
-                let local = match stream.local_addr() {
+                let local = match fixed_local.map_or_else(|| stream.local_addr(), Ok) {
                     Ok(local) => local,
                     Err(error) => {
                         tracing::debug!(%peer, %error, "accepted socket has no local address");
@@ -126,12 +131,13 @@ async fn sniff(stream: &mut TcpStream, first_bytes: &mut BytesMut, idle_timeout:
         if !http1::until_readable(stream.readable(), &mut idle, stop).await {
             return None;
         }
-        first_bytes.reserve(HTTP2_PREFACE_START.len());
-        match stream.try_read_buf(first_bytes) {
-            Ok(0) => return None,
+        // A whole request head usually arrives in this one read. (An `AsyncRead` read: a short
+        // read clears the socket's readiness, so the next wait does not begin with a read that
+        // finds nothing.)
+        first_bytes.reserve(FIRST_READ);
+        match tokio::io::AsyncReadExt::read_buf(stream, first_bytes).await {
+            Ok(0) | Err(_) => return None,
             Ok(_) => {}
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
-            Err(_) => return None,
         }
     }
 }
@@ -196,6 +202,9 @@ impl Drop for ActiveConnection {
         self.0.counters.downstream_cx_active.fetch_sub(1, Ordering::Relaxed);
     }
 }
+
+/// What the first read of a connection asks for.
+const FIRST_READ: usize = 4096;
 
 /// The HTTP/2 connection preface's first bytes: a client that starts with them speaks HTTP/2.
 const HTTP2_PREFACE_START: &[u8] = b"PRI * HTTP/2.0";

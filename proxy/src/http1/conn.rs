@@ -242,23 +242,42 @@ struct Exchange {
 /// the connection idles past its timeout. `first_bytes` were read while detecting the protocol.
 pub(crate) async fn serve(stream: TcpStream, first_bytes: BytesMut, ctx: Arc<ConnContext>, settings: Http1Settings, stop: CancellationToken) {
     let (read, mut write) = stream.into_split();
-    let mut reader = Reader { io: read, buf: first_bytes };
+    let reader = Reader { io: read, buf: first_bytes };
+    match serve_requests(reader, &mut write, ctx, settings, stop).await {
+        Some((upgrade, reader)) => {
+            if let Ok(stream) = reader.io.reunite(write) {
+                let _ = upgrade.send(PrefixedStream::new(reader.buf.freeze(), stream));
+            }
+        }
+        // Closing the socket sends the FIN; a shutdown first would be one more system call.
+        None => write.forget(),
+    }
+}
+
+/// The request loop of `serve`: returns the upgrade to complete when a `101` went out.
+async fn serve_requests(
+    mut reader: Reader,
+    write: &mut OwnedWriteHalf,
+    ctx: Arc<ConnContext>,
+    settings: Http1Settings,
+    stop: CancellationToken,
+) -> Option<(oneshot::Sender<PrefixedStream>, Reader)> {
     let mut idle = IdleTimer::new(settings.idle_timeout);
     loop {
         if reader.buf.is_empty() {
             // Nothing pipelined: give the buffer back and wait for the next request.
             reader.buf = BytesMut::new();
             if !until_readable(reader.io.readable(), &mut idle, &stop).await {
-                return;
+                return None;
             }
         }
         let mut parts = match read_head(&mut reader, &settings).await {
             Ok(Some(parts)) => parts,
-            Ok(None) => return,
+            Ok(None) => return None,
             Err(error) => {
                 tracing::debug!(peer = %ctx.peer, %error, "refused a request head");
-                let _ = write_local_error(&mut write, error.status()).await;
-                return;
+                let _ = write_local_error(write, error.status()).await;
+                return None;
             }
         };
         let framing = request_body_framing(parts.version, &parts.headers);
@@ -279,7 +298,7 @@ pub(crate) async fn serve(stream: TcpStream, first_bytes: BytesMut, ctx: Arc<Con
             // Envoy's default: answer the expectation here and do not pass it on.
             parts.headers.remove(EXPECT);
             if write.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err() {
-                return;
+                return None;
             }
         }
         let (body, reader_at) = match framing {
@@ -292,7 +311,7 @@ pub(crate) async fn serve(stream: TcpStream, first_bytes: BytesMut, ctx: Arc<Con
         // connection's task for the connection's whole life.
         let Ok(response) = Box::pin(server::handle(Arc::clone(&ctx), request, upgrade)).await else {
             // Dropped by L3/L4 policy: no response at all.
-            return;
+            return None;
         };
         // A body not read to its end by now leaves the connection's position unknown.
         let complete = match reader_at {
@@ -303,21 +322,16 @@ pub(crate) async fn serve(stream: TcpStream, first_bytes: BytesMut, ctx: Arc<Con
             },
         };
         let Some(home) = complete else {
-            let _ = Box::pin(write_response(&mut write, response, &exchange, true)).await;
-            return;
+            let _ = Box::pin(write_response(write, response, &exchange, true)).await;
+            return None;
         };
         reader = home;
         let close = !exchange.keep_alive || exchange.framing_refused || stop.is_cancelled();
         let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
-        match Box::pin(write_response(&mut write, response, &exchange, close)).await {
+        match Box::pin(write_response(write, response, &exchange, close)).await {
             Ok(Outcome::KeepAlive) if !switching => {}
-            Ok(Outcome::KeepAlive) => {
-                if let (Some(upgrade), Ok(stream)) = (exchange.upgrade, reader.io.reunite(write)) {
-                    let _ = upgrade.send(PrefixedStream::new(reader.buf.freeze(), stream));
-                }
-                return;
-            }
-            Ok(Outcome::Close) | Err(_) => return,
+            Ok(Outcome::KeepAlive) => return exchange.upgrade.map(|upgrade| (upgrade, reader)),
+            Ok(Outcome::Close) | Err(_) => return None,
         }
     }
 }
