@@ -10,7 +10,7 @@ use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use crate::http1::{RequestBody, RequestBodyError, ResponseBody, ResponseBodyError};
+use crate::http1::{BodyReadError, RequestBody, ResponseBody};
 use crate::stats::{bump, ClusterCounters};
 use crate::upstream::Lease;
 
@@ -20,9 +20,7 @@ pub enum BodyError {
     #[error(transparent)]
     Hyper(#[from] hyper::Error),
     #[error(transparent)]
-    DownstreamHttp1(#[from] RequestBodyError),
-    #[error(transparent)]
-    UpstreamHttp1(#[from] ResponseBodyError),
+    Http1(#[from] BodyReadError),
     /// The attempt this request body belonged to was given up for a retry; failing the body
     /// aborts that upstream exchange instead of ending its request early but cleanly.
     #[error("request body abandoned: the attempt was superseded by a retry")]

@@ -17,8 +17,8 @@ use http_body_util::BodyExt;
 use tokio::net::tcp::ReadHalf;
 use tokio::net::TcpStream;
 
-use super::codec::{self, BodyDecodeError, BodyDecoder, Decoded, OutgoingFraming};
-use super::conn::{append_data, PrefixedStream, WriteQueue};
+use super::codec::{self, BodyDecoder, OutgoingFraming};
+use super::conn::{append_data, poll_body_frame, BodyReadError, PrefixedStream, WriteQueue};
 use crate::body::ProxyBody;
 use crate::upstream::ConnectionGuard;
 
@@ -223,17 +223,6 @@ pub struct ResponseBody {
     upgrading: bool,
 }
 
-/// Why an upstream response body stopped early.
-#[derive(Debug, thiserror::Error)]
-pub enum ResponseBodyError {
-    #[error(transparent)]
-    Framing(#[from] BodyDecodeError),
-    #[error("the upstream closed the connection inside the response body")]
-    Truncated,
-    #[error("reading the response body: {0}")]
-    Io(#[from] io::Error),
-}
-
 impl ResponseBody {
     /// The connection to pool again, when the body was read to its end and nothing about the
     /// exchange rules reuse out.
@@ -266,52 +255,22 @@ impl ResponseBody {
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = ResponseBodyError;
+    type Error = BodyReadError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, ResponseBodyError>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyReadError>>> {
         let this = self.get_mut();
         if this.upgrading {
             return Poll::Ready(None);
         }
-        loop {
-            let Some(conn) = this.conn.as_mut() else { return Poll::Ready(None) };
-            let frame = match this.decoder.decode(&mut conn.buf) {
-                Ok(Decoded::Data(data)) => Frame::data(data),
-                Ok(Decoded::Trailers(trailers)) => Frame::trailers(trailers),
-                Ok(Decoded::End) => {
-                    this.end();
-                    return Poll::Ready(None);
-                }
-                Ok(Decoded::NeedMore) => {
-                    conn.buf.reserve(body_read_size(&this.decoder));
-                    match tokio_util::io::poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.buf) {
-                        Poll::Pending => return Poll::Pending,
-                        Poll::Ready(Ok(0)) if matches!(this.decoder, BodyDecoder::UntilClose) => {
-                            this.reusable = false;
-                            this.end();
-                            return Poll::Ready(None);
-                        }
-                        Poll::Ready(Ok(0)) => {
-                            this.conn = None;
-                            return Poll::Ready(Some(Err(ResponseBodyError::Truncated)));
-                        }
-                        Poll::Ready(Ok(_)) => continue,
-                        Poll::Ready(Err(error)) => {
-                            this.conn = None;
-                            return Poll::Ready(Some(Err(error.into())));
-                        }
-                    }
-                }
-                Err(error) => {
-                    this.conn = None;
-                    return Poll::Ready(Some(Err(error.into())));
-                }
-            };
-            if this.decoder.is_done() {
-                this.end();
-            }
-            return Poll::Ready(Some(Ok(frame)));
+        let Some(conn) = this.conn.as_mut() else { return Poll::Ready(None) };
+        let read_size = body_read_size(&this.decoder);
+        let step = std::task::ready!(poll_body_frame(&mut this.decoder, &mut conn.buf, Pin::new(&mut conn.io), read_size, cx));
+        match &step {
+            Ok(Some(_)) if !this.decoder.is_done() => {}
+            Ok(_) => this.end(),
+            Err(_) => this.conn = None,
         }
+        Poll::Ready(step.transpose())
     }
 
     fn is_end_stream(&self) -> bool {

@@ -75,15 +75,46 @@ struct Returned {
     complete: bool,
 }
 
-/// Why a request body stopped early.
+/// Why a message body read from a connection (a request downstream, a response upstream)
+/// stopped before its end.
 #[derive(Debug, thiserror::Error)]
-pub enum RequestBodyError {
+pub enum BodyReadError {
     #[error(transparent)]
     Framing(#[from] BodyDecodeError),
-    #[error("the client closed the connection inside the request body")]
+    #[error("the peer closed the connection inside the body")]
     Truncated,
-    #[error("reading the request body: {0}")]
+    #[error("reading the body: {0}")]
     Io(#[from] io::Error),
+}
+
+/// The next step of a body read from `io` through `buf`: a frame, or `None` at its end. More is
+/// read (`read_size` at a time) only when the buffer holds no complete step.
+pub(super) fn poll_body_frame(
+    decoder: &mut BodyDecoder,
+    buf: &mut BytesMut,
+    mut io: Pin<&mut impl AsyncRead>,
+    read_size: usize,
+    cx: &mut Context<'_>,
+) -> Poll<Result<Option<Frame<Bytes>>, BodyReadError>> {
+    loop {
+        match decoder.decode(buf)? {
+            Decoded::Data(data) => return Poll::Ready(Ok(Some(Frame::data(data)))),
+            Decoded::Trailers(trailers) => return Poll::Ready(Ok(Some(Frame::trailers(trailers)))),
+            Decoded::End => return Poll::Ready(Ok(None)),
+            Decoded::NeedMore => {
+                buf.reserve(read_size);
+                match std::task::ready!(tokio_util::io::poll_read_buf(io.as_mut(), cx, buf)) {
+                    Ok(0) if matches!(decoder, BodyDecoder::UntilClose) => {
+                        *decoder = BodyDecoder::Done;
+                        return Poll::Ready(Ok(None));
+                    }
+                    Ok(0) => return Poll::Ready(Err(BodyReadError::Truncated)),
+                    Ok(_) => {}
+                    Err(error) => return Poll::Ready(Err(error.into())),
+                }
+            }
+        }
+    }
 }
 
 /// An HTTP/1.1 request body read straight from the connection.
@@ -105,10 +136,6 @@ impl RequestBody {
         }
     }
 
-    fn fail(&mut self, error: RequestBodyError) -> Poll<Option<Result<Frame<Bytes>, RequestBodyError>>> {
-        self.send_home();
-        Poll::Ready(Some(Err(error)))
-    }
 }
 
 impl Drop for RequestBody {
@@ -119,33 +146,18 @@ impl Drop for RequestBody {
 
 impl Body for RequestBody {
     type Data = Bytes;
-    type Error = RequestBodyError;
+    type Error = BodyReadError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, RequestBodyError>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyReadError>>> {
         let this = self.get_mut();
-        loop {
-            let Some(reader) = this.reader.as_mut() else { return Poll::Ready(None) };
-            let frame = match this.decoder.decode(&mut reader.buf) {
-                Ok(Decoded::Data(data)) => Frame::data(data),
-                Ok(Decoded::Trailers(trailers)) => Frame::trailers(trailers),
-                Ok(Decoded::End) => {
-                    this.send_home();
-                    return Poll::Ready(None);
-                }
-                Ok(Decoded::NeedMore) => match reader.poll_fill(cx) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(Ok(0)) => return this.fail(RequestBodyError::Truncated),
-                    Poll::Ready(Ok(_)) => continue,
-                    Poll::Ready(Err(error)) => return this.fail(error.into()),
-                },
-                Err(error) => return this.fail(error.into()),
-            };
-            if this.decoder.is_done() {
-                // The next bytes are the next request's: the connection may read them now.
-                this.send_home();
-            }
-            return Poll::Ready(Some(Ok(frame)));
+        let Some(reader) = this.reader.as_mut() else { return Poll::Ready(None) };
+        let step = std::task::ready!(poll_body_frame(&mut this.decoder, &mut reader.buf, Pin::new(&mut reader.io), READ_SIZE, cx));
+        // At the end (or a failure) the connection gets its read side back: the next bytes are
+        // the next request's, or the connection is closed.
+        if !matches!(step, Ok(Some(_))) || this.decoder.is_done() {
+            this.send_home();
         }
+        Poll::Ready(step.transpose())
     }
 
     fn is_end_stream(&self) -> bool {

@@ -6,5 +6,5 @@ pub(crate) mod client;
 pub(crate) mod codec;
 pub(crate) mod conn;
 
-pub(crate) use client::{ClientConn, ResponseBody, ResponseBodyError};
-pub(crate) use conn::{serve, until_readable, DownstreamUpgrade, IdleTimer, Http1Settings, PrefixedStream, RequestBody, RequestBodyError};
+pub(crate) use client::{ClientConn, ResponseBody};
+pub(crate) use conn::{serve, until_readable, DownstreamUpgrade, IdleTimer, Http1Settings, PrefixedStream, RequestBody, BodyReadError};
