@@ -13,12 +13,12 @@ use std::task::{Context, Poll};
 use bytes::{Bytes, BytesMut};
 use http::{Method, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::BodyExt;
 use tokio::net::tcp::ReadHalf;
 use tokio::net::TcpStream;
 
 use super::codec::{self, BodyDecoder, OutgoingFraming};
-use super::conn::{append_data, poll_body_frame, BodyReadError, PrefixedStream, WriteQueue};
+use super::conn::{poll_body_frame, BodyReadError, PrefixedStream};
+use super::write::BodyWriter;
 use crate::body::ProxyBody;
 use crate::upstream::ConnectionGuard;
 
@@ -31,8 +31,6 @@ const READ_SIZE: usize = 16 * 1024;
 const MAX_BODY_READ: usize = 256 * 1024;
 /// The largest upstream response head (Envoy's default header limit, plus the status line).
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
-/// Request body bytes gathered before they are written.
-const WRITE_BATCH: usize = 64 * 1024;
 
 /// An open connection to one upstream host, counted under the cluster's `max_connections`
 /// until it is dropped.
@@ -87,10 +85,9 @@ impl ClientConn {
             Some(length) => OutgoingFraming::Length(length),
             None => OutgoingFraming::Chunked,
         };
-        let mut out = WriteQueue::default();
-        codec::encode_request_head(&mut out.copied, &parts.method, &parts.uri, &parts.headers, framing);
-        let mut sent = false;
-        let whole = self.send_body(&mut body, &mut out, framing, &mut sent).await?;
+        let mut writer = BodyWriter::new(framing);
+        codec::encode_request_head(&mut writer.out.copied, &parts.method, &parts.uri, &parts.headers, framing);
+        let whole = self.send_body(&mut body, &mut writer).await?;
         drop(body);
         let head = self.read_response_head().await?;
         let (decoder, reusable) = codec::response_body(&parts.method, &head, MAX_RESPONSE_HEAD).map_err(|error| ExchangeError::new(true, error))?;
@@ -100,70 +97,22 @@ impl ClientConn {
         Ok(Response::from_parts(head, ResponseBody { conn: Some(self), decoder, reusable, upgrading }))
     }
 
-    /// Writes the head queued in `out` and then the body. Returns `false` when the upstream
+    /// Writes the head queued in `writer` and then the body. Returns `false` when the upstream
     /// answered (or closed) before the whole body was written: then the rest is not sent, and
     /// what it sent is in `buf` for the response.
-    async fn send_body(&mut self, body: &mut ProxyBody, out: &mut WriteQueue, framing: OutgoingFraming, sent: &mut bool) -> Result<bool, ExchangeError> {
+    async fn send_body(&mut self, body: &mut ProxyBody, writer: &mut BodyWriter) -> Result<bool, ExchangeError> {
         let (read, mut write) = self.io.split();
-        let buf = &mut self.buf;
-        let mut remaining = match framing {
-            OutgoingFraming::Length(length) => Some(length),
-            _ => None,
+        let mut answer = None;
+        let answered = async {
+            answer = Some(answered_early(&read, &mut self.buf).await);
         };
-        let mut last_chunk_written = framing != OutgoingFraming::Chunked;
-        let mut pending = None;
-        let mut ended = framing == OutgoingFraming::NoBody;
-        while !ended {
-            let frame = match pending.take() {
-                Some(frame) => frame,
-                None => tokio::select! {
-                    biased;
-                    frame = body.frame() => frame,
-                    answered = answered_early(&read, buf) => return answered.map(|()| false),
-                },
-            };
-            let Some(frame) = frame else { break };
-            let frame = frame.map_err(|error| ExchangeError::new(*sent, error))?;
-            match frame.into_data() {
-                Ok(data) => append_data(out, framing, &mut remaining, data).map_err(|error| ExchangeError::new(*sent, error))?,
-                Err(frame) => {
-                    if let (Ok(trailers), OutgoingFraming::Chunked) = (frame.into_trailers(), framing) {
-                        codec::encode_last_chunk(&mut out.copied, Some(&trailers));
-                        last_chunk_written = true;
-                    }
-                }
-            }
-            ended = body.is_end_stream();
-            if ended {
-                break;
-            }
-            // Add whatever else is ready now, then write.
-            if out.len() < WRITE_BATCH {
-                if let Some(ready) = futures_util::FutureExt::now_or_never(body.frame()) {
-                    pending = Some(ready);
-                    continue;
-                }
-            }
-            tokio::select! {
-                biased;
-                written = out.write_to(&mut write) => written.map_err(|error| ExchangeError::new(*sent, error))?,
-                answered = answered_early(&read, buf) => return answered.map(|()| false),
-            }
-            *sent = true;
+        let written = writer.write_body(body, &mut write, std::pin::pin!(answered)).await;
+        match (written, answer) {
+            (_, Some(answered)) => answered.map(|()| false),
+            (Ok(whole), None) => Ok(whole),
+            // Whether any of the request went out decides how a retry may treat it.
+            (Err(error), None) => Err(ExchangeError::new(writer.wrote, error)),
         }
-        if !last_chunk_written {
-            codec::encode_last_chunk(&mut out.copied, None);
-        }
-        if remaining.is_some_and(|left| left > 0) {
-            return Err(ExchangeError::new(*sent, "request body shorter than its length"));
-        }
-        tokio::select! {
-            biased;
-            written = out.write_to(&mut write) => written.map_err(|error| ExchangeError::new(*sent, error))?,
-            answered = answered_early(&read, buf) => return answered.map(|()| false),
-        }
-        *sent = true;
-        Ok(true)
     }
 
     /// Reads until a final response head (1xx other than 101 are skipped) is buffered.

@@ -7,6 +7,8 @@
 //! how requests get smuggled: bare LF line ends, chunk sizes with signs or whitespace inside, and
 //! trailers past the header limit are all refused.
 
+use std::io::Write as _;
+
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, DATE, TRANSFER_ENCODING};
 use http::{HeaderMap, Method, StatusCode, Uri, Version};
@@ -324,7 +326,7 @@ pub(crate) fn encode_request_head(out: &mut Vec<u8>, method: &Method, uri: &Uri,
         }
     }
     match framing {
-        OutgoingFraming::Length(length) => header_line(out, b"content-length", length.to_string().as_bytes()),
+        OutgoingFraming::Length(length) => content_length_line(out, length),
         OutgoingFraming::Chunked => header_line(out, b"transfer-encoding", b"chunked"),
         OutgoingFraming::NoBody | OutgoingFraming::UntilClose => {}
     }
@@ -401,7 +403,7 @@ pub(crate) fn encode_response_head(
         header_line(out, b"date", date);
     }
     match framing {
-        OutgoingFraming::Length(length) => header_line(out, b"content-length", length.to_string().as_bytes()),
+        OutgoingFraming::Length(length) => content_length_line(out, length),
         OutgoingFraming::Chunked => header_line(out, b"transfer-encoding", b"chunked"),
         OutgoingFraming::NoBody | OutgoingFraming::UntilClose => {}
     }
@@ -421,8 +423,14 @@ fn header_line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 }
 
 /// The chunk header for `length` bytes of data.
-pub(crate) fn chunk_header(length: usize) -> String {
-    format!("{length:x}\r\n")
+pub(crate) fn encode_chunk_header(out: &mut Vec<u8>, length: usize) {
+    // Writing into a Vec cannot fail.
+    let _ = write!(out, "{length:x}\r\n");
+}
+
+/// A `content-length` header line, formatted in place.
+fn content_length_line(out: &mut Vec<u8>, length: u64) {
+    let _ = write!(out, "content-length: {length}\r\n");
 }
 
 /// The last chunk and the trailer section.
@@ -662,6 +670,8 @@ mod tests {
         let mut out = Vec::new();
         encode_last_chunk(&mut out, Some(&headers));
         assert!(out.starts_with(b"0\r\nx-a: 1\r\n") && out.ends_with(b"\r\n\r\n"));
-        assert_eq!(chunk_header(255), "ff\r\n");
+        let mut header = Vec::new();
+        encode_chunk_header(&mut header, 255);
+        assert_eq!(header, b"ff\r\n");
     }
 }

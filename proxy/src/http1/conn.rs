@@ -25,15 +25,13 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::codec::{self, BodyDecodeError, BodyDecoder, ConnectionHeader, Decoded, OutgoingFraming};
+use super::write::{BodyWriteError, BodyWriter};
 use crate::body::{DownstreamBody, ProxyBody};
 use crate::normalize::{request_body_framing, BodyFraming};
 use crate::server::{self, ConnContext};
 
 /// Bytes asked of the socket per read.
 const READ_SIZE: usize = 8192;
-/// Response bytes gathered before they are written; body frames already available are added
-/// to the head's write up to this size.
-const WRITE_BATCH: usize = 64 * 1024;
 
 /// The listener's HTTP/1 limits and timers.
 #[derive(Debug, Clone, Copy)]
@@ -453,168 +451,23 @@ async fn write_response(write: &mut OwnedWriteHalf, response: Response<ProxyBody
     } else {
         ConnectionHeader::Default
     };
-    let mut out = WriteQueue::default();
-    codec::encode_response_head(&mut out.copied, parts.status, &parts.headers, framing, connection, &codec::http_date());
+    let mut writer = BodyWriter::new(framing);
+    codec::encode_response_head(&mut writer.out.copied, parts.status, &parts.headers, framing, connection, &codec::http_date());
     let outcome = if close { Outcome::Close } else { Outcome::KeepAlive };
     if framing == OutgoingFraming::NoBody {
         // An upstream response without a body ends on its first poll, which hands the upstream
         // connection back to its pool.
         let _ = futures_util::FutureExt::now_or_never(body.frame());
-        out.write_to(write).await?;
-        return Ok(outcome);
     }
-    let mut remaining = match framing {
-        OutgoingFraming::Length(length) => Some(length),
-        _ => None,
-    };
-    let mut pending = None;
-    loop {
-        let frame = match pending.take() {
-            Some(frame) => frame,
-            None => body.frame().await,
-        };
-        let ended = match frame {
-            None => true,
-            Some(Err(error)) => {
-                // Already-sent bytes cannot be taken back: cut the connection so the client
-                // sees an incomplete response, not a short one that looks whole.
-                let _ = out.write_to(write).await;
-                return Err(io::Error::other(error));
-            }
-            Some(Ok(frame)) => match frame.into_data() {
-                Ok(data) => {
-                    append_data(&mut out, framing, &mut remaining, data)?;
-                    body.is_end_stream()
-                }
-                Err(frame) => {
-                    if let (Ok(trailers), OutgoingFraming::Chunked) = (frame.into_trailers(), framing) {
-                        codec::encode_last_chunk(&mut out.copied, Some(&trailers));
-                        out.write_to(write).await?;
-                        return Ok(outcome);
-                    }
-                    false
-                }
-            },
-        };
-        if ended {
-            if framing == OutgoingFraming::Chunked {
-                codec::encode_last_chunk(&mut out.copied, None);
-            }
-            out.write_to(write).await?;
-            if remaining.is_some_and(|left| left > 0) {
-                return Err(io::Error::other("response body shorter than its length"));
-            }
-            return Ok(outcome);
+    match writer.write_body(&mut body, write, std::pin::pin!(std::future::pending())).await {
+        Ok(_) => Ok(outcome),
+        Err(BodyWriteError::Body(error)) => {
+            // Already-sent bytes cannot be taken back: cut the connection so the client sees an
+            // incomplete response, not a short one that looks whole.
+            let _ = writer.out.write_to(write).await;
+            Err(io::Error::other(error))
         }
-        // Add whatever else is ready now, then write.
-        if out.len() < WRITE_BATCH {
-            if let Some(ready) = futures_util::FutureExt::now_or_never(body.frame()) {
-                pending = Some(ready);
-                continue;
-            }
-        }
-        out.write_to(write).await?;
-    }
-}
-
-/// Adds a data frame in `framing` (chunked, or counted against the remaining length).
-pub(super) fn append_data(out: &mut WriteQueue, framing: OutgoingFraming, remaining: &mut Option<u64>, data: Bytes) -> io::Result<()> {
-    if data.is_empty() {
-        return Ok(());
-    }
-    if let Some(left) = remaining {
-        *left = left.checked_sub(data.len() as u64).ok_or_else(|| io::Error::other("body longer than its length"))?;
-    }
-    if framing == OutgoingFraming::Chunked {
-        out.copied.extend_from_slice(codec::chunk_header(data.len()).as_bytes());
-        out.put(data);
-        out.copied.extend_from_slice(b"\r\n");
-    } else {
-        out.put(data);
-    }
-    Ok(())
-}
-
-/// Data frames at least this long are written from where they are instead of being copied
-/// next to the head (a 16 KiB body costs a copy otherwise).
-const COPY_BELOW: usize = 2048;
-
-/// Response bytes waiting for one `writev`: the head, framing and small frames copied
-/// together; large frames queued as they came.
-#[derive(Default)]
-pub(super) struct WriteQueue {
-    /// What goes out first, in order.
-    segments: Vec<Bytes>,
-    /// What follows the last segment.
-    pub copied: Vec<u8>,
-}
-
-impl WriteQueue {
-    pub fn put(&mut self, data: Bytes) {
-        if data.len() < COPY_BELOW {
-            self.copied.extend_from_slice(&data);
-            return;
-        }
-        if !self.copied.is_empty() {
-            self.segments.push(Bytes::from(std::mem::take(&mut self.copied)));
-        }
-        self.segments.push(data);
-    }
-
-    pub fn len(&self) -> usize {
-        self.segments.iter().map(Bytes::len).sum::<usize>() + self.copied.len()
-    }
-
-    /// Writes everything queued, in order, and empties the queue.
-    pub async fn write_to(&mut self, write: &mut (impl AsyncWrite + Unpin)) -> io::Result<()> {
-        if self.segments.is_empty() {
-            write.write_all(&self.copied).await?;
-            self.copied.clear();
-            return Ok(());
-        }
-        let mut slices: Vec<io::IoSlice<'_>> = self.segments.iter().map(|segment| io::IoSlice::new(segment)).collect();
-        if !self.copied.is_empty() {
-            slices.push(io::IoSlice::new(&self.copied));
-        }
-        let mut unwritten = &mut slices[..];
-        while !unwritten.is_empty() {
-            let written = write.write_vectored(unwritten).await?;
-            if written == 0 {
-                return Err(io::ErrorKind::WriteZero.into());
-            }
-            io::IoSlice::advance_slices(&mut unwritten, written);
-        }
-        drop(slices);
-        self.segments.clear();
-        self.copied.clear();
-        Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use tokio::io::AsyncReadExt;
-
-    #[tokio::test]
-    async fn queued_pieces_go_out_in_order_whatever_their_size() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let client = TcpStream::connect(listener.local_addr().expect("address")).await.expect("connect");
-        let (mut server, _) = listener.accept().await.expect("accept");
-        let (_read, mut write) = client.into_split();
-        let pieces: Vec<Vec<u8>> = vec![b"head".to_vec(), vec![b'a'; 4096], b"small".to_vec(), vec![b'b'; 70_000], b"tail".to_vec()];
-        let mut queue = WriteQueue::default();
-        queue.copied.extend_from_slice(&pieces[0]);
-        for piece in &pieces[1..] {
-            queue.put(Bytes::from(piece.clone()));
-        }
-        assert_eq!(queue.len(), pieces.iter().map(Vec::len).sum::<usize>());
-        assert_eq!(queue.segments.len(), 4, "head, 4 KiB frame, `small`, 70 KB frame (`tail` stays copied)");
-        queue.write_to(&mut write).await.expect("written");
-        assert_eq!(queue.len(), 0);
-        drop(write);
-        let mut received = Vec::new();
-        server.read_to_end(&mut received).await.expect("read");
-        assert_eq!(received, pieces.concat());
+        Err(BodyWriteError::Io(error)) => Err(error),
+        Err(error) => Err(io::Error::other(error)),
     }
 }

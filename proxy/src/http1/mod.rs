@@ -5,6 +5,7 @@
 pub(crate) mod client;
 pub(crate) mod codec;
 pub(crate) mod conn;
+mod write;
 
 pub(crate) use client::{ClientConn, ResponseBody};
 pub(crate) use conn::{serve, until_readable, DownstreamUpgrade, IdleTimer, Http1Settings, PrefixedStream, RequestBody, BodyReadError};
