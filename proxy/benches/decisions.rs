@@ -24,6 +24,11 @@ fn anchored(pattern: &str) -> FieldPattern {
     FieldPattern::Regex(Regex::new(&format!("^(?:{pattern})$")).expect("benchmark regex"))
 }
 
+/// A plain string, as the agent hands over policy fields without regex syntax.
+fn literal(text: &str) -> FieldPattern {
+    FieldPattern::Literal(text.to_owned())
+}
+
 fn request(method: &str, path_and_query: &str) -> RequestHead {
     RequestHead {
         method: method.parse().expect("benchmark method"),
@@ -48,8 +53,8 @@ fn policy(rules: usize) -> DirectionPolicy {
                     origin: origin.clone(),
                 },
                 http: Some(vec![
-                    HttpRule { method: Some(anchored("GET")), path: Some(anchored(&format!("/api/v{index}/.*"))), ..HttpRule::default() },
-                    HttpRule { method: Some(anchored("POST")), path: Some(anchored("/submit")), ..HttpRule::default() },
+                    HttpRule { method: Some(literal("GET")), path: Some(anchored(&format!("/api/v{index}/.*"))), ..HttpRule::default() },
+                    HttpRule { method: Some(literal("POST")), path: Some(literal("/submit")), ..HttpRule::default() },
                 ]),
                 auth_required: false,
                 origin,

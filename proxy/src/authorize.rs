@@ -31,33 +31,16 @@ pub enum Decision {
     Deny { reason: DropReason, origin: Option<Arc<str>> },
 }
 
-/// One field of an HTTP rule as the request path matches it: anchored, and a plain string
-/// whenever it can be. Most policies name plain strings (`GET`, `/public`): those are compared
-/// as strings, so a request does not run one regex per rule and the regex's per-thread search
-/// caches are never built (with 1k rules that was most of the CPU per request and tens of MiB
-/// of RSS). The agent already hands such fields over as `Literal`; a regex from elsewhere is
-/// anchored and recognised here.
+/// One field of an HTTP rule as the request path matches it: anchored. Plain strings (`GET`,
+/// `/public`) arrive as `Literal` (the agent decides, from the policy text) and are compared as
+/// strings, so a request does not run one regex per rule and the regex's per-thread search
+/// caches are never built (with 1k rules that was most of the CPU per request and tens of MiB of
+/// RSS).
 fn compile_field(pattern: &FieldPattern) -> FieldPattern {
-    let regex = match pattern {
-        FieldPattern::Literal(_) => return pattern.clone(),
-        FieldPattern::Regex(regex) => regex,
-    };
-    let anchored = full_match(regex);
-    match literal_of(&anchored) {
-        Some(literal) => FieldPattern::Literal(literal),
-        None => FieldPattern::Regex(anchored),
+    match pattern {
+        FieldPattern::Literal(_) => pattern.clone(),
+        FieldPattern::Regex(regex) => FieldPattern::Regex(full_match(regex)),
     }
-}
-
-/// Characters with a meaning outside a character class (`-`, `&`, `~` and `#` only have one
-/// inside a class or with the `x` flag, which needs `(`); `]` and `}` are included to stay
-/// conservative.
-const REGEX_SYNTAX: &str = "\\.+*?()|[]{}^$";
-
-/// The only text `^(?:text)$` matches, when the inner pattern has no regex syntax at all.
-fn literal_of(anchored: &Regex) -> Option<String> {
-    let inner = anchored.as_str().strip_prefix("^(?:")?.strip_suffix(")$")?;
-    (!inner.contains(|c| REGEX_SYNTAX.contains(c))).then(|| inner.to_string())
 }
 
 /// One HTTP rule with every field a full-string match.
@@ -395,6 +378,11 @@ mod tests {
         HttpRule { method: Some(anchored(method)), path: Some(anchored(path)), ..HttpRule::default() }
     }
 
+    /// A plain string field, as the agent hands over policy text without regex syntax.
+    fn literal(text: &str) -> FieldPattern {
+        FieldPattern::Literal(text.to_owned())
+    }
+
     fn allow(origin: &str, remotes: Remotes, ports: Vec<PortRange>, http: Option<Vec<HttpRule>>) -> AllowRule {
         let origin: Arc<str> = Arc::from(origin);
         AllowRule { l4: L4Match { remotes, ports, origin: origin.clone() }, http, auth_required: false, origin }
@@ -624,24 +612,18 @@ mod tests {
     }
 
     #[test]
-    fn plain_strings_compare_as_strings_and_anything_with_syntax_stays_a_regex() {
-        assert_eq!(literal_of(&anchored_regex("/v1/request-landing")).as_deref(), Some("/v1/request-landing"));
-        assert_eq!(literal_of(&anchored_regex("GET")).as_deref(), Some("GET"));
-        for pattern in ["/api/.*", "GET|POST", "(?i)get", "/a\\.b", "/x[0-9]", "/p?"] {
-            assert_eq!(literal_of(&anchored_regex(pattern)), None, "{pattern}");
-        }
-        // Not anchored by the compiler: wrapped first, then recognised.
-        assert!(matches!(compile_field(&FieldPattern::Regex(Regex::new("/health").unwrap())), FieldPattern::Literal(l) if l == "/health"));
-        // A literal from the agent is compared as it is, never read as a regex.
+    fn literals_compare_as_strings_never_as_regexes() {
         let literal = compile_field(&FieldPattern::Literal("/a.b".to_owned()));
         assert!(literal.is_match("/a.b") && !literal.is_match("/axb"));
     }
 
     #[test]
     fn many_literal_paths_decide_like_a_scan_of_every_rule() {
-        let mut rules: Vec<HttpRule> = (0..1000).map(|i| http("GET", &format!("/items/{i}"))).collect();
+        let mut rules: Vec<HttpRule> = (0..1000)
+            .map(|i| HttpRule { method: Some(literal("GET")), path: Some(literal(&format!("/items/{i}"))), ..HttpRule::default() })
+            .collect();
         rules.push(http("GET|HEAD", "/items/7.*"));
-        rules.push(HttpRule { method: Some(anchored("DELETE")), ..HttpRule::default() });
+        rules.push(HttpRule { method: Some(literal("DELETE")), ..HttpRule::default() });
         let compiled = policy(vec![allow("many", Remotes::Any, vec![tcp(80, 80)], Some(rules))]);
         let check = |method: &str, path: &str| verdict(&compiled, OTHER, 80, &head(method, path, "h", &[]));
         assert_eq!(check("GET", "/items/999"), allowed("many"));
@@ -654,8 +636,8 @@ mod tests {
 
     #[test]
     fn the_first_matching_rule_in_policy_order_gives_the_header_edits() {
-        let with_edit = |path: &str, header: &str| HttpRule {
-            path: Some(anchored(path)),
+        let with_edit = |path: FieldPattern, header: &str| HttpRule {
+            path: Some(path),
             headers: vec![HttpHeaderRule { name: header.to_owned(), value: Some("1".to_owned()), mismatch: Some(MismatchAction::Add) }],
             ..HttpRule::default()
         };
@@ -664,7 +646,7 @@ mod tests {
             other => panic!("{other:?}"),
         };
         // A regex rule written before a literal one for the same path wins, and vice versa.
-        assert_eq!(edits_for(vec![with_edit("/.*", "x-regex"), with_edit("/a", "x-literal")]), ["x-regex"]);
-        assert_eq!(edits_for(vec![with_edit("/a", "x-literal"), with_edit("/.*", "x-regex")]), ["x-literal"]);
+        assert_eq!(edits_for(vec![with_edit(anchored("/.*"), "x-regex"), with_edit(literal("/a"), "x-literal")]), ["x-regex"]);
+        assert_eq!(edits_for(vec![with_edit(literal("/a"), "x-literal"), with_edit(anchored("/.*"), "x-regex")]), ["x-literal"]);
     }
 }

@@ -416,9 +416,10 @@ pub fn allow(remotes: &[Identity], port: u16, http: Option<Vec<HttpRule>>, origi
     }
 }
 
+/// A rule for `method` (a plain string, as the agent hands it over) and the `path` regex.
 pub fn http_rule(method: &str, path: &str) -> HttpRule {
     HttpRule {
-        method: Some(FieldPattern::Regex(Regex::new(method).unwrap())),
+        method: Some(FieldPattern::Literal(method.to_owned())),
         path: Some(FieldPattern::Regex(Regex::new(path).unwrap())),
         host: None,
         headers: vec![],
