@@ -109,8 +109,10 @@ async fn serve_connection(
         original_destination: dispatch.original_destination,
     });
     let mut first_bytes = BytesMut::new();
-    match sniff(&mut stream, &mut first_bytes, http1.idle_timeout, &stop).await {
-        Some(ClientProtocol::Http1) => http1::serve(stream, first_bytes, ctx, http1, stop).await,
+    // One idle timer per connection, from accept through its requests.
+    let mut idle = http1::IdleTimer::new(http1.idle_timeout);
+    match sniff(&mut stream, &mut first_bytes, &mut idle, &stop).await {
+        Some(ClientProtocol::Http1) => http1::serve(stream, first_bytes, idle, ctx, http1, stop).await,
         Some(ClientProtocol::Http2) => {
             let io = PrefixedStream::new(first_bytes.freeze(), stream);
             // Boxed: hyper's HTTP/2 connection state would otherwise size every HTTP/1 task too.
@@ -122,13 +124,12 @@ async fn serve_connection(
 
 /// Reads the client's first bytes until they tell HTTP/1 from HTTP/2 prior knowledge; `None`
 /// when the connection closes (or idles, or the listener stops) first.
-async fn sniff(stream: &mut TcpStream, first_bytes: &mut BytesMut, idle_timeout: Option<Duration>, stop: &CancellationToken) -> Option<ClientProtocol> {
-    let mut idle = http1::IdleTimer::new(idle_timeout);
+async fn sniff(stream: &mut TcpStream, first_bytes: &mut BytesMut, idle: &mut http1::IdleTimer, stop: &CancellationToken) -> Option<ClientProtocol> {
     loop {
         if let Some(protocol) = client_protocol(first_bytes) {
             return Some(protocol);
         }
-        if !http1::until_readable(stream.readable(), &mut idle, stop).await {
+        if !http1::until_readable(stream.readable(), idle, stop).await {
             return None;
         }
         // A whole request head usually arrives in this one read. (An `AsyncRead` read: a short

@@ -419,12 +419,12 @@ impl HostState {
         ConnectionGuard::new(self)
     }
 
-    async fn connect_tcp(&self) -> Result<TokioIo<TcpStream>, AttemptOutcome> {
+    async fn connect_tcp(&self) -> Result<TcpStream, AttemptOutcome> {
         match tokio::time::timeout(self.connect_timeout, connect(self.addr, self.socket)).await {
             Ok(Ok(stream)) => {
                 // Small requests must not wait for Nagle.
                 let _ = stream.set_nodelay(true);
-                Ok(TokioIo::new(stream))
+                Ok(stream)
             }
             Ok(Err(error)) => {
                 tracing::debug!(upstream = %self.addr, %error, "upstream connect failed");
@@ -440,12 +440,11 @@ impl HostState {
     }
 
     async fn connect_http1(&self, guard: ConnectionGuard) -> Result<Box<ClientConn>, AttemptOutcome> {
-        let io = self.connect_tcp().await?;
-        Ok(ClientConn::new(io.into_inner(), guard))
+        Ok(ClientConn::new(self.connect_tcp().await?, guard))
     }
 
     async fn connect_http2(&self, guard: ConnectionGuard) -> Result<http2::SendRequest<ProxyBody>, AttemptOutcome> {
-        let io = self.connect_tcp().await?;
+        let io = TokioIo::new(self.connect_tcp().await?);
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .handshake(io)

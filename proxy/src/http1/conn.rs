@@ -249,11 +249,12 @@ struct Exchange {
 }
 
 /// Serves requests on `stream` until either side closes, `stop` fires between requests, or
-/// the connection idles past its timeout. `first_bytes` were read while detecting the protocol.
-pub(crate) async fn serve(stream: TcpStream, first_bytes: BytesMut, ctx: Arc<ConnContext>, settings: Http1Settings, stop: CancellationToken) {
+/// the connection idles past its timeout. `first_bytes` were read, and `idle` started, while
+/// detecting the protocol.
+pub(crate) async fn serve(stream: TcpStream, first_bytes: BytesMut, idle: IdleTimer, ctx: Arc<ConnContext>, settings: Http1Settings, stop: CancellationToken) {
     let (read, mut write) = stream.into_split();
     let reader = Reader { io: read, buf: first_bytes };
-    match serve_requests(reader, &mut write, ctx, settings, stop).await {
+    match serve_requests(reader, &mut write, idle, ctx, settings, stop).await {
         Some((upgrade, reader)) => {
             if let Ok(stream) = reader.io.reunite(write) {
                 let _ = upgrade.send(PrefixedStream::new(reader.buf.freeze(), stream));
@@ -268,11 +269,11 @@ pub(crate) async fn serve(stream: TcpStream, first_bytes: BytesMut, ctx: Arc<Con
 async fn serve_requests(
     mut reader: Reader,
     write: &mut OwnedWriteHalf,
+    mut idle: IdleTimer,
     ctx: Arc<ConnContext>,
     settings: Http1Settings,
     stop: CancellationToken,
 ) -> Option<(oneshot::Sender<PrefixedStream>, Reader)> {
-    let mut idle = IdleTimer::new(settings.idle_timeout);
     loop {
         if reader.buf.is_empty() {
             // Nothing pipelined: give the buffer back and wait for the next request.
