@@ -12,8 +12,8 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use notify::{RecommendedWatcher, RecursiveMode};
-use notify_debouncer_mini::{new_debouncer, Debouncer};
+use notify::{EventHandler, RecommendedWatcher, RecursiveMode, Watcher};
+use notify_debouncer_mini::{new_debouncer_opt, Config as DebounceConfig, Debouncer};
 use tokio::sync::mpsc;
 
 /// Extensions of the files read; everything else in the directory is ignored.
@@ -115,14 +115,43 @@ fn read_manifests(root: &Path) -> Result<BTreeMap<String, FileText>, SourceError
     Ok(files)
 }
 
-/// Watches `root` recursively; every burst of file-system activity, once quiet for `debounce`,
+/// The platform watcher without access events. notify reports opens and closes of files that
+/// were only read, and a rescan reads every manifest: left in, each rescan would signal the next
+/// one, and an idle agent would re-read its config dir forever (about 20 times a second).
+pub struct ChangeWatcher(RecommendedWatcher);
+
+impl Watcher for ChangeWatcher {
+    fn new<F: EventHandler>(mut handler: F, config: notify::Config) -> notify::Result<Self> {
+        let changes_only = move |event: notify::Result<notify::Event>| {
+            if !matches!(&event, Ok(e) if e.kind.is_access()) {
+                handler.handle_event(event);
+            }
+        };
+        RecommendedWatcher::new(changes_only, config).map(Self)
+    }
+
+    fn watch(&mut self, path: &Path, recursive_mode: RecursiveMode) -> notify::Result<()> {
+        self.0.watch(path, recursive_mode)
+    }
+
+    fn unwatch(&mut self, path: &Path) -> notify::Result<()> {
+        self.0.unwatch(path)
+    }
+
+    fn kind() -> notify::WatcherKind {
+        RecommendedWatcher::kind()
+    }
+}
+
+/// Watches `root` recursively; every burst of changes (not reads), once quiet for `debounce`,
 /// sends one `()` on `signal`. Watching lasts as long as the returned `Debouncer`.
 pub fn watch(
     root: &Path,
     debounce: Duration,
     signal: mpsc::UnboundedSender<()>,
-) -> Result<Debouncer<RecommendedWatcher>, SourceError> {
-    let mut debouncer = new_debouncer(debounce, move |result: notify_debouncer_mini::DebounceEventResult| {
+) -> Result<Debouncer<ChangeWatcher>, SourceError> {
+    let config = DebounceConfig::default().with_timeout(debounce);
+    let mut debouncer = new_debouncer_opt(config, move |result: notify_debouncer_mini::DebounceEventResult| {
         match result {
             Ok(_) => {
                 // The receiver is gone only while the agent shuts down.
@@ -162,7 +191,7 @@ pub struct WatchedDir {
     dir: ConfigDir,
     debounce: Duration,
     signal: mpsc::UnboundedSender<()>,
-    watcher: Option<Debouncer<RecommendedWatcher>>,
+    watcher: Option<Debouncer<ChangeWatcher>>,
     /// The directory `watcher` watches (see `directory_identity`).
     watched: Option<(u64, u64)>,
     settling: bool,
@@ -380,6 +409,27 @@ pub(crate) mod tests {
         std::fs::rename(&next, &root)?;
         assert!(watched.needs_sync());
         assert_eq!(watched.sync()?, Synced::Settling);
+        assert_eq!(watched.sync()?, Synced::Changes(vec![changed("a.yaml", "a: 2")]));
+        Ok(())
+    }
+
+    /// The agent reads the dir on every signal; reading must not signal again, or an idle
+    /// agent re-reads its config forever.
+    #[tokio::test]
+    async fn reading_the_dir_does_not_signal_a_change() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        std::fs::write(dir.path().join("a.yaml"), "a: 1")?;
+        let (mut watched, _, mut signals) = WatchedDir::start(dir.path(), Duration::from_millis(20))?;
+        let mut rereads = 0;
+        let quiet_until = tokio::time::Instant::now() + Duration::from_millis(500);
+        while let Ok(Some(())) = tokio::time::timeout_at(quiet_until, signals.recv()).await {
+            assert_eq!(watched.sync()?, Synced::Changes(vec![]));
+            rereads += 1;
+        }
+        assert_eq!(rereads, 0, "reads of an unchanged dir were signalled as changes");
+
+        std::fs::write(dir.path().join("a.yaml"), "a: 2")?;
+        tokio::time::timeout(Duration::from_secs(10), signals.recv()).await?;
         assert_eq!(watched.sync()?, Synced::Changes(vec![changed("a.yaml", "a: 2")]));
         Ok(())
     }
