@@ -1,5 +1,6 @@
 //! Results -> markdown (pure): medians with min–max spread per workload, target and policy
-//! size, the sluice/Envoy and sluice/direct ratios, memory, and the targets.
+//! size, the sluice/Envoy, sluice/pingora and sluice/direct ratios, memory, and the issue's
+//! targets.
 
 use std::collections::BTreeMap;
 use std::fmt::{self, Write as _};
@@ -12,6 +13,8 @@ pub enum Target {
     Direct,
     Sluice,
     Envoy,
+    /// pingora-proxy doing the benchmark's job (benches/pingora-baseline).
+    Pingora,
 }
 
 impl Target {
@@ -20,11 +23,12 @@ impl Target {
             Target::Direct => "direct",
             Target::Sluice => "sluice",
             Target::Envoy => "envoy",
+            Target::Pingora => "pingora",
         }
     }
 
     pub fn from_name(name: &str) -> Option<Target> {
-        [Target::Direct, Target::Sluice, Target::Envoy]
+        [Target::Direct, Target::Sluice, Target::Envoy, Target::Pingora]
             .into_iter()
             .find(|t| t.name() == name)
     }
@@ -236,8 +240,10 @@ pub fn render(context: &Context, runs: &[Run], memory: &[Memory]) -> String {
     }
 
     let _ = writeln!(out, "\n#### Ratios\n");
-    let _ = writeln!(out, "| workload | rules | sluice/Envoy req/s | sluice/Envoy req/s per core | sluice/Envoy p99 | sluice/direct req/s | sluice p50 − direct p50 (µs) | Envoy p50 − direct p50 (µs) |");
-    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|");
+    let with_pingora = cells.keys().any(|(_, _, t)| *t == Target::Pingora);
+    let pingora_header = if with_pingora { " sluice/pingora req/s per core | sluice/pingora p99 |" } else { "" };
+    let _ = writeln!(out, "| workload | rules | sluice/Envoy req/s | sluice/Envoy req/s per core | sluice/Envoy p99 | sluice/direct req/s | sluice p50 − direct p50 (µs) | Envoy p50 − direct p50 (µs) |{pingora_header}");
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|{}", if with_pingora { "---:|---:|" } else { "" });
     let mut proxied: Vec<(Workload, usize)> = cells
         .keys()
         .filter(|(_, _, t)| *t != Target::Direct)
@@ -252,14 +258,24 @@ pub fn render(context: &Context, runs: &[Run], memory: &[Memory]) -> String {
                 target,
             ))
         };
-        let (direct, sluice, envoy) = (
+        let (direct, sluice, envoy, pingora) = (
             cell(Target::Direct),
             cell(Target::Sluice),
             cell(Target::Envoy),
+            cell(Target::Pingora),
         );
+        let pingora_cells = if with_pingora {
+            format!(
+                " {} | {} |",
+                show_ratio(ratio(sluice.and_then(|c| c.per_core), pingora.and_then(|c| c.per_core))),
+                show_ratio(ratio(sluice.and_then(|c| c.p99), pingora.and_then(|c| c.p99))),
+            )
+        } else {
+            String::new()
+        };
         let _ = writeln!(
             out,
-            "| {workload} | {rules} | {} | {} | {} | {} | {} | {} |",
+            "| {workload} | {rules} | {} | {} | {} | {} | {} | {} |{pingora_cells}",
             show_ratio(ratio(sluice.and_then(|c| c.rps), envoy.and_then(|c| c.rps))),
             show_ratio(ratio(
                 sluice.and_then(|c| c.per_core),
@@ -303,15 +319,19 @@ pub fn render(context: &Context, runs: &[Run], memory: &[Memory]) -> String {
         rules.sort_unstable();
         rules.dedup();
         for r in rules {
-            if let (Some(s), Some(e)) = (find(Target::Sluice, r), find(Target::Envoy, r)) {
-                let with = match (s.with_connections_kib, e.with_connections_kib) {
-                    (Some(s), Some(e)) if e > 0 => format!("{:.2}x", s as f64 / e as f64),
+            for other in [Target::Envoy, Target::Pingora] {
+                let (Some(s), Some(o)) = (find(Target::Sluice, r), find(other, r)) else {
+                    continue;
+                };
+                let with = match (s.with_connections_kib, o.with_connections_kib) {
+                    (Some(s), Some(o)) if o > 0 => format!("{:.2}x", s as f64 / o as f64),
                     _ => "—".to_string(),
                 };
+                let label = if other == Target::Envoy { "Envoy" } else { "pingora" };
                 let _ = writeln!(
                     out,
-                    "\nsluice/Envoy RSS with {r} rules: idle {:.2}x, with {connections} idle connections {with}.",
-                    s.idle_kib as f64 / e.idle_kib.max(1) as f64
+                    "\nsluice/{label} RSS with {r} rules: idle {:.2}x, with {connections} idle connections {with}.",
+                    s.idle_kib as f64 / o.idle_kib.max(1) as f64
                 );
             }
         }
@@ -452,6 +472,28 @@ mod tests {
             text.contains("idle 0.25x, with 10000 idle connections 0.25x"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn pingora_runs_add_their_ratio_columns_and_rss_line() {
+        let runs = [
+            run(Workload::H1Small, Target::Sluice, 2, 40000.0, 350.0, Some(1.0)),
+            run(Workload::H1Small, Target::Envoy, 2, 20000.0, 700.0, Some(1.0)),
+            run(Workload::H1Small, Target::Pingora, 2, 25000.0, 500.0, Some(1.0)),
+        ];
+        let memory = [Target::Sluice, Target::Pingora].map(|target| Memory {
+            target,
+            rules: 2,
+            idle_kib: if target == Target::Sluice { 10240 } else { 20480 },
+            after_load_kib: None,
+            idle_connections: 100,
+            with_connections_kib: None,
+        });
+        let text = render(&Context::default(), &runs, &memory);
+        assert!(text.contains("| sluice/pingora req/s per core | sluice/pingora p99 |"), "{text}");
+        assert!(text.contains("| h1-small | 2 | 2.00x | 2.00x | 0.50x | — | — | — | 1.60x | 0.70x |"), "{text}");
+        assert!(text.contains("| h1-small | pingora | 2 | 25000 | 500 |"), "{text}");
+        assert!(text.contains("sluice/pingora RSS with 2 rules: idle 0.50x"), "{text}");
     }
 
     #[test]

@@ -19,6 +19,8 @@ pub const BACKEND_H2C: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(127, 211, 
 pub const SLUICE_FRONTEND: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(127, 211, 1, 1), 8000);
 /// Where Envoy's copy of the CEC listener binds.
 pub const ENVOY_FRONTEND: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(127, 211, 2, 1), 8000);
+/// Where the `pingora` target (benches/pingora-baseline) listens.
+pub const PINGORA_FRONTEND: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(127, 211, 4, 1), 8000);
 /// sluice's metrics endpoint, away from the default port other agents may hold.
 pub const SLUICE_METRICS: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(127, 211, 3, 1), 9965);
 
@@ -44,6 +46,16 @@ pub fn cluster_endpoints() -> BTreeMap<String, Vec<SocketAddr>> {
     ])
 }
 
+/// The benchmark policy's HTTP rules, `(method, path)`: `rules - 2` that no workload matches,
+/// then the workloads' two paths last (the worst place for a first-match walk).
+pub fn policy_http_rules(rules: usize) -> Vec<(&'static str, String)> {
+    (0..rules.saturating_sub(2))
+        .map(|index| format!("/api/v1/items/{index}"))
+        .chain([SMALL_PATH, LARGE_PATH].map(str::to_string))
+        .map(|path| ("GET", path))
+        .collect()
+}
+
 /// A CiliumNetworkPolicy on the backend pods allowing `GET` of the two benchmark paths from
 /// `world` (the load generator on 127.0.0.1 is no pod), after `rules - 2` HTTP rules that never
 /// match the workload, so a policy of `rules` rules is walked to its end on every request.
@@ -53,16 +65,18 @@ pub fn policy_yaml(rules: usize) -> String {
          spec:\n  endpointSelector:\n    matchLabels: {app: bench}\n  ingress:\n  - fromEntities: [world]\n    \
          toPorts:\n    - ports: [{port: \"8080\", protocol: TCP}]\n      rules:\n        http:\n",
     );
-    for index in 0..rules.saturating_sub(2) {
-        let _ = writeln!(
-            text,
-            "        - {{method: GET, path: \"/api/v1/items/{index}\"}}"
-        );
-    }
-    for path in [SMALL_PATH, LARGE_PATH] {
-        let _ = writeln!(text, "        - {{method: GET, path: \"{path}\"}}");
+    for (method, path) in policy_http_rules(rules) {
+        let _ = writeln!(text, "        - {{method: {method}, path: \"{path}\"}}");
     }
     text
+}
+
+/// The same rules as the `pingora` target's allow-list: one `METHOD PATH` per line.
+pub fn allow_list(rules: usize) -> String {
+    policy_http_rules(rules)
+        .into_iter()
+        .map(|(method, path)| format!("{method} {path}\n"))
+        .collect()
 }
 
 #[cfg(test)]

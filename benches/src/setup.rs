@@ -13,8 +13,10 @@ pub const ENVOY_VERSION: &str = "1.40.0";
 pub const OHA_VERSION: &str = "1.16.0";
 
 /// The Debian package providing each program the harness runs.
-const DEBIAN_PACKAGES: [(&str, &str); 4] = [
+const DEBIAN_PACKAGES: [(&str, &str); 5] = [
     ("nginx", "nginx"),
+    // Builds zlib-ng for pingora-core (the `pingora` target's baseline).
+    ("cmake", "cmake"),
     ("wrk", "wrk"),
     ("h2load", "nghttp2-client"),
     ("taskset", "util-linux"),
@@ -135,6 +137,40 @@ pub fn build_sluice(workspace: &Path) -> Result<PathBuf> {
         bail!("no sluice binary at {} after the build", binary.display());
     }
     Ok(binary)
+}
+
+/// The `pingora` target: `benches/pingora-baseline` (its own workspace, so pingora is built
+/// only for this target), into the workspace's target directory.
+pub fn build_pingora_baseline(workspace: &Path) -> Result<PathBuf> {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| workspace.join("target"), PathBuf::from);
+    let target = workspace.join(target);
+    run(Command::new("cargo")
+        .current_dir(workspace.join(PINGORA_BASELINE))
+        .args(["build", "--release", "--locked", "--target-dir"])
+        .arg(&target))?;
+    let binary = target.join("release/sluice-pingora-baseline");
+    if !binary.is_file() {
+        bail!("no pingora baseline at {} after the build", binary.display());
+    }
+    Ok(binary)
+}
+
+/// Where the `pingora` target's package lives, relative to the workspace.
+pub const PINGORA_BASELINE: &str = "benches/pingora-baseline";
+
+/// The pingora-proxy version the baseline is locked to (from its Cargo.lock).
+pub fn pingora_version(workspace: &Path) -> String {
+    let lock = std::fs::read_to_string(workspace.join(PINGORA_BASELINE).join("Cargo.lock")).unwrap_or_default();
+    let mut lines = lock.lines();
+    while let Some(line) = lines.next() {
+        if line == "name = \"pingora-proxy\"" {
+            if let Some(version) = lines.next().and_then(|l| l.strip_prefix("version = ")) {
+                return format!("pingora-proxy {}", version.trim_matches('"'));
+            }
+        }
+    }
+    "pingora-proxy (version unknown)".to_string()
 }
 
 /// First line of `program args…` (stdout, else stderr): a tool's version for the report.

