@@ -1,6 +1,7 @@
 //! Keeps the load harness from rotting: a one-second run of `loadtest` against the backend
-//! directly and through sluice (no Envoy in CI), which must produce its table rows. No timing
-//! is asserted. Needs nginx and wrk (`apt-get install nginx wrk`; `.ci/run` installs them).
+//! directly, through sluice and through the pingora baseline (no Envoy in CI), which must
+//! produce their table rows. No timing is asserted. Needs nginx, wrk and cmake (for pingora's
+//! zlib-ng; `.ci/run` installs them).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -32,11 +33,26 @@ fn sluice_binary() -> Result<PathBuf> {
     Ok(sluice)
 }
 
+/// The `pingora` target's binary, a debug build of benches/pingora-baseline into the same
+/// target dir (its own workspace, so `cargo test --workspace` does not build it).
+fn pingora_baseline_binary() -> Result<PathBuf> {
+    let loadtest = Path::new(env!("CARGO_BIN_EXE_loadtest"));
+    let target_dir = loadtest.parent().and_then(Path::parent).context("no target dir")?;
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let status = Command::new(env!("CARGO"))
+        .current_dir(workspace.join(sluice_benches::setup::PINGORA_BASELINE))
+        .args(["build", "--locked", "--target-dir"])
+        .arg(target_dir)
+        .status()?;
+    ensure!(status.success(), "building the pingora baseline failed");
+    Ok(target_dir.join("debug/sluice-pingora-baseline"))
+}
+
 #[test]
-fn loadtest_produces_direct_and_sluice_rows() -> Result<()> {
-    for tool in ["nginx", "wrk"] {
+fn loadtest_produces_direct_sluice_and_pingora_rows() -> Result<()> {
+    for tool in ["nginx", "wrk", "cmake"] {
         if sluice_benches::setup::find_program(tool).is_none() {
-            bail!("the smoke test needs {tool}: apt-get install -y nginx wrk");
+            bail!("the smoke test needs {tool}: apt-get install -y nginx wrk cmake");
         }
     }
     let scratch = tempfile::tempdir()?;
@@ -44,7 +60,7 @@ fn loadtest_produces_direct_and_sluice_rows() -> Result<()> {
     let output = Command::new(env!("CARGO_BIN_EXE_loadtest"))
         .args([
             "--targets",
-            "direct,sluice",
+            "direct,sluice,pingora",
             "--workloads",
             "h1-small",
             "--rules",
@@ -56,6 +72,8 @@ fn loadtest_produces_direct_and_sluice_rows() -> Result<()> {
         ])
         .args(["--idle-connections", "50", "--no-install", "--sluice"])
         .arg(sluice_binary()?)
+        .arg("--pingora")
+        .arg(pingora_baseline_binary()?)
         .arg("--out")
         .arg(&out)
         .output()?;
@@ -69,22 +87,23 @@ fn loadtest_produces_direct_and_sluice_rows() -> Result<()> {
     for row in [
         "| h1-small | direct | — |",
         "| h1-small | sluice | 2 |",
+        "| h1-small | pingora | 2 |",
         "| sluice | 2 |",
+        "| pingora | 2 |",
     ] {
         ensure!(
             table.contains(row),
             "no row starting {row:?} in:\n{table}\n{stderr}"
         );
     }
-    // Every request through sluice was answered 2xx: the error column of its row is 0.
-    let sluice_row = table
-        .lines()
-        .find(|l| l.starts_with("| h1-small | sluice |"))
-        .unwrap_or_default();
-    let cells: Vec<&str> = sluice_row.split('|').map(str::trim).collect();
-    ensure!(
-        cells.get(10) == Some(&"0"),
-        "sluice row reports errors: {sluice_row}"
-    );
+    // Every request through either proxy was answered 2xx: the error column of its row is 0.
+    for target in ["sluice", "pingora"] {
+        let row = table
+            .lines()
+            .find(|l| l.starts_with(&format!("| h1-small | {target} |")))
+            .unwrap_or_default();
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        ensure!(cells.get(10) == Some(&"0"), "{target} row reports errors: {row}");
+    }
     Ok(())
 }
