@@ -10,7 +10,7 @@ use sluice_proxy::authorize::{CompiledPolicy, Decision};
 use sluice_proxy::request::RequestHead;
 use sluice_proxy::route::select_route;
 use sluice_proxy::tables::{
-    AllowRule, DirectionPolicy, FieldPattern, HttpRule, L4Match, PathMatch, PortRange, Protocol, Remotes, Route, RouteAction,
+    AllowRule, DirectionPolicy, FieldPattern, FullMatch, HttpRule, L4Match, PathMatch, PortRange, Protocol, Remotes, Route, RouteAction,
     RouteConfig, RouteMatch, VirtualHost,
 };
 
@@ -21,7 +21,7 @@ const FIRST_IDENTITY: u32 = 1_000;
 const FIRST_PORT: u16 = 8_000;
 
 fn anchored(pattern: &str) -> FieldPattern {
-    FieldPattern::Regex(Regex::new(&format!("^(?:{pattern})$")).expect("benchmark regex"))
+    FieldPattern::Regex(FullMatch::new(Regex::new(&format!("^(?:{pattern})$")).expect("benchmark regex")))
 }
 
 /// A plain string, as the agent hands over policy fields without regex syntax.

@@ -3,11 +3,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use regex::Regex;
-
 use crate::flow::DropReason;
 use crate::request::RequestHead;
-use crate::tables::{DirectionPolicy, FieldPattern, HttpHeaderRule, HttpRule, Identity, L4Match, MismatchAction, PortRange, Protocol, Remotes};
+use crate::tables::{DirectionPolicy, FieldPattern, HttpRule, Identity, L4Match, MismatchAction, PortRange, Protocol, Remotes};
 
 /// A header change that a matching `headerMatches` rule asks for because the request's header
 /// did not match. The forwarder applies it to the request before routing:
@@ -31,34 +29,16 @@ pub enum Decision {
     Deny { reason: DropReason, origin: Option<Arc<str>> },
 }
 
-/// One field of an HTTP rule as the request path matches it: anchored. Plain strings (`GET`,
-/// `/public`) arrive as `Literal` (the agent decides, from the policy text) and are compared as
-/// strings, so a request does not run one regex per rule and the regex's per-thread search
-/// caches are never built (with 1k rules that was most of the CPU per request and tens of MiB of
-/// RSS).
-fn compile_field(pattern: &FieldPattern) -> FieldPattern {
-    match pattern {
-        FieldPattern::Literal(_) => pattern.clone(),
-        FieldPattern::Regex(regex) => FieldPattern::Regex(full_match(regex)),
-    }
-}
-
-/// One HTTP rule with every field a full-string match.
-#[derive(Debug, Clone)]
-struct CompiledHttpRule {
-    method: Option<FieldPattern>,
-    path: Option<FieldPattern>,
-    host: Option<FieldPattern>,
-    headers: Vec<HttpHeaderRule>,
-}
-
 /// The ORed HTTP rules of one allow rule, indexed by literal path: a request is checked only
 /// against the rules naming its exact path and the rules whose path is a regex or absent, in
 /// policy order, so the first matching rule (whose header edits apply) is the same one a scan
-/// of every rule would find.
+/// of every rule would find. Plain strings (`GET`, `/public`) arrive as `Literal` (the agent
+/// decides, from the policy text) and compare as strings: a request does not run one regex
+/// per rule, and the regexes' per-thread search caches are never built (with 1k rules that was
+/// most of the CPU per request and tens of MiB of RSS).
 #[derive(Debug, Clone, Default)]
 struct HttpRules {
-    rules: Vec<CompiledHttpRule>,
+    rules: Vec<HttpRule>,
     by_literal_path: HashMap<String, Vec<usize>>,
     /// Positions of the rules not in `by_literal_path`, ascending.
     unindexed: Vec<usize>,
@@ -68,13 +48,12 @@ impl HttpRules {
     fn new(rules: &[HttpRule]) -> Self {
         let mut compiled = HttpRules::default();
         for (position, rule) in rules.iter().enumerate() {
-            let rule = compile_http_rule(rule);
             match &rule.path {
                 Some(FieldPattern::Literal(path)) => compiled.by_literal_path.entry(path.clone()).or_default().push(position),
                 _ => compiled.unindexed.push(position),
             }
-            compiled.rules.push(rule);
         }
+        compiled.rules = rules.to_vec();
         compiled
     }
 
@@ -201,34 +180,6 @@ pub struct CompiledPolicy {
     rules: Vec<CompiledAllowRule>,
 }
 
-/// The compiler anchors regexes as `^(?:...)$`; anything else is wrapped here, because a
-/// partial match on a path or host would be a policy bypass. A pattern that cannot be
-/// wrapped (size limits) never matches, which denies rather than allows.
-fn full_match(regex: &Regex) -> Regex {
-    let pattern = regex.as_str();
-    if pattern.starts_with("^(?:") && pattern.ends_with(")$") {
-        return regex.clone();
-    }
-    Regex::new(&format!("^(?:{pattern})$")).unwrap_or_else(|error| {
-        tracing::error!(%pattern, %error, "policy regex cannot be anchored; it will never match");
-        never_matches()
-    })
-}
-
-fn never_matches() -> Regex {
-    // An empty character class matches nothing; this literal pattern always compiles.
-    Regex::new("[^\\s\\S]").unwrap_or_else(|_| unreachable!("constant pattern"))
-}
-
-fn compile_http_rule(rule: &HttpRule) -> CompiledHttpRule {
-    CompiledHttpRule {
-        method: rule.method.as_ref().map(compile_field),
-        path: rule.path.as_ref().map(compile_field),
-        host: rule.host.as_ref().map(compile_field),
-        headers: rule.headers.clone(),
-    }
-}
-
 impl CompiledPolicy {
     pub fn new(policy: &DirectionPolicy) -> Self {
         let mut deny = RuleIndex::default();
@@ -322,7 +273,7 @@ fn field_matches(pattern: Option<&FieldPattern>, value: &str) -> bool {
 
 /// All present fields must match. Header requirements with a mismatch action do not decide;
 /// their edits are appended to `edits` only when the rest of the rule matched.
-fn http_rule_matches(rule: &CompiledHttpRule, request: &RequestHead, edits: &mut Vec<HeaderEdit>) -> bool {
+fn http_rule_matches(rule: &HttpRule, request: &RequestHead, edits: &mut Vec<HeaderEdit>) -> bool {
     let fields_match = field_matches(rule.method.as_ref(), request.method.as_str())
         && field_matches(rule.path.as_ref(), &request.path_and_query)
         && field_matches(rule.host.as_ref(), &request.authority);
@@ -351,9 +302,11 @@ fn http_rule_matches(rule: &CompiledHttpRule, request: &RequestHead, edits: &mut
 mod tests {
     use std::collections::BTreeSet;
 
+    use regex::Regex;
+
     use super::*;
     use crate::request::test_head as head;
-    use crate::tables::AllowRule;
+    use crate::tables::{AllowRule, FullMatch, HttpHeaderRule};
 
     const FRONTEND: Identity = 1000;
     const OTHER: Identity = 1001;
@@ -366,12 +319,8 @@ mod tests {
         PortRange { protocol: Protocol::Tcp, start, end }
     }
 
-    fn anchored_regex(pattern: &str) -> Regex {
-        Regex::new(&format!("^(?:{pattern})$")).unwrap()
-    }
-
     fn anchored(pattern: &str) -> FieldPattern {
-        FieldPattern::Regex(anchored_regex(pattern))
+        FieldPattern::Regex(FullMatch::new(Regex::new(&format!("^(?:{pattern})$")).unwrap()))
     }
 
     fn http(method: &str, path: &str) -> HttpRule {
@@ -462,8 +411,8 @@ mod tests {
     }
 
     #[test]
-    fn unanchored_regexes_are_anchored_at_compile_time() {
-        let unanchored = HttpRule { path: Some(FieldPattern::Regex(Regex::new("/public").unwrap())), ..HttpRule::default() };
+    fn unanchored_regexes_are_anchored_by_their_table_type() {
+        let unanchored = HttpRule { path: Some(FieldPattern::Regex(FullMatch::new(Regex::new("/public").unwrap()))), ..HttpRule::default() };
         let compiled = policy(vec![allow("l7", Remotes::Any, vec![tcp(80, 80)], Some(vec![unanchored]))]);
         assert_eq!(verdict(&compiled, FRONTEND, 80, &get("/public")), allowed("l7"));
         assert_eq!(verdict(&compiled, FRONTEND, 80, &get("/admin?/public")), Err(DropReason::L7PolicyDenied));
@@ -609,12 +558,6 @@ mod tests {
         for (port, expected) in [(999, Err(DropReason::PolicyDenied)), (1000, allowed("range")), (2000, allowed("range")), (2001, Err(DropReason::PolicyDenied))] {
             assert_eq!(verdict(&range, OTHER, port, &get("/")), expected, "{port}");
         }
-    }
-
-    #[test]
-    fn literals_compare_as_strings_never_as_regexes() {
-        let literal = compile_field(&FieldPattern::Literal("/a.b".to_owned()));
-        assert!(literal.is_match("/a.b") && !literal.is_match("/axb"));
     }
 
     #[test]

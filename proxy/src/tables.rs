@@ -592,8 +592,7 @@ pub struct HttpRule {
 pub enum FieldPattern {
     /// A pattern without regex syntax: the field must equal it (nothing is compiled).
     Literal(String),
-    /// An anchored regex, `^(?:...)$`.
-    Regex(Regex),
+    Regex(FullMatch),
 }
 
 impl FieldPattern {
@@ -601,8 +600,86 @@ impl FieldPattern {
     pub fn is_match(&self, text: &str) -> bool {
         match self {
             FieldPattern::Literal(literal) => literal == text,
-            FieldPattern::Regex(regex) => regex.is_match(text),
+            FieldPattern::Regex(regex) => regex.0.is_match(text),
         }
+    }
+}
+
+/// A regex that matches whole fields only. `FullMatch::new` is its only constructor, so a
+/// partial match on a path or host (a policy bypass) cannot reach the proxy, whoever builds
+/// the tables.
+#[derive(Debug, Clone)]
+pub struct FullMatch(Regex);
+
+impl FullMatch {
+    /// `regex` itself when every match of it must start at the text's start and end at its end
+    /// (the agent's `^(?:...)$` patterns, shared with its model), else `^(?:regex)$`. A pattern
+    /// that cannot be wrapped (size limits) matches nothing: a rule that cannot be enforced as
+    /// written denies rather than allows.
+    pub fn new(regex: Regex) -> FullMatch {
+        if spans_whole_text(regex.as_str()) {
+            return FullMatch(regex);
+        }
+        let pattern = regex.as_str();
+        match Regex::new(&format!("^(?:{pattern})$")) {
+            Ok(anchored) => FullMatch(anchored),
+            Err(error) => {
+                tracing::error!(%pattern, %error, "policy regex cannot be anchored; it will never match");
+                // An empty character class matches nothing; this constant pattern compiles.
+                FullMatch(Regex::new("[^\\s\\S]").unwrap_or_else(|_| unreachable!("constant pattern")))
+            }
+        }
+    }
+
+    /// The anchored pattern's text.
+    pub fn as_str(&self) -> &str {
+        self.0.as_str()
+    }
+}
+
+/// Whether every match of `pattern` is anchored at both ends. Decided on the parsed pattern, not
+/// its text: `^(?:a)|(?:.*)$` starts with `^(?:` and ends with `)$` but matches any text
+/// ending anywhere after an `a`.
+fn spans_whole_text(pattern: &str) -> bool {
+    use regex_syntax::hir::Look;
+    let Ok(hir) = regex_syntax::Parser::new().parse(pattern) else { return false };
+    let properties = hir.properties();
+    properties.look_set_prefix().contains(Look::Start) && properties.look_set_suffix().contains(Look::End)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn full(pattern: &str) -> FieldPattern {
+        FieldPattern::Regex(FullMatch::new(Regex::new(pattern).expect("test pattern")))
+    }
+
+    #[test]
+    fn a_full_match_never_matches_part_of_a_field() {
+        let path = full("/public");
+        assert!(path.is_match("/public"));
+        assert!(!path.is_match("/public/x") && !path.is_match("/x/public"));
+        // Looks anchored by its text, is not: wrapped, so only a whole `a` or a whole anything
+        // matches, as the alternation says.
+        let tricky = full("^(?:a)|(?:b)$");
+        assert!(tricky.is_match("a") && tricky.is_match("b"));
+        assert!(!tricky.is_match("ab") && !tricky.is_match("xb") && !tricky.is_match("ax"));
+        // Multi-line anchors are not the text's ends.
+        assert!(!full("(?m)^a$").is_match("a\nb"));
+    }
+
+    #[test]
+    fn literals_compare_as_strings_never_as_regexes() {
+        let literal = FieldPattern::Literal("/a.b".to_owned());
+        assert!(literal.is_match("/a.b") && !literal.is_match("/axb"));
+    }
+
+    #[test]
+    fn an_anchored_regex_is_kept_as_it_is() {
+        let anchored = Regex::new("^(?:/api/.*)$").expect("test pattern");
+        assert_eq!(FullMatch::new(anchored).as_str(), "^(?:/api/.*)$");
+        assert_eq!(FullMatch::new(Regex::new("/api/.*").expect("test pattern")).as_str(), "^(?:/api/.*)$");
     }
 }
 

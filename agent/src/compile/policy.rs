@@ -17,7 +17,7 @@ use sluice_envoy_config::policy::{
 };
 use sluice_envoy_config::policy::{AnchoredRegex, HttpRule as CiliumHttpRule, MismatchAction as CiliumMismatch};
 use sluice_proxy::tables::{
-    AllowRule, DirectionPolicy, EndpointPolicy, FieldPattern, HttpHeaderRule, HttpRule, Identity, L4Match, MismatchAction,
+    AllowRule, DirectionPolicy, EndpointPolicy, FieldPattern, FullMatch, HttpHeaderRule, HttpRule, Identity, L4Match, MismatchAction,
     PortRange, Protocol as TableProtocol, Remotes, IDENTITY_HOST, IDENTITY_WORLD,
 };
 
@@ -433,7 +433,7 @@ impl RuleContext<'_> {
 
 fn field_pattern(pattern: &AnchoredRegex) -> FieldPattern {
     match pattern.regex() {
-        Some(regex) => FieldPattern::Regex(regex.clone()),
+        Some(regex) => FieldPattern::Regex(FullMatch::new(regex.clone())),
         None => FieldPattern::Literal(pattern.source.clone()),
     }
 }

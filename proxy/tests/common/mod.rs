@@ -420,7 +420,7 @@ pub fn allow(remotes: &[Identity], port: u16, http: Option<Vec<HttpRule>>, origi
 pub fn http_rule(method: &str, path: &str) -> HttpRule {
     HttpRule {
         method: Some(FieldPattern::Literal(method.to_owned())),
-        path: Some(FieldPattern::Regex(Regex::new(path).unwrap())),
+        path: Some(FieldPattern::Regex(FullMatch::new(Regex::new(path).unwrap()))),
         host: None,
         headers: vec![],
     }
