@@ -11,12 +11,12 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
-use http::{Method, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use tokio::net::tcp::ReadHalf;
 use tokio::net::TcpStream;
 
-use super::codec::{self, BodyDecoder, OutgoingFraming};
+use super::codec::{self, BodyDecoder};
 use super::conn::{poll_body_frame, BodyReadError, PrefixedStream};
 use super::write::BodyWriter;
 use crate::body::ProxyBody;
@@ -80,11 +80,7 @@ impl ClientConn {
     /// Sends `request` and reads the response head.
     pub async fn send(mut self: Box<Self>, request: Request<ProxyBody>) -> Result<Response<ResponseBody>, ExchangeError> {
         let (parts, mut body) = request.into_parts();
-        let framing = match body.size_hint().exact() {
-            Some(0) if body.is_end_stream() && !matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) => OutgoingFraming::NoBody,
-            Some(length) => OutgoingFraming::Length(length),
-            None => OutgoingFraming::Chunked,
-        };
+        let framing = codec::request_framing(&parts.method, body.size_hint().exact(), body.is_end_stream());
         let mut writer = BodyWriter::new(framing);
         codec::encode_request_head(&mut writer.out.copied, &parts.method, &parts.uri, &parts.headers, framing);
         let whole = self.send_body(&mut body, &mut writer).await?;
@@ -227,10 +223,6 @@ impl Body for ResponseBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self.decoder {
-            BodyDecoder::Length { remaining } => SizeHint::with_exact(remaining),
-            BodyDecoder::Done => SizeHint::with_exact(0),
-            BodyDecoder::Chunked { .. } | BodyDecoder::UntilClose => SizeHint::default(),
-        }
+        self.decoder.size_hint()
     }
 }

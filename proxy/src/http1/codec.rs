@@ -1,6 +1,7 @@
-//! HTTP/1.1 wire format of the downstream server (accept -> **parse** -> normalize ... respond -> **encode**):
-//! request heads and chunked bodies in, response heads and chunked bodies out. Pure: bytes in,
-//! values out; the connection loop in `conn.rs` does the I/O.
+//! HTTP/1.1 wire format (accept -> **parse** -> normalize ... forward -> **encode**/**parse** ->
+//! respond -> **encode**): for the downstream server, request heads and bodies in, response
+//! heads and bodies out; for the upstream client, the reverse. Pure: bytes in, values out; the
+//! connection loops in `conn.rs` and `client.rs` do the I/O.
 //!
 //! Heads are tokenized by `httparse`; what is hand-written here is framing (RFC 9112 §6-7) and
 //! the response head, kept strict because a lenient parser in front of a stricter backend is
@@ -167,6 +168,15 @@ impl BodyDecoder {
         matches!(self, BodyDecoder::Done)
     }
 
+    /// What is known of the rest of the body's length.
+    pub fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            BodyDecoder::Length { remaining } => http_body::SizeHint::with_exact(*remaining),
+            BodyDecoder::Done => http_body::SizeHint::with_exact(0),
+            BodyDecoder::Chunked { .. } | BodyDecoder::UntilClose => http_body::SizeHint::default(),
+        }
+    }
+
     /// Takes the next step of the body from the front of `buf`.
     pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, BodyDecodeError> {
         match self {
@@ -295,8 +305,7 @@ pub(crate) fn parse_response_head(buf: &[u8], max_bytes: usize) -> Result<Option
 /// another request after it.
 pub(crate) fn response_body(request_method: &Method, parts: &http::response::Parts, max_trailer_bytes: usize) -> Result<(BodyDecoder, bool), HeadError> {
     let keep_alive = wants_keep_alive(parts.version, &parts.headers);
-    let status = parts.status;
-    if request_method == Method::HEAD || status.is_informational() || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+    if bodiless_response(request_method, parts.status) {
         return Ok((BodyDecoder::Done, keep_alive));
     }
     if let Some(last) = parts.headers.get_all(TRANSFER_ENCODING).iter().next_back() {
@@ -325,12 +334,33 @@ pub(crate) fn encode_request_head(out: &mut Vec<u8>, method: &Method, uri: &Uri,
             header_line(out, name.as_str().as_bytes(), value.as_bytes());
         }
     }
+    framing_header_line(out, framing);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The framing of a request the proxy sends upstream: its body's exact length when known, else
+/// chunked; no body at all when it is known empty and the method carries none by convention
+/// (a `POST`, `PUT` or `PATCH` says `content-length: 0`).
+pub(crate) fn request_framing(method: &Method, exact_length: Option<u64>, body_ended: bool) -> OutgoingFraming {
+    match exact_length {
+        Some(0) if body_ended && !matches!(*method, Method::POST | Method::PUT | Method::PATCH) => OutgoingFraming::NoBody,
+        Some(length) => OutgoingFraming::Length(length),
+        None => OutgoingFraming::Chunked,
+    }
+}
+
+/// Responses that never have a body (RFC 9112 §6.3 items 1-2): to a `HEAD`, 1xx, 204 and 304.
+fn bodiless_response(request_method: &Method, status: StatusCode) -> bool {
+    request_method == Method::HEAD || status.is_informational() || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED
+}
+
+/// This hop's own framing header.
+fn framing_header_line(out: &mut Vec<u8>, framing: OutgoingFraming) {
     match framing {
         OutgoingFraming::Length(length) => content_length_line(out, length),
         OutgoingFraming::Chunked => header_line(out, b"transfer-encoding", b"chunked"),
         OutgoingFraming::NoBody | OutgoingFraming::UntilClose => {}
     }
-    out.extend_from_slice(b"\r\n");
 }
 
 /// How a body the proxy writes (a response downstream, a request upstream) is delimited.
@@ -348,11 +378,7 @@ pub(crate) enum OutgoingFraming {
 /// Picks the framing: what the request and status allow, then the body's exact length if it
 /// is known, else chunked for HTTP/1.1 clients.
 pub(crate) fn response_framing(request_method: &Method, request_version: Version, status: StatusCode, exact_length: Option<u64>) -> OutgoingFraming {
-    if request_method == Method::HEAD
-        || status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED
-    {
+    if bodiless_response(request_method, status) {
         return OutgoingFraming::NoBody;
     }
     match exact_length {
@@ -402,11 +428,7 @@ pub(crate) fn encode_response_head(
     if !headers.contains_key(DATE) {
         header_line(out, b"date", date);
     }
-    match framing {
-        OutgoingFraming::Length(length) => content_length_line(out, length),
-        OutgoingFraming::Chunked => header_line(out, b"transfer-encoding", b"chunked"),
-        OutgoingFraming::NoBody | OutgoingFraming::UntilClose => {}
-    }
+    framing_header_line(out, framing);
     match connection {
         ConnectionHeader::Close => header_line(out, b"connection", b"close"),
         ConnectionHeader::KeepAlive => header_line(out, b"connection", b"keep-alive"),
@@ -649,6 +671,15 @@ mod tests {
         assert_eq!(get(204, None, Version::HTTP_11), OutgoingFraming::NoBody);
         assert_eq!(get(304, Some(10), Version::HTTP_11), OutgoingFraming::NoBody);
         assert_eq!(response_framing(&Method::HEAD, Version::HTTP_11, StatusCode::OK, Some(10)), OutgoingFraming::NoBody);
+    }
+
+    #[test]
+    fn request_framing_follows_the_body_and_the_method() {
+        assert_eq!(request_framing(&Method::GET, Some(0), true), OutgoingFraming::NoBody);
+        assert_eq!(request_framing(&Method::POST, Some(0), true), OutgoingFraming::Length(0), "POST says content-length: 0");
+        assert_eq!(request_framing(&Method::GET, Some(0), false), OutgoingFraming::Length(0));
+        assert_eq!(request_framing(&Method::PUT, Some(5), false), OutgoingFraming::Length(5));
+        assert_eq!(request_framing(&Method::POST, None, false), OutgoingFraming::Chunked);
     }
 
     #[test]

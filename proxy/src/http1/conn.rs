@@ -133,7 +133,6 @@ impl RequestBody {
             let _ = home.send(Returned { reader, complete: self.decoder.is_done() });
         }
     }
-
 }
 
 impl Drop for RequestBody {
@@ -163,11 +162,7 @@ impl Body for RequestBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self.decoder {
-            BodyDecoder::Length { remaining } => SizeHint::with_exact(remaining),
-            BodyDecoder::Done => SizeHint::with_exact(0),
-            BodyDecoder::Chunked { .. } | BodyDecoder::UntilClose => SizeHint::default(),
-        }
+        self.decoder.size_hint()
     }
 }
 

@@ -31,9 +31,8 @@ pub(super) enum BodyWriteError {
 /// A body in its framing: the head is queued first, then frames as the body yields them.
 pub(super) struct BodyWriter {
     pub out: WriteQueue,
+    /// With `Length`, the bytes still owed.
     framing: OutgoingFraming,
-    /// For `Length` framing: the bytes still owed.
-    remaining: Option<u64>,
     /// For chunked framing: the last chunk (with any trailers) is queued.
     last_chunk_queued: bool,
     /// Something has been written (for a request: the upstream may have seen it).
@@ -42,11 +41,7 @@ pub(super) struct BodyWriter {
 
 impl BodyWriter {
     pub fn new(framing: OutgoingFraming) -> Self {
-        let remaining = match framing {
-            OutgoingFraming::Length(length) => Some(length),
-            _ => None,
-        };
-        Self { out: WriteQueue::default(), framing, remaining, last_chunk_queued: false, wrote: false }
+        Self { out: WriteQueue::default(), framing, last_chunk_queued: false, wrote: false }
     }
 
     /// Writes what is queued and then `body`, each batch of frames that are ready in one write.
@@ -81,26 +76,34 @@ impl BodyWriter {
                     continue;
                 }
             }
-            tokio::select! {
-                biased;
-                written = self.out.write_to(write) => written.map_err(BodyWriteError::Io)?,
-                () = interrupt.as_mut() => return Ok(false),
+            if !self.flush(write, interrupt.as_mut()).await? {
+                return Ok(false);
             }
-            self.wrote = true;
         }
         if self.framing == OutgoingFraming::Chunked && !self.last_chunk_queued {
             codec::encode_last_chunk(&mut self.out.copied, None);
         }
-        let short = self.remaining.is_some_and(|left| left > 0);
+        if !self.flush(write, interrupt).await? {
+            return Ok(false);
+        }
+        if matches!(self.framing, OutgoingFraming::Length(left) if left > 0) {
+            return Err(BodyWriteError::Length);
+        }
+        Ok(true)
+    }
+
+    /// Writes what is queued; `Ok(false)` when `interrupt` resolved first.
+    async fn flush<W, I>(&mut self, write: &mut W, interrupt: std::pin::Pin<&mut I>) -> Result<bool, BodyWriteError>
+    where
+        W: AsyncWrite + Unpin,
+        I: Future<Output = ()>,
+    {
         tokio::select! {
             biased;
             written = self.out.write_to(write) => written.map_err(BodyWriteError::Io)?,
-            () = interrupt.as_mut() => return Ok(false),
+            () = interrupt => return Ok(false),
         }
         self.wrote = true;
-        if short {
-            return Err(BodyWriteError::Length);
-        }
         Ok(true)
     }
 
@@ -125,7 +128,7 @@ impl BodyWriter {
         if data.is_empty() {
             return Ok(());
         }
-        if let Some(left) = self.remaining.as_mut() {
+        if let OutgoingFraming::Length(left) = &mut self.framing {
             *left = left.checked_sub(data.len() as u64).ok_or(BodyWriteError::Length)?;
         }
         if self.framing == OutgoingFraming::Chunked {
