@@ -72,16 +72,16 @@ fn bytes_of(text: &'static str) -> bytes::Bytes {
     bytes::Bytes::from_static(text.as_bytes())
 }
 
-fn read_allow_list(path: &PathBuf) -> anyhow::Result<HashSet<(String, String)>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+fn read_allow_list(file: &PathBuf) -> anyhow::Result<HashSet<(String, String)>> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
     text.lines()
         .filter(|line| !line.trim().is_empty())
         .enumerate()
         .map(|(index, line)| {
-            let (method, path) = line
+            let (method, request_path) = line
                 .split_once(' ')
-                .with_context(|| format!("{} line {}: expected `METHOD PATH`", path.display(), index + 1))?;
-            Ok((method.to_owned(), path.to_owned()))
+                .with_context(|| format!("{} line {}: expected `METHOD PATH`", file.display(), index + 1))?;
+            Ok((method.to_owned(), request_path.to_owned()))
         })
         .collect()
 }
