@@ -83,3 +83,35 @@ async fn an_l4_denial_resets_the_stream_and_the_connection_carries_on() {
     // The allowed client is unaffected.
     assert_eq!(allowed.send_request(h2_get("/ok")).await.unwrap().status(), StatusCode::OK);
 }
+
+/// The bytes `/big/N` answers with: distinct per stream, larger than what one connection
+/// stages before writing and than a stream's initial flow-control window.
+fn big_body(path: &str) -> String {
+    path.repeat(300 * 1024 / path.len())
+}
+
+#[tokio::test]
+async fn concurrent_http2_streams_get_their_own_large_bodies_whole() {
+    let backend = Backend::start("big", |_, request| {
+        Box::pin(async move { http::Response::new(Full::new(Bytes::from(big_body(&request.path)))) })
+    })
+    .await;
+    let proxy = Proxy::start();
+    let addr = proxy.apply(svc_tables(to_cluster("svc"), &[backend.addr]));
+    let client = h2_client([127, 0, 0, 1].into(), addr).await;
+    let streams: Vec<_> = (0..16)
+        .map(|i| {
+            let mut client = client.clone();
+            tokio::spawn(async move {
+                let path = format!("/big/{i}");
+                let response = client.send_request(h2_get(&path)).await.unwrap();
+                (path, collect(response).await.unwrap())
+            })
+        })
+        .collect();
+    for stream in streams {
+        let (path, got) = tokio::time::timeout(std::time::Duration::from_secs(10), stream).await.expect("every stream ends").unwrap();
+        assert_eq!(got.status, StatusCode::OK);
+        assert!(got.body == big_body(&path), "{path}: {} bytes, not its own body", got.body.len());
+    }
+}
