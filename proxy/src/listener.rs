@@ -273,7 +273,7 @@ const STAGED_WRITE_LIMIT: usize = 64 * 1024;
 /// request; Envoy 0.25). The connection's stream copies what h2 writes into one buffer and
 /// reports it flushed; the buffer goes out when the connection task is polled again, after the
 /// other tasks that were ready (streams whose responses arrived in the same I/O batch) added
-/// their frames, so one `writev` carries them all.
+/// their frames, so one write carries them all.
 #[derive(Default)]
 struct StagedWrites {
     /// Empty, and without capacity, between batches: an idle connection holds no write buffer.
@@ -294,9 +294,9 @@ impl StagedWrites {
         self.bytes.len() - before
     }
 
-    /// Whether a flush must write now: not while the poll that staged the bytes runs.
-    fn due(&self, poll: u64) -> bool {
-        !self.bytes.is_empty() && poll != self.staged_in
+    /// Whether a flush should leave the bytes staged: the poll that staged them still runs.
+    fn waits(&self, poll: u64) -> bool {
+        !self.bytes.is_empty() && poll == self.staged_in
     }
 }
 
@@ -373,7 +373,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if !this.staged.bytes.is_empty() && !this.staged.due(this.poll()) {
+        if this.staged.waits(this.poll()) {
             // Reported flushed: this wake-up polls the connection again after the other
             // ready tasks ran, and its flush writes everything staged by then.
             cx.waker().wake_by_ref();
