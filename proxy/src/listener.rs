@@ -174,9 +174,8 @@ async fn sniff(stream: &mut TcpStream, first_bytes: &mut BytesMut, idle: &mut ht
 }
 
 async fn serve_http2(io: PrefixedStream, ctx: Arc<ConnContext>, builder: &http2::Builder<TokioExecutor>, idle_timeout: Option<Duration>, stop: CancellationToken) {
-    let activity = Arc::new(AtomicU64::new(0));
-    let polls = Arc::new(AtomicU64::new(0));
-    let io = TokioIo::new(ActivityIo::new(io, Arc::clone(&activity), Arc::clone(&polls)));
+    let counts = Arc::new(Http2Counts::default());
+    let io = TokioIo::new(ActivityIo::new(io, Arc::clone(&counts)));
     let peer = ctx.peer;
     // Boxed: hyper keeps room for one in-flight request future per connection for the
     // connection's whole life; boxed it is a pointer and the state lives only while a request does.
@@ -196,7 +195,7 @@ async fn serve_http2(io: PrefixedStream, ctx: Arc<ConnContext>, builder: &http2:
         };
         tokio::select! {
             result = std::future::poll_fn(|cx| {
-                polls.fetch_add(1, Ordering::Relaxed);
+                counts.task_polls.fetch_add(1, Ordering::Relaxed);
                 std::future::Future::poll(connection.as_mut(), cx)
             }) => {
                 if let Err(error) = result {
@@ -211,7 +210,7 @@ async fn serve_http2(io: PrefixedStream, ctx: Arc<ConnContext>, builder: &http2:
             () = idle_check, if !draining => {
                 // Idle = no bytes either way for a whole period (so between one and two
                 // periods after the last byte); in-flight requests still finish.
-                let now = activity.load(Ordering::Relaxed);
+                let now = counts.io_operations.load(Ordering::Relaxed);
                 if now == seen_activity {
                     connection.as_mut().graceful_shutdown();
                     draining = true;
@@ -278,7 +277,7 @@ const STAGED_WRITE_LIMIT: usize = 64 * 1024;
 struct StagedWrites {
     /// Empty, and without capacity, between batches: an idle connection holds no write buffer.
     bytes: BytesMut,
-    /// The connection task's poll (`ActivityIo::polls`) in which `bytes` began.
+    /// The connection task's poll (`Http2Counts::task_polls`) in which `bytes` began.
     staged_in: u64,
 }
 
@@ -300,27 +299,34 @@ impl StagedWrites {
     }
 }
 
+/// What `serve_http2` and its connection's stream (`ActivityIo`) count together.
+#[derive(Default)]
+struct Http2Counts {
+    /// Reads and writes that completed: the connection idle timeout looks for none in a period.
+    io_operations: AtomicU64,
+    /// Polls of the connection task: `StagedWrites` writes once the poll that staged ends.
+    task_polls: AtomicU64,
+}
+
 /// An HTTP/2 client's stream that counts I/O operations, for the connection idle timeout, and
 /// coalesces writes (`StagedWrites`).
 struct ActivityIo<T = PrefixedStream> {
     inner: T,
-    activity: Arc<AtomicU64>,
-    /// Polls of the connection task so far, counted by `serve_http2`.
-    polls: Arc<AtomicU64>,
+    counts: Arc<Http2Counts>,
     staged: StagedWrites,
 }
 
 impl<T> ActivityIo<T> {
-    fn new(inner: T, activity: Arc<AtomicU64>, polls: Arc<AtomicU64>) -> Self {
-        Self { inner, activity, polls, staged: StagedWrites::default() }
+    fn new(inner: T, counts: Arc<Http2Counts>) -> Self {
+        Self { inner, counts, staged: StagedWrites::default() }
     }
 
     fn touch(&self) {
-        self.activity.fetch_add(1, Ordering::Relaxed);
+        self.counts.io_operations.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn poll(&self) -> u64 {
-        self.polls.load(Ordering::Relaxed)
+    fn task_poll(&self) -> u64 {
+        self.counts.task_polls.load(Ordering::Relaxed)
     }
 }
 
@@ -342,7 +348,7 @@ impl<T: AsyncWrite + Unpin> ActivityIo<T> {
         if self.staged.bytes.len() >= STAGED_WRITE_LIMIT {
             ready!(self.poll_write_staged(cx))?;
         }
-        let poll = self.poll();
+        let poll = self.task_poll();
         Poll::Ready(Ok(self.staged.stage(bufs, poll)))
     }
 }
@@ -373,7 +379,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.staged.waits(this.poll()) {
+        if this.staged.waits(this.task_poll()) {
             // Reported flushed: this wake-up polls the connection again after the other
             // ready tasks ran, and its flush writes everything staged by then.
             cx.waker().wake_by_ref();
@@ -454,15 +460,15 @@ mod tests {
         }
     }
 
-    fn recording_io(max_write: usize) -> (ActivityIo<RecordingWriter>, Arc<AtomicU64>) {
-        let polls = Arc::new(AtomicU64::new(1));
+    fn recording_io(max_write: usize) -> (ActivityIo<RecordingWriter>, Arc<Http2Counts>) {
+        let counts = Arc::new(Http2Counts { io_operations: AtomicU64::new(0), task_polls: AtomicU64::new(1) });
         let writer = RecordingWriter { writes: Vec::new(), max_write, shut_down: false };
-        (ActivityIo::new(writer, Arc::new(AtomicU64::new(0)), Arc::clone(&polls)), polls)
+        (ActivityIo::new(writer, Arc::clone(&counts)), counts)
     }
 
     #[test]
     fn http2_frames_written_in_one_poll_leave_in_one_write_on_the_next() {
-        let (mut io, polls) = recording_io(usize::MAX);
+        let (mut io, counts) = recording_io(usize::MAX);
         let mut cx = Context::from_waker(std::task::Waker::noop());
         // h2 with two large DATA frames ready: each is written and flushed before the next.
         let first = [io::IoSlice::new(b"head-1"), io::IoSlice::new(b"data-1")];
@@ -471,7 +477,7 @@ mod tests {
         assert!(matches!(Pin::new(&mut io).poll_write(&mut cx, b"frame-2"), Poll::Ready(Ok(7))));
         assert!(matches!(Pin::new(&mut io).poll_flush(&mut cx), Poll::Ready(Ok(()))));
         assert!(io.inner.writes.is_empty(), "nothing leaves during the poll that staged it");
-        polls.fetch_add(1, Ordering::Relaxed);
+        counts.task_polls.fetch_add(1, Ordering::Relaxed);
         assert!(matches!(Pin::new(&mut io).poll_flush(&mut cx), Poll::Ready(Ok(()))));
         assert_eq!(io.inner.writes, vec![b"head-1data-1frame-2".to_vec()]);
         assert_eq!(io.staged.bytes.capacity(), 0, "no buffer kept between batches");
@@ -481,7 +487,7 @@ mod tests {
 
     #[test]
     fn http2_staged_frames_all_leave_before_shutdown_and_past_the_limit() {
-        let (mut io, _polls) = recording_io(5);
+        let (mut io, _counts) = recording_io(5);
         let mut cx = Context::from_waker(std::task::Waker::noop());
         let large = vec![7u8; STAGED_WRITE_LIMIT];
         assert!(matches!(Pin::new(&mut io).poll_write(&mut cx, &large), Poll::Ready(Ok(n)) if n == large.len()));
