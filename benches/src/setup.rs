@@ -121,37 +121,35 @@ pub fn ensure_envoy(venv: &Path) -> Result<PathBuf> {
 
 /// `cargo build --release` of the workspace's `sluice` binary; returns its path.
 pub fn build_sluice(workspace: &Path) -> Result<PathBuf> {
-    run(Command::new("cargo").current_dir(workspace).args([
-        "build",
-        "--release",
-        "--locked",
-        "-p",
-        "sluice-agent",
-        "--bin",
-        "sluice",
-    ]))?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| workspace.join("target"), PathBuf::from);
-    let binary = workspace.join(target).join("release/sluice");
-    if !binary.is_file() {
-        bail!("no sluice binary at {} after the build", binary.display());
-    }
-    Ok(binary)
+    let mut cargo = Command::new("cargo");
+    cargo.current_dir(workspace).args(["build", "--release", "--locked", "-p", "sluice-agent", "--bin", "sluice"]);
+    release_binary(cargo, &target_dir(workspace), "sluice")
 }
 
 /// The `pingora` target: `benches/pingora-baseline` (its own workspace, so pingora is built
 /// only for this target), into the workspace's target directory.
 pub fn build_pingora_baseline(workspace: &Path) -> Result<PathBuf> {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| workspace.join("target"), PathBuf::from);
-    let target = workspace.join(target);
-    run(Command::new("cargo")
+    let target = target_dir(workspace);
+    let mut cargo = Command::new("cargo");
+    cargo
         .current_dir(workspace.join(PINGORA_BASELINE))
         .args(["build", "--release", "--locked", "--target-dir"])
-        .arg(&target))?;
-    let binary = target.join("release/sluice-pingora-baseline");
+        .arg(&target);
+    release_binary(cargo, &target, "sluice-pingora-baseline")
+}
+
+/// The workspace's cargo target directory (`CARGO_TARGET_DIR`, relative to the workspace, or
+/// `target`).
+fn target_dir(workspace: &Path) -> PathBuf {
+    workspace.join(std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| PathBuf::from("target"), PathBuf::from))
+}
+
+/// Runs the `cargo build` and returns the release binary `name` it must have produced.
+fn release_binary(mut cargo: Command, target: &Path, name: &str) -> Result<PathBuf> {
+    run(&mut cargo)?;
+    let binary = target.join("release").join(name);
     if !binary.is_file() {
-        bail!("no pingora baseline at {} after the build", binary.display());
+        bail!("no {name} binary at {} after the build", binary.display());
     }
     Ok(binary)
 }
