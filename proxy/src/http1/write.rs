@@ -8,6 +8,7 @@ use std::io;
 use bytes::Bytes;
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
+use smallvec::SmallVec;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use super::codec::{self, OutgoingFraming};
@@ -179,7 +180,8 @@ impl WriteQueue {
             self.copied.clear();
             return Ok(());
         }
-        let mut slices: Vec<io::IoSlice<'_>> = self.segments.iter().map(|segment| io::IoSlice::new(segment)).collect();
+        // On the stack for the usual few segments: no allocation per response.
+        let mut slices: SmallVec<[io::IoSlice<'_>; 8]> = self.segments.iter().map(|segment| io::IoSlice::new(segment)).collect();
         if !self.copied.is_empty() {
             slices.push(io::IoSlice::new(&self.copied));
         }
