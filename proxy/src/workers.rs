@@ -116,7 +116,16 @@ mod tests {
         for workers in [1, 2] {
             let (handle, runtime) = ProxyRuntime::start(workers)?;
             let (tx, rx) = std::sync::mpsc::channel();
-            handle.spawn(async move { tx.send(arm_deadlines_between_parks(20).await) });
+            // The fewest of three measurements: a wake-up that has nothing to do with the
+            // deadlines (the floor's own re-arm, a test thread's spawn) can fall inside one of
+            // them, not inside all three, while a write per deadline shows in every one.
+            handle.spawn(async move {
+                let mut fewest = u64::MAX;
+                for _ in 0..3 {
+                    fewest = fewest.min(arm_deadlines_between_parks(20).await);
+                }
+                tx.send(fewest)
+            });
             let writes = rx.recv_timeout(Duration::from_secs(10))?;
             runtime.stop();
             // Several workers also wake each other (a task yielded on one may be stolen by
