@@ -2,6 +2,9 @@
 //!
 //! The rules and the reasons for them are in proxy/NORMALIZATION.md.
 
+use std::borrow::Cow;
+use std::fmt::Write as _;
+
 use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use http::uri::PathAndQuery;
 use http::{Method, StatusCode, Uri, Version};
@@ -185,7 +188,10 @@ fn canonical_authority(raw: &str) -> Result<String, Rejection> {
             None => (raw, None),
         }
     };
-    let mut canonical = host.to_ascii_lowercase();
+    // Room for the port too: a canonical port is never longer than the one received.
+    let mut canonical = String::with_capacity(raw.len());
+    canonical.push_str(host);
+    canonical.make_ascii_lowercase();
     if !canonical.starts_with('[') {
         if canonical.ends_with('.') {
             canonical.pop();
@@ -200,8 +206,8 @@ fn canonical_authority(raw: &str) -> Result<String, Rejection> {
         None | Some("") => {}
         Some(port) if port.bytes().all(|byte| byte.is_ascii_digit()) => {
             let number: u16 = port.parse().map_err(|_| invalid())?;
-            canonical.push(':');
-            canonical.push_str(&number.to_string());
+            // Writing into a String cannot fail.
+            let _ = write!(canonical, ":{number}");
         }
         Some(_) => return Err(invalid()),
     }
@@ -221,14 +227,21 @@ fn canonical_target(method: &Method, uri: &Uri, hcm: &HttpConnectionManager) -> 
     }
     let CanonicalPath { path, unescaped_slash } = canonical_path(path, hcm)?;
     let path_and_query = match uri.query() {
-        Some(query) => format!("{path}?{query}"),
-        None => path,
+        Some(query) => {
+            let mut target = String::with_capacity(path.len() + 1 + query.len());
+            target.push_str(&path);
+            target.push('?');
+            target.push_str(query);
+            target
+        }
+        None => path.into_owned(),
     };
     Ok((path_and_query, unescaped_slash))
 }
 
-struct CanonicalPath {
-    path: String,
+struct CanonicalPath<'a> {
+    /// Borrowed when the path already was canonical.
+    path: Cow<'a, str>,
     /// A `%2F`/`%5C` was turned into a separator.
     unescaped_slash: bool,
 }
@@ -251,10 +264,18 @@ fn push_encoded(out: &mut String, byte: u8) {
 /// Canonical path, in Envoy's order: percent-encoding (unreserved decoded, the rest upper-case
 /// hex, escaped slashes per the listener), backslash as a separator, dot segments, then
 /// `merge_slashes`.
-fn canonical_path(raw: &str, hcm: &HttpConnectionManager) -> Result<CanonicalPath, Rejection> {
+fn canonical_path<'a>(raw: &'a str, hcm: &HttpConnectionManager) -> Result<CanonicalPath<'a>, Rejection> {
     if !raw.starts_with('/') {
         return Err(Rejection::bad_request("path does not start with /"));
     }
+    if is_canonical_path(raw, hcm.merge_slashes) {
+        return Ok(CanonicalPath { path: Cow::Borrowed(raw), unescaped_slash: false });
+    }
+    rewrite_path(raw, hcm)
+}
+
+/// `canonical_path` for a path that may change: decoded, resolved and merged step by step.
+fn rewrite_path(raw: &str, hcm: &HttpConnectionManager) -> Result<CanonicalPath<'static>, Rejection> {
     let bytes = raw.as_bytes();
     let mut decoded = String::with_capacity(raw.len());
     let mut unescaped_slash = false;
@@ -295,7 +316,17 @@ fn canonical_path(raw: &str, hcm: &HttpConnectionManager) -> Result<CanonicalPat
     if hcm.merge_slashes {
         path = merge_slashes(&path);
     }
-    Ok(CanonicalPath { path, unescaped_slash })
+    Ok(CanonicalPath { path: Cow::Owned(path), unescaped_slash })
+}
+
+/// Whether `canonical_path` would return `raw` as it is: ASCII without `%` or `\`, no `.` or
+/// `..` segment (with or without path parameters), and no `//` when slashes are merged. Most
+/// requests take this path, which copies nothing.
+fn is_canonical_path(raw: &str, merge_slashes: bool) -> bool {
+    let is_dot_segment = |segment: &str| matches!(segment.split_once(';').map_or(segment, |(dots, _)| dots), "." | "..");
+    raw.bytes().all(|byte| byte.is_ascii() && byte != b'%' && byte != b'\\')
+        && !raw.split('/').any(is_dot_segment)
+        && !(merge_slashes && raw.contains("//"))
 }
 
 /// RFC 3986 §5.2.4 over `/`-separated segments. Without `normalize_path` a path that would
@@ -465,6 +496,32 @@ mod tests {
             let expected = expected.map(str::to_owned);
             assert_eq!(path_outcome(target, &strict), expected, "{target}");
         }
+    }
+
+    #[test]
+    fn a_path_taken_as_canonical_is_what_the_full_rewrite_gives() {
+        let paths = [
+            "/", "/a/b", "/a;b/c", "/...", "/a/.b/..c", "/a.", "/.well-known/x", "//admin", "/a//b", "/a/", "/~u/-_.",
+            "/a/./b", "/a/../b", "/a/..;x", "/a/.;x/b", "/a/.", "/..", "/a\\b", "/a%41", "/caf\u{e9}", "/a b", "/a:b@c!$&'()*+,=",
+        ];
+        let mut taken = 0;
+        for normalize_path in [true, false] {
+            for merge_slashes in [true, false] {
+                for escaped_slashes in [EscapedSlashesAction::KeepUnchanged, EscapedSlashesAction::ImplementationSpecificDefault] {
+                    let hcm = hcm(normalize_path, merge_slashes, escaped_slashes);
+                    for path in paths.iter().filter(|path| is_canonical_path(path, merge_slashes)) {
+                        taken += 1;
+                        let rewritten = rewrite_path(path, &hcm).map(|canonical| (canonical.path.into_owned(), canonical.unescaped_slash));
+                        assert_eq!(rewritten, Ok((path.to_string(), false)), "{path} with {normalize_path}/{merge_slashes}/{escaped_slashes:?}");
+                    }
+                }
+            }
+        }
+        assert!(taken > 40, "the shortcut was taken {taken} times");
+        for path in ["/a/./b", "/a/../b", "/a/..;x", "/..", "/a\\b", "/a%41", "/caf\u{e9}"] {
+            assert!(!is_canonical_path(path, false), "{path} needs the rewrite");
+        }
+        assert!(!is_canonical_path("//admin", true) && is_canonical_path("//admin", false));
     }
 
     #[test]

@@ -81,7 +81,8 @@ impl ClientConn {
     pub async fn send(mut self: Box<Self>, request: Request<ProxyBody>) -> Result<Response<ResponseBody>, ExchangeError> {
         let (parts, mut body) = request.into_parts();
         let framing = codec::request_framing(&parts.method, body.size_hint().exact(), body.is_end_stream());
-        let mut writer = BodyWriter::new(framing);
+        let target_size = parts.uri.path_and_query().map_or(1, |target| target.as_str().len());
+        let mut writer = BodyWriter::new(framing, codec::head_size(&parts.headers) + target_size);
         codec::encode_request_head(&mut writer.out.copied, &parts.method, &parts.uri, &parts.headers, framing);
         let whole = self.send_body(&mut body, &mut writer).await?;
         drop(body);
@@ -114,8 +115,7 @@ impl ClientConn {
     /// Reads until a final response head (1xx other than 101 are skipped) is buffered.
     async fn read_response_head(&mut self) -> Result<http::response::Parts, ExchangeError> {
         loop {
-            if let Some((parts, consumed)) = codec::parse_response_head(&self.buf, MAX_RESPONSE_HEAD).map_err(|error| ExchangeError::new(true, error))? {
-                let _ = self.buf.split_to(consumed);
+            if let Some(parts) = codec::parse_response_head(&mut self.buf, MAX_RESPONSE_HEAD).map_err(|error| ExchangeError::new(true, error))? {
                 if parts.status.is_informational() && parts.status != StatusCode::SWITCHING_PROTOCOLS {
                     continue;
                 }

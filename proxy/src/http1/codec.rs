@@ -9,10 +9,12 @@
 //! trailers past the header limit are all refused.
 
 use std::io::Write as _;
+use std::ops::Range;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, DATE, TRANSFER_ENCODING};
 use http::{HeaderMap, Method, StatusCode, Uri, Version};
+use smallvec::SmallVec;
 
 /// Header slots on the stack; a listener allowing more parses into a heap array instead.
 const HEADER_SLOTS: usize = 128;
@@ -37,19 +39,57 @@ impl HeadError {
     }
 }
 
-/// Parses one request head from the start of `buf`: the head and its length in bytes, or `None`
-/// when more bytes are needed. `max_bytes` bounds the head while it is incomplete; more than
-/// `max_headers` header lines make it too large.
-pub(crate) fn parse_request_head(buf: &[u8], max_bytes: usize, max_headers: usize) -> Result<Option<(http::request::Parts, usize)>, HeadError> {
-    if max_headers <= HEADER_SLOTS {
+/// Takes one request head off the front of `buf`: `None` (and `buf` untouched) when more bytes
+/// are needed. `max_bytes` bounds the head while it is incomplete; more than `max_headers`
+/// header lines make it too large. The target and header values are slices of the head's
+/// bytes, not copies.
+pub(crate) fn parse_request_head(buf: &mut BytesMut, max_bytes: usize, max_headers: usize) -> Result<Option<http::request::Parts>, HeadError> {
+    let layout = if max_headers <= HEADER_SLOTS {
         let mut slots = [httparse::EMPTY_HEADER; HEADER_SLOTS];
-        parse_into(buf, max_bytes, &mut slots[..max_headers])
+        request_layout(buf, max_bytes, &mut slots[..max_headers])?
     } else {
-        parse_into(buf, max_bytes, &mut vec![httparse::EMPTY_HEADER; max_headers])
-    }
+        request_layout(buf, max_bytes, &mut vec![httparse::EMPTY_HEADER; max_headers])?
+    };
+    let Some(layout) = layout else { return Ok(None) };
+    let head = buf.split_to(layout.consumed).freeze();
+    let uri = Uri::from_maybe_shared(head.slice(layout.target)).map_err(|_| HeadError::Malformed("invalid request target"))?;
+    let (mut parts, ()) = http::Request::new(()).into_parts();
+    parts.method = layout.method;
+    parts.uri = uri;
+    parts.version = layout.version;
+    parts.headers = header_map(&head, &layout.headers)?;
+    Ok(Some(parts))
 }
 
-fn parse_into<'b>(buf: &'b [u8], max_bytes: usize, slots: &mut [httparse::Header<'b>]) -> Result<Option<(http::request::Parts, usize)>, HeadError> {
+/// Where a header line's name and value lie in the head.
+struct HeaderSpan {
+    name: Range<usize>,
+    value: Range<usize>,
+}
+
+/// Header lines kept on the stack while a head is split off its buffer.
+type HeaderSpans = SmallVec<[HeaderSpan; 16]>;
+
+/// A request head found at the start of a buffer, as positions in it.
+struct RequestLayout {
+    consumed: usize,
+    method: Method,
+    target: Range<usize>,
+    version: Version,
+    headers: HeaderSpans,
+}
+
+/// The position of `part`, a slice `httparse` returned, within `buf`.
+fn span(buf: &[u8], part: &[u8]) -> Range<usize> {
+    let start = part.as_ptr() as usize - buf.as_ptr() as usize;
+    start..start + part.len()
+}
+
+fn header_spans(buf: &[u8], parsed: &[httparse::Header<'_>]) -> HeaderSpans {
+    parsed.iter().map(|header| HeaderSpan { name: span(buf, header.name.as_bytes()), value: span(buf, header.value) }).collect()
+}
+
+fn request_layout<'b>(buf: &'b [u8], max_bytes: usize, slots: &mut [httparse::Header<'b>]) -> Result<Option<RequestLayout>, HeadError> {
     let mut parsed = httparse::Request::new(slots);
     let consumed = match parsed.parse(buf) {
         Ok(httparse::Status::Complete(consumed)) => consumed,
@@ -65,28 +105,22 @@ fn parse_into<'b>(buf: &'b [u8], max_bytes: usize, slots: &mut [httparse::Header
     let method = parsed.method.map(str::as_bytes).map(Method::from_bytes).and_then(Result::ok);
     let method = method.ok_or(HeadError::Malformed("invalid method"))?;
     let target = parsed.path.ok_or(HeadError::Malformed("missing request target"))?;
-    let uri = Uri::try_from(target).map_err(|_| HeadError::Malformed("invalid request target"))?;
     let version = match parsed.version {
         Some(0) => Version::HTTP_10,
         _ => Version::HTTP_11,
     };
-    let mut headers = HeaderMap::with_capacity(parsed.headers.len());
-    append_headers(&mut headers, parsed.headers)?;
-    let (mut parts, ()) = http::Request::new(()).into_parts();
-    parts.method = method;
-    parts.uri = uri;
-    parts.version = version;
-    parts.headers = headers;
-    Ok(Some((parts, consumed)))
+    Ok(Some(RequestLayout { consumed, method, target: span(buf, target.as_bytes()), version, headers: header_spans(buf, parsed.headers) }))
 }
 
-fn append_headers(headers: &mut HeaderMap, parsed: &[httparse::Header<'_>]) -> Result<(), HeadError> {
-    for header in parsed {
-        let name = HeaderName::from_bytes(header.name.as_bytes()).map_err(|_| HeadError::Malformed("invalid header name"))?;
-        let value = HeaderValue::from_bytes(header.value).map_err(|_| HeadError::Malformed("invalid header value"))?;
+/// The header lines of `head`; each value shares `head`'s bytes.
+fn header_map(head: &Bytes, spans: &[HeaderSpan]) -> Result<HeaderMap, HeadError> {
+    let mut headers = HeaderMap::with_capacity(spans.len());
+    for span in spans {
+        let name = HeaderName::from_bytes(&head[span.name.clone()]).map_err(|_| HeadError::Malformed("invalid header name"))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(span.value.clone())).map_err(|_| HeadError::Malformed("invalid header value"))?;
         headers.append(name, value);
     }
-    Ok(())
+    Ok(headers)
 }
 
 /// Whether a `Connection` header lists `token`.
@@ -268,37 +302,39 @@ fn trailers(buf: &mut BytesMut, limit: usize) -> Result<Decoded, BodyDecodeError
         buf.advance(2);
         return Ok(Decoded::End);
     }
-    let mut slots = [httparse::EMPTY_HEADER; 32];
-    match httparse::parse_headers(buf, &mut slots) {
-        Ok(httparse::Status::Complete((consumed, parsed))) if consumed <= limit => {
-            let mut headers = HeaderMap::with_capacity(parsed.len());
-            append_headers(&mut headers, parsed).map_err(|_| BodyDecodeError::Trailers)?;
-            buf.advance(consumed);
-            Ok(Decoded::Trailers(headers))
+    let (consumed, spans) = {
+        let mut slots = [httparse::EMPTY_HEADER; 32];
+        match httparse::parse_headers(buf, &mut slots) {
+            Ok(httparse::Status::Complete((consumed, parsed))) if consumed <= limit => (consumed, header_spans(buf, parsed)),
+            Ok(httparse::Status::Partial) if buf.len() <= limit => return Ok(Decoded::NeedMore),
+            _ => return Err(BodyDecodeError::Trailers),
         }
-        Ok(httparse::Status::Partial) if buf.len() <= limit => Ok(Decoded::NeedMore),
-        _ => Err(BodyDecodeError::Trailers),
-    }
+    };
+    let section = buf.split_to(consumed).freeze();
+    header_map(&section, &spans).map(Decoded::Trailers).map_err(|_| BodyDecodeError::Trailers)
 }
 
-/// Parses an upstream response head from the start of `buf`, like `parse_request_head`.
-pub(crate) fn parse_response_head(buf: &[u8], max_bytes: usize) -> Result<Option<(http::response::Parts, usize)>, HeadError> {
-    let mut slots = [httparse::EMPTY_HEADER; HEADER_SLOTS];
-    let mut parsed = httparse::Response::new(&mut slots);
-    let consumed = match parsed.parse(buf) {
-        Ok(httparse::Status::Complete(consumed)) if consumed <= max_bytes => consumed,
-        Ok(httparse::Status::Partial) if buf.len() <= max_bytes => return Ok(None),
-        Ok(_) | Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
-        Err(_) => return Err(HeadError::Malformed("invalid status line or header")),
+/// Takes an upstream response head off the front of `buf`, like `parse_request_head`.
+pub(crate) fn parse_response_head(buf: &mut BytesMut, max_bytes: usize) -> Result<Option<http::response::Parts>, HeadError> {
+    let (consumed, status, version, spans) = {
+        let mut slots = [httparse::EMPTY_HEADER; HEADER_SLOTS];
+        let mut parsed = httparse::Response::new(&mut slots);
+        let consumed = match parsed.parse(buf) {
+            Ok(httparse::Status::Complete(consumed)) if consumed <= max_bytes => consumed,
+            Ok(httparse::Status::Partial) if buf.len() <= max_bytes => return Ok(None),
+            Ok(_) | Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
+            Err(_) => return Err(HeadError::Malformed("invalid status line or header")),
+        };
+        let status = parsed.code.and_then(|code| StatusCode::from_u16(code).ok()).ok_or(HeadError::Malformed("invalid status"))?;
+        let version = if parsed.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
+        (consumed, status, version, header_spans(buf, parsed.headers))
     };
-    let status = parsed.code.and_then(|code| StatusCode::from_u16(code).ok()).ok_or(HeadError::Malformed("invalid status"))?;
-    let mut headers = HeaderMap::with_capacity(parsed.headers.len());
-    append_headers(&mut headers, parsed.headers)?;
+    let head = buf.split_to(consumed).freeze();
     let (mut parts, ()) = http::Response::new(()).into_parts();
     parts.status = status;
-    parts.version = if parsed.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
-    parts.headers = headers;
-    Ok(Some((parts, consumed)))
+    parts.version = version;
+    parts.headers = header_map(&head, &spans)?;
+    Ok(Some(parts))
 }
 
 /// How an upstream response body ends (RFC 9112 §6.3) and whether the connection can carry
@@ -437,6 +473,16 @@ pub(crate) fn encode_response_head(
     out.extend_from_slice(b"\r\n");
 }
 
+/// Room for a head's own lines (status or request line without its target, `date`,
+/// framing, `connection`, the empty line).
+const HEAD_OWN_LINES: usize = 160;
+
+/// About how long the head encoding `headers` will be (plus the request target, for a request):
+/// reserved up front so the head is not copied again while it grows.
+pub(crate) fn head_size(headers: &HeaderMap) -> usize {
+    HEAD_OWN_LINES + headers.iter().map(|(name, value)| name.as_str().len() + value.len() + b": \r\n".len()).sum::<usize>()
+}
+
 fn header_line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
@@ -489,20 +535,24 @@ pub(crate) fn http_date() -> Bytes {
 mod tests {
     use super::*;
 
-    fn head(raw: &str) -> Result<Option<(http::request::Parts, usize)>, HeadError> {
-        parse_request_head(raw.as_bytes(), 1024, 101)
+    fn head(raw: &str) -> Result<Option<http::request::Parts>, HeadError> {
+        parse_request_head(&mut BytesMut::from(raw), 1024, 101)
     }
 
     #[test]
     fn a_complete_head_becomes_parts_and_its_length() {
-        let raw = "GET /a?b=1 HTTP/1.1\r\nHost: x.com\r\nX-Two: 1\r\nx-two: 2\r\n\r\nNEXT";
-        let (parts, consumed) = head(raw).unwrap().unwrap();
+        let mut buf = BytesMut::from("GET /a?b=1 HTTP/1.1\r\nHost: x.com\r\nX-Two: 1\r\nx-two: 2\r\n\r\nNEXT");
+        let wire = buf.as_ptr_range();
+        let parts = parse_request_head(&mut buf, 1024, 101).unwrap().unwrap();
+        let shares_the_wire = |bytes: &[u8]| wire.contains(&bytes.as_ptr());
+        assert!(shares_the_wire(parts.headers["host"].as_bytes()), "header values are slices of the read buffer, not copies");
+        assert!(shares_the_wire(parts.uri.path().as_bytes()), "so is the target");
         assert_eq!((parts.method, parts.version), (Method::GET, Version::HTTP_11));
         assert_eq!(parts.uri, "/a?b=1");
         assert_eq!(parts.headers["host"], "x.com");
         assert_eq!(parts.headers.get_all("x-two").iter().count(), 2);
-        assert_eq!(&raw[consumed..], "NEXT");
-        let (parts, _) = head("POST http://x.com/p HTTP/1.0\r\n\r\n").unwrap().unwrap();
+        assert_eq!(&buf[..], b"NEXT", "the head is taken off the buffer, the next bytes stay");
+        let parts = head("POST http://x.com/p HTTP/1.0\r\n\r\n").unwrap().unwrap();
         assert_eq!((parts.uri.host(), parts.version), (Some("x.com"), Version::HTTP_10));
     }
 
@@ -515,8 +565,8 @@ mod tests {
         assert_eq!(head(&complete_but_long).unwrap_err(), HeadError::TooLarge);
         let many: String = (0..200).map(|i| format!("x-{i}: v\r\n")).collect();
         let many = format!("GET / HTTP/1.1\r\n{many}\r\n");
-        assert_eq!(parse_request_head(many.as_bytes(), 1 << 20, 101).unwrap_err(), HeadError::TooLarge);
-        assert_eq!(parse_request_head(many.as_bytes(), 1 << 20, 200).unwrap().unwrap().0.headers.len(), 200, "past the stack slots");
+        assert_eq!(parse_request_head(&mut BytesMut::from(many.as_str()), 1 << 20, 101).unwrap_err(), HeadError::TooLarge);
+        assert_eq!(parse_request_head(&mut BytesMut::from(many.as_str()), 1 << 20, 200).unwrap().unwrap().headers.len(), 200, "past the stack slots");
     }
 
     #[test]
@@ -629,7 +679,7 @@ mod tests {
 
     #[test]
     fn upstream_response_bodies_end_by_length_chunks_or_close() {
-        let parse = |raw: &str| parse_response_head(raw.as_bytes(), 4096).unwrap().unwrap().0;
+        let parse = |raw: &str| parse_response_head(&mut BytesMut::from(raw), 4096).unwrap().unwrap();
         let body = |method: Method, raw: &str| {
             let (decoder, reusable) = response_body(&method, &parse(raw), 1024).unwrap();
             (format!("{decoder:?}"), reusable)
@@ -644,8 +694,10 @@ mod tests {
         assert_eq!(body(Method::HEAD, "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"), ("Done".into(), true));
         assert_eq!(body(Method::GET, "HTTP/1.1 304 Not Modified\r\n\r\n"), ("Done".into(), true));
         assert!(response_body(&Method::GET, &parse("HTTP/1.1 200 OK\r\ncontent-length: 1, 2\r\n\r\n"), 1024).is_err());
-        assert!(matches!(parse_response_head(b"HTTP/1.1 200 OK\r\n", 4096), Ok(None)));
-        assert!(parse_response_head(b"HTTP/1.1 2000 OK\r\n\r\n", 4096).is_err());
+        let mut partial = BytesMut::from("HTTP/1.1 200 OK\r\n");
+        assert!(matches!(parse_response_head(&mut partial, 4096), Ok(None)));
+        assert_eq!(&partial[..], b"HTTP/1.1 200 OK\r\n", "an incomplete head stays in the buffer");
+        assert!(parse_response_head(&mut BytesMut::from("HTTP/1.1 2000 OK\r\n\r\n"), 4096).is_err());
         let mut rest = BytesMut::from(&b"all of it"[..]);
         assert_eq!(BodyDecoder::UntilClose.decode(&mut rest).unwrap(), Decoded::Data(Bytes::from_static(b"all of it")));
     }

@@ -399,8 +399,7 @@ async fn read_head(reader: &mut Reader, settings: &Http1Settings) -> Result<Opti
     let deadline = settings.headers_timeout.map(|timeout| Instant::now() + timeout);
     loop {
         if !reader.buf.is_empty() {
-            if let Some((parts, consumed)) = codec::parse_request_head(&reader.buf, settings.max_head_bytes, settings.max_headers)? {
-                reader.buf.advance(consumed);
+            if let Some(parts) = codec::parse_request_head(&mut reader.buf, settings.max_head_bytes, settings.max_headers)? {
                 return Ok(Some(parts));
             }
         }
@@ -447,7 +446,7 @@ async fn write_response(write: &mut OwnedWriteHalf, response: Response<ProxyBody
     } else {
         ConnectionHeader::Default
     };
-    let mut writer = BodyWriter::new(framing);
+    let mut writer = BodyWriter::new(framing, codec::head_size(&parts.headers));
     codec::encode_response_head(&mut writer.out.copied, parts.status, &parts.headers, framing, connection, &codec::http_date());
     let outcome = if close { Outcome::Close } else { Outcome::KeepAlive };
     if framing == OutgoingFraming::NoBody {

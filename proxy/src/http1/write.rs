@@ -41,8 +41,15 @@ pub(super) struct BodyWriter {
 }
 
 impl BodyWriter {
-    pub fn new(framing: OutgoingFraming) -> Self {
-        Self { out: WriteQueue::default(), framing, last_chunk_queued: false, wrote: false }
+    /// `head_size`: about how long the head queued first will be. Room for it and for a body
+    /// short enough to be copied behind it is allocated once, up front.
+    pub fn new(framing: OutgoingFraming, head_size: usize) -> Self {
+        let copied_body = match framing {
+            OutgoingFraming::Length(length) => usize::try_from(length).ok().filter(|&length| length < COPY_BELOW).unwrap_or(0),
+            _ => 0,
+        };
+        let out = WriteQueue { segments: Vec::new(), copied: Vec::with_capacity(head_size + copied_body) };
+        Self { out, framing, last_chunk_queued: false, wrote: false }
     }
 
     /// Writes what is queued and then `body`, each batch of frames that are ready in one write.
