@@ -3,6 +3,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use smallvec::SmallVec;
+
 use crate::flow::DropReason;
 use crate::request::RequestHead;
 use crate::tables::{DirectionPolicy, FieldPattern, HttpRule, Identity, L4Match, MismatchAction, PortRange, Protocol, Remotes};
@@ -213,7 +215,8 @@ impl CompiledPolicy {
         }
 
         let mut narrowest = u32::MAX;
-        let mut deciding: Vec<usize> = Vec::new();
+        // On the stack: a port is rarely selected by more than a few rules.
+        let mut deciding: SmallVec<[usize; 8]> = SmallVec::new();
         let mut needs_auth: Option<usize> = None;
         self.allow.visit(remote, protocol, port, |width, rule| {
             if self.rules[rule].auth_required && needs_auth.is_none() {
