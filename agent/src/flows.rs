@@ -3,6 +3,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use regex::Regex;
@@ -975,22 +976,39 @@ impl FlowLog {
     }
 }
 
-/// After draining, the recorder lets events gather this long before it looks again: the
-/// proxy's workers then wake the agent once per batch instead of once per request (+26% req/s
-/// on one pinned core, see benches/README.md), and `sluice observe` lags by at most this much.
-pub const FLOW_BATCH_WINDOW: std::time::Duration = std::time::Duration::from_millis(2);
+/// After draining, the recorder lets events gather before it looks again, so the proxy's
+/// workers wake the agent once per batch instead of once per request (+26% req/s on one pinned
+/// core, see benches/README.md). How long it waits follows the rate: about
+/// `FLOW_BATCH_TARGET` events' worth, at least `FLOW_BATCH_WINDOW` (a busy proxy's batches stay
+/// small, so recording them never holds the proxy's core for long) and at most
+/// `FLOW_LAG_MAX`, which bounds how late `sluice observe` sees a flow. At 5000 req/s that is
+/// ~80 wake-ups a second instead of 500, each one a context switch on the proxy's core.
+pub const FLOW_BATCH_WINDOW: Duration = Duration::from_millis(2);
+pub const FLOW_LAG_MAX: Duration = Duration::from_millis(20);
+const FLOW_BATCH_TARGET: u32 = 64;
 const FLOW_BATCH_MAX: usize = 1024;
+
+/// How long to let events gather after a batch of `events` that took `gathering` to arrive.
+fn next_window(events: usize, gathering: Duration) -> Duration {
+    let events = u32::try_from(events).unwrap_or(u32::MAX).max(1);
+    (gathering * FLOW_BATCH_TARGET / events).clamp(FLOW_BATCH_WINDOW, FLOW_LAG_MAX)
+}
 
 /// Moves the proxy's flow events (the receiver of its `FlowSink`) into `log` until every sink
 /// is dropped. An idle agent waits in `recv_many` and is not woken at all.
 pub async fn record_from(mut events: tokio::sync::mpsc::Receiver<FlowEvent>, log: FlowLog) {
+    let mut last_drain = tokio::time::Instant::now();
     loop {
         let mut batch = Vec::with_capacity(FLOW_BATCH_MAX);
-        if events.recv_many(&mut batch, FLOW_BATCH_MAX).await == 0 {
+        let received = events.recv_many(&mut batch, FLOW_BATCH_MAX).await;
+        if received == 0 {
             return;
         }
         log.record_batch(batch);
-        tokio::time::sleep(FLOW_BATCH_WINDOW).await;
+        let drained = tokio::time::Instant::now();
+        let window = next_window(received, drained - last_drain);
+        last_drain = drained;
+        tokio::time::sleep(window).await;
     }
 }
 
@@ -1553,6 +1571,35 @@ pub(crate) mod tests {
             log.recent(&FlowFilter::default(), 10),
             vec![record(landing_ok()), record(exhaust_denied())]
         );
+    }
+
+    #[test]
+    fn the_batch_window_follows_the_rate_within_its_bounds() {
+        let ms = Duration::from_millis;
+        assert_eq!(next_window(128, ms(2)), FLOW_BATCH_WINDOW, "64k events/s: the shortest window");
+        assert_eq!(next_window(10, ms(2)), ms(12) + Duration::from_micros(800), "5k events/s: about 64 events' worth");
+        assert_eq!(next_window(1, ms(10_000)), FLOW_LAG_MAX, "after an idle spell: the longest window");
+        assert_eq!(next_window(0, Duration::ZERO), FLOW_BATCH_WINDOW);
+        assert_eq!(next_window(usize::MAX, ms(1)), FLOW_BATCH_WINDOW);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_trickle_of_events_is_recorded_within_the_longest_window() {
+        let (sink, events) = sluice_proxy::FlowSink::new(8);
+        let log = FlowLog::new(8, Metrics::new());
+        let recorder = tokio::spawn(record_from(events, log.clone()));
+        let recorded = || log.recent(&FlowFilter::default(), 10).len();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        sink.send(landing_ok());
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(recorded(), 1, "the first event after an idle spell is taken at once");
+        sink.send(exhaust_denied());
+        tokio::time::sleep(FLOW_BATCH_WINDOW).await;
+        assert_eq!(recorded(), 1, "a trickle waits longer than the shortest window");
+        tokio::time::sleep(FLOW_LAG_MAX).await;
+        assert_eq!(recorded(), 2, "and no longer than the longest");
+        drop(sink);
+        recorder.await.expect("recorder finished");
     }
 
     #[tokio::test(start_paused = true)]

@@ -211,7 +211,7 @@ fn star_wars_l7_policy_is_enforced_by_the_kernel_and_the_proxy() -> Result<()> {
     let drop = assert_syn_dropped(&agent, "default/xwing", &deathstars, "INGRESS")?;
     assert_eq!(drop["source"]["ip"], xwing.as_str());
     assert!(drop["destination"]["pod_name"].as_str().is_some_and(|p| p.starts_with("deathstar-")), "{drop}");
-    let denied = agent.observe(&["--http-status", "403"])?;
+    let denied = agent.observe_at_least(1, &["--http-status", "403"])?;
     assert!(denied.iter().any(|f| f["l7"]["http"]["url"].as_str().is_some_and(|u| u.ends_with("/v1/exhaust-port"))), "{denied:?}");
     assert!(metric(&app.node, "hubble_drop_total{reason=\"POLICY_DENIED\",protocol=\"TCP\"}")? >= 1.0);
     assert!(metric(&app.node, "hubble_flows_processed_total{type=\"Drop\",subtype=\"\",verdict=\"DROPPED\"}")? >= 1.0);
@@ -486,7 +486,7 @@ fn an_api_is_open_to_get_and_post_only_for_one_service_account_in_one_namespace(
 
     // The proxy's flows: luke's requests, with their verdicts.
     let l7: Vec<(String, String, u64)> = agent
-        .observe(&["--from-pod", "ns1/luke", "--type", "l7"])?
+        .observe_at_least(4, &["--from-pod", "ns1/luke", "--type", "l7"])?
         .iter()
         .map(|f| {
             let http = &f["l7"]["http"];

@@ -119,7 +119,7 @@ async fn start_backends(cast: &Cast) -> anyhow::Result<Vec<Backend>> {
 
 /// Prints the newest flows of `pod`, once the last requests' flows have left their batch.
 async fn print_flows(agent: &RunningAgent, pod: &str, last: usize) -> anyhow::Result<()> {
-    tokio::time::sleep(crate::flows::FLOW_BATCH_WINDOW * 5).await;
+    tokio::time::sleep(crate::flows::FLOW_LAG_MAX * 2).await;
     let filter = FlowFilter::parse(&FilterArgs { pod: vec![pod.to_string()], ..FilterArgs::default() })
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     for record in agent.flows().recent(&filter, last) {

@@ -134,6 +134,20 @@ impl AgentProcess {
         String::from_utf8_lossy(&output.stdout).lines().map(|l| Ok(serde_json::from_str(l)?)).collect()
     }
 
+    /// `observe` until at least `count` flows match (bounded): the proxy's flows reach the log
+    /// in batches, up to the agent's `FLOW_LAG_MAX` (20 ms) after their request.
+    pub fn observe_at_least(&self, count: usize, args: &[&str]) -> Result<Vec<Value>> {
+        let mut flows = Vec::new();
+        for _ in 0..100 {
+            flows = self.observe(args)?;
+            if flows.len() >= count {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(flows)
+    }
+
     /// Polls `sluice status` until `done` holds (bounded).
     pub fn wait_for(&self, done: impl Fn(&Value) -> bool) -> Result<Value> {
         let mut last = Value::Null;
