@@ -15,3 +15,4 @@ pub mod procs;
 pub mod report;
 pub mod scenario;
 pub mod setup;
+pub mod wakeup;

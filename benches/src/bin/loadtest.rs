@@ -17,6 +17,7 @@ use sluice_benches::scenario::{
     LARGE_PATH, PINGORA_FRONTEND, SLUICE_FRONTEND, SLUICE_METRICS, SMALL_PATH,
 };
 use sluice_benches::machine::{machine_rows, now_utc, read_trimmed, revision, workspace};
+use sluice_benches::wakeup::{self, WakeupRoundTrips};
 use sluice_benches::{backend, idle, setup};
 
 const README_BEGIN: &str = "<!-- loadtest:begin -->";
@@ -567,6 +568,7 @@ fn context(
     plan: &Plan,
     tools: &Tools,
     load_before: &str,
+    wakeups: WakeupRoundTrips,
     nginx_argv: &[String],
     proxies_argv: &[String],
 ) -> report::Context {
@@ -622,7 +624,23 @@ fn context(
     }
     report::Context {
         date: now_utc(),
-        machine: machine_rows(load_before),
+        machine: {
+            let mut rows = machine_rows(load_before);
+            rows.push((
+                "idle wake-up round trip".into(),
+                format!(
+                    "{} µs between cores {} and {}, {} µs within core {} (median of {}, {} µs apart)",
+                    wakeups.cross_core.as_micros(),
+                    args.proxy_core,
+                    args.load_core,
+                    wakeups.same_core.as_micros(),
+                    args.proxy_core,
+                    wakeups.rounds,
+                    wakeups.gap.as_micros()
+                ),
+            ));
+            rows
+        },
         versions,
         settings: vec![
             format!(
@@ -652,6 +670,9 @@ fn main() -> Result<()> {
     }
     let load_before = read_trimmed("/proc/loadavg");
     let tools = prepare_tools(&args, &plan)?;
+    // Measured first, on a quiet machine: the floor under the paced run's added latency.
+    let paced_gap = Duration::from_secs(1) / args.paced_rate.max(1);
+    let wakeups = wakeup::measure(args.proxy_core, args.load_core, paced_gap, 2000).context("measuring wake-up round trips")?;
     let scratch = tempfile::Builder::new()
         .prefix("sluice-loadtest-")
         .tempdir()?;
@@ -702,6 +723,7 @@ fn main() -> Result<()> {
         &plan,
         &tools,
         &load_before,
+        wakeups,
         &nginx_argv,
         &proxies_argv,
     );
