@@ -991,7 +991,7 @@ const FLOW_BATCH_MAX: usize = 1024;
 /// How long to let events gather after a batch of `events` that took `gathering` to arrive.
 fn next_window(events: usize, gathering: Duration) -> Duration {
     let events = u32::try_from(events).unwrap_or(u32::MAX).max(1);
-    (gathering * FLOW_BATCH_TARGET / events).clamp(FLOW_BATCH_WINDOW, FLOW_LAG_MAX)
+    (gathering.saturating_mul(FLOW_BATCH_TARGET) / events).clamp(FLOW_BATCH_WINDOW, FLOW_LAG_MAX)
 }
 
 /// Moves the proxy's flow events (the receiver of its `FlowSink`) into `log` until every sink
@@ -1581,6 +1581,7 @@ pub(crate) mod tests {
         assert_eq!(next_window(1, ms(10_000)), FLOW_LAG_MAX, "after an idle spell: the longest window");
         assert_eq!(next_window(0, Duration::ZERO), FLOW_BATCH_WINDOW);
         assert_eq!(next_window(usize::MAX, ms(1)), FLOW_BATCH_WINDOW);
+        assert_eq!(next_window(1, Duration::MAX), FLOW_LAG_MAX);
     }
 
     #[tokio::test(start_paused = true)]

@@ -24,6 +24,19 @@ pub struct WakeupRoundTrips {
     pub rounds: usize,
 }
 
+impl WakeupRoundTrips {
+    /// The report's machine-line value, for threads on `home` and `other`.
+    pub fn describe(&self, home: usize, other: usize) -> String {
+        format!(
+            "{} µs between cores {home} and {other}, {} µs within core {home} (median of {}, {} µs apart)",
+            self.cross_core.as_micros(),
+            self.same_core.as_micros(),
+            self.rounds,
+            self.gap.as_micros()
+        )
+    }
+}
+
 /// Round trips of one byte over a socket pair to an echo thread, `gap` apart (so both sides
 /// are asleep when a byte arrives, as in the paced run), from a thread on `home` to one on
 /// `other`, then to one on `home` itself.

@@ -23,6 +23,8 @@ use sluice_benches::{backend, idle, setup};
 const README_BEGIN: &str = "<!-- loadtest:begin -->";
 const README_END: &str = "<!-- loadtest:end -->";
 const PATIENCE: Duration = Duration::from_secs(30);
+/// Round trips per wake-up measurement: about a second at the paced run's spacing.
+const WAKEUP_ROUNDS: usize = 2000;
 
 #[derive(Debug, Parser)]
 #[command(about = "Same CiliumEnvoyConfig, same workload: direct vs sluice vs Envoy")]
@@ -626,19 +628,7 @@ fn context(
         date: now_utc(),
         machine: {
             let mut rows = machine_rows(load_before);
-            rows.push((
-                "idle wake-up round trip".into(),
-                format!(
-                    "{} µs between cores {} and {}, {} µs within core {} (median of {}, {} µs apart)",
-                    wakeups.cross_core.as_micros(),
-                    args.proxy_core,
-                    args.load_core,
-                    wakeups.same_core.as_micros(),
-                    args.proxy_core,
-                    wakeups.rounds,
-                    wakeups.gap.as_micros()
-                ),
-            ));
+            rows.push(("idle wake-up round trip".into(), wakeups.describe(args.proxy_core, args.load_core)));
             rows
         },
         versions,
@@ -672,7 +662,7 @@ fn main() -> Result<()> {
     let tools = prepare_tools(&args, &plan)?;
     // Measured first, on a quiet machine: the floor under the paced run's added latency.
     let paced_gap = Duration::from_secs(1) / args.paced_rate.max(1);
-    let wakeups = wakeup::measure(args.proxy_core, args.load_core, paced_gap, 2000).context("measuring wake-up round trips")?;
+    let wakeups = wakeup::measure(args.proxy_core, args.load_core, paced_gap, WAKEUP_ROUNDS).context("measuring wake-up round trips")?;
     let scratch = tempfile::Builder::new()
         .prefix("sluice-loadtest-")
         .tempdir()?;
