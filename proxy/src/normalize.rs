@@ -6,7 +6,6 @@ use std::borrow::Cow;
 use std::fmt::Write as _;
 
 use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
-use http::uri::PathAndQuery;
 use http::{Method, StatusCode, Uri, Version};
 
 use crate::request::RequestHead;
@@ -59,12 +58,17 @@ pub fn normalize_request(
     let (path_and_query, unescaped_slash) = canonical_target(&parts.method, &parts.uri, hcm)?;
 
     // Most targets already are their canonical origin form: then there is nothing to re-parse.
-    let canonical_already = parts.uri.scheme().is_none()
-        && parts.uri.authority().is_none()
-        && parts.uri.path_and_query().map(PathAndQuery::as_str) == Some(path_and_query.as_str());
-    if !canonical_already {
-        parts.uri =
-            Uri::try_from(path_and_query.as_str()).map_err(|_| Rejection::bad_request("invalid request target"))?;
+    // An HTTP/2 request's (and an absolute-form one's) usually differs only by its scheme and
+    // authority: then the received path and query are kept as they are, without a copy.
+    let received = parts.uri.path_and_query().filter(|received| received.as_str() == path_and_query);
+    let origin_form = parts.uri.scheme().is_none() && parts.uri.authority().is_none();
+    match received {
+        Some(_) if origin_form => {}
+        Some(received) => parts.uri = Uri::from(received.clone()),
+        None => {
+            parts.uri =
+                Uri::try_from(path_and_query.as_str()).map_err(|_| Rejection::bad_request("invalid request target"))?;
+        }
     }
     if unescaped_slash && hcm.escaped_slashes == EscapedSlashesAction::UnescapeAndRedirect {
         return Err(Rejection {
@@ -642,6 +646,11 @@ mod tests {
         assert_eq!(request.uri, "/q?x");
         assert_eq!(request.uri.authority(), None);
         assert_eq!(head.path_and_query, "/q?x");
+        // Already canonical: only the scheme and authority go.
+        let mut request = parts(Version::HTTP_2, "GET", "http://a.com/q?x", &[]);
+        let head = normalize_request(&mut request, &strict()).unwrap();
+        assert_eq!((request.uri.scheme(), request.uri.authority()), (None, None));
+        assert_eq!((request.uri.to_string(), head.path_and_query, head.authority), ("/q?x".to_owned(), "/q?x".to_owned(), "a.com".to_owned()));
     }
 
     #[test]
