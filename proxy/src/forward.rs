@@ -173,7 +173,11 @@ pub(crate) async fn forward(
             AttemptOutcome::Overflow => {}
             _ => cluster.record(&host, OutlierSignal::LocalFailure, random),
         }
-        let route_expired = plan.deadline.at.is_some_and(|at| Instant::now() >= at);
+        let may_retry = plan.retry_policy.is_some_and(|policy| !last_try && is_retriable(policy, &outcome));
+        // The clock is read only when the answer can matter: after a per-try timeout or an
+        // outcome that would be retried, not after every answered request.
+        let route_expired = (may_retry || outcome == AttemptOutcome::PerTryTimeout)
+            && plan.deadline.at.is_some_and(|at| Instant::now() >= at);
         if outcome == AttemptOutcome::PerTryTimeout {
             let counter = if route_expired {
                 &cluster.counters.upstream_rq_timeout
@@ -182,9 +186,7 @@ pub(crate) async fn forward(
             };
             bump(counter);
         }
-        let retry_with = plan.retry_policy.filter(|policy| {
-            !last_try && !route_expired && outgoing.body.can_replay() && is_retriable(policy, &outcome)
-        });
+        let retry_with = plan.retry_policy.filter(|_| may_retry && !route_expired && outgoing.body.can_replay());
         // The next host is vetted (ejection, previous hosts, policy) before the result is
         // given up, so a retry that cannot happen still returns the real last outcome.
         let next = retry_with.and_then(|policy| {
