@@ -199,6 +199,13 @@ impl<'a> Exchange<'a> {
             Err(AuthorizeDenial::L7) => return Ok(access_denied()),
             Err(AuthorizeDenial::L4(reason)) => return Err(reason),
         };
+        // The first attempt's headers. A retry rebuilds its own from the head and re-authorizes
+        // with them, so with a retry policy the first attempt gets a copy; without one there is
+        // a single attempt (`forward`'s `last_try`) and it takes them.
+        let request_headers = match &action.retry_policy {
+            Some(_) => head.headers.clone(),
+            None => std::mem::take(&mut head.headers),
+        };
         let protocol = cluster.config.protocol;
         let upstream = UpstreamHeaders {
             hcm,
@@ -208,9 +215,7 @@ impl<'a> Exchange<'a> {
             head: &*head,
             host_rewritten: action.host_rewrite_literal.is_some(),
         };
-        // The request's own headers go to the first attempt; a retry rebuilds them from the
-        // head (the same headers as normalization left them), so no copy is made up front.
-        let mut headers = upstream.build(std::mem::take(&mut parts.headers));
+        let mut headers = upstream.build(request_headers);
         let uri = match protocol {
             // Normalization left the canonical origin-form target in `parts.uri`.
             UpstreamProtocol::Http1 if original_path.is_none() => std::mem::take(&mut parts.uri),

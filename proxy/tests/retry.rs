@@ -82,6 +82,22 @@ async fn without_a_retry_policy_a_5xx_is_final() {
     assert_eq!(proxy.drain_flows()[0].attempts, 1);
 }
 
+/// The client's own headers reach the backend on every attempt: a retry rebuilds them from the
+/// normalized head, a route without retries hands them to its one attempt.
+#[tokio::test]
+async fn the_clients_headers_reach_every_attempt_with_or_without_a_retry_policy() {
+    for (action, attempts) in [(retrying(retry_policy(on_5xx(), 1)), 2), (to_cluster("svc"), 1)] {
+        let backend = failing_first(1).await;
+        let proxy = Proxy::start();
+        let addr = proxy.apply(svc_tables(action, &[backend.addr]));
+        let mut sender = http1_connect(IpAddr::from([127, 0, 0, 1]), addr).await;
+        let request = http::Request::get("/").header("host", "app.test").header("x-user", "u").body(Full::new(Bytes::new())).unwrap();
+        send(&mut sender, request).await.expect("proxy answers");
+        let seen: Vec<_> = backend.seen().iter().map(|r| r.headers.get("x-user").cloned()).collect();
+        assert_eq!(seen, vec![Some(http::HeaderValue::from_static("u")); attempts]);
+    }
+}
+
 /// A raw TCP backend: `serve(connection_index, stream)` for every accepted connection;
 /// also returns how many connections were accepted.
 async fn raw_backend<F, Fut>(serve: F) -> (SocketAddr, Arc<AtomicUsize>)
