@@ -12,6 +12,8 @@ pub struct RequestHead {
     pub path_and_query: String,
     /// Lower-cased host with any trailing dot removed; the port is kept when one was sent.
     pub authority: String,
+    /// Moved here from the request by normalization. Routing and policy read them; the first
+    /// upstream attempt takes them when the route has no retry policy (`server.rs`).
     pub headers: http::HeaderMap,
     pub version: http::Version,
 }
