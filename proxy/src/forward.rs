@@ -12,7 +12,7 @@ use crate::authorize::HeaderEdit;
 use crate::body::{FillError, ProxyBody, ReplayBuffer, UpstreamBody};
 use crate::http1::DownstreamUpgrade;
 use crate::lb::PickInput;
-use crate::retry::{backoff, is_retriable, AttemptOutcome};
+use crate::retry::{backoff, is_retriable, may_follow, AttemptOutcome};
 use crate::stats::bump;
 use crate::tables::{MismatchAction, RetryPolicy};
 use crate::outlier::OutlierSignal;
@@ -141,7 +141,7 @@ pub(crate) async fn forward(
     let mut _retry_slot = None;
     loop {
         attempts += 1;
-        let last_try = plan.retry_policy.is_none_or(|policy| attempts > policy.num_retries);
+        let last_try = !may_follow(plan.retry_policy, attempts);
         let per_try = plan.retry_policy.and_then(|p| p.per_try_timeout).map(|t| Instant::now() + t);
         let try_deadline = earliest(per_try, plan.deadline.at);
         let request = PendingRequest {

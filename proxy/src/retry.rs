@@ -1,4 +1,4 @@
-//! Retry decisions (route -> **retry**/forward -> respond): which attempt outcomes are retried and how long to back off.
+//! Retry decisions (route -> **retry**/forward -> respond): whether another attempt may follow, which outcomes are retried and how long to back off.
 
 use std::time::Duration;
 
@@ -21,6 +21,13 @@ pub enum AttemptOutcome {
     PerTryTimeout,
     /// A circuit breaker refused the attempt; Envoy never retries this.
     Overflow,
+}
+
+/// Whether another attempt may follow the `attempts` made so far (`num_retries` is the budget
+/// beyond the first). The forwarder stops on it, and the server decides by it whether the first
+/// attempt may take the request's headers or must leave them for a retry.
+pub fn may_follow(policy: Option<&RetryPolicy>, attempts: u32) -> bool {
+    policy.is_some_and(|policy| attempts <= policy.num_retries)
 }
 
 /// Envoy's `retry_on` semantics (`retry_state_impl.cc`): whether this outcome may be retried,
@@ -88,6 +95,17 @@ mod tests {
             avoid_previous_hosts: false,
             host_selection_retry_max_attempts: 1,
         }
+    }
+
+    #[test]
+    fn another_attempt_follows_while_the_budget_lasts() {
+        let mut two_retries = policy(RetryOn::default());
+        two_retries.num_retries = 2;
+        assert!(!may_follow(None, 1), "no policy: one attempt");
+        assert!(may_follow(Some(&two_retries), 1) && may_follow(Some(&two_retries), 2));
+        assert!(!may_follow(Some(&two_retries), 3), "the first attempt and two retries");
+        two_retries.num_retries = 0;
+        assert!(!may_follow(Some(&two_retries), 1), "a policy without retries allows one attempt");
     }
 
     fn response(status: u16) -> AttemptOutcome {

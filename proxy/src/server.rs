@@ -23,6 +23,7 @@ use crate::forward::{self, Deadline, Failure, Outgoing, OutgoingBody, Plan};
 use crate::lb::PickInput;
 use crate::normalize::{normalize_request, Rejection};
 use crate::request::RequestHead;
+use crate::retry;
 use crate::route::{pick_weighted_cluster, redirect_location, rewrite_path, select_route};
 use crate::snapshot::{ListenerEntry, Snapshot};
 use crate::stats::{bump, ClusterCounters, ProxyCounters};
@@ -200,11 +201,11 @@ impl<'a> Exchange<'a> {
             Err(AuthorizeDenial::L4(reason)) => return Err(reason),
         };
         // The first attempt's headers. A retry rebuilds its own from the head and re-authorizes
-        // with them, so with a retry policy the first attempt gets a copy; without one there is
-        // a single attempt (`forward`'s `last_try`) and it takes them.
-        let request_headers = match &action.retry_policy {
-            Some(_) => head.headers.clone(),
-            None => std::mem::take(&mut head.headers),
+        // with them, so the first attempt takes them only when no retry can follow it.
+        let request_headers = if retry::may_follow(action.retry_policy.as_ref(), 1) {
+            head.headers.clone()
+        } else {
+            std::mem::take(&mut head.headers)
         };
         let protocol = cluster.config.protocol;
         let upstream = UpstreamHeaders {
