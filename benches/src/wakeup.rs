@@ -12,13 +12,15 @@ use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-/// Median round trips measured by `measure`.
+use crate::measure::percentile;
+
+/// Median round trips measured by `measure`, in microseconds.
 #[derive(Debug, Clone, Copy)]
 pub struct WakeupRoundTrips {
     /// The echo thread on the other core.
-    pub cross_core: Duration,
+    pub cross_core_us: f64,
     /// The echo thread on the same core.
-    pub same_core: Duration,
+    pub same_core_us: f64,
     /// Time between round trips.
     pub gap: Duration,
     pub rounds: usize,
@@ -28,9 +30,9 @@ impl WakeupRoundTrips {
     /// The report's machine-line value, for threads on `home` and `other`.
     pub fn describe(&self, home: usize, other: usize) -> String {
         format!(
-            "{} µs between cores {home} and {other}, {} µs within core {home} (median of {}, {} µs apart)",
-            self.cross_core.as_micros(),
-            self.same_core.as_micros(),
+            "{:.0} µs between cores {home} and {other}, {:.0} µs within core {home} (median of {}, {} µs apart)",
+            self.cross_core_us,
+            self.same_core_us,
             self.rounds,
             self.gap.as_micros()
         )
@@ -42,14 +44,14 @@ impl WakeupRoundTrips {
 /// `other`, then to one on `home` itself.
 pub fn measure(home: usize, other: usize, gap: Duration, rounds: usize) -> io::Result<WakeupRoundTrips> {
     Ok(WakeupRoundTrips {
-        cross_core: median_round_trip(home, other, gap, rounds)?,
-        same_core: median_round_trip(home, home, gap, rounds)?,
+        cross_core_us: median_round_trip_us(home, other, gap, rounds)?,
+        same_core_us: median_round_trip_us(home, home, gap, rounds)?,
         gap,
         rounds,
     })
 }
 
-fn median_round_trip(home: usize, echo_core: usize, gap: Duration, rounds: usize) -> io::Result<Duration> {
+fn median_round_trip_us(home: usize, echo_core: usize, gap: Duration, rounds: usize) -> io::Result<f64> {
     let (mut near, mut far) = UnixStream::pair()?;
     let echo = std::thread::spawn(move || -> io::Result<()> {
         pin_current_thread(echo_core)?;
@@ -59,7 +61,7 @@ fn median_round_trip(home: usize, echo_core: usize, gap: Duration, rounds: usize
         }
         Ok(())
     });
-    let timed = std::thread::spawn(move || -> io::Result<Vec<Duration>> {
+    let timed = std::thread::spawn(move || -> io::Result<Vec<f64>> {
         pin_current_thread(home)?;
         let mut byte = [0u8; 1];
         let mut trips = Vec::with_capacity(rounds);
@@ -68,15 +70,18 @@ fn median_round_trip(home: usize, echo_core: usize, gap: Duration, rounds: usize
             let sent = Instant::now();
             near.write_all(&byte)?;
             near.read_exact(&mut byte)?;
-            trips.push(sent.elapsed());
+            trips.push(sent.elapsed().as_secs_f64() * 1e6);
         }
         // Dropping `near` ends the echo thread's loop.
         Ok(trips)
     });
     let mut trips = timed.join().map_err(|_| io::Error::other("the timing thread panicked"))??;
     echo.join().map_err(|_| io::Error::other("the echo thread panicked"))??;
-    trips.sort_unstable();
-    trips.get(trips.len() / 2).copied().ok_or_else(|| io::Error::other("no round trips measured"))
+    if trips.is_empty() {
+        return Err(io::Error::other("no round trips measured"));
+    }
+    trips.sort_by(f64::total_cmp);
+    Ok(percentile(&trips, 50.0))
 }
 
 /// Binds the calling thread to one core.
@@ -93,7 +98,7 @@ mod tests {
     #[test]
     fn round_trips_are_measured_on_the_cores_asked_for() -> io::Result<()> {
         let trips = measure(0, 0, Duration::from_micros(50), 50)?;
-        assert!(trips.cross_core > Duration::ZERO && trips.same_core > Duration::ZERO, "{trips:?}");
+        assert!(trips.cross_core_us > 0.0 && trips.same_core_us > 0.0, "{trips:?}");
         let cores = std::thread::available_parallelism()?.get();
         assert!(measure(0, cores, Duration::ZERO, 1).is_err(), "a core that does not exist is refused");
         Ok(())
