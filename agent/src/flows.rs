@@ -884,14 +884,14 @@ impl FlowLog {
 
     #[cfg(test)]
     pub(crate) fn record(&self, event: FlowEvent) {
-        self.record_batch(vec![event]);
+        self.record_batch(&mut vec![event]);
     }
 
     /// Records proxy events in order: counted in one pass, appended under one lock.
-    pub fn record_batch(&self, events: Vec<FlowEvent>) {
-        self.inner.metrics.observe_flows(&events);
+    pub fn record_batch(&self, events: &mut Vec<FlowEvent>) {
+        self.inner.metrics.observe_flows(events);
         let mut ring = self.inner.ring.lock().unwrap_or_else(PoisonError::into_inner);
-        for event in events {
+        for event in events.drain(..) {
             self.push_locked(&mut ring, Arc::new(StoredFlow::Proxy(event)));
         }
     }
@@ -998,13 +998,15 @@ fn next_window(events: usize, gathering: Duration) -> Duration {
 /// is dropped. An idle agent waits in `recv_many` and is not woken at all.
 pub async fn record_from(mut events: tokio::sync::mpsc::Receiver<FlowEvent>, log: FlowLog) {
     let mut last_drain = tokio::time::Instant::now();
+    // One batch buffer for the recorder's life: up to FLOW_BATCH_MAX events of a few hundred
+    // bytes each, not worth allocating per batch.
+    let mut batch = Vec::with_capacity(FLOW_BATCH_MAX);
     loop {
-        let mut batch = Vec::with_capacity(FLOW_BATCH_MAX);
         let received = events.recv_many(&mut batch, FLOW_BATCH_MAX).await;
         if received == 0 {
             return;
         }
-        log.record_batch(batch);
+        log.record_batch(&mut batch);
         let drained = tokio::time::Instant::now();
         let window = next_window(received, drained - last_drain);
         last_drain = drained;
