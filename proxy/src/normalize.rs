@@ -328,25 +328,36 @@ fn rewrite_path(raw: &str, hcm: &HttpConnectionManager) -> Result<CanonicalPath<
 /// `..` segment (with or without path parameters), and no `//` when slashes are merged. Most
 /// requests take this path, which copies nothing.
 fn is_canonical_path(raw: &str, merge_slashes: bool) -> bool {
-    let is_dot_segment = |segment: &str| matches!(segment.split_once(';').map_or(segment, |(dots, _)| dots), "." | "..");
     raw.bytes().all(|byte| byte.is_ascii() && byte != b'%' && byte != b'\\')
-        && !raw.split('/').any(is_dot_segment)
+        && !raw.split('/').any(|segment| dot_segment(segment).is_some())
         && !(merge_slashes && raw.contains("//"))
 }
 
 /// RFC 3986 §5.2.4 over `/`-separated segments. Without `normalize_path` a path that would
 /// change is rejected instead: forwarding it unresolved would let the backend resolve it to a
 /// path policy never saw. `..;x` (Tomcat's path parameters) is rejected either way.
+/// A `.` or `..` path segment, and whether path parameters (`;x`) followed it.
+struct DotSegment<'a> {
+    dots: &'a str,
+    parameters: bool,
+}
+
+/// The one definition of a dot segment, for the rewrite and for the shortcut that skips it: if
+/// they disagreed, a path the shortcut passes as canonical could still resolve elsewhere.
+fn dot_segment(segment: &str) -> Option<DotSegment<'_>> {
+    let (dots, parameters) = segment.split_once(';').map_or((segment, false), |(dots, _)| (dots, true));
+    matches!(dots, "." | "..").then_some(DotSegment { dots, parameters })
+}
+
 fn remove_dot_segments(path: &str, normalize: bool) -> Result<String, Rejection> {
     let mut output: Vec<&str> = Vec::new();
     let mut segments = path.split('/').skip(1).peekable();
     while let Some(segment) = segments.next() {
         let is_last = segments.peek().is_none();
-        let (dots, parameters) = segment.split_once(';').map_or((segment, false), |(dots, _)| (dots, true));
-        if !matches!(dots, "." | "..") {
+        let Some(DotSegment { dots, parameters }) = dot_segment(segment) else {
             output.push(segment);
             continue;
-        }
+        };
         if parameters {
             return Err(Rejection::bad_request("dot segment with path parameters"));
         }
