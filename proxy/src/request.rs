@@ -13,7 +13,7 @@ pub struct RequestHead {
     /// Lower-cased host with any trailing dot removed; the port is kept when one was sent.
     pub authority: String,
     /// Moved here from the request by normalization. Routing and policy read them; the first
-    /// upstream attempt takes them when the route has no retry policy (`server.rs`).
+    /// upstream attempt takes them when no retry can follow it (`retry::may_follow`).
     pub headers: http::HeaderMap,
     pub version: http::Version,
 }
