@@ -14,7 +14,7 @@ use sluice_agent::kernel::{self, KernelConfig};
 // events); mimalloc's thread-local free lists cut that (benches/README.md, profile section).
 // Its `no_thp` build keeps transparent huge pages off, which otherwise doubled idle RSS.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: sluice_allocator::Allocator = sluice_allocator::Allocator;
 
 #[derive(Debug, Parser)]
 #[command(name = "sluice", version, about = "Sidecarless service-mesh data plane and L7 gateway")]

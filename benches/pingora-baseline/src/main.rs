@@ -22,7 +22,7 @@ use pingora_proxy::{ProxyHttp, Session};
 
 // The allocator sluice runs with, so allocation cost is not what the comparison measures.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: sluice_allocator::Allocator = sluice_allocator::Allocator;
 
 #[derive(Debug, Parser)]
 struct Args {
