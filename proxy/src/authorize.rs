@@ -1,6 +1,6 @@
 //! L7 policy (normalize -> **authorize** -> route): Cilium's allow/deny precedence per endpoint and direction.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::Arc;
 
 use smallvec::SmallVec;

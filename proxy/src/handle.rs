@@ -156,7 +156,7 @@ impl Handle {
         let previous = inner.shared.snapshot.load_full();
         registry.cluster_counters.retain(|name, _| tables.clusters.contains_key(name));
         let sockets = Arc::new(SocketPlan::new(&tables));
-        let clusters: HashMap<String, Arc<ClusterState>> = tables
+        let clusters: foldhash::HashMap<String, Arc<ClusterState>> = tables
             .clusters
             .iter()
             .map(|(name, config)| {

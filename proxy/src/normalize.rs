@@ -3,7 +3,6 @@
 //! The rules and the reasons for them are in proxy/NORMALIZATION.md.
 
 use std::borrow::Cow;
-use std::fmt::Write as _;
 
 use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use http::{Method, StatusCode, Uri, Version};
@@ -201,9 +200,7 @@ fn canonical_authority(raw: &str) -> Result<String, Rejection> {
         if canonical.ends_with('.') {
             canonical.pop();
         }
-        let valid_label =
-            |label: &str| !label.is_empty() && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-        if !canonical.split('.').all(valid_label) {
+        if !is_host_name(&canonical) {
             return Err(invalid());
         }
     }
@@ -211,12 +208,27 @@ fn canonical_authority(raw: &str) -> Result<String, Rejection> {
         None | Some("") => {}
         Some(port) if port.bytes().all(|byte| byte.is_ascii_digit()) => {
             let number: u16 = port.parse().map_err(|_| invalid())?;
-            // Writing into a String cannot fail.
-            let _ = write!(canonical, ":{number}");
+            canonical.push(':');
+            canonical.push_str(itoa::Buffer::new().format(number));
         }
         Some(_) => return Err(invalid()),
     }
     Ok(canonical)
+}
+
+/// Dot-separated labels of letters, digits, `-` and `_`, none of them empty.
+fn is_host_name(name: &str) -> bool {
+    let mut label_length = 0usize;
+    for byte in name.bytes() {
+        match byte {
+            b'.' if label_length == 0 => return false,
+            b'.' => label_length = 0,
+            b'-' | b'_' => label_length += 1,
+            _ if byte.is_ascii_alphanumeric() => label_length += 1,
+            _ => return false,
+        }
+    }
+    label_length > 0
 }
 
 /// The canonical origin-form target (canonical path plus the query exactly as received), and
@@ -328,9 +340,17 @@ fn rewrite_path(raw: &str, hcm: &HttpConnectionManager) -> Result<CanonicalPath<
 /// `..` segment (with or without path parameters), and no `//` when slashes are merged. Most
 /// requests take this path, which copies nothing.
 fn is_canonical_path(raw: &str, merge_slashes: bool) -> bool {
-    raw.bytes().all(|byte| byte.is_ascii() && byte != b'%' && byte != b'\\')
-        && !raw.split('/').any(|segment| dot_segment(segment).is_some())
-        && !(merge_slashes && raw.contains("//"))
+    let mut has_dot = false;
+    let mut previous = 0u8;
+    for byte in raw.bytes() {
+        if !byte.is_ascii() || byte == b'%' || byte == b'\\' || (merge_slashes && previous == b'/' && byte == b'/') {
+            return false;
+        }
+        has_dot |= byte == b'.';
+        previous = byte;
+    }
+    // Every dot segment has a dot, so a path without one needs no look at its segments.
+    !(has_dot && raw.split('/').any(|segment| dot_segment(segment).is_some()))
 }
 
 /// RFC 3986 §5.2.4 over `/`-separated segments. Without `normalize_path` a path that would

@@ -13,6 +13,7 @@ use http::header::{HeaderName, HeaderValue, CONNECTION, HOST, UPGRADE};
 use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use http_body_util::BodyExt;
+use smallvec::SmallVec;
 use tokio::time::Instant;
 
 use crate::authorize::{Decision, HeaderEdit};
@@ -34,8 +35,6 @@ use crate::upstream::{ClusterState, HostState};
 
 static ORIGINAL_PATH: HeaderName = HeaderName::from_static("x-envoy-original-path");
 static FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 const ACCESS_DENIED: &[u8] = b"Access denied\r\n";
 
 /// State shared by every connection of the proxy.
@@ -582,38 +581,40 @@ fn append_header(headers: &mut HeaderMap, name: &str, value: &str) {
     }
 }
 
-/// RFC 9110 §7.6.1: connection-specific headers never cross the proxy.
+/// The headers RFC 9110 §7.6.1 (and Envoy) always treat as connection-specific.
+static FIXED_HOP_BY_HOP: [HeaderName; 5] = [
+    CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    http::header::TRANSFER_ENCODING,
+    UPGRADE,
+];
+
+/// RFC 9110 §7.6.1: connection-specific headers never cross the proxy: the fixed ones and
+/// every name a `Connection` header lists.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the (usually few) headers instead of a hash lookup per hop-by-hop name.
-    let hop_by_hop = |name: &HeaderName| {
-        name == CONNECTION
-            || name == KEEP_ALIVE
-            || name == PROXY_CONNECTION
-            || name == http::header::TRANSFER_ENCODING
-            || name == UPGRADE
-    };
-    if !headers.keys().any(hop_by_hop) {
-        return;
-    }
-    if let Some(connection) = headers.remove(CONNECTION) {
-        if let Ok(listed) = connection.to_str() {
-            for name in listed.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-                headers.remove(name);
-            }
-        }
-        // Further Connection values (rare) list more names.
-        while let Some(more) = headers.remove(CONNECTION) {
-            if let Ok(listed) = more.to_str() {
-                listed.split(',').map(str::trim).for_each(|n| {
-                    headers.remove(n);
-                });
-            }
+    // Names are compared, not parsed, and only what is there is removed: most messages carry
+    // nothing of this kind, or just `connection: keep-alive`.
+    let mut doomed: SmallVec<[HeaderName; 2]> =
+        headers.keys().filter(|name| FIXED_HOP_BY_HOP.contains(name)).cloned().collect();
+    if doomed.contains(&CONNECTION) {
+        let listed: SmallVec<[&str; 4]> = headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .map(str::trim)
+            // A fixed name is in `doomed` already when present.
+            .filter(|token| !FIXED_HOP_BY_HOP.iter().any(|fixed| token.eq_ignore_ascii_case(fixed.as_str())))
+            .collect();
+        if !listed.is_empty() {
+            let nominated = headers.keys().filter(|name| listed.iter().any(|token| token.eq_ignore_ascii_case(name.as_str())));
+            doomed.extend(nominated.cloned());
         }
     }
-    headers.remove(&KEEP_ALIVE);
-    headers.remove(&PROXY_CONNECTION);
-    headers.remove(http::header::TRANSFER_ENCODING);
-    headers.remove(UPGRADE);
+    for name in doomed {
+        headers.remove(name);
+    }
 }
 
 fn upstream_uri(protocol: UpstreamProtocol, head: &RequestHead) -> Uri {
@@ -707,5 +708,63 @@ fn protocol_name(version: Version) -> &'static str {
         Version::HTTP_09 => "HTTP/0.9",
         Version::HTTP_3 => "HTTP/3",
         _ => "HTTP/1.1",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(lines: &[(&'static str, &'static str)]) -> HeaderMap {
+        lines.iter().map(|(name, value)| (HeaderName::from_static(name), HeaderValue::from_static(value))).collect()
+    }
+
+    fn names(headers: &HeaderMap) -> Vec<&str> {
+        let mut names: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        names
+    }
+
+    #[test]
+    fn the_connection_header_and_the_names_it_lists_are_stripped() {
+        let mut h = headers(&[
+            ("content-type", "text/plain"),
+            ("connection", "keep-alive, X-Trace"),
+            ("connection", "x-other"),
+            ("keep-alive", "timeout=5"),
+            ("x-trace", "1"),
+            ("x-other", "2"),
+            ("x-kept", "3"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(names(&h), ["content-type", "x-kept"]);
+    }
+
+    #[test]
+    fn fixed_hop_by_hop_headers_are_stripped_without_a_connection_header() {
+        let mut h = headers(&[
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("proxy-connection", "keep-alive"),
+            ("keep-alive", "timeout=5"),
+            ("content-length", "5"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(names(&h), ["content-length"]);
+    }
+
+    #[test]
+    fn a_message_without_hop_by_hop_headers_is_left_as_it_is() {
+        let mut h = headers(&[("content-type", "text/plain"), ("x-trace", "1"), ("x-trace", "2")]);
+        let before = h.clone();
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h, before);
+    }
+
+    #[test]
+    fn a_listed_name_that_is_not_a_header_name_is_ignored() {
+        let mut h = headers(&[("connection", "close, bad name, , x-trace"), ("x-trace", "1"), ("x-kept", "2")]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(names(&h), ["x-kept"]);
     }
 }

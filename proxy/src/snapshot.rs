@@ -1,6 +1,8 @@
 //! The serving form of `ProxyTables` (compile -> **snapshot** -> datapath): built once per apply, read lock-free per request.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use foldhash::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -69,11 +71,11 @@ impl Snapshot {
         Self {
             generation: 0,
             listeners: Vec::new(),
-            clusters: HashMap::new(),
-            policies: HashMap::new(),
-            frontends: HashMap::new(),
+            clusters: HashMap::default(),
+            policies: HashMap::default(),
+            frontends: HashMap::default(),
             prefixes: PrefixTable::default(),
-            peers: HashMap::new(),
+            peers: HashMap::default(),
         }
     }
 
@@ -206,7 +208,7 @@ mod tests {
 
     #[test]
     fn a_transparent_connection_to_a_frontend_vip_is_served_by_the_frontend_listener() {
-        let frontends = HashMap::from([(addr("10.96.0.10:80"), 3)]);
+        let frontends = HashMap::from_iter([(addr("10.96.0.10:80"), 3)]);
         assert_eq!(
             dispatch(0, Some(addr("127.0.0.1:15001")), addr("10.96.0.10:80"), &frontends),
             Dispatch { slot: 3, original_destination: Some(addr("10.96.0.10:80")) }
@@ -215,7 +217,7 @@ mod tests {
 
     #[test]
     fn a_transparent_connection_to_anything_else_keeps_its_listener_and_original_destination() {
-        let frontends = HashMap::from([(addr("10.96.0.10:80"), 3)]);
+        let frontends = HashMap::from_iter([(addr("10.96.0.10:80"), 3)]);
         // Same VIP, other port: not the frontend.
         assert_eq!(
             dispatch(0, Some(addr("127.0.0.1:15001")), addr("10.96.0.10:8080"), &frontends),
@@ -231,13 +233,13 @@ mod tests {
     fn a_gateway_connection_has_no_original_destination_even_to_a_frontend_address() {
         // A gateway listener bound on an address that also is a frontend key: its local
         // address is only where it listens, never a redirected destination.
-        let frontends = HashMap::from([(addr("127.0.0.1:8080"), 3)]);
+        let frontends = HashMap::from_iter([(addr("127.0.0.1:8080"), 3)]);
         assert_eq!(dispatch(1, None, addr("127.0.0.1:8080"), &frontends), Dispatch { slot: 1, original_destination: None });
     }
 
     #[test]
     fn a_direct_connection_to_the_transparent_listener_has_no_original_destination() {
         let own = addr("127.0.0.1:15001");
-        assert_eq!(dispatch(0, Some(own), own, &HashMap::new()), Dispatch { slot: 0, original_destination: None });
+        assert_eq!(dispatch(0, Some(own), own, &HashMap::default()), Dispatch { slot: 0, original_destination: None });
     }
 }

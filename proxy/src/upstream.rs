@@ -5,7 +5,7 @@
 //! pool and outlier state across table swaps as long as its cluster keeps it with the same
 //! protocol and connect timeout, so a reload neither drops warm connections nor un-ejects hosts.
 
-use std::collections::{HashMap, HashSet};
+use foldhash::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
@@ -56,7 +56,7 @@ impl SocketPlan {
         Self {
             source: tables.upstream_source,
             mark: tables.mark_upstream,
-            ingress_enforced: if tables.mark_upstream { tables.policies.keys().copied().collect() } else { HashSet::new() },
+            ingress_enforced: if tables.mark_upstream { tables.policies.keys().copied().collect() } else { HashSet::default() },
         }
     }
 
@@ -139,7 +139,7 @@ impl ClusterState {
             counters,
             detector,
             sockets,
-            original_destinations: Mutex::new(HashMap::new()),
+            original_destinations: Mutex::new(HashMap::default()),
             proxy_counters: Arc::clone(proxy_counters),
         }
     }

@@ -452,6 +452,7 @@ pub(crate) fn encode_response_head(
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
     let keep_length = framing == OutgoingFraming::NoBody && !status.is_informational() && status != StatusCode::NO_CONTENT;
+    let mut has_date = false;
     for (name, value) in headers {
         let own = name == TRANSFER_ENCODING
             || (name == CONTENT_LENGTH && !keep_length)
@@ -460,8 +461,9 @@ pub(crate) fn encode_response_head(
         if !own {
             header_line(out, name.as_str().as_bytes(), value.as_bytes());
         }
+        has_date |= name == DATE;
     }
-    if !headers.contains_key(DATE) {
+    if !has_date {
         header_line(out, b"date", date);
     }
     framing_header_line(out, framing);
@@ -498,7 +500,7 @@ pub(crate) fn encode_chunk_header(out: &mut Vec<u8>, length: usize) {
 
 /// A `content-length` header line, formatted in place.
 fn content_length_line(out: &mut Vec<u8>, length: u64) {
-    let _ = write!(out, "content-length: {length}\r\n");
+    header_line(out, b"content-length", itoa::Buffer::new().format(length).as_bytes());
 }
 
 /// The last chunk and the trailer section.
