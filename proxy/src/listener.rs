@@ -283,8 +283,12 @@ struct StagedWrites {
 
 impl StagedWrites {
     fn stage(&mut self, bufs: &[io::IoSlice<'_>], poll: u64) -> usize {
+        let incoming: usize = bufs.iter().map(|buf| buf.len()).sum();
         if self.bytes.is_empty() {
             self.staged_in = poll;
+            // Room for the whole batch at once: grown write by write, the buffer was copied
+            // again at each doubling, about as many bytes as the batch itself (h2-16k).
+            self.bytes.reserve(STAGED_WRITE_LIMIT + incoming);
         }
         let before = self.bytes.len();
         for buf in bufs {
@@ -477,12 +481,29 @@ mod tests {
         assert!(matches!(Pin::new(&mut io).poll_write(&mut cx, b"frame-2"), Poll::Ready(Ok(7))));
         assert!(matches!(Pin::new(&mut io).poll_flush(&mut cx), Poll::Ready(Ok(()))));
         assert!(io.inner.writes.is_empty(), "nothing leaves during the poll that staged it");
+        assert!(io.staged.bytes.capacity() >= STAGED_WRITE_LIMIT, "the batch's room is reserved when it begins");
         counts.task_polls.fetch_add(1, Ordering::Relaxed);
         assert!(matches!(Pin::new(&mut io).poll_flush(&mut cx), Poll::Ready(Ok(()))));
         assert_eq!(io.inner.writes, vec![b"head-1data-1frame-2".to_vec()]);
         assert_eq!(io.staged.bytes.capacity(), 0, "no buffer kept between batches");
         assert!(matches!(Pin::new(&mut io).poll_flush(&mut cx), Poll::Ready(Ok(()))));
         assert_eq!(io.inner.writes.len(), 1, "an empty flush writes nothing");
+    }
+
+    #[test]
+    fn http2_frames_are_staged_up_to_the_limit_without_moving_the_buffer() {
+        let (mut io, _counts) = recording_io(usize::MAX);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let head = [0u8; 9];
+        let data = vec![1u8; 16 * 1024];
+        let frame = [io::IoSlice::new(&head), io::IoSlice::new(&data)];
+        assert!(matches!(Pin::new(&mut io).poll_write_vectored(&mut cx, &frame), Poll::Ready(Ok(_))));
+        let batch_start = io.staged.bytes.as_ptr();
+        while io.staged.bytes.len() < STAGED_WRITE_LIMIT {
+            assert!(matches!(Pin::new(&mut io).poll_write_vectored(&mut cx, &frame), Poll::Ready(Ok(_))));
+            assert_eq!(io.staged.bytes.as_ptr(), batch_start, "staged bytes were copied to a grown buffer");
+        }
+        assert!(io.inner.writes.is_empty());
     }
 
     #[test]
