@@ -1,8 +1,8 @@
 //! L7 policy (normalize -> **authorize** -> route): Cilium's allow/deny precedence per endpoint and direction.
 
-use foldhash::HashMap;
 use std::sync::Arc;
 
+use foldhash::HashMap;
 use smallvec::SmallVec;
 
 use crate::flow::DropReason;

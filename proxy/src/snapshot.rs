@@ -1,11 +1,10 @@
 //! The serving form of `ProxyTables` (compile -> **snapshot** -> datapath): built once per apply, read lock-free per request.
 
 use std::collections::BTreeMap;
-
-use foldhash::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
+use foldhash::HashMap;
 use hyper::server::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use ipnet::IpNet;

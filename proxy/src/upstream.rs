@@ -5,7 +5,6 @@
 //! pool and outlier state across table swaps as long as its cluster keeps it with the same
 //! protocol and connect timeout, so a reload neither drops warm connections nor un-ejects hosts.
 
-use foldhash::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
@@ -13,6 +12,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use crossbeam_queue::ArrayQueue;
+use foldhash::{HashMap, HashSet};
 use hyper::client::conn::http2;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
