@@ -3,10 +3,12 @@
 //!
 //! Flow: `setup` installs the tools -> `scenario` writes the config both proxies read ->
 //! `bootstrap` translates it for Envoy -> `backend` and `procs` start pinned processes ->
-//! `measure` and `idle` load them -> `report` renders the markdown table.
+//! `measure` and `idle` load them (`callgrind` counts instructions meanwhile, when asked) ->
+//! `report` renders the markdown table.
 
 pub mod backend;
 pub mod bootstrap;
+pub mod callgrind;
 pub mod datapath;
 pub mod idle;
 pub mod machine;

@@ -49,6 +49,9 @@ pub struct Run {
     pub rules: usize,
     pub sample: Sample,
     pub proxy_cpu: Option<f64>,
+    /// User-space instructions the proxy process executed per request during the load, when
+    /// the proxy ran under callgrind (`loadtest --callgrind`).
+    pub instructions: Option<f64>,
 }
 
 impl Run {
@@ -119,6 +122,7 @@ struct Cell {
     p999: Option<Stats>,
     cpu: Option<Stats>,
     per_core: Option<Stats>,
+    instructions: Option<Stats>,
     errors: u64,
     runs: usize,
 }
@@ -144,12 +148,35 @@ fn cells(runs: &[Run]) -> BTreeMap<Key, Cell> {
                 p999: stats(|r| Some(r.sample.p999_us)),
                 cpu: stats(|r| r.proxy_cpu),
                 per_core: stats(Run::per_core),
+                instructions: stats(|r| r.instructions),
                 errors: runs.iter().map(|r| r.sample.errors).sum(),
                 runs: runs.len(),
             };
             (key, cell)
         })
         .collect()
+}
+
+/// The callgrind table: instructions per request are repeatable where timing is not, but they
+/// count user space only (the kernel's share, the same for every proxy, is left out).
+fn render_instructions(out: &mut String, cells: &BTreeMap<Key, Cell>, proxied: &[(Workload, usize)]) {
+    let _ = writeln!(out, "\n#### Instructions per request (callgrind, user space)\n");
+    let _ = writeln!(out, "Instructions the whole proxy process executed in user space during the load, divided by the requests; the kernel's share is not counted. Median (min–max) over the repetitions.\n");
+    let _ = writeln!(out, "| workload | rules | sluice | envoy | pingora | Envoy/sluice | pingora/sluice |");
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|");
+    for (workload, rules) in proxied {
+        let instructions = |target| cells.get(&(*workload, *rules, target)).and_then(|cell| cell.instructions);
+        let (sluice, envoy, pingora) = (instructions(Target::Sluice), instructions(Target::Envoy), instructions(Target::Pingora));
+        let _ = writeln!(
+            out,
+            "| {workload} | {rules} | {} | {} | {} | {} | {} |",
+            spread(sluice, 0),
+            spread(envoy, 0),
+            spread(pingora, 0),
+            show_ratio(ratio(envoy, sluice)),
+            show_ratio(ratio(pingora, sluice)),
+        );
+    }
 }
 
 fn spread(stats: Option<Stats>, decimals: usize) -> String {
@@ -291,6 +318,10 @@ pub fn render(context: &Context, runs: &[Run], memory: &[Memory]) -> String {
         );
     }
 
+    if cells.values().any(|cell| cell.instructions.is_some()) {
+        render_instructions(&mut out, &cells, &proxied);
+    }
+
     if !memory.is_empty() {
         let _ = writeln!(out, "\n#### Memory (RSS, MiB)\n");
         let connections = memory.iter().map(|m| m.idle_connections).max().unwrap_or(0);
@@ -385,6 +416,7 @@ mod tests {
                 errors: 0,
             },
             proxy_cpu: cpu,
+            instructions: None,
         }
     }
 
@@ -494,6 +526,26 @@ mod tests {
         assert!(text.contains("| h1-small | 2 | 2.00x | 2.00x | 0.50x | — | — | — | 1.60x | 0.70x |"), "{text}");
         assert!(text.contains("| h1-small | pingora | 2 | 25000 | 500 |"), "{text}");
         assert!(text.contains("sluice/pingora RSS with 2 rules: idle 0.50x"), "{text}");
+    }
+
+    #[test]
+    fn callgrind_runs_add_an_instructions_table_and_plain_runs_do_not() {
+        let counted = |target, instructions| Run {
+            instructions: Some(instructions),
+            ..run(Workload::H1Large, target, 2, 1000.0, 9000.0, Some(1.0))
+        };
+        let runs = [
+            counted(Target::Sluice, 36000.0),
+            counted(Target::Sluice, 38000.0),
+            counted(Target::Sluice, 37000.0),
+            counted(Target::Envoy, 148000.0),
+            counted(Target::Pingora, 55500.0),
+        ];
+        let text = render(&Context::default(), &runs, &[]);
+        assert!(text.contains("#### Instructions per request (callgrind, user space)"), "{text}");
+        assert!(text.contains("| h1-16k | 2 | 37000 (36000–38000) | 148000 | 55500 | 4.00x | 1.50x |"), "{text}");
+        let plain = render(&Context::default(), &[run(Workload::H1Large, Target::Sluice, 2, 1000.0, 900.0, Some(1.0))], &[]);
+        assert!(!plain.contains("Instructions per request"), "{plain}");
     }
 
     #[test]

@@ -13,8 +13,10 @@ pub const ENVOY_VERSION: &str = "1.40.0";
 pub const OHA_VERSION: &str = "1.16.0";
 
 /// The Debian package providing each program the harness runs.
-const DEBIAN_PACKAGES: [(&str, &str); 5] = [
+const DEBIAN_PACKAGES: [(&str, &str); 6] = [
     ("nginx", "nginx"),
+    // `loadtest --callgrind` (valgrind and callgrind_control).
+    ("valgrind", "valgrind"),
     // Builds zlib-ng for pingora-core (the `pingora` target's baseline).
     ("cmake", "cmake"),
     ("wrk", "wrk"),

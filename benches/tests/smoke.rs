@@ -1,10 +1,12 @@
 //! Keeps the load harness from rotting: a one-second run of `loadtest` against the backend
 //! directly, through sluice and through the pingora baseline (no Envoy in CI), which must
-//! produce their table rows. No timing is asserted. Needs nginx, wrk and cmake (for pingora's
-//! zlib-ng; `.ci/run` installs them).
+//! produce their table rows, and one of sluice under callgrind, which must count its
+//! instructions. No timing is asserted. Needs nginx, wrk, cmake (for pingora's zlib-ng) and
+//! valgrind; `.ci/run` installs them.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Mutex;
 
 use anyhow::{bail, ensure, Context, Result};
 
@@ -48,8 +50,12 @@ fn pingora_baseline_binary() -> Result<PathBuf> {
     Ok(target_dir.join("debug/sluice-pingora-baseline"))
 }
 
+/// Both runs use the harness's fixed addresses: one at a time.
+static HARNESS: Mutex<()> = Mutex::new(());
+
 #[test]
 fn loadtest_produces_direct_sluice_and_pingora_rows() -> Result<()> {
+    let _one_at_a_time = HARNESS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     for tool in ["nginx", "wrk", "cmake"] {
         if sluice_benches::setup::find_program(tool).is_none() {
             bail!("the smoke test needs {tool}: apt-get install -y nginx wrk cmake");
@@ -105,5 +111,35 @@ fn loadtest_produces_direct_sluice_and_pingora_rows() -> Result<()> {
         let cells: Vec<&str> = row.split('|').map(str::trim).collect();
         ensure!(cells.get(10) == Some(&"0"), "{target} row reports errors: {row}");
     }
+    Ok(())
+}
+
+#[test]
+fn loadtest_counts_sluices_instructions_per_request_under_callgrind() -> Result<()> {
+    let _one_at_a_time = HARNESS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    for tool in ["nginx", "wrk", "valgrind", "callgrind_control"] {
+        if sluice_benches::setup::find_program(tool).is_none() {
+            bail!("the smoke test needs {tool}: apt-get install -y nginx wrk valgrind");
+        }
+    }
+    let scratch = tempfile::tempdir()?;
+    let out = scratch.path().join("results.md");
+    let output = Command::new(env!("CARGO_BIN_EXE_loadtest"))
+        .args(["--targets", "sluice", "--workloads", "h1-small", "--rules", "2", "--reps", "1", "--duration", "1"])
+        .args(["--idle-connections", "0", "--no-install", "--callgrind", "--sluice"])
+        .arg(sluice_binary()?)
+        .arg("--out")
+        .arg(&out)
+        .output()?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    ensure!(output.status.success(), "loadtest --callgrind failed: {}\n{stderr}", output.status);
+    let table = std::fs::read_to_string(&out)?;
+    let counted = table
+        .split("#### Instructions per request")
+        .nth(1)
+        .and_then(|section| section.lines().find(|l| l.starts_with("| h1-small | 2 |")))
+        .with_context(|| format!("no instructions row for h1-small in:\n{table}\n{stderr}"))?;
+    let sluice: f64 = counted.split('|').map(str::trim).nth(3).unwrap_or_default().parse().with_context(|| format!("sluice's cell in {counted:?}"))?;
+    ensure!(sluice > 1000.0, "sluice cannot serve a request in {sluice} instructions: {counted}");
     Ok(())
 }

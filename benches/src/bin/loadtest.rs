@@ -18,7 +18,7 @@ use sluice_benches::scenario::{
 };
 use sluice_benches::machine::{machine_rows, now_utc, read_trimmed, revision, workspace};
 use sluice_benches::wakeup::{self, WakeupRoundTrips};
-use sluice_benches::{backend, idle, setup};
+use sluice_benches::{backend, callgrind, idle, setup};
 
 const README_BEGIN: &str = "<!-- loadtest:begin -->";
 const README_END: &str = "<!-- loadtest:end -->";
@@ -87,6 +87,11 @@ struct Args {
     /// `strace -c -f -p {pid} -o /tmp/{target}-{workload}.strace`.
     #[arg(long)]
     attach: Option<String>,
+    /// Run the proxies under valgrind's callgrind and report the user-space instructions each
+    /// executes per request while the load runs (repeatable where timing is not; the kernel's
+    /// share is not counted). The timing columns of such a run are valgrind's, not the proxy's.
+    #[arg(long)]
+    callgrind: bool,
 }
 
 struct Plan {
@@ -141,6 +146,9 @@ fn prepare_tools(args: &Args, plan: &Plan) -> Result<Tools> {
     if wants(Target::Pingora) && args.pingora.is_none() {
         programs.push("cmake");
     }
+    if args.callgrind {
+        programs.extend(["valgrind", "callgrind_control"]);
+    }
     programs.extend(plan.workloads.iter().map(|w| w.tool()));
     programs.sort_unstable();
     programs.dedup();
@@ -185,9 +193,11 @@ struct Proxy {
     target: Target,
     process: Pinned,
     frontend: SocketAddr,
+    /// Where callgrind dumps its counts, when the proxy runs under it.
+    callgrind_dump: Option<PathBuf>,
 }
 
-fn start_sluice(binary: &Path, rules: usize, core: usize, dir: &Path) -> Result<Proxy> {
+fn start_sluice(binary: &Path, rules: usize, core: usize, dir: &Path, callgrind: bool) -> Result<Proxy> {
     let config = dir.join(format!("sluice-config-{rules}"));
     let state = dir.join(format!("sluice-state-{rules}"));
     std::fs::create_dir_all(&config)?;
@@ -219,10 +229,12 @@ fn start_sluice(binary: &Path, rules: usize, core: usize, dir: &Path) -> Result<
         SocketAddr::V4(SLUICE_FRONTEND),
         core,
         dir,
+        callgrind,
     )
 }
 
-/// Starts `argv` pinned to `core` and waits until it forwards on `frontend`.
+/// Starts `argv` pinned to `core` (under callgrind when asked) and waits until it forwards
+/// on `frontend`.
 fn spawn_proxy(
     target: Target,
     rules: usize,
@@ -230,17 +242,27 @@ fn spawn_proxy(
     frontend: SocketAddr,
     core: usize,
     dir: &Path,
+    callgrind: bool,
 ) -> Result<Proxy> {
-    let mut process = Pinned::spawn(&format!("{target}-{rules}"), core, argv, dir)?;
-    procs::wait_ready(&mut process, frontend, SMALL_PATH, PATIENCE)?;
+    let name = format!("{target}-{rules}");
+    let callgrind_dump = callgrind.then(|| dir.join(format!("{name}.callgrind")));
+    let argv = match &callgrind_dump {
+        Some(dump) => callgrind::wrap(argv, dump),
+        None => argv.to_vec(),
+    };
+    let mut process = Pinned::spawn(&name, core, &argv, dir)?;
+    // Valgrind translates the whole binary before it serves: give it longer.
+    let patience = if callgrind { PATIENCE * 4 } else { PATIENCE };
+    procs::wait_ready(&mut process, frontend, SMALL_PATH, patience)?;
     Ok(Proxy {
         target,
         process,
         frontend,
+        callgrind_dump,
     })
 }
 
-fn start_envoy(binary: &Path, rules: usize, core: usize, dir: &Path) -> Result<Proxy> {
+fn start_envoy(binary: &Path, rules: usize, core: usize, dir: &Path, callgrind: bool) -> Result<Proxy> {
     let placement = Placement {
         listen: SocketAddr::V4(ENVOY_FRONTEND),
         endpoints: scenario::cluster_endpoints(),
@@ -270,11 +292,12 @@ fn start_envoy(binary: &Path, rules: usize, core: usize, dir: &Path) -> Result<P
         SocketAddr::V4(ENVOY_FRONTEND),
         core,
         dir,
+        callgrind,
     )
 }
 
 /// pingora-proxy with the policy's rules as its allow-list and the CEC's 90/10 split.
-fn start_pingora(binary: &Path, rules: usize, core: usize, dir: &Path) -> Result<Proxy> {
+fn start_pingora(binary: &Path, rules: usize, core: usize, dir: &Path, callgrind: bool) -> Result<Proxy> {
     let allow = dir.join(format!("pingora-allow-{rules}.txt"));
     std::fs::write(&allow, scenario::allow_list(rules))?;
     spawn_proxy(
@@ -284,6 +307,7 @@ fn start_pingora(binary: &Path, rules: usize, core: usize, dir: &Path) -> Result
         SocketAddr::V4(PINGORA_FRONTEND),
         core,
         dir,
+        callgrind,
     )
 }
 
@@ -427,6 +451,10 @@ impl Harness<'_> {
             }
             _ => None,
         };
+        let counted = proxy.as_ref().and_then(|p| Some((p.process.pid(), p.callgrind_dump.clone()?)));
+        if let Some((pid, _)) = &counted {
+            callgrind::start(*pid)?;
+        }
         let started = Instant::now();
         let sample = run_load(
             workload,
@@ -442,6 +470,13 @@ impl Harness<'_> {
             child.wait()?;
         }
         let sample = sample?;
+        let instructions = match counted {
+            Some((pid, dump)) => {
+                let requests = sample.requests_per_second * self.plan.settings.duration.as_secs_f64();
+                Some(callgrind::stop(pid, &dump)? as f64 / requests.max(1.0))
+            }
+            None => None,
+        };
         let proxy_cpu = match (proxy, before) {
             (Some(p), Some(before)) => {
                 p.process.ensure_running()?;
@@ -465,6 +500,7 @@ impl Harness<'_> {
             rules: if target == Target::Direct { 0 } else { rules },
             sample,
             proxy_cpu,
+            instructions,
         });
         Ok(())
     }
@@ -480,6 +516,7 @@ impl Harness<'_> {
                 rules,
                 self.args.proxy_core,
                 self.scratch,
+                self.args.callgrind,
             )?);
         }
         if let Some(envoy) = &tools.envoy {
@@ -488,6 +525,7 @@ impl Harness<'_> {
                 rules,
                 self.args.proxy_core,
                 self.scratch,
+                self.args.callgrind,
             )?);
         }
         if let Some(pingora) = &tools.pingora {
@@ -496,6 +534,7 @@ impl Harness<'_> {
                 rules,
                 self.args.proxy_core,
                 self.scratch,
+                self.args.callgrind,
             )?);
         }
         for proxy in &proxies {
@@ -642,7 +681,10 @@ fn context(
             "same CiliumEnvoyConfig (benches/config/cec.yaml: 90/10 weighted split, retry_on 5xx) and CiliumNetworkPolicy (N HTTP rules, the workload's 2 last) on both proxies; Envoy gets them as a static bootstrap with an RBAC filter".to_string(),
             "pingora: pingora-proxy (benches/pingora-baseline, one thread, no work stealing, mimalloc like sluice) with the same rules as an allow-list (403 otherwise) and the 90/10 split, without retry_on 5xx; HTTP/2 downstream is its h2c".to_string(),
             format!("idle connections: {} keep-alive connections that each made one GET {SMALL_PATH}", args.idle_connections),
-        ],
+        ]
+        .into_iter()
+        .chain(args.callgrind.then(|| "callgrind: every proxy ran under `valgrind --tool=callgrind --trace-children=yes --instr-atstart=no`, counting only while the load ran (`callgrind_control -i on/-z`, then `-d`); req/s, latencies and CPU of this run are valgrind's, not the proxies'".to_string()))
+        .collect(),
         commands,
     }
 }
@@ -707,6 +749,10 @@ fn main() -> Result<()> {
     }
     if let Some(pingora) = &tools.pingora {
         proxies_argv.push(pingora_argv(pingora, "$SCRATCH/pingora-allow-N.txt").join(" "));
+    }
+    if args.callgrind {
+        let prefix = callgrind::wrap(&[], Path::new("$SCRATCH/$TARGET-N.callgrind")).join(" ");
+        proxies_argv.iter_mut().for_each(|argv| *argv = format!("{prefix} {argv}"));
     }
     let context = context(
         &args,
