@@ -679,7 +679,7 @@ fn context(
             format!("{} s per run, {} repetitions, targets interleaved within each repetition; a 1 s wrk warm-up per proxy", args.duration, args.reps),
             format!("closed loop: {} connections (h2load: x{} streams); paced: oha -q {} with latency correction", measure::CONNECTIONS, measure::H2_STREAMS_PER_CONNECTION, args.paced_rate),
             "same CiliumEnvoyConfig (benches/config/cec.yaml: 90/10 weighted split, retry_on 5xx) and CiliumNetworkPolicy (N HTTP rules, the workload's 2 last) on both proxies; Envoy gets them as a static bootstrap with an RBAC filter".to_string(),
-            "pingora: pingora-proxy (benches/pingora-baseline, one thread, no work stealing, mimalloc like sluice) with the same rules as an allow-list (403 otherwise) and the 90/10 split, without retry_on 5xx; HTTP/2 downstream is its h2c".to_string(),
+            "pingora: pingora-proxy (benches/pingora-baseline, one thread, no work stealing, sluice's allocator) with the same rules as an allow-list (403 otherwise) and the 90/10 split, without retry_on 5xx; HTTP/2 downstream is its h2c".to_string(),
             format!("idle connections: {} keep-alive connections that each made one GET {SMALL_PATH}", args.idle_connections),
         ]
         .into_iter()
