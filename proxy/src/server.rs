@@ -539,9 +539,12 @@ impl UpstreamHeaders<'_> {
 fn prepare_request_headers(headers: &mut HeaderMap, route_config: &RouteConfig, hcm: &HttpConnectionManager, peer: IpAddr) {
     // `te: trailers` is the one TE value worth keeping (gRPC needs it); it is hop-by-hop
     // otherwise.
-    let keeps_trailers = headers.get(http::header::TE).is_some_and(|te| te.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    strip_hop_by_hop(headers);
-    if !keeps_trailers {
+    let drops_te = headers.get(http::header::TE).is_some_and(|te| !te.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    // Only the fixed names: normalization already removed what the client's `Connection`
+    // header nominated, sparing `host` and the framing headers. Nominated again here, a
+    // `connection: host` would strip the upstream request's Host after policy saw it.
+    strip_hop_by_hop(headers, Nominated::Kept);
+    if drops_te {
         headers.remove(http::header::TE);
     }
     for name in &route_config.request_headers_to_remove {
@@ -565,7 +568,7 @@ fn prepare_response_headers(response: &mut Response<ProxyBody>, route_config: &R
     let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
     let headers = response.headers_mut();
     if !switching {
-        strip_hop_by_hop(headers);
+        strip_hop_by_hop(headers, Nominated::Stripped);
     }
     for name in &route_config.response_headers_to_remove {
         headers.remove(name.as_str());
@@ -590,14 +593,21 @@ static FIXED_HOP_BY_HOP: [HeaderName; 5] = [
     UPGRADE,
 ];
 
-/// RFC 9110 §7.6.1: connection-specific headers never cross the proxy: the fixed ones and
-/// every name a `Connection` header lists.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
+/// What `strip_hop_by_hop` does with the names a `Connection` header lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Nominated {
+    Stripped,
+    Kept,
+}
+
+/// RFC 9110 §7.6.1: connection-specific headers never cross the proxy: the fixed ones and,
+/// unless already dealt with, every name a `Connection` header lists.
+fn strip_hop_by_hop(headers: &mut HeaderMap, nominated: Nominated) {
     // Names are compared, not parsed, and only what is there is removed: most messages carry
     // nothing of this kind, or just `connection: keep-alive`.
     let mut doomed: SmallVec<[HeaderName; 2]> =
         headers.keys().filter(|name| FIXED_HOP_BY_HOP.contains(name)).cloned().collect();
-    if doomed.contains(&CONNECTION) {
+    if nominated == Nominated::Stripped && doomed.contains(&CONNECTION) {
         let listed: SmallVec<[&str; 4]> = headers
             .get_all(CONNECTION)
             .iter()
@@ -736,7 +746,7 @@ mod tests {
             ("x-other", "2"),
             ("x-kept", "3"),
         ]);
-        strip_hop_by_hop(&mut h);
+        strip_hop_by_hop(&mut h, Nominated::Stripped);
         assert_eq!(names(&h), ["content-type", "x-kept"]);
     }
 
@@ -749,7 +759,7 @@ mod tests {
             ("keep-alive", "timeout=5"),
             ("content-length", "5"),
         ]);
-        strip_hop_by_hop(&mut h);
+        strip_hop_by_hop(&mut h, Nominated::Stripped);
         assert_eq!(names(&h), ["content-length"]);
     }
 
@@ -757,14 +767,21 @@ mod tests {
     fn a_message_without_hop_by_hop_headers_is_left_as_it_is() {
         let mut h = headers(&[("content-type", "text/plain"), ("x-trace", "1"), ("x-trace", "2")]);
         let before = h.clone();
-        strip_hop_by_hop(&mut h);
+        strip_hop_by_hop(&mut h, Nominated::Stripped);
         assert_eq!(h, before);
+    }
+
+    #[test]
+    fn listed_names_can_be_left_to_normalization() {
+        let mut h = headers(&[("connection", "x-trace, host"), ("host", "a"), ("x-trace", "1"), ("keep-alive", "timeout=5")]);
+        strip_hop_by_hop(&mut h, Nominated::Kept);
+        assert_eq!(names(&h), ["host", "x-trace"]);
     }
 
     #[test]
     fn a_listed_name_that_is_not_a_header_name_is_ignored() {
         let mut h = headers(&[("connection", "close, bad name, , x-trace"), ("x-trace", "1"), ("x-kept", "2")]);
-        strip_hop_by_hop(&mut h);
+        strip_hop_by_hop(&mut h, Nominated::Stripped);
         assert_eq!(names(&h), ["x-kept"]);
     }
 }

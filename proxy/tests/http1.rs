@@ -95,6 +95,29 @@ async fn expect_100_continue_is_answered_by_the_proxy() {
     assert!(!seen.headers.contains_key("expect"), "the expectation is this hop's: {:?}", seen.headers);
 }
 
+#[tokio::test]
+async fn connection_specific_request_headers_stop_at_the_proxy_except_te_trailers() {
+    let (backend, _proxy, addr) = echo_proxy().await;
+    let mut stream = connect(addr).await;
+    let first = "GET /a HTTP/1.1\r\nhost: a\r\nconnection: X-Hop, host\r\nx-hop: 1\r\nkeep-alive: timeout=5\r\nproxy-connection: keep-alive\r\nte: trailers\r\nx-kept: 1\r\n\r\n";
+    let second = "GET /b HTTP/1.1\r\nhost: a\r\nte: gzip\r\nx-kept: 2\r\n\r\n";
+    stream.write_all(format!("{first}{second}").as_bytes()).await.unwrap();
+    let (text, closed) = read_until(&mut stream, |text| responses(text) == 2 && text.ends_with("backend")).await;
+    assert!(!closed, "{text}");
+    let seen = backend.seen();
+    let first = &seen[0].headers;
+    for gone in ["x-hop", "keep-alive", "proxy-connection"] {
+        assert!(!first.contains_key(gone), "{gone} crossed the proxy: {first:?}");
+    }
+    assert!(first.get("connection").is_none_or(|value| !value.to_str().unwrap().contains("X-Hop")), "{first:?}");
+    assert_eq!(first.get("te").unwrap(), "trailers", "gRPC needs te: trailers: {first:?}");
+    assert_eq!(first.get("host").unwrap(), "a", "a Connection header cannot remove host: {first:?}");
+    assert_eq!(first.get("x-kept").unwrap(), "1");
+    let second = &seen[1].headers;
+    assert!(!second.contains_key("te"), "te other than trailers is this hop's: {second:?}");
+    assert_eq!(second.get("x-kept").unwrap(), "2");
+}
+
 /// A backend that reads request heads (bodiless requests only) and answers each with `reply`,
 /// closing the connection after it when `close` says so. Returns its address and a count of the
 /// connections it accepted.
