@@ -6,6 +6,7 @@ use std::borrow::Cow;
 
 use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use http::{Method, StatusCode, Uri, Version};
+use smallvec::SmallVec;
 
 use crate::request::RequestHead;
 use crate::tables::{EscapedSlashesAction, HttpConnectionManager};
@@ -405,23 +406,28 @@ fn merge_slashes(path: &str) -> String {
 }
 
 fn strip_untrusted_headers(headers: &mut http::HeaderMap) {
-    let nominated: Vec<HeaderName> = headers
+    let nominated: SmallVec<[&[u8]; 4]> = headers
         .get_all(CONNECTION)
         .iter()
         .flat_map(|value| value.as_bytes().split(|byte| *byte == b','))
-        .filter_map(|token| HeaderName::from_bytes(token.trim_ascii()).ok())
-        .filter(|name| !NOT_NOMINATABLE.contains(&name.as_str()))
+        .map(<[u8]>::trim_ascii)
+        .filter(|token| !token.is_empty())
         .collect();
-    // One pass over the names present rather than a lookup per name that might be.
-    let untrusted: Vec<HeaderName> = headers
+    // One pass over the names present, compared with the nominated tokens, rather than a
+    // parse and a lookup per name that might be there (`connection: close` names nothing).
+    let untrusted: SmallVec<[HeaderName; 2]> = headers
         .keys()
         .filter(|name| {
             let name = name.as_str();
-            name.starts_with(PROXY_OWNED_PREFIX) || PROXY_OWNED.contains(&name) || HOP_BY_HOP.contains(&name)
+            name.starts_with(PROXY_OWNED_PREFIX)
+                || PROXY_OWNED.contains(&name)
+                || HOP_BY_HOP.contains(&name)
+                || (!NOT_NOMINATABLE.contains(&name) && nominated.iter().any(|token| token.eq_ignore_ascii_case(name.as_bytes())))
         })
         .cloned()
         .collect();
-    for name in nominated.iter().chain(&untrusted) {
+    drop(nominated);
+    for name in untrusted {
         headers.remove(name);
     }
 }
@@ -621,7 +627,7 @@ mod tests {
                 ("x-envoy-max-retries", "5"),
                 ("x-envoy-upstream-rq-timeout-ms", "1"),
                 ("x-forwarded-client-cert", "By=spiffe://evil"),
-                ("connection", "keep-alive, x-secret, content-length, host"),
+                ("connection", "keep-alive, X-Secret , content-length, host, close"),
                 ("x-secret", "s"),
                 ("keep-alive", "timeout=5"),
                 ("proxy-connection", "keep-alive"),
