@@ -304,11 +304,11 @@ impl HostState {
     }
 
     /// Starts a request on this host if `max_requests` allows it. The lease keeps the request
-    /// counted until it (and the response body it ends up in) is dropped.
+    /// counted until its response finishes (or it is dropped unfinished).
     pub fn begin_request(self: &Arc<Self>, breakers: &CircuitBreakers) -> Result<Lease, AttemptOutcome> {
         let active = self.counters.upstream_rq_active.fetch_add(1, Ordering::Relaxed);
         self.active_requests.fetch_add(1, Ordering::Relaxed);
-        let lease = Lease { host: Arc::clone(self), conn: None };
+        let lease = Lease { host: Arc::clone(self), active: true };
         if active >= u64::from(breakers.max_requests) {
             bump(&self.counters.upstream_rq_pending_overflow);
             return Err(AttemptOutcome::Overflow);
@@ -543,31 +543,40 @@ impl Drop for ConnectionGuard {
     }
 }
 
-/// One request on one host: counted as active until dropped; returns its HTTP/1.1 connection to
-/// the pool when the response finished cleanly. (An unfinished exchange's connection is dropped
-/// with its response body, which closes it.)
+/// One request on one host, counted as active (Envoy's `upstream_rq_active`, what
+/// `max_requests` limits) until its response has finished or the lease is dropped. A cleanly
+/// finished HTTP/1.1 response returns its connection to the pool at once. (An unfinished
+/// exchange's connection is dropped with its response body, which closes it.)
 #[derive(Debug)]
 pub struct Lease {
     host: Arc<HostState>,
-    conn: Option<Box<ClientConn>>,
+    active: bool,
 }
 
 impl Lease {
-    /// The response body ended cleanly: its HTTP/1.1 connection can take the next request.
+    /// The response body ended cleanly. The request stops counting now, not when the response
+    /// has also been written downstream: a client that sends its next request the moment the
+    /// last byte arrives must not find this one still counted against `max_requests`.
     pub(crate) fn finished(&mut self, body: &mut UpstreamBody) {
         if let UpstreamBody::Http1(body) = body {
-            self.conn = body.take_finished();
+            if let Some(conn) = body.take_finished() {
+                self.host.release(conn);
+            }
+        }
+        self.end();
+    }
+
+    fn end(&mut self) {
+        if std::mem::take(&mut self.active) {
+            self.host.active_requests.fetch_sub(1, Ordering::Relaxed);
+            self.host.counters.upstream_rq_active.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.host.active_requests.fetch_sub(1, Ordering::Relaxed);
-        self.host.counters.upstream_rq_active.fetch_sub(1, Ordering::Relaxed);
-        if let Some(conn) = self.conn.take() {
-            self.host.release(conn);
-        }
+        self.end();
     }
 }
 
