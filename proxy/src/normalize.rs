@@ -4,10 +4,11 @@
 
 use std::borrow::Cow;
 
-use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
+use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use http::{Method, StatusCode, Uri, Version};
 use smallvec::SmallVec;
 
+use crate::http1::codec::connection_tokens;
 use crate::request::RequestHead;
 use crate::tables::{EscapedSlashesAction, HttpConnectionManager};
 
@@ -406,13 +407,7 @@ fn merge_slashes(path: &str) -> String {
 }
 
 fn strip_untrusted_headers(headers: &mut http::HeaderMap) {
-    let nominated: SmallVec<[&[u8]; 4]> = headers
-        .get_all(CONNECTION)
-        .iter()
-        .flat_map(|value| value.as_bytes().split(|byte| *byte == b','))
-        .map(<[u8]>::trim_ascii)
-        .filter(|token| !token.is_empty())
-        .collect();
+    let nominated: SmallVec<[&[u8]; 4]> = connection_tokens(headers).collect();
     // One pass over the names present, compared with the nominated tokens, rather than a
     // parse and a lookup per name that might be there (`connection: close` names nothing).
     let untrusted: SmallVec<[HeaderName; 2]> = headers

@@ -18,6 +18,7 @@ use tokio::time::Instant;
 
 use crate::authorize::{Decision, HeaderEdit};
 use crate::body::{DownstreamBody, ProxyBody, ReplayBuffer};
+use crate::http1::codec::connection_tokens;
 use crate::http1::DownstreamUpgrade;
 use crate::flow::{DropReason, FlowEvent, FlowPeer, FlowSink, HttpFlow, TrafficDirection, Verdict};
 use crate::forward::{self, Deadline, Failure, Outgoing, OutgoingBody, Plan};
@@ -608,17 +609,13 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, nominated: Nominated) {
     let mut doomed: SmallVec<[HeaderName; 2]> =
         headers.keys().filter(|name| FIXED_HOP_BY_HOP.contains(name)).cloned().collect();
     if nominated == Nominated::Stripped && doomed.contains(&CONNECTION) {
-        let listed: SmallVec<[&str; 4]> = headers
-            .get_all(CONNECTION)
-            .iter()
-            .filter_map(|value| value.to_str().ok())
-            .flat_map(|value| value.split(','))
-            .map(str::trim)
+        let listed: SmallVec<[&[u8]; 4]> = connection_tokens(headers)
             // A fixed name is in `doomed` already when present.
-            .filter(|token| !FIXED_HOP_BY_HOP.iter().any(|fixed| token.eq_ignore_ascii_case(fixed.as_str())))
+            .filter(|token| !FIXED_HOP_BY_HOP.iter().any(|fixed| token.eq_ignore_ascii_case(fixed.as_str().as_bytes())))
             .collect();
         if !listed.is_empty() {
-            let nominated = headers.keys().filter(|name| listed.iter().any(|token| token.eq_ignore_ascii_case(name.as_str())));
+            let nominated =
+                headers.keys().filter(|name| listed.iter().any(|token| token.eq_ignore_ascii_case(name.as_str().as_bytes())));
             doomed.extend(nominated.cloned());
         }
     }

@@ -123,14 +123,20 @@ fn header_map(head: &Bytes, spans: &[HeaderSpan]) -> Result<HeaderMap, HeadError
     Ok(headers)
 }
 
-/// Whether a `Connection` header lists `token`.
-fn connection_lists(headers: &HeaderMap, token: &str) -> bool {
+/// The tokens every `Connection` header lists (RFC 9110 §7.6.1), trimmed, empty ones skipped:
+/// the options of this hop and the names of the headers that belong to it alone.
+pub(crate) fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
     headers
         .get_all(CONNECTION)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .any(|listed| listed.trim().eq_ignore_ascii_case(token))
+        .into_iter()
+        .flat_map(|value| value.as_bytes().split(|byte| *byte == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|token| !token.is_empty())
+}
+
+/// Whether a `Connection` header lists `token`.
+fn connection_lists(headers: &HeaderMap, token: &str) -> bool {
+    connection_tokens(headers).any(|listed| listed.eq_ignore_ascii_case(token.as_bytes()))
 }
 
 /// Whether the client asked to keep the connection open after this request (RFC 9112 §9.3).
@@ -536,6 +542,18 @@ pub(crate) fn http_date() -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connection_tokens_come_from_every_connection_header_trimmed_and_byte_wise() {
+        let mut headers = HeaderMap::new();
+        headers.append(CONNECTION, HeaderValue::from_static(" Keep-Alive ,, x-trace"));
+        // Not UTF-8: its ASCII tokens still count, so `close` is not missed.
+        headers.append(CONNECTION, HeaderValue::from_bytes(b"close, x-\xff").unwrap());
+        let tokens: Vec<&[u8]> = connection_tokens(&headers).collect();
+        assert_eq!(tokens, [&b"Keep-Alive"[..], b"x-trace", b"close", b"x-\xff"]);
+        assert!(response_closes(&headers) && !wants_keep_alive(Version::HTTP_11, &headers));
+        assert!(connection_lists(&headers, "keep-alive"));
+    }
 
     fn head(raw: &str) -> Result<Option<http::request::Parts>, HeadError> {
         parse_request_head(&mut BytesMut::from(raw), 1024, 101)
