@@ -290,11 +290,10 @@ impl StagedWrites {
             // again at each doubling, about as many bytes as the batch itself (h2-16k).
             self.bytes.reserve(STAGED_WRITE_LIMIT + incoming);
         }
-        let before = self.bytes.len();
         for buf in bufs {
             self.bytes.extend_from_slice(buf);
         }
-        self.bytes.len() - before
+        incoming
     }
 
     /// Whether a flush should leave the bytes staged: the poll that staged them still runs.
