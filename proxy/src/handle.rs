@@ -6,7 +6,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -137,7 +136,7 @@ impl Handle {
             return Err(ApplyError::UnknownFrontendListener { destination: *destination, listener: listener.clone() });
         }
         let slots = plan_slots(&registry.sockets, &tables);
-        let mut fresh: Vec<(usize, TcpListener, SocketAddr)> = Vec::new();
+        let mut fresh: Vec<(usize, listener::Listening, SocketAddr)> = Vec::new();
         for (index, listener) in tables.listeners.iter().enumerate() {
             if slots[index].is_some() {
                 continue;
@@ -191,7 +190,7 @@ impl Handle {
                 removed.extend(entry.take());
             }
         }
-        let mut started: Vec<(usize, TcpListener, CancellationToken)> = Vec::new();
+        let mut started: Vec<(usize, listener::Listening, CancellationToken)> = Vec::new();
         for (index, bound, addr) in fresh {
             let listener = &tables.listeners[index];
             let slot = match sockets.iter().position(Option::is_none) {

@@ -2,6 +2,7 @@
 
 pub mod authorize;
 mod body;
+mod downstream_socket;
 mod error;
 pub mod flow;
 mod forward;

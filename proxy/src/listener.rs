@@ -15,11 +15,12 @@ use hyper::body::Incoming;
 use hyper::server::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use socket2::{Domain, Socket, Type};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
 use crate::body::DownstreamBody;
+use crate::downstream_socket::DownstreamSocket;
 use crate::http1::{self, PrefixedStream};
 use crate::server::{self, ConnContext, Shared};
 use crate::stats::bump;
@@ -38,8 +39,25 @@ pub(crate) struct SocketEntry {
     pub stop: CancellationToken,
 }
 
+/// A bound listening socket on the worker runtime's I/O driver. What it accepts is not
+/// registered with the driver (`DownstreamSocket`).
+#[derive(Debug)]
+pub(crate) struct Listening(AsyncFd<mio::net::TcpListener>);
+
+impl Listening {
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.0.get_ref().local_addr()
+    }
+
+    /// The next connection, non-blocking (`accept4` with `SOCK_NONBLOCK`: no `fcntl` each).
+    async fn accept(&self) -> io::Result<(std::net::TcpStream, SocketAddr)> {
+        let (stream, peer) = self.0.async_io(Interest::READABLE, |listener| listener.accept()).await?;
+        Ok((stream.into(), peer))
+    }
+}
+
 /// Binds a listening socket without serving it yet (so a failed apply can drop it unused).
-pub(crate) fn bind(bind: &Bind) -> io::Result<TcpListener> {
+pub(crate) fn bind(bind: &Bind) -> io::Result<Listening> {
     let addr = bind.socket_addr();
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(socket2::Protocol::TCP))?;
     // A restarted agent must be able to rebind while old connections sit in TIME_WAIT.
@@ -55,7 +73,9 @@ pub(crate) fn bind(bind: &Bind) -> io::Result<TcpListener> {
     set_defer_accept(&socket)?;
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
-    TcpListener::from_std(socket.into())
+    let listener = mio::net::TcpListener::from_std(socket.into());
+    // SAFETY: the mio listener owns its descriptor for as long as the `AsyncFd` holds it.
+    Ok(Listening(unsafe { AsyncFd::register_with_interest(listener, Interest::READABLE) }?))
 }
 
 /// How long the kernel holds a connection whose client has sent nothing yet before handing it
@@ -86,11 +106,11 @@ fn set_defer_accept(socket: &Socket) -> io::Result<()> {
     }
 }
 
-pub(crate) async fn accept_loop(listener: TcpListener, slot: usize, shared: Arc<Shared>, stop: CancellationToken) {
+pub(crate) async fn accept_loop(listener: Listening, slot: usize, shared: Arc<Shared>, stop: CancellationToken) {
     // Every connection's local address is the listener's own unless the listener is bound to
     // a wildcard or is transparent (then it is the client's original destination): only then
     // is it asked of the kernel per connection.
-    let transparent = socket2::SockRef::from(&listener).ip_transparent_v4().unwrap_or(true);
+    let transparent = socket2::SockRef::from(listener.0.get_ref()).ip_transparent_v4().unwrap_or(true);
     let fixed_local = listener.local_addr().ok().filter(|addr| !addr.ip().is_unspecified() && !transparent);
     loop {
         let accepted = tokio::select! {
@@ -99,6 +119,7 @@ pub(crate) async fn accept_loop(listener: TcpListener, slot: usize, shared: Arc<
         };
         match accepted {
             Ok((stream, peer)) => {
+                let stream = DownstreamSocket::new(stream);
                 let local = match fixed_local.map_or_else(|| stream.local_addr(), Ok) {
                     Ok(local) => local,
                     Err(error) => {
@@ -117,7 +138,7 @@ pub(crate) async fn accept_loop(listener: TcpListener, slot: usize, shared: Arc<
 }
 
 async fn serve_connection(
-    mut stream: TcpStream,
+    stream: DownstreamSocket,
     peer: SocketAddr,
     local: SocketAddr,
     slot: usize,
@@ -141,9 +162,16 @@ async fn serve_connection(
     let mut first_bytes = BytesMut::new();
     // One idle timer per connection, from accept through its requests.
     let mut idle = http1::IdleTimer::new(http1.idle_timeout);
-    match sniff(&mut stream, &mut first_bytes, &mut idle, &stop).await {
+    match sniff(&stream, &mut first_bytes, &mut idle, &stop).await {
         Some(ClientProtocol::Http1) => http1::serve(stream, first_bytes, idle, ctx, http1, stop).await,
         Some(ClientProtocol::Http2) => {
+            let stream = match stream.into_stream() {
+                Ok(stream) => stream,
+                Err(error) => {
+                    tracing::debug!(%peer, %error, "registering an HTTP/2 client's socket failed");
+                    return;
+                }
+            };
             let io = PrefixedStream::new(first_bytes.freeze(), stream);
             // Boxed: hyper's HTTP/2 connection state would otherwise size every HTTP/1 task too.
             Box::pin(serve_http2(io, ctx, &http2, http1.idle_timeout, stop)).await;
@@ -154,21 +182,22 @@ async fn serve_connection(
 
 /// Reads the client's first bytes until they tell HTTP/1 from HTTP/2 prior knowledge; `None`
 /// when the connection closes (or idles, or the listener stops) first.
-async fn sniff(stream: &mut TcpStream, first_bytes: &mut BytesMut, idle: &mut http1::IdleTimer, stop: &CancellationToken) -> Option<ClientProtocol> {
+async fn sniff(stream: &DownstreamSocket, first_bytes: &mut BytesMut, idle: &mut http1::IdleTimer, stop: &CancellationToken) -> Option<ClientProtocol> {
     loop {
         if let Some(protocol) = client_protocol(first_bytes) {
             return Some(protocol);
         }
-        if !http1::until_readable(stream.readable(), idle, stop).await {
-            return None;
-        }
-        // A whole request head usually arrives in this one read. (An `AsyncRead` read: a short
-        // read clears the socket's readiness, so the next wait does not begin with a read that
-        // finds nothing.)
+        // Read before waiting: the listener hands over connections whose client has spoken, and
+        // a whole request head usually arrives in this one read.
         first_bytes.reserve(FIRST_READ);
-        match tokio::io::AsyncReadExt::read_buf(stream, first_bytes).await {
-            Ok(0) | Err(_) => return None,
-            Ok(_) => {}
+        match stream.try_read_buf(first_bytes) {
+            Ok(0) => return None,
+            Ok(_) => continue,
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => return None,
+        }
+        if !matches!(http1::unless_idle(stream.readable(), idle, stop).await, Some(Ok(()))) {
+            return None;
         }
     }
 }
@@ -403,6 +432,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
 
     #[tokio::test]
     async fn a_connection_is_accepted_once_its_client_has_spoken() -> anyhow::Result<()> {
@@ -411,7 +441,8 @@ mod tests {
         let silent = tokio::time::timeout(Duration::from_millis(300), listener.accept()).await;
         assert!(silent.is_err(), "a connection that sent nothing was handed to accept");
         client.write_all(b"GET / HTTP/1.1\r\n").await?;
-        let (mut accepted, _) = tokio::time::timeout(Duration::from_secs(2), listener.accept()).await??;
+        let (accepted, _) = tokio::time::timeout(Duration::from_secs(2), listener.accept()).await??;
+        let mut accepted = DownstreamSocket::new(accepted);
         let mut request = [0u8; 16];
         let read = tokio::time::timeout(Duration::from_millis(100), accepted.read(&mut request)).await??;
         assert_eq!(&request[..read], b"GET / HTTP/1.1\r\n");

@@ -18,7 +18,6 @@ use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -27,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use super::codec::{self, BodyDecodeError, BodyDecoder, ConnectionHeader, Decoded, OutgoingFraming};
 use super::write::{BodyWriteError, BodyWriter};
 use crate::body::{DownstreamBody, ProxyBody};
+use crate::downstream_socket::DownstreamSocket;
 use crate::normalize::{request_body_framing, BodyFraming};
 use crate::server::{self, ConnContext};
 
@@ -50,7 +50,7 @@ pub(crate) struct Http1Settings {
 /// back when it ends (or is dropped).
 #[derive(Debug)]
 pub(crate) struct Reader {
-    io: OwnedReadHalf,
+    io: DownstreamSocket,
     buf: BytesMut,
 }
 
@@ -246,24 +246,25 @@ struct Exchange {
 /// Serves requests on `stream` until either side closes, `stop` fires between requests, or
 /// the connection idles past its timeout. `first_bytes` were read, and `idle` started, while
 /// detecting the protocol.
-pub(crate) async fn serve(stream: TcpStream, first_bytes: BytesMut, idle: IdleTimer, ctx: Arc<ConnContext>, settings: Http1Settings, stop: CancellationToken) {
-    let (read, mut write) = stream.into_split();
-    let reader = Reader { io: read, buf: first_bytes };
-    match serve_requests(reader, &mut write, idle, ctx, settings, stop).await {
-        Some((upgrade, reader)) => {
-            if let Ok(stream) = reader.io.reunite(write) {
+pub(crate) async fn serve(stream: DownstreamSocket, first_bytes: BytesMut, idle: IdleTimer, ctx: Arc<ConnContext>, settings: Http1Settings, stop: CancellationToken) {
+    let mut write = stream.clone();
+    let reader = Reader { io: stream, buf: first_bytes };
+    // Without an upgrade the halves are dropped: closing the socket sends the FIN (a shutdown
+    // first would be one more system call).
+    if let Some((upgrade, reader)) = serve_requests(reader, &mut write, idle, ctx, settings, stop).await {
+        match reader.io.reunite(write) {
+            Ok(stream) => {
                 let _ = upgrade.send(PrefixedStream::new(reader.buf.freeze(), stream));
             }
+            Err(error) => tracing::debug!(%error, "an upgraded client connection could not be handed over"),
         }
-        // Closing the socket sends the FIN; a shutdown first would be one more system call.
-        None => write.forget(),
     }
 }
 
 /// The request loop of `serve`: returns the upgrade to complete when a `101` went out.
 async fn serve_requests(
     mut reader: Reader,
-    write: &mut OwnedWriteHalf,
+    write: &mut DownstreamSocket,
     mut idle: IdleTimer,
     ctx: Arc<ConnContext>,
     settings: Http1Settings,
@@ -271,10 +272,17 @@ async fn serve_requests(
 ) -> Option<(oneshot::Sender<PrefixedStream>, Reader)> {
     loop {
         if reader.buf.is_empty() {
-            // Nothing pipelined: give the buffer back and wait for the next request.
+            // Nothing pipelined: give the buffer back and wait for the next request. The read
+            // is inside the idle wait: a readiness that turns out stale must not leave the
+            // connection waiting with no timer.
             reader.buf = BytesMut::new();
-            if !until_readable(reader.io.readable(), &mut idle, &stop).await {
-                return None;
+            let next_bytes = async {
+                reader.io.readable().await?;
+                reader.fill().await
+            };
+            match unless_idle(next_bytes, &mut idle, &stop).await {
+                Some(Ok(read)) if read > 0 => {}
+                _ => return None,
             }
         }
         let mut parts = match read_head(&mut reader, &settings).await {
@@ -354,14 +362,14 @@ fn lend(reader: Reader, decoder: BodyDecoder) -> (RequestBody, ReaderAt) {
     (RequestBody { reader: Some(reader), decoder, home: Some(home) }, ReaderAt::Lent(returning))
 }
 
-/// Waits for the client's next bytes: `false` when the connection should close instead
-/// (`stop` fired, or nothing came for the idle timeout).
-pub(crate) async fn until_readable(readable: impl Future<Output = io::Result<()>>, idle: &mut IdleTimer, stop: &CancellationToken) -> bool {
+/// Runs `wait` (for the client's next bytes) unless `stop` fires or nothing comes for the idle
+/// timeout first: then `None`, and the connection should close.
+pub(crate) async fn unless_idle<T>(wait: impl Future<Output = T>, idle: &mut IdleTimer, stop: &CancellationToken) -> Option<T> {
     let since = Instant::now();
     tokio::select! {
-        ready = readable => ready.is_ok(),
-        () = stop.cancelled() => false,
-        () = idle.expired(since) => false,
+        done = wait => Some(done),
+        () = stop.cancelled() => None,
+        () = idle.expired(since) => None,
     }
 }
 
@@ -418,7 +426,7 @@ async fn read_head(reader: &mut Reader, settings: &Http1Settings) -> Result<Opti
 }
 
 /// A head the server refused before any request existed: status only, then close.
-async fn write_local_error(write: &mut OwnedWriteHalf, status: StatusCode) -> io::Result<()> {
+async fn write_local_error(write: &mut DownstreamSocket, status: StatusCode) -> io::Result<()> {
     let mut out = Vec::with_capacity(160);
     let date = codec::http_date();
     codec::encode_response_head(&mut out, status, &HeaderMap::new(), OutgoingFraming::Length(0), ConnectionHeader::Close, &date);
@@ -433,7 +441,7 @@ enum Outcome {
 
 /// Writes the head and streams the body. Frames already available go out with the head in
 /// one write; afterwards each batch of ready frames is one write.
-async fn write_response(write: &mut OwnedWriteHalf, response: Response<ProxyBody>, exchange: &Exchange, close: bool) -> io::Result<Outcome> {
+async fn write_response(write: &mut DownstreamSocket, response: Response<ProxyBody>, exchange: &Exchange, close: bool) -> io::Result<Outcome> {
     let (parts, mut body) = response.into_parts();
     let framing = codec::response_framing(&exchange.method, exchange.version, parts.status, body.size_hint().exact());
     let close = close || framing == OutgoingFraming::UntilClose || codec::response_closes(&parts.headers);

@@ -8,4 +8,4 @@ pub(crate) mod conn;
 mod write;
 
 pub(crate) use client::{ClientConn, ResponseBody};
-pub(crate) use conn::{serve, until_readable, DownstreamUpgrade, IdleTimer, Http1Settings, PrefixedStream, RequestBody, BodyReadError};
+pub(crate) use conn::{serve, unless_idle, DownstreamUpgrade, IdleTimer, Http1Settings, PrefixedStream, RequestBody, BodyReadError};
