@@ -83,7 +83,7 @@ impl Deadline {
         }
     }
 
-    fn failure(&self) -> Failure {
+    pub fn failure(&self) -> Failure {
         if self.stream_idle { Failure::StreamIdle } else { Failure::Timeout }
     }
 }

@@ -245,7 +245,7 @@ impl<'a> Exchange<'a> {
         };
         let body = match read_body(body, replay, vhost.request_body_buffer_limit, deadline).await {
             Ok(body) => body,
-            Err(BodyError::Deadline) => return Ok(self.respond(Err(deadline_failure(deadline)), &hcm.route_config)),
+            Err(BodyError::Deadline) => return Ok(self.respond(Err(deadline.failure()), &hcm.route_config)),
             Err(BodyError::Downstream) => {
                 return Ok((local_reply(StatusCode::BAD_REQUEST, Bytes::new()), Some(DropReason::InvalidRequest)));
             }
@@ -652,10 +652,6 @@ fn set_upstream_host(headers: &mut HeaderMap, protocol: UpstreamProtocol, head: 
 enum BodyError {
     Deadline,
     Downstream,
-}
-
-fn deadline_failure(deadline: Deadline) -> Failure {
-    if deadline.stream_idle { Failure::StreamIdle } else { Failure::Timeout }
 }
 
 /// How a request body is kept for attempts after the first one.
