@@ -138,7 +138,7 @@ pub(crate) async fn accept_loop(listener: Listening, slot: usize, shared: Arc<Sh
 }
 
 async fn serve_connection(
-    stream: DownstreamSocket,
+    mut stream: DownstreamSocket,
     peer: SocketAddr,
     local: SocketAddr,
     slot: usize,
@@ -162,7 +162,7 @@ async fn serve_connection(
     let mut first_bytes = BytesMut::new();
     // One idle timer per connection, from accept through its requests.
     let mut idle = http1::IdleTimer::new(http1.idle_timeout);
-    match sniff(&stream, &mut first_bytes, &mut idle, &stop).await {
+    match sniff(&mut stream, &mut first_bytes, &mut idle, &stop).await {
         Some(ClientProtocol::Http1) => http1::serve(stream, first_bytes, idle, ctx, http1, stop).await,
         Some(ClientProtocol::Http2) => {
             let stream = match stream.into_stream() {
@@ -182,7 +182,7 @@ async fn serve_connection(
 
 /// Reads the client's first bytes until they tell HTTP/1 from HTTP/2 prior knowledge; `None`
 /// when the connection closes (or idles, or the listener stops) first.
-async fn sniff(stream: &DownstreamSocket, first_bytes: &mut BytesMut, idle: &mut http1::IdleTimer, stop: &CancellationToken) -> Option<ClientProtocol> {
+async fn sniff(stream: &mut DownstreamSocket, first_bytes: &mut BytesMut, idle: &mut http1::IdleTimer, stop: &CancellationToken) -> Option<ClientProtocol> {
     loop {
         if let Some(protocol) = client_protocol(first_bytes) {
             return Some(protocol);
@@ -190,13 +190,15 @@ async fn sniff(stream: &DownstreamSocket, first_bytes: &mut BytesMut, idle: &mut
         // Read before waiting: the listener hands over connections whose client has spoken, and
         // a whole request head usually arrives in this one read.
         first_bytes.reserve(FIRST_READ);
-        match stream.try_read_buf(first_bytes) {
-            Ok(0) => return None,
-            Ok(_) => continue,
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
-            Err(_) => return None,
-        }
-        if !matches!(http1::unless_idle(stream.readable(), idle, stop).await, Some(Ok(()))) {
+        let read = match stream.try_read_buf(first_bytes) {
+            // The waiting read is an `AsyncRead` one: a short read spends the readiness, so the
+            // next wait for this client does not start with a read that finds nothing.
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                http1::unless_idle(tokio::io::AsyncReadExt::read_buf(stream, first_bytes), idle, stop).await
+            }
+            done => Some(done),
+        };
+        if !matches!(read, Some(Ok(1..))) {
             return None;
         }
     }

@@ -151,3 +151,29 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
     assert!(idle >= Duration::from_secs(4) && idle < Duration::from_secs(5), "closed after {idle:?} more");
     assert_eq!(backend.hits(), 3);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_client_whose_first_bytes_leave_the_protocol_open_is_served_and_later_idles_out() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = Backend::echo("backend").await;
+    let proxy = Proxy::start_here();
+    let mut http = hcm(vec![prefix_route("/", to_cluster("svc"))]);
+    http.idle_timeout = Some(Duration::from_secs(10));
+    let addr = proxy.apply(tables(1, http, vec![cluster("svc", &[backend.addr])]));
+    let mut stream = connect_from([127, 0, 0, 1].into(), addr).await;
+    // `P` could still begin the HTTP/2 preface: the proxy has to wait for more to decide.
+    stream.write_all(b"P").await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stream.write_all(b"UT / HTTP/1.1\r\nhost: a\r\ncontent-length: 0\r\n\r\n").await.unwrap();
+    let mut buf = [0u8; 1024];
+    let read = stream.read(&mut buf).await.unwrap();
+    let response = String::from_utf8_lossy(&buf[..read]).into_owned();
+    assert!(response.starts_with("HTTP/1.1 200") && response.ends_with("backend"), "{response}");
+    let answered = tokio::time::Instant::now();
+    // The waits that found the socket empty must not leave it without its idle timer.
+    let read = stream.read(&mut buf).await.unwrap();
+    assert_eq!(read, 0, "closed without a response");
+    let idle = answered.elapsed();
+    assert!(idle >= Duration::from_secs(9) && idle < Duration::from_secs(11), "closed after {idle:?}");
+    assert_eq!(backend.hits(), 1);
+}
