@@ -16,7 +16,6 @@ use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::task::{ready, Context, Poll};
 
-use bytes::BufMut;
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
@@ -99,14 +98,6 @@ impl DownstreamSocket {
         }
     }
 
-    /// Reads what is there without waiting: `WouldBlock` when nothing is.
-    pub fn try_read_buf(&self, buf: &mut impl BufMut) -> io::Result<usize> {
-        match self.shared.registration.get() {
-            None => recv_into(&self.shared.socket, buf),
-            Some(_) => self.registration()?.try_io(Interest::READABLE, |_| recv_into(&self.shared.socket, buf)),
-        }
-    }
-
     /// Resolves once the socket is readable (or closed), registering it to find out.
     pub async fn readable(&self) -> io::Result<()> {
         // The guard is dropped without clearing: the read that follows decides.
@@ -137,16 +128,6 @@ impl DownstreamSocket {
     fn is_registered(&self) -> bool {
         self.shared.registration.get().is_some()
     }
-}
-
-/// One `recv` into `buf`'s spare room, which is not zeroed first.
-fn recv_into(socket: &StdTcpStream, buf: &mut impl BufMut) -> io::Result<usize> {
-    let spare = buf.chunk_mut();
-    // SAFETY: `recv` only writes into the slice, and reports how many bytes it initialized.
-    let read = socket2::SockRef::from(socket).recv(unsafe { spare.as_uninit_slice_mut() })?;
-    // SAFETY: `recv` initialized the first `read` bytes of the spare room.
-    unsafe { buf.advance_mut(read) };
-    Ok(read)
 }
 
 impl AsyncRead for DownstreamSocket {
@@ -208,19 +189,12 @@ mod tests {
 
     #[tokio::test]
     async fn an_exchange_that_never_blocks_never_registers() -> anyhow::Result<()> {
-        let (mut client, server) = connected().await?;
+        let (mut client, mut server) = connected().await?;
         client.write_all(b"GET / HTTP/1.1\r\n\r\n").await?;
-        let mut request = BytesMut::with_capacity(64);
         // The bytes are in flight on loopback for a moment.
-        let read = tokio::time::timeout(WAIT, async {
-            loop {
-                match server.try_read_buf(&mut request) {
-                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => tokio::task::yield_now().await,
-                    done => return done,
-                }
-            }
-        })
-        .await??;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let mut request = BytesMut::with_capacity(64);
+        let read = tokio::time::timeout(WAIT, server.read_buf(&mut request)).await??;
         assert_eq!(&request[..read], b"GET / HTTP/1.1\r\n\r\n");
         let mut write = server.clone();
         write.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await?;
@@ -251,13 +225,13 @@ mod tests {
 
     #[tokio::test]
     async fn bytes_sent_before_the_first_wait_are_not_missed() -> anyhow::Result<()> {
-        let (mut client, server) = connected().await?;
+        let (mut client, mut server) = connected().await?;
         client.write_all(b"early").await?;
         tokio::time::sleep(Duration::from_millis(20)).await;
         // Registered only now, with the bytes already queued: the wait must still end.
         tokio::time::timeout(WAIT, server.readable()).await??;
         let mut buf = BytesMut::with_capacity(16);
-        assert_eq!(server.try_read_buf(&mut buf)?, 5);
+        assert_eq!(tokio::time::timeout(WAIT, server.read_buf(&mut buf)).await??, 5);
         assert_eq!(&buf[..], b"early");
         Ok(())
     }

@@ -187,17 +187,10 @@ async fn sniff(stream: &mut DownstreamSocket, first_bytes: &mut BytesMut, idle: 
         if let Some(protocol) = client_protocol(first_bytes) {
             return Some(protocol);
         }
-        // Read before waiting: the listener hands over connections whose client has spoken, and
-        // a whole request head usually arrives in this one read.
+        // The listener hands over connections whose client has spoken, so this read usually
+        // finds a whole request head at once, without registering the socket or arming a timer.
         first_bytes.reserve(FIRST_READ);
-        let read = match stream.try_read_buf(first_bytes) {
-            // The waiting read is an `AsyncRead` one: a short read spends the readiness, so the
-            // next wait for this client does not start with a read that finds nothing.
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                http1::unless_idle(tokio::io::AsyncReadExt::read_buf(stream, first_bytes), idle, stop).await
-            }
-            done => Some(done),
-        };
+        let read = http1::unless_idle(tokio::io::AsyncReadExt::read_buf(stream, first_bytes), idle, stop).await;
         if !matches!(read, Some(Ok(1..))) {
             return None;
         }

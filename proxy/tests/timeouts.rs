@@ -125,15 +125,22 @@ async fn without_request_headers_timeout_a_slow_head_is_not_cut_off() {
     assert!(!half_a_head_is_closed(addr).await);
 }
 
-#[tokio::test(start_paused = true)]
-async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+/// A client connected to an echo backend through a listener whose `idle_timeout` is 10 s; the
+/// proxy is returned so that it lives as long as the test needs it.
+async fn connected_with_a_10s_idle_timeout() -> (Backend, Proxy, tokio::net::TcpStream) {
     let backend = Backend::echo("backend").await;
     let proxy = Proxy::start_here();
     let mut http = hcm(vec![prefix_route("/", to_cluster("svc"))]);
     http.idle_timeout = Some(Duration::from_secs(10));
     let addr = proxy.apply(tables(1, http, vec![cluster("svc", &[backend.addr])]));
-    let mut stream = connect_from([127, 0, 0, 1].into(), addr).await;
+    let stream = connect_from([127, 0, 0, 1].into(), addr).await;
+    (backend, proxy, stream)
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (backend, _proxy, mut stream) = connected_with_a_10s_idle_timeout().await;
     let mut buf = [0u8; 1024];
     let opened = tokio::time::Instant::now();
     // Requests 6 s apart: never idle for 10 s, so the connection outlives the timeout.
@@ -155,12 +162,7 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
 #[tokio::test(start_paused = true)]
 async fn a_client_whose_first_bytes_leave_the_protocol_open_is_served_and_later_idles_out() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let backend = Backend::echo("backend").await;
-    let proxy = Proxy::start_here();
-    let mut http = hcm(vec![prefix_route("/", to_cluster("svc"))]);
-    http.idle_timeout = Some(Duration::from_secs(10));
-    let addr = proxy.apply(tables(1, http, vec![cluster("svc", &[backend.addr])]));
-    let mut stream = connect_from([127, 0, 0, 1].into(), addr).await;
+    let (backend, _proxy, mut stream) = connected_with_a_10s_idle_timeout().await;
     // `P` could still begin the HTTP/2 preface: the proxy has to wait for more to decide.
     stream.write_all(b"P").await.unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;

@@ -365,11 +365,12 @@ fn lend(reader: Reader, decoder: BodyDecoder) -> (RequestBody, ReaderAt) {
 /// Runs `wait` (for the client's next bytes) unless `stop` fires or nothing comes for the idle
 /// timeout first: then `None`, and the connection should close.
 pub(crate) async fn unless_idle<T>(wait: impl Future<Output = T>, idle: &mut IdleTimer, stop: &CancellationToken) -> Option<T> {
-    let since = Instant::now();
     tokio::select! {
+        // `wait` first: when the bytes are already there, the timer and the token are not touched.
+        biased;
         done = wait => Some(done),
         () = stop.cancelled() => None,
-        () = idle.expired(since) => None,
+        () = idle.expired() => None,
     }
 }
 
@@ -385,11 +386,12 @@ impl IdleTimer {
         Self { timeout, sleep: timeout.map(|timeout| Box::pin(tokio::time::sleep(timeout))) }
     }
 
-    /// Resolves once `timeout` has passed since `since`; never without a timeout.
-    async fn expired(&mut self, since: Instant) {
+    /// Resolves once `timeout` has passed since it is first polled; never without a timeout.
+    async fn expired(&mut self) {
         let (Some(timeout), Some(sleep)) = (self.timeout, self.sleep.as_mut()) else {
             return std::future::pending().await;
         };
+        let since = Instant::now();
         loop {
             sleep.as_mut().await;
             let due = since + timeout;
