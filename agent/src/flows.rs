@@ -349,6 +349,7 @@ pub fn drop_reason_name(reason: DropReason) -> &'static str {
         DropReason::Overflow => "OVERFLOW",
         DropReason::UpstreamFailure => "UPSTREAM_FAILURE",
         DropReason::UpstreamTimeout => "UPSTREAM_TIMEOUT",
+        DropReason::DownstreamTimeout => "DOWNSTREAM_TIMEOUT",
     }
 }
 

@@ -2,6 +2,7 @@
 
 use std::future::poll_fn;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 
@@ -65,8 +66,64 @@ pub enum ByVersion<H1> {
     Http2(Incoming),
 }
 
-/// A downstream request's body.
-pub type DownstreamBody = ByVersion<RequestBody>;
+/// A downstream request's body, which can tell a listener's `request_timeout` that it has all
+/// arrived (see `forward::RequestTimer`).
+#[derive(Debug)]
+pub struct DownstreamBody {
+    body: ByVersion<RequestBody>,
+    /// Set once the last frame has been read; only requests with a request timer have one.
+    received: Option<Arc<AtomicBool>>,
+}
+
+impl DownstreamBody {
+    pub fn http1(body: RequestBody) -> Self {
+        Self { body: ByVersion::Http1(body), received: None }
+    }
+
+    pub fn http2(body: Incoming) -> Self {
+        Self { body: ByVersion::Http2(body), received: None }
+    }
+
+    /// A flag that turns true once the whole body has been read.
+    pub fn watch_received(&mut self) -> Arc<AtomicBool> {
+        Arc::clone(self.received.get_or_insert_with(Arc::default))
+    }
+}
+
+impl Body for DownstreamBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        if let Some(received) = &this.received {
+            if ended(&polled, &this.body) {
+                received.store(true, Ordering::Release);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Whether `body` has ended with the frame just `polled`. Writers stop polling once
+/// `is_end_stream` holds, so the end is checked after every frame too.
+fn ended(polled: &Poll<Option<Result<Frame<Bytes>, BodyError>>>, body: &impl Body) -> bool {
+    match polled {
+        Poll::Ready(None) => true,
+        Poll::Ready(Some(Ok(_))) => body.is_end_stream(),
+        _ => false,
+    }
+}
+
 /// An upstream response's body.
 pub type UpstreamBody = ByVersion<ResponseBody>;
 
@@ -116,14 +173,8 @@ impl Body for ProxyBody {
             Self::Replay(reader) => reader.poll_frame(cx),
             Self::Upstream { body, lease } => {
                 let polled = Pin::new(&mut *body).poll_frame(cx);
-                // Finished cleanly: the connection may be reused. Writers stop polling once
-                // `is_end_stream` holds, so the end is checked after every frame too.
-                let ended = match &polled {
-                    Poll::Ready(None) => true,
-                    Poll::Ready(Some(Ok(_))) => body.is_end_stream(),
-                    _ => false,
-                };
-                if ended {
+                // Finished cleanly: the connection may be reused.
+                if ended(&polled, &*body) {
                     if let Some(lease) = lease.as_mut() {
                         lease.finished(body);
                     }

@@ -41,6 +41,8 @@ pub enum DropReason {
     /// cause).
     UpstreamFailure,
     UpstreamTimeout,
+    /// The whole request did not arrive within the listener's `request_timeout` (408).
+    DownstreamTimeout,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]

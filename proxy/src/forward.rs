@@ -1,6 +1,8 @@
 //! Forwarding (authorize -> **retry/forward** -> respond): attempts, per-try and route timeouts, back-off, mirrors, upgrades.
 
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -88,6 +90,38 @@ impl Deadline {
     }
 }
 
+/// The listener's `request_timeout` (Envoy's HCM): the whole request must have arrived by
+/// `at`, unless the response started first. Armed only for a request whose body is still
+/// coming, so a bodiless request reads no clock for it.
+#[derive(Debug)]
+pub(crate) struct RequestTimer {
+    at: Instant,
+    /// Set by the request body once its last frame has been read (`DownstreamBody`).
+    received: Arc<AtomicBool>,
+}
+
+impl RequestTimer {
+    pub fn new(at: Instant, received: Arc<AtomicBool>) -> Self {
+        Self { at, received }
+    }
+
+    /// Runs `work` (reading the body, the attempts) unless the timer ends while the request
+    /// is still incomplete. Once `work` is done the response has started, which disarms it.
+    pub async fn bound<F: Future>(&self, work: F) -> Result<F::Output, Failure> {
+        let expired = async {
+            tokio::time::sleep_until(self.at).await;
+            if self.received.load(Ordering::Acquire) {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            biased;
+            output = work => Ok(output),
+            () = expired => Err(Failure::RequestTimeout),
+        }
+    }
+}
+
 /// Why no upstream response is passed on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Failure {
@@ -99,14 +133,16 @@ pub(crate) enum Failure {
     Timeout,
     /// Stream idle timeout before response headers (408).
     StreamIdle,
+    /// The listener's `request_timeout` ended before the whole request arrived (408).
+    RequestTimeout,
     /// The request body outgrew the replay buffer while a retry waited for its back-off (507).
     RetryBufferOverflow,
     /// The downstream request body failed while a retry waited for its back-off (400).
     DownstreamBody,
 }
 
-pub(crate) struct Forwarded {
-    pub result: Result<Response<ProxyBody>, Failure>,
+/// Where the attempts have got to, kept by the caller: a request timer may end them midway.
+pub(crate) struct Progress {
     pub attempts: u32,
     /// The host of the last attempt.
     pub upstream: SocketAddr,
@@ -127,20 +163,23 @@ pub(crate) struct Plan<'a> {
 
 /// Envoy's router loop: one attempt, then retries while the policy, the breakers, the replay
 /// buffer and the deadline allow; `authorize` vets every host picked for a retry and gives the
-/// header edits of the policies that allow it (`None`: denied).
+/// header edits of the policies that allow it (`None`: denied). `progress` follows the
+/// attempts, for a caller whose request timer may end them midway.
 pub(crate) async fn forward(
     plan: Plan<'_>,
     first_host: Arc<HostState>,
     mut outgoing: Outgoing,
     mut authorize: impl FnMut(&HostState) -> Option<Vec<HeaderEdit>>,
-) -> Forwarded {
+    progress: &mut Progress,
+) -> Result<Response<ProxyBody>, Failure> {
     let cluster = plan.cluster;
     let mut host = first_host;
-    let mut attempts = 0u32;
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut _retry_slot = None;
     loop {
-        attempts += 1;
+        progress.attempts += 1;
+        progress.upstream = host.addr;
+        let attempts = progress.attempts;
         let last_try = !may_follow(plan.retry_policy, attempts);
         let per_try = plan.retry_policy.and_then(|p| p.per_try_timeout).map(|t| Instant::now() + t);
         let try_deadline = earliest(per_try, plan.deadline.at);
@@ -208,7 +247,7 @@ pub(crate) async fn forward(
                 Err(AttemptOutcome::PerTryTimeout) if route_expired => Err(plan.deadline.failure()),
                 Err(outcome) => Err(failure_of(outcome)),
             };
-            return Forwarded { result, attempts, upstream: host.addr };
+            return result;
         };
         _retry_slot = Some(slot);
         drop(result);
@@ -219,12 +258,10 @@ pub(crate) async fn forward(
         let wake = Instant::now() + backoff(policy, attempts, rand::random::<u64>());
         let deadline_first = plan.deadline.at.filter(|at| *at <= wake);
         // Boxed like every cold path: it would otherwise add to each request's future.
-        if let Err(failure) = Box::pin(back_off(deadline_first.unwrap_or(wake), &outgoing.body)).await {
-            return Forwarded { result: Err(failure), attempts, upstream: host.addr };
-        }
+        Box::pin(back_off(deadline_first.unwrap_or(wake), &outgoing.body)).await?;
         if deadline_first.is_some() {
             bump(&cluster.counters.upstream_rq_timeout);
-            return Forwarded { result: Err(plan.deadline.failure()), attempts, upstream: host.addr };
+            return Err(plan.deadline.failure());
         }
         host = next;
     }
@@ -346,6 +383,7 @@ pub(crate) fn failure_response(failure: Failure) -> Response<ProxyBody> {
         Failure::Upstream => (StatusCode::SERVICE_UNAVAILABLE, "upstream connect error or disconnect/reset before headers"),
         Failure::Timeout => (StatusCode::GATEWAY_TIMEOUT, "upstream request timeout"),
         Failure::StreamIdle => (StatusCode::REQUEST_TIMEOUT, "stream timeout"),
+        Failure::RequestTimeout => (StatusCode::REQUEST_TIMEOUT, "request timeout"),
         Failure::RetryBufferOverflow => {
             (StatusCode::INSUFFICIENT_STORAGE, "exceeded request buffer limit while retrying upstream")
         }

@@ -204,7 +204,7 @@ async fn serve_http2(io: PrefixedStream, ctx: Arc<ConnContext>, builder: &http2:
     // Boxed: hyper keeps room for one in-flight request future per connection for the
     // connection's whole life; boxed it is a pointer and the state lives only while a request does.
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-        Box::pin(server::handle(Arc::clone(&ctx), request.map(DownstreamBody::Http2), None))
+        Box::pin(server::handle(Arc::clone(&ctx), request.map(DownstreamBody::http2), None))
     });
     let connection = builder.serve_connection(io, service);
     tokio::pin!(connection);

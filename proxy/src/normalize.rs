@@ -449,6 +449,7 @@ mod tests {
             merge_slashes,
             escaped_slashes,
             stream_idle_timeout: None,
+            request_timeout: None,
             request_headers_timeout: None,
             max_request_headers_bytes: 60 * 1024,
             max_headers_count: 100,

@@ -21,7 +21,7 @@ use crate::body::{DownstreamBody, ProxyBody, ReplayBuffer};
 use crate::http1::codec::connection_tokens;
 use crate::http1::DownstreamUpgrade;
 use crate::flow::{DropReason, FlowEvent, FlowPeer, FlowSink, HttpFlow, TrafficDirection, Verdict};
-use crate::forward::{self, Deadline, Failure, Outgoing, OutgoingBody, Plan};
+use crate::forward::{self, Deadline, Failure, Outgoing, OutgoingBody, Plan, RequestTimer};
 use crate::lb::PickInput;
 use crate::normalize::{normalize_request, Rejection};
 use crate::request::RequestHead;
@@ -117,7 +117,12 @@ pub(crate) async fn handle(
         Ok((response, reason)) => {
             let verdict = match reason {
                 None => Verdict::Forwarded,
-                Some(DropReason::UpstreamFailure | DropReason::UpstreamTimeout | DropReason::Overflow) => Verdict::Error,
+                Some(
+                    DropReason::UpstreamFailure
+                    | DropReason::UpstreamTimeout
+                    | DropReason::DownstreamTimeout
+                    | DropReason::Overflow,
+                ) => Verdict::Error,
                 Some(_) => Verdict::Dropped,
             };
             (verdict, *reason, Some(response.status().as_u16()))
@@ -151,7 +156,7 @@ impl<'a> Exchange<'a> {
         &mut self,
         head: &mut RequestHead,
         mut parts: http::request::Parts,
-        body: DownstreamBody,
+        mut body: DownstreamBody,
         upgrade: Option<DownstreamUpgrade>,
     ) -> PhaseResult {
         let hcm: &'a HttpConnectionManager = &self.listener.http;
@@ -243,7 +248,22 @@ impl<'a> Exchange<'a> {
             (true, true) => Replay::Teed(&cluster.counters),
             (false, true) => Replay::None,
         };
-        let body = match read_body(body, replay, vhost.request_body_buffer_limit, deadline).await {
+        // Upgrades (returned above) get no request timer: their request never ends, it
+        // becomes the tunnel.
+        let request_timer = hcm
+            .request_timeout
+            .filter(|_| !body.is_end_stream())
+            .map(|timeout| RequestTimer::new(self.started + timeout, body.watch_received()));
+        let reading = read_body(body, replay, vhost.request_body_buffer_limit, deadline);
+        let read = match &request_timer {
+            None => reading.await,
+            // Boxed like every cold path: it would otherwise add to each request's future.
+            Some(timer) => match Box::pin(timer.bound(reading)).await {
+                Ok(read) => read,
+                Err(failure) => return Ok(self.respond(Err(failure), &hcm.route_config)),
+            },
+        };
+        let body = match read {
             Ok(body) => body,
             Err(BodyError::Deadline) => return Ok(self.respond(Err(deadline.failure()), &hcm.route_config)),
             Err(BodyError::Downstream) => {
@@ -266,16 +286,27 @@ impl<'a> Exchange<'a> {
         };
         let head_for_retries = &*head;
         let source_identity = self.source_identity;
-        let forwarded = forward::forward(plan, host, outgoing, |next| {
-            let (destination_identity, _) = snapshot.peer(next.addr.ip());
-            authorize_pair(snapshot, ctx.peer.ip(), source_identity, next, destination_identity, head_for_retries)
-                .ok()
-                .map(|allowed| allowed.edits)
-        })
-        .await;
-        self.attempts = forwarded.attempts;
-        self.set_destination(forwarded.upstream);
-        Ok(self.respond(forwarded.result, &hcm.route_config))
+        let mut progress = forward::Progress { attempts: 0, upstream: host.addr };
+        let forwarding = forward::forward(
+            plan,
+            host,
+            outgoing,
+            |next| {
+                let (destination_identity, _) = snapshot.peer(next.addr.ip());
+                authorize_pair(snapshot, ctx.peer.ip(), source_identity, next, destination_identity, head_for_retries)
+                    .ok()
+                    .map(|allowed| allowed.edits)
+            },
+            &mut progress,
+        );
+        let result = match &request_timer {
+            None => forwarding.await,
+            // Boxed like every cold path; it bounds the back-offs too.
+            Some(timer) => Box::pin(timer.bound(forwarding)).await.and_then(|result| result),
+        };
+        self.attempts = progress.attempts;
+        self.set_destination(progress.upstream);
+        Ok(self.respond(result, &hcm.route_config))
     }
 
     /// Weighted split, then the cluster by name; unknown → `cluster_not_found_status`.
@@ -348,6 +379,7 @@ impl<'a> Exchange<'a> {
                     // A 507 ends a retry of a failed attempt: the upstream failure is the cause.
                     Failure::Upstream | Failure::RetryBufferOverflow => DropReason::UpstreamFailure,
                     Failure::Timeout | Failure::StreamIdle => DropReason::UpstreamTimeout,
+                    Failure::RequestTimeout => DropReason::DownstreamTimeout,
                     Failure::DownstreamBody => DropReason::InvalidRequest,
                 };
                 (forward::failure_response(failure), Some(reason))

@@ -131,6 +131,9 @@ pub struct HttpConnectionManager {
     pub escaped_slashes: EscapedSlashesAction,
     /// Idle time before a stream with no upstream response headers gets 408 (default 5 min).
     pub stream_idle_timeout: Option<Duration>,
+    /// `request_timeout`: a request whose body is still arriving this long after its head
+    /// gets 408, unless the response has started. None (Envoy's default) arms no timer.
+    pub request_timeout: Option<Duration>,
     /// `request_headers_timeout`: an HTTP/1 request head that has started must be complete
     /// within it, or the connection is closed. None (Envoy's default) arms no timer, so the
     /// request path reads no clock for it.

@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -281,7 +280,7 @@ async fn a_body_that_outgrows_the_buffer_during_back_off_gets_507() {
     let addr = proxy.apply(buffered_retry_tables(on_5xx(), 16 * 1024, backend));
 
     // A chunked upload: 1 KiB now, the rest once the proxy is waiting to retry.
-    let (chunks, response) = streaming_post(addr).await;
+    let (chunks, response) = streaming_post(addr, http::Version::HTTP_11).await;
     chunks.send(Ok(Frame::data(Bytes::from(vec![b'a'; 1024])))).await.unwrap();
     wait_for_retry(&proxy).await;
     chunks.send(Ok(Frame::data(Bytes::from(vec![b'b'; 64 * 1024])))).await.unwrap();
@@ -315,7 +314,7 @@ async fn a_body_still_arriving_when_the_first_attempt_fails_is_replayed_whole() 
     policy.avoid_previous_hosts = true;
     let addr = proxy.apply(svc_tables(retrying(policy), &[refusing, good.addr]));
 
-    let (chunks, response) = streaming_post(addr).await;
+    let (chunks, response) = streaming_post(addr, http::Version::HTTP_11).await;
     chunks.send(Ok(Frame::data(Bytes::from_static(b"sent before the 503, ")))).await.unwrap();
     wait_for_retry(&proxy).await;
     chunks.send(Ok(Frame::data(Bytes::from_static(b"sent after it")))).await.unwrap();
@@ -324,21 +323,6 @@ async fn a_body_still_arriving_when_the_first_attempt_fails_is_replayed_whole() 
     let response = tokio::time::timeout(Duration::from_secs(30), response).await.expect("answered");
     assert_eq!(collect(response.unwrap().unwrap()).await.unwrap().status, StatusCode::OK);
     assert_eq!(good.seen()[0].body, Bytes::from_static(b"sent before the 503, sent after it"));
-}
-
-type BodyChunks = tokio::sync::mpsc::Sender<Result<Frame<Bytes>, Infallible>>;
-type PendingResponse = tokio::task::JoinHandle<Result<http::Response<hyper::body::Incoming>, hyper::Error>>;
-
-/// A chunked `POST /upload` whose body is sent piece by piece through the returned sender
-/// (dropping it ends the body).
-async fn streaming_post(addr: SocketAddr) -> (BodyChunks, PendingResponse) {
-    let (chunks, mut receiver) = tokio::sync::mpsc::channel(4);
-    let body = http_body_util::StreamBody::new(futures_util::stream::poll_fn(move |cx| receiver.poll_recv(cx)));
-    let stream = connect_from(IpAddr::from([127, 0, 0, 1]), addr).await;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.unwrap();
-    tokio::spawn(connection);
-    let request = http::Request::post("/upload").header("host", "app.test").body(body).unwrap();
-    (chunks, tokio::spawn(sender.send_request(request)))
 }
 
 #[tokio::test]

@@ -1,14 +1,16 @@
-//! Per-try, route and stream-idle timeouts under paused tokio time (the proxy runs on the
+//! Per-try, route, stream-idle and request timeouts under paused tokio time (the proxy runs on the
 //! test's runtime, so its timers follow the paused clock and nothing here waits for real).
 
 mod common;
 
 use std::time::Duration;
 
+use bytes::Bytes;
 use common::*;
-use http::StatusCode;
+use http::{StatusCode, Version};
+use http_body::Frame;
 use sluice_proxy::flow::{DropReason, Verdict};
-use sluice_proxy::tables::RetryOn;
+use sluice_proxy::tables::{ForwardAction, MirrorPolicy, ProxyTables, RetryOn};
 
 /// A backend that reads the request and never answers.
 async fn hanging() -> Backend {
@@ -178,4 +180,103 @@ async fn a_client_whose_first_bytes_leave_the_protocol_open_is_served_and_later_
     let idle = answered.elapsed();
     assert!(idle >= Duration::from_secs(9) && idle < Duration::from_secs(11), "closed after {idle:?}");
     assert_eq!(backend.hits(), 1);
+}
+
+/// A listener whose requests must have arrived whole within 5 s (`request_timeout`), routing
+/// to `svc` on `backend` with `shape` applied to the route; `shadow` (for mirrors) is the same
+/// backend.
+fn five_second_request_timeout(backend: std::net::SocketAddr, shape: fn(&mut ForwardAction)) -> ProxyTables {
+    let mut action = to_cluster("svc");
+    shape(&mut action);
+    let mut http = hcm(vec![prefix_route("/", action)]);
+    http.request_timeout = Some(Duration::from_secs(5));
+    tables(1, http, vec![cluster("svc", &[backend]), cluster("shadow", &[backend])])
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_whose_body_stops_short_gets_408_at_the_request_timeout() {
+    let backend = Backend::echo("echo").await;
+    fn streamed(_: &mut ForwardAction) {}
+    fn teed_for_retries(action: &mut ForwardAction) {
+        action.retry_policy = Some(retry_policy(on_5xx(), 1));
+    }
+    fn buffered_for_a_mirror(action: &mut ForwardAction) {
+        action.mirrors = vec![MirrorPolicy { cluster: "shadow".into(), fraction_per_million: 1_000_000 }];
+    }
+    // The three ways a request body goes upstream, and HTTP/2's body; the attempts the flow
+    // records (a mirrored body is read whole before the first attempt).
+    let cases: [(fn(&mut ForwardAction), Version, u32); 4] = [
+        (streamed, Version::HTTP_11, 1),
+        (teed_for_retries, Version::HTTP_11, 1),
+        (buffered_for_a_mirror, Version::HTTP_11, 0),
+        (streamed, Version::HTTP_2, 1),
+    ];
+    for (shape, version, attempts) in cases {
+        let mut proxy = Proxy::start_here();
+        let addr = proxy.apply(five_second_request_timeout(backend.addr, shape));
+        let started = tokio::time::Instant::now();
+        let (chunks, response) = streaming_post(addr, version).await;
+        chunks.send(Ok(Frame::data(Bytes::from_static(b"the first half")))).await.unwrap();
+        let got = collect(response.await.unwrap().unwrap()).await.unwrap();
+        assert_eq!((got.status, got.body.as_str()), (StatusCode::REQUEST_TIMEOUT, "request timeout"), "{version:?}, {attempts}");
+        assert!(started.elapsed() >= Duration::from_secs(5));
+        if version == Version::HTTP_11 {
+            // The rest of the body was never read: the connection cannot carry another request.
+            assert_eq!(got.headers["connection"], "close");
+        }
+        let flow = &proxy.drain_flows()[0];
+        assert_eq!((flow.verdict, flow.drop_reason, flow.attempts), (Verdict::Error, Some(DropReason::DownstreamTimeout), attempts));
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_that_arrived_whole_may_wait_past_the_request_timeout_for_its_response() {
+    let backend = Backend::start("slow", |_, request| {
+        Box::pin(async move {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            reply(StatusCode::OK, &String::from_utf8_lossy(&request.body))
+        })
+    })
+    .await;
+    let proxy = Proxy::start_here();
+    let addr = proxy.apply(five_second_request_timeout(backend.addr, |_| {}));
+    let started = tokio::time::Instant::now();
+    let (chunks, response) = streaming_post(addr, Version::HTTP_11).await;
+    chunks.send(Ok(Frame::data(Bytes::from_static(b"whole")))).await.unwrap();
+    drop(chunks);
+    let got = collect(response.await.unwrap().unwrap()).await.unwrap();
+    assert_eq!((got.status, got.body.as_str()), (StatusCode::OK, "whole"));
+    // A request without a body has arrived whole with its head.
+    assert_eq!(get(addr, "/").await.status, StatusCode::OK);
+    assert!(started.elapsed() >= Duration::from_secs(20));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_response_that_started_before_the_body_ended_is_not_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Answers as soon as it has a request head, and sends the response body 10 s later.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    let _server = tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|window| window == b"\r\n\r\n") {
+            let read = stream.read(&mut buf).await.unwrap();
+            assert!(read > 0, "a whole request head");
+            head.extend_from_slice(&buf[..read]);
+        }
+        stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n").await.unwrap();
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        stream.write_all(b"early").await.unwrap();
+        // Held open until the proxy has read the body.
+        let _ = stream.read(&mut buf).await;
+    });
+    let proxy = Proxy::start_here();
+    let addr = proxy.apply(five_second_request_timeout(backend, |_| {}));
+    let (chunks, response) = streaming_post(addr, Version::HTTP_11).await;
+    chunks.send(Ok(Frame::data(Bytes::from_static(b"never finished")))).await.unwrap();
+    let got = collect(response.await.unwrap().unwrap()).await.unwrap();
+    assert_eq!((got.status, got.body.as_str()), (StatusCode::OK, "early"));
+    drop(chunks);
 }

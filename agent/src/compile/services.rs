@@ -154,12 +154,6 @@ fn resolve_listener(
         ));
     }
     let hcm = &chain.http_connection_manager;
-    if hcm.request_timeout.is_some() {
-        cx.warnings.insert(format!(
-            "{origin}: listener {}: request_timeout is not enforced (route timeouts, stream_idle_timeout and request_headers_timeout are)",
-            listener.name
-        ));
-    }
     let route_config = match &hcm.routes {
         RouteSource::Inline(inline) => convert::route_config(inline, cx),
         RouteSource::Rds(name) => {
@@ -430,17 +424,18 @@ mod tests {
     }
 
     #[test]
-    fn an_hcm_request_timeout_is_reported_as_not_enforced() {
+    fn an_hcm_request_timeout_reaches_the_listener_without_a_warning() {
         let cec = |timeout: &str| {
             format!("apiVersion: cilium.io/v2\nkind: CiliumEnvoyConfig\nmetadata: {{name: cfg}}\nspec:\n  resources:\n  - \"@type\": type.googleapis.com/envoy.config.listener.v3.Listener\n    name: l\n    filter_chains:\n    - filters:\n      - name: envoy.filters.network.http_connection_manager\n        typed_config:\n          \"@type\": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager\n          stat_prefix: l\n{timeout}          route_config: {{virtual_hosts: [{{name: v, domains: ['*'], routes: [{{match: {{prefix: /}}, direct_response: {{status: 200}}}}]}}]}}\n          http_filters: [{{name: envoy.filters.http.router}}]\n")
         };
-        let warned = |yaml: &str| {
+        let compiled = |yaml: &str| {
             let mut warnings = Warnings::new();
-            compile_frontends(&model(yaml), &LabelSet::new(), &mut warnings);
-            warnings.iter().any(|w| w.contains("request_timeout is not enforced"))
+            let frontends = compile_frontends(&model(yaml), &LabelSet::new(), &mut warnings);
+            assert!(warnings.is_empty(), "{warnings:?}");
+            frontends.listeners.iter().map(|l| l.http.request_timeout).collect::<Vec<_>>()
         };
-        assert!(warned(&cec("          request_timeout: 30s\n")));
-        assert!(!warned(&cec("")));
-        assert!(!warned(&cec("          request_timeout: 0s\n")));
+        assert_eq!(compiled(&cec("          request_timeout: 30s\n")), vec![Some(std::time::Duration::from_secs(30))]);
+        assert_eq!(compiled(&cec("")), vec![None]);
+        assert_eq!(compiled(&cec("          request_timeout: 0s\n")), vec![None]);
     }
 }

@@ -320,7 +320,7 @@ async fn serve_requests(
             Ok(BodyFraming::Chunked) => lend(reader, BodyDecoder::chunked(settings.max_head_bytes)),
             _ => (RequestBody::empty(), ReaderAt::Home(reader)),
         };
-        let request = Request::from_parts(parts, DownstreamBody::Http1(body));
+        let request = Request::from_parts(parts, DownstreamBody::http1(body));
         // Boxed: inline, the request's state machine (~4 KiB) would be part of every idle
         // connection's task for the connection's whole life.
         let Ok(response) = Box::pin(server::handle(Arc::clone(&ctx), request, upgrade)).await else {

@@ -274,6 +274,29 @@ pub async fn collect(response: Response<Incoming>) -> Result<Got, hyper::Error> 
     Ok(Got { status: parts.status, headers: parts.headers, body: String::from_utf8_lossy(&body).into_owned() })
 }
 
+pub type BodyChunks = tokio::sync::mpsc::Sender<Result<http_body::Frame<Bytes>, Infallible>>;
+pub type PendingResponse = tokio::task::JoinHandle<Result<Response<Incoming>, hyper::Error>>;
+
+/// A `POST /upload` (chunked on HTTP/1.1, DATA frames on HTTP/2 prior knowledge) whose body is
+/// sent piece by piece through the returned sender; dropping it ends the body.
+pub async fn streaming_post(addr: SocketAddr, version: http::Version) -> (BodyChunks, PendingResponse) {
+    let (chunks, mut receiver) = tokio::sync::mpsc::channel(4);
+    let body = http_body_util::StreamBody::new(futures_util::stream::poll_fn(move |cx| receiver.poll_recv(cx)));
+    let stream = TokioIo::new(connect_from(IpAddr::from([127, 0, 0, 1]), addr).await);
+    let response = if version == http::Version::HTTP_2 {
+        let (mut sender, connection) = hyper::client::conn::http2::handshake(TokioExecutor::new(), stream).await.unwrap();
+        tokio::spawn(connection);
+        let request = Request::post("http://app.test/upload").version(version).body(body).unwrap();
+        tokio::spawn(sender.send_request(request))
+    } else {
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(stream).await.unwrap();
+        tokio::spawn(connection);
+        let request = Request::post("/upload").header("host", "app.test").body(body).unwrap();
+        tokio::spawn(sender.send_request(request))
+    };
+    (chunks, response)
+}
+
 /// A keep-alive client that sends every request from `source`.
 pub fn pooled_client(source: IpAddr) -> hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>> {
     let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
@@ -301,6 +324,7 @@ pub fn hcm(routes: Vec<Route>) -> HttpConnectionManager {
         merge_slashes: true,
         escaped_slashes: EscapedSlashesAction::default(),
         stream_idle_timeout: Some(Duration::from_secs(300)),
+        request_timeout: None,
         request_headers_timeout: None,
         max_request_headers_bytes: 60 * 1024,
         max_headers_count: 100,
