@@ -448,6 +448,52 @@ async fn live_reload_of_routes_and_policies_under_load_fails_no_request() -> Res
     Ok(())
 }
 
+/// A backend that accepts connections, reads what comes and never answers.
+async fn silent_backend(addr: SocketAddr) -> Result<tokio::task::JoinHandle<()>> {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    Ok(tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move { while matches!(stream.read(&mut [0u8; 1024]).await, Ok(1..)) {} });
+        }
+    }))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cec_request_timeout_answers_408_to_a_request_whose_body_stops_short() -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let net = 34;
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("config");
+    std::fs::create_dir_all(&config)?;
+    std::fs::write(config.join("app.yaml"), helloworld(net))?;
+    let with_timeout = canary(100, 0).replace(
+        "stat_prefix: envoy-lb-listener\n",
+        "stat_prefix: envoy-lb-listener\n                request_timeout: 1s\n",
+    );
+    assert!(with_timeout.contains("request_timeout: 1s"));
+    std::fs::write(config.join("canary.yaml"), with_timeout)?;
+    let _v1 = silent_backend(SocketAddr::new(ip(net, 1), 5000)).await?;
+    let agent = Agent::start(&config, &dir.path().join("state"))?;
+    let errors = agent.status()?["errors"].clone();
+    assert_eq!(errors, serde_json::json!([]), "the CEC is accepted");
+
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(ip(net, 3), 0))?;
+    let mut stream = socket.connect(format!("127.{net}.1.1:5000").parse()?).await?;
+    let started = std::time::Instant::now();
+    stream.write_all(b"POST /upload HTTP/1.1\r\nhost: helloworld\r\ncontent-length: 10\r\n\r\nhalf").await?;
+    let mut response = Vec::new();
+    tokio::time::timeout(REQUEST_TIMEOUT, stream.read_to_end(&mut response)).await.context("answered and closed")??;
+    let response = String::from_utf8_lossy(&response);
+    assert!(response.starts_with("HTTP/1.1 408 "), "{response}");
+    assert!(response.ends_with("request timeout"), "{response}");
+    // The route's own timeout (Envoy's default, 15 s) would have answered 504 much later.
+    assert!(started.elapsed() >= Duration::from_secs(1), "{:?}", started.elapsed());
+    agent.terminate()?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identities_survive_a_restart() -> Result<()> {
     let net = 33;
