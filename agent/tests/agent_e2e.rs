@@ -182,6 +182,17 @@ spec:
           path: "/v1/request-landing"
 "#;
 
+/// A temp dir (the caller keeps it alive) whose `config` folder holds `files`.
+fn config_dir_with(files: &[(&str, &str)]) -> Result<(tempfile::TempDir, PathBuf)> {
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("config");
+    std::fs::create_dir_all(&config)?;
+    for (name, text) in files {
+        std::fs::write(config.join(name), text)?;
+    }
+    Ok((dir, config))
+}
+
 fn ip(net: u8, host: u8) -> IpAddr {
     IpAddr::from([127, net, 0, host])
 }
@@ -201,10 +212,7 @@ fn denied(outcome: &Outcome) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policy_is_enforced_reloaded_and_bad_yaml_keeps_the_last_good_state() -> Result<()> {
     let net = 31;
-    let dir = tempfile::tempdir()?;
-    let config = dir.path().join("config");
-    std::fs::create_dir_all(&config)?;
-    std::fs::write(config.join("app.yaml"), star_wars(net))?;
+    let (dir, config) = config_dir_with(&[("app.yaml", &star_wars(net))])?;
     let _backend = workload::serve(SocketAddr::new(ip(net, 1), 8080), workload::deathstar()).await?;
     let agent = Agent::start(&config, &dir.path().join("state"))?;
     let frontend: SocketAddr = format!("127.{net}.1.1:8000").parse()?;
@@ -381,11 +389,7 @@ spec:
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn live_reload_of_routes_and_policies_under_load_fails_no_request() -> Result<()> {
     let net = 32;
-    let dir = tempfile::tempdir()?;
-    let config = dir.path().join("config");
-    std::fs::create_dir_all(&config)?;
-    std::fs::write(config.join("app.yaml"), helloworld(net))?;
-    std::fs::write(config.join("canary.yaml"), canary(90, 10))?;
+    let (dir, config) = config_dir_with(&[("app.yaml", &helloworld(net)), ("canary.yaml", &canary(90, 10))])?;
     let _v1 = workload::serve(SocketAddr::new(ip(net, 1), 5000), workload::helloworld("v1", "helloworld-v1-0")).await?;
     let _v2 = workload::serve(SocketAddr::new(ip(net, 2), 5000), workload::helloworld("v2", "helloworld-v2-0")).await?;
     let agent = Agent::start(&config, &dir.path().join("state"))?;
@@ -463,16 +467,12 @@ async fn silent_backend(addr: SocketAddr) -> Result<tokio::task::JoinHandle<()>>
 async fn a_cec_request_timeout_answers_408_to_a_request_whose_body_stops_short() -> Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let net = 34;
-    let dir = tempfile::tempdir()?;
-    let config = dir.path().join("config");
-    std::fs::create_dir_all(&config)?;
-    std::fs::write(config.join("app.yaml"), helloworld(net))?;
     let with_timeout = canary(100, 0).replace(
         "stat_prefix: envoy-lb-listener\n",
         "stat_prefix: envoy-lb-listener\n                request_timeout: 1s\n",
     );
     assert!(with_timeout.contains("request_timeout: 1s"));
-    std::fs::write(config.join("canary.yaml"), with_timeout)?;
+    let (dir, config) = config_dir_with(&[("app.yaml", &helloworld(net)), ("canary.yaml", &with_timeout)])?;
     let _v1 = silent_backend(SocketAddr::new(ip(net, 1), 5000)).await?;
     let agent = Agent::start(&config, &dir.path().join("state"))?;
     let errors = agent.status()?["errors"].clone();
@@ -497,11 +497,8 @@ async fn a_cec_request_timeout_answers_408_to_a_request_whose_body_stops_short()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identities_survive_a_restart() -> Result<()> {
     let net = 33;
-    let dir = tempfile::tempdir()?;
-    let config = dir.path().join("config");
+    let (dir, config) = config_dir_with(&[("app.yaml", &star_wars(net))])?;
     let state = dir.path().join("state");
-    std::fs::create_dir_all(&config)?;
-    std::fs::write(config.join("app.yaml"), star_wars(net))?;
     let ids = |agent: &Agent| -> Result<Vec<(u64, Value)>> {
         Ok(agent
             .cli_json(&["identity", "list"])?
