@@ -255,6 +255,8 @@ impl<'a> Exchange<'a> {
             .filter(|_| !body.is_end_stream())
             .map(|timeout| RequestTimer::new(self.started + timeout, body.watch_received()));
         let reading = read_body(body, replay, vhost.request_body_buffer_limit, deadline);
+        // Matched here and below rather than in one helper: a wrapping future (`Either` plus
+        // `map`) cost ~1400 instructions per request in moves, timer or not (callgrind).
         let read = match &request_timer {
             None => reading.await,
             // Boxed like every cold path: it would otherwise add to each request's future.

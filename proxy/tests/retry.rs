@@ -97,26 +97,6 @@ async fn the_clients_headers_reach_every_attempt_with_or_without_a_retry_policy(
     }
 }
 
-/// A raw TCP backend: `serve(connection_index, stream)` for every accepted connection;
-/// also returns how many connections were accepted.
-async fn raw_backend<F, Fut>(serve: F) -> (SocketAddr, Arc<AtomicUsize>)
-where
-    F: Fn(usize, tokio::net::TcpStream) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let counter = Arc::clone(&accepted);
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
-            tokio::spawn(serve(counter.fetch_add(1, Ordering::SeqCst), stream));
-        }
-    });
-    (addr, accepted)
-}
-
 /// Closes the first `resets` connections after reading the request, then answers `200 ok`.
 async fn resetting_first(resets: usize) -> (SocketAddr, Arc<AtomicUsize>) {
     raw_backend(move |index, mut stream| async move {

@@ -255,10 +255,7 @@ async fn a_request_that_arrived_whole_may_wait_past_the_request_timeout_for_its_
 async fn a_response_that_started_before_the_body_ended_is_not_cut_off() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     // Answers as soon as it has a request head, and sends the response body 10 s later.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let backend = listener.local_addr().unwrap();
-    let _server = tokio::spawn(async move {
-        let (mut stream, _) = listener.accept().await.unwrap();
+    let (backend, _) = raw_backend(|_, mut stream| async move {
         let mut head = Vec::new();
         let mut buf = [0u8; 1024];
         while !head.windows(4).any(|window| window == b"\r\n\r\n") {
@@ -271,7 +268,8 @@ async fn a_response_that_started_before_the_body_ended_is_not_cut_off() {
         stream.write_all(b"early").await.unwrap();
         // Held open until the proxy has read the body.
         let _ = stream.read(&mut buf).await;
-    });
+    })
+    .await;
     let proxy = Proxy::start_here();
     let addr = proxy.apply(five_second_request_timeout(backend, |_| {}));
     let (chunks, response) = streaming_post(addr, Version::HTTP_11).await;

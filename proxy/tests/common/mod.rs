@@ -197,24 +197,24 @@ pub async fn gated(name: &str) -> (Backend, tokio::sync::watch::Sender<bool>) {
     (backend, release)
 }
 
-/// A TCP server that reads a request and closes the connection without answering.
-pub async fn resetting_backend() -> (SocketAddr, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
+/// A raw TCP backend: `serve(connection_index, stream)` for every accepted connection;
+/// also returns how many connections were accepted.
+pub async fn raw_backend<F, Fut>(serve: F) -> (SocketAddr, Arc<AtomicUsize>)
+where
+    F: Fn(usize, TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let accepted = Arc::new(AtomicUsize::new(0));
     let counter = Arc::clone(&accepted);
-    let task = tokio::spawn(async move {
+    tokio::spawn(async move {
         loop {
-            let Ok((mut stream, _)) = listener.accept().await else { continue };
-            counter.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut buffer = [0u8; 4096];
-                let _ = tokio::io::AsyncReadExt::read(&mut stream, &mut buffer).await;
-                drop(stream);
-            });
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            tokio::spawn(serve(counter.fetch_add(1, Ordering::SeqCst), stream));
         }
     });
-    (addr, accepted, task)
+    (addr, accepted)
 }
 
 /// An address where nothing listens (connections are refused).
