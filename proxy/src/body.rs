@@ -1,15 +1,17 @@
 //! Message bodies on both legs (forward -> **body** -> respond): one enum instead of a boxed body per request.
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use tokio::sync::Notify;
+use tokio::time::{Instant, Sleep};
 
 use crate::http1::{BodyReadError, RequestBody, ResponseBody};
 use crate::stats::{bump, ClusterCounters};
@@ -26,6 +28,13 @@ pub enum BodyError {
     /// aborts that upstream exchange instead of ending its request early but cleanly.
     #[error("request body abandoned: the attempt was superseded by a retry")]
     Superseded,
+    /// The route timeout ended while the response body was still coming (Envoy resets the
+    /// stream then: its headers have gone out).
+    #[error("the route timeout ended inside the response body")]
+    RouteTimeout,
+    /// No frame of the response body came within the stream idle timeout.
+    #[error("the stream idle timeout ended inside the response body")]
+    StreamIdle,
 }
 
 /// Every body the proxy sends, downstream or upstream.
@@ -42,7 +51,7 @@ pub enum ProxyBody {
     /// A request body passed through as it arrives (no replay).
     Downstream(DownstreamBody),
     /// An upstream response passed through as it arrives.
-    Upstream { body: UpstreamBody, lease: Option<Lease> },
+    Upstream { body: UpstreamBody, lease: Option<Lease>, timer: ResponseTimer },
     /// One attempt's view of a request body that is streamed and copied for retries.
     Replay(ReplayReader),
 }
@@ -66,27 +75,28 @@ pub enum ByVersion<H1> {
     Http2(Incoming),
 }
 
-/// A downstream request's body, which can tell a listener's `request_timeout` that it has all
-/// arrived (see `forward::RequestTimer`).
+/// A downstream request's body, which can report how far it has got to the timers that run on
+/// it (see [`BodyProgress`]).
 #[derive(Debug)]
 pub struct DownstreamBody {
     body: ByVersion<RequestBody>,
-    /// Set once the last frame has been read; only requests with a request timer have one.
-    received: Option<Arc<AtomicBool>>,
+    /// Only a body still arriving after its head has one.
+    progress: Option<Arc<BodyProgress>>,
 }
 
 impl DownstreamBody {
     pub fn http1(body: RequestBody) -> Self {
-        Self { body: ByVersion::Http1(body), received: None }
+        Self { body: ByVersion::Http1(body), progress: None }
     }
 
     pub fn http2(body: Incoming) -> Self {
-        Self { body: ByVersion::Http2(body), received: None }
+        Self { body: ByVersion::Http2(body), progress: None }
     }
 
-    /// A flag that turns true once the whole body has been read.
-    pub fn watch_received(&mut self) -> Arc<AtomicBool> {
-        Arc::clone(self.received.get_or_insert_with(Arc::default))
+    /// From now on the body reports its frames and its end; `head_at` counts as its first
+    /// activity.
+    pub(crate) fn watch(&mut self, head_at: Instant) -> Arc<BodyProgress> {
+        Arc::clone(self.progress.get_or_insert_with(|| Arc::new(BodyProgress::new(head_at))))
     }
 }
 
@@ -97,9 +107,9 @@ impl Body for DownstreamBody {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.body).poll_frame(cx);
-        if let Some(received) = &this.received {
-            if ended(&polled, &this.body) {
-                received.store(true, Ordering::Release);
+        if let Some(progress) = &this.progress {
+            if matches!(polled, Poll::Ready(Some(Ok(_)) | None)) {
+                progress.advanced(ended(&polled, &this.body));
             }
         }
         polled
@@ -111,6 +121,54 @@ impl Body for DownstreamBody {
 
     fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
+    }
+}
+
+/// How far a request body still arriving has got, for the timers Envoy runs on it: the
+/// listener's `request_timeout` ends with the body, the stream idle timeout restarts with each
+/// frame, and the route and per-try timeouts start only at its end.
+#[derive(Debug)]
+pub(crate) struct BodyProgress {
+    state: Mutex<Progressed>,
+    /// Woken at the end, for a timer waiting for the route timeout to start.
+    end: Notify,
+}
+
+/// A snapshot of [`BodyProgress`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Progressed {
+    /// When the last frame (at first: the head) arrived.
+    pub last_frame: Instant,
+    /// When the body ended; `None` while it still arrives.
+    pub ended: Option<Instant>,
+}
+
+impl BodyProgress {
+    fn new(head_at: Instant) -> Self {
+        Self { state: Mutex::new(Progressed { last_frame: head_at, ended: None }), end: Notify::new() }
+    }
+
+    pub fn get(&self) -> Progressed {
+        *self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn advanced(&self, ended: bool) {
+        let now = Instant::now();
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.last_frame = now;
+        if ended && state.ended.is_none() {
+            state.ended = Some(now);
+            drop(state);
+            self.end.notify_one();
+        }
+    }
+
+    /// Resolves once the body has ended (at once if it has).
+    pub async fn ended(&self) {
+        // A permit stored by `notify_one` covers an end between the check and the wait.
+        while self.get().ended.is_none() {
+            self.end.notified().await;
+        }
     }
 }
 
@@ -171,8 +229,20 @@ impl Body for ProxyBody {
             },
             Self::Downstream(body) => Pin::new(body).poll_frame(cx),
             Self::Replay(reader) => reader.poll_frame(cx),
-            Self::Upstream { body, lease } => {
+            Self::Upstream { body, lease, timer } => {
                 let polled = Pin::new(&mut *body).poll_frame(cx);
+                if polled.is_pending() {
+                    if let Err(expired) = timer.poll_expired(cx) {
+                        if let (BodyError::RouteTimeout, Some(lease)) = (&expired, lease.as_ref()) {
+                            lease.timed_out();
+                        }
+                        // The lease goes unfinished: the upstream connection is closed.
+                        *lease = None;
+                        return Poll::Ready(Some(Err(expired)));
+                    }
+                    return Poll::Pending;
+                }
+                timer.frame();
                 // Finished cleanly: the connection may be reused.
                 if ended(&polled, &*body) {
                     if let Some(lease) = lease.as_mut() {
@@ -202,6 +272,77 @@ impl Body for ProxyBody {
             Self::Upstream { body, .. } => body.size_hint(),
             Self::Replay(reader) => reader.size_hint(),
         }
+    }
+}
+
+/// The timeouts that still run once a response's headers have been passed on, as Envoy runs
+/// them: the route timeout until the end of the body, the stream idle timeout between its
+/// frames. Nothing is armed while every frame is ready when asked for, which is how most
+/// responses arrive.
+#[derive(Debug, Default)]
+pub(crate) struct ResponseTimer {
+    route_at: Option<Instant>,
+    idle: Option<Duration>,
+    /// Armed at the first frame that was not ready.
+    armed: Option<Pin<Box<ArmedTimer>>>,
+}
+
+pin_project_lite::pin_project! {
+    #[derive(Debug)]
+    struct ArmedTimer {
+        #[pin]
+        sleep: Sleep,
+        // Moved by each frame; the sleep is moved only when it fires early.
+        last_frame: Instant,
+    }
+}
+
+impl ResponseTimer {
+    pub fn new(route_at: Option<Instant>, idle: Option<Duration>) -> Self {
+        Self { route_at, idle, armed: None }
+    }
+
+    fn frame(&mut self) {
+        if let Some(armed) = self.armed.as_mut() {
+            *armed.as_mut().project().last_frame = Instant::now();
+        }
+    }
+
+    /// While the next frame is not ready: `Err` once a timeout has ended the response.
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Result<(), BodyError> {
+        let (route_at, idle) = (self.route_at, self.idle);
+        let due = |last_frame: Instant| earliest(route_at, idle.map(|idle| last_frame + idle));
+        let armed = match self.armed.as_mut() {
+            Some(armed) => armed,
+            None => {
+                let now = Instant::now();
+                let Some(at) = due(now) else { return Ok(()) };
+                self.armed.insert(Box::pin(ArmedTimer { sleep: tokio::time::sleep_until(at), last_frame: now }))
+            }
+        };
+        loop {
+            let mut timer = armed.as_mut().project();
+            if timer.sleep.as_mut().poll(cx).is_pending() {
+                return Ok(());
+            }
+            let now = Instant::now();
+            if route_at.is_some_and(|at| at <= now) {
+                return Err(BodyError::RouteTimeout);
+            }
+            match due(*timer.last_frame) {
+                Some(at) if at <= now => return Err(BodyError::StreamIdle),
+                // A frame came since the sleep was set: wait from that frame.
+                Some(at) => timer.sleep.reset(at),
+                None => return Ok(()),
+            }
+        }
+    }
+}
+
+pub(crate) fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 

@@ -2,8 +2,8 @@
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, HOST};
@@ -11,7 +11,7 @@ use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use tokio::time::Instant;
 
 use crate::authorize::HeaderEdit;
-use crate::body::{FillError, ProxyBody, ReplayBuffer, UpstreamBody};
+use crate::body::{earliest, BodyProgress, Progressed, FillError, ProxyBody, ReplayBuffer, ResponseTimer, UpstreamBody};
 use crate::http1::DownstreamUpgrade;
 use crate::lb::PickInput;
 use crate::retry::{backoff, is_retriable, may_follow, AttemptOutcome};
@@ -66,27 +66,152 @@ impl OutgoingBody {
     }
 }
 
-/// When the whole exchange must have produced response headers, and which timeout that is.
+/// An exchange's route timeout and the listener's stream idle timeout, as Envoy runs them:
+/// the route timeout (and each per-try timeout) from the end of the request, the idle timeout
+/// from its last activity. Zero turns one off.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timeouts {
+    pub route: Option<Duration>,
+    pub stream_idle: Option<Duration>,
+}
+
+impl Timeouts {
+    pub fn new(route: Option<Duration>, stream_idle: Option<Duration>) -> Self {
+        Self { route: route.filter(|t| !t.is_zero()), stream_idle: stream_idle.filter(|t| !t.is_zero()) }
+    }
+
+    /// The deadlines of a request that arrived whole at `ended`.
+    fn deadline_after(&self, ended: Instant) -> Deadline {
+        Deadline { route_at: self.route.map(|t| ended + t), idle_at: self.stream_idle.map(|t| ended + t) }
+    }
+}
+
+/// When a request that has arrived whole must have its response headers.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Deadline {
-    pub at: Option<Instant>,
-    /// The stream idle timeout (408) ends first rather than the route timeout (504).
-    pub stream_idle: bool,
+    route_at: Option<Instant>,
+    idle_at: Option<Instant>,
 }
 
 impl Deadline {
-    pub fn new(now: Instant, route_timeout: Option<std::time::Duration>, stream_idle: Option<std::time::Duration>) -> Self {
-        let route = route_timeout.filter(|t| !t.is_zero()).map(|t| now + t);
-        let idle = stream_idle.filter(|t| !t.is_zero()).map(|t| now + t);
-        match (route, idle) {
-            (Some(route), Some(idle)) if idle < route => Self { at: Some(idle), stream_idle: true },
-            (None, Some(idle)) => Self { at: Some(idle), stream_idle: true },
-            (route, _) => Self { at: route, stream_idle: false },
+    pub fn at(&self) -> Option<Instant> {
+        earliest(self.route_at, self.idle_at)
+    }
+
+    /// The stream idle timeout (408) when it ends first, the route timeout (504) otherwise.
+    pub fn failure(&self) -> Failure {
+        match (self.route_at, self.idle_at) {
+            (Some(route), Some(idle)) if idle < route => Failure::StreamIdle,
+            (None, Some(_)) => Failure::StreamIdle,
+            _ => Failure::Timeout,
+        }
+    }
+}
+
+/// The timeouts of one exchange as its request arrives.
+#[derive(Debug, Clone)]
+pub(crate) struct Clock {
+    timeouts: Timeouts,
+    arrival: Arrival,
+}
+
+#[derive(Debug, Clone)]
+enum Arrival {
+    /// At this instant, with its head (no body, or a body already whole).
+    Whole(Instant),
+    /// Its body is still arriving, or was when the exchange began.
+    Body(Arc<BodyProgress>),
+}
+
+/// What ended a wait bounded while the request body was still arriving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Expired {
+    /// The attempt's per-try timeout.
+    PerTry,
+    /// A timeout that ends the whole exchange.
+    Exchange(Failure),
+}
+
+impl Clock {
+    /// A request that arrived whole with its head at `head_at`.
+    pub fn whole(timeouts: Timeouts, head_at: Instant) -> Self {
+        Self { timeouts, arrival: Arrival::Whole(head_at) }
+    }
+
+    /// A request whose body is still arriving.
+    pub fn arriving(timeouts: Timeouts, body: Arc<BodyProgress>) -> Self {
+        Self { timeouts, arrival: Arrival::Body(body) }
+    }
+
+    fn progress(&self) -> Progressed {
+        match &self.arrival {
+            Arrival::Whole(at) => Progressed { last_frame: *at, ended: Some(*at) },
+            Arrival::Body(body) => body.get(),
         }
     }
 
+    async fn body_ended(&self) {
+        if let Arrival::Body(body) = &self.arrival {
+            body.ended().await;
+        }
+    }
+
+    /// The fixed deadline once the request has arrived whole; `None` while its body arrives.
+    pub fn deadline(&self) -> Option<Deadline> {
+        self.progress().ended.map(|ended| self.timeouts.deadline_after(ended))
+    }
+
+    /// What the timeout that has ended the exchange answers.
     pub fn failure(&self) -> Failure {
-        if self.stream_idle { Failure::StreamIdle } else { Failure::Timeout }
+        self.deadline().map_or(Failure::StreamIdle, |deadline| deadline.failure())
+    }
+
+    /// The timers that go on running in the response's body.
+    pub fn response_timer(&self) -> ResponseTimer {
+        ResponseTimer::new(self.deadline().and_then(|deadline| deadline.route_at), self.timeouts.stream_idle)
+    }
+
+    /// Runs `work` (an attempt, or the reading of a body) unless a timeout ends it first: the
+    /// stream idle timeout restarted by each frame of the body, or, from the body's end, the
+    /// route timeout and `per_try` (counted from the later of the end and when `work` began).
+    /// A request that arrived whole has a fixed `deadline`, which is cheaper to wait for.
+    pub async fn bound<F: Future>(&self, work: F, per_try: Option<Duration>) -> Result<F::Output, Expired> {
+        let began = Instant::now();
+        let expired = async {
+            loop {
+                let progress = self.progress();
+                let route_at = progress.ended.and_then(|ended| self.timeouts.route.map(|t| ended + t));
+                let per_try_at = progress.ended.zip(per_try).map(|(ended, t)| ended.max(began) + t);
+                let idle_at = self.timeouts.stream_idle.map(|t| progress.last_frame + t);
+                tokio::select! {
+                    () = sleep_until_some(earliest(earliest(route_at, idle_at), per_try_at)) => {}
+                    () = self.body_ended(), if progress.ended.is_none() => continue,
+                }
+                let now = Instant::now();
+                if route_at.is_some_and(|at| at <= now) {
+                    return Expired::Exchange(Failure::Timeout);
+                }
+                if per_try_at.is_some_and(|at| at <= now) {
+                    return Expired::PerTry;
+                }
+                // Only when no frame came while the timer ran.
+                if self.timeouts.stream_idle.is_some_and(|t| self.progress().last_frame + t <= now) {
+                    return Expired::Exchange(Failure::StreamIdle);
+                }
+            }
+        };
+        tokio::select! {
+            biased;
+            output = work => Ok(output),
+            expired = expired => Err(expired),
+        }
+    }
+}
+
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -96,13 +221,12 @@ impl Deadline {
 #[derive(Debug)]
 pub(crate) struct RequestTimer {
     at: Instant,
-    /// Set by the request body once its last frame has been read (`DownstreamBody`).
-    received: Arc<AtomicBool>,
+    body: Arc<BodyProgress>,
 }
 
 impl RequestTimer {
-    pub fn new(at: Instant, received: Arc<AtomicBool>) -> Self {
-        Self { at, received }
+    pub fn new(at: Instant, body: Arc<BodyProgress>) -> Self {
+        Self { at, body }
     }
 
     /// Runs `work` (reading the body, the attempts) unless the timer ends while the request
@@ -110,7 +234,7 @@ impl RequestTimer {
     pub async fn bound<F: Future>(&self, work: F) -> Result<F::Output, Failure> {
         let expired = async {
             tokio::time::sleep_until(self.at).await;
-            if self.received.load(Ordering::Acquire) {
+            if self.body.get().ended.is_some() {
                 std::future::pending::<()>().await;
             }
         };
@@ -156,7 +280,7 @@ pub(crate) struct Plan<'a> {
     pub cluster: &'a ClusterState,
     pub retry_policy: Option<&'a RetryPolicy>,
     pub include_attempt_count: bool,
-    pub deadline: Deadline,
+    pub clock: Clock,
     pub source: IpAddr,
     pub original_destination: Option<SocketAddr>,
 }
@@ -181,8 +305,7 @@ pub(crate) async fn forward(
         progress.upstream = host.addr;
         let attempts = progress.attempts;
         let last_try = !may_follow(plan.retry_policy, attempts);
-        let per_try = plan.retry_policy.and_then(|p| p.per_try_timeout).map(|t| Instant::now() + t);
-        let try_deadline = earliest(per_try, plan.deadline.at);
+        let per_try = plan.retry_policy.and_then(|p| p.per_try_timeout);
         let request = PendingRequest {
             outgoing: &mut outgoing,
             attempt: attempts,
@@ -190,9 +313,21 @@ pub(crate) async fn forward(
             retry_headers: plan.retry_headers,
         };
         let attempt = attempt(cluster, &host, request);
-        let result = match try_deadline {
-            Some(at) => tokio::time::timeout_at(at, attempt).await.unwrap_or(Err(AttemptOutcome::PerTryTimeout)),
-            None => attempt.await,
+        // A timeout that ends the exchange while the request body still arrives.
+        let mut expired = None;
+        let result = match plan.clock.deadline() {
+            Some(deadline) => match earliest(per_try.map(|t| Instant::now() + t), deadline.at()) {
+                Some(at) => tokio::time::timeout_at(at, attempt).await.unwrap_or(Err(AttemptOutcome::PerTryTimeout)),
+                None => attempt.await,
+            },
+            // Boxed like every cold path: it would otherwise add to each request's future.
+            None => Box::pin(plan.clock.bound(attempt, per_try)).await.unwrap_or_else(|expiry| {
+                expired = match expiry {
+                    Expired::PerTry => None,
+                    Expired::Exchange(failure) => Some(failure),
+                };
+                Err(AttemptOutcome::PerTryTimeout)
+            }),
         };
         let outcome = match &result {
             Ok((response, _)) => AttemptOutcome::Response {
@@ -215,8 +350,9 @@ pub(crate) async fn forward(
         let may_retry = plan.retry_policy.is_some_and(|policy| !last_try && is_retriable(policy, &outcome));
         // The clock is read only when the answer can matter: after a per-try timeout or an
         // outcome that would be retried, not after every answered request.
-        let route_expired = (may_retry || outcome == AttemptOutcome::PerTryTimeout)
-            && plan.deadline.at.is_some_and(|at| Instant::now() >= at);
+        let route_expired = expired.is_some()
+            || ((may_retry || outcome == AttemptOutcome::PerTryTimeout)
+                && plan.clock.deadline().and_then(|deadline| deadline.at()).is_some_and(|at| Instant::now() >= at));
         if outcome == AttemptOutcome::PerTryTimeout {
             let counter = if route_expired {
                 &cluster.counters.upstream_rq_timeout
@@ -243,8 +379,8 @@ pub(crate) async fn forward(
         let slot = next.as_ref().and_then(|_| cluster.try_retry());
         let (Some(policy), Some((next, edits)), Some(slot)) = (retry_with, next, slot) else {
             let result = match result {
-                Ok((response, lease)) => Ok(into_downstream(response, lease)),
-                Err(AttemptOutcome::PerTryTimeout) if route_expired => Err(plan.deadline.failure()),
+                Ok((response, lease)) => Ok(into_downstream(response, lease, plan.clock.response_timer())),
+                Err(AttemptOutcome::PerTryTimeout) if route_expired => Err(expired.unwrap_or_else(|| plan.clock.failure())),
                 Err(outcome) => Err(failure_of(outcome)),
             };
             return result;
@@ -256,12 +392,13 @@ pub(crate) async fn forward(
         }
         outgoing.edits = edits;
         let wake = Instant::now() + backoff(policy, attempts, rand::random::<u64>());
-        let deadline_first = plan.deadline.at.filter(|at| *at <= wake);
+        // While the body still arrives, the next attempt's bound covers the back-off's time.
+        let deadline_first = plan.clock.deadline().and_then(|deadline| deadline.at()).filter(|at| *at <= wake);
         // Boxed like every cold path: it would otherwise add to each request's future.
         Box::pin(back_off(deadline_first.unwrap_or(wake), &outgoing.body)).await?;
         if deadline_first.is_some() {
             bump(&cluster.counters.upstream_rq_timeout);
-            return Err(plan.deadline.failure());
+            return Err(plan.clock.failure());
         }
         host = next;
     }
@@ -291,13 +428,6 @@ async fn back_off(until: Instant, body: &OutgoingBody) -> Result<(), Failure> {
 /// The `grpc-status` of a response's headers (a trailers-only gRPC response).
 fn grpc_status(headers: &HeaderMap) -> Option<u32> {
     headers.get(&GRPC_STATUS)?.to_str().ok()?.trim().parse().ok()
-}
-
-fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
-    match (a, b) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
 }
 
 /// A request built only once a connection is ready, so a streamed body (and the request's own
@@ -335,13 +465,13 @@ async fn attempt(
     Ok((response, lease))
 }
 
-fn into_downstream(response: Response<UpstreamBody>, mut lease: Lease) -> Response<ProxyBody> {
+fn into_downstream(response: Response<UpstreamBody>, mut lease: Lease, timer: ResponseTimer) -> Response<ProxyBody> {
     let (parts, mut body) = response.into_parts();
     if http_body::Body::is_end_stream(&body) {
         // Writers never poll an empty body, so it would never report the end.
         lease.finished(&mut body);
     }
-    Response::from_parts(parts, ProxyBody::Upstream { body, lease: Some(lease) })
+    Response::from_parts(parts, ProxyBody::Upstream { body, lease: Some(lease), timer })
 }
 
 /// Cilium's `headerMatches` mismatch actions.
@@ -405,7 +535,7 @@ pub(crate) async fn forward_upgrade(
     host: &Arc<HostState>,
     mut request: Request<ProxyBody>,
     downstream: DownstreamUpgrade,
-    deadline: Deadline,
+    clock: Clock,
 ) -> Result<Response<ProxyBody>, Failure> {
     let exchange = async {
         let lease = host.begin_request(&cluster.config.circuit_breakers)?;
@@ -414,13 +544,13 @@ pub(crate) async fn forward_upgrade(
         let response = conn.send(request).await.map_err(|error| AttemptOutcome::Reset { request_sent: error.request_sent })?;
         Ok::<_, AttemptOutcome>((response, lease))
     };
-    let (response, lease) = match deadline.at {
-        Some(at) => tokio::time::timeout_at(at, exchange).await.map_err(|_| deadline.failure())?,
+    let (response, lease) = match clock.deadline().and_then(|deadline| deadline.at()) {
+        Some(at) => tokio::time::timeout_at(at, exchange).await.map_err(|_| clock.failure())?,
         None => exchange.await,
     }
     .map_err(failure_of)?;
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
-        return Ok(into_downstream(response.map(UpstreamBody::Http1), lease));
+        return Ok(into_downstream(response.map(UpstreamBody::Http1), lease, clock.response_timer()));
     }
     let (parts, body) = response.into_parts();
     let Some(mut upstream) = body.into_upgraded() else {
@@ -458,7 +588,7 @@ pub(crate) fn mirror(cluster: Arc<ClusterState>, input: PickInput, method: Metho
         match attempt(&cluster, &host, request).await {
             Ok((response, lease)) => {
                 // Drain so the connection can be reused.
-                let body = into_downstream(response, lease).into_body();
+                let body = into_downstream(response, lease, ResponseTimer::default()).into_body();
                 let _ = http_body_util::BodyExt::collect(body).await;
             }
             Err(outcome) => tracing::debug!(upstream = %host.addr, ?outcome, "mirror request failed"),
@@ -493,15 +623,13 @@ mod tests {
     #[test]
     fn stream_idle_wins_only_when_it_ends_first() {
         let now = Instant::now();
-        let secs = std::time::Duration::from_secs;
-        let deadline = Deadline::new(now, Some(secs(15)), Some(secs(300)));
-        assert!(!deadline.stream_idle);
-        assert_eq!(deadline.at, Some(now + secs(15)));
-        let deadline = Deadline::new(now, Some(secs(15)), Some(secs(5)));
-        assert!(deadline.stream_idle);
-        let deadline = Deadline::new(now, None, None);
-        assert_eq!(deadline.at, None);
-        let deadline = Deadline::new(now, Some(std::time::Duration::ZERO), Some(secs(5)));
-        assert!(deadline.stream_idle);
+        let secs = Duration::from_secs;
+        let deadline = Timeouts::new(Some(secs(15)), Some(secs(300))).deadline_after(now);
+        assert_eq!((deadline.failure(), deadline.at()), (Failure::Timeout, Some(now + secs(15))));
+        let deadline = Timeouts::new(Some(secs(15)), Some(secs(5))).deadline_after(now);
+        assert_eq!((deadline.failure(), deadline.at()), (Failure::StreamIdle, Some(now + secs(5))));
+        assert_eq!(Timeouts::new(None, None).deadline_after(now).at(), None);
+        let deadline = Timeouts::new(Some(Duration::ZERO), Some(secs(5))).deadline_after(now);
+        assert_eq!((deadline.failure(), deadline.at()), (Failure::StreamIdle, Some(now + secs(5))));
     }
 }

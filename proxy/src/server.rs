@@ -21,7 +21,7 @@ use crate::body::{DownstreamBody, ProxyBody, ReplayBuffer};
 use crate::http1::codec::connection_tokens;
 use crate::http1::DownstreamUpgrade;
 use crate::flow::{DropReason, FlowEvent, FlowPeer, FlowSink, HttpFlow, TrafficDirection, Verdict};
-use crate::forward::{self, Deadline, Failure, Outgoing, OutgoingBody, Plan, RequestTimer};
+use crate::forward::{self, Clock, Expired, Failure, Outgoing, OutgoingBody, Plan, RequestTimer, Timeouts};
 use crate::lb::PickInput;
 use crate::normalize::{normalize_request, Rejection};
 use crate::request::RequestHead;
@@ -227,7 +227,7 @@ impl<'a> Exchange<'a> {
             UpstreamProtocol::Http1 if original_path.is_none() => std::mem::take(&mut parts.uri),
             _ => upstream_uri(protocol, head),
         };
-        let deadline = Deadline::new(self.started, action.timeout, hcm.stream_idle_timeout);
+        let timeouts = Timeouts::new(action.timeout, hcm.stream_idle_timeout);
         let vhost = selection.virtual_host;
 
         if let Some(upgrade) = upgrade {
@@ -239,7 +239,9 @@ impl<'a> Exchange<'a> {
             *upstream_request.uri_mut() = uri;
             *upstream_request.headers_mut() = headers;
             self.attempts = 1;
-            let result = Box::pin(forward::forward_upgrade(&cluster, &host, upstream_request, upgrade, deadline)).await;
+            // An upgrade's request is its head: the rest becomes the tunnel.
+            let clock = Clock::whole(timeouts, self.started);
+            let result = Box::pin(forward::forward_upgrade(&cluster, &host, upstream_request, upgrade, clock)).await;
             return Ok(self.respond(result, &hcm.route_config));
         }
 
@@ -248,13 +250,19 @@ impl<'a> Exchange<'a> {
             (true, true) => Replay::Teed(&cluster.counters),
             (false, true) => Replay::None,
         };
-        // Upgrades (returned above) get no request timer: their request never ends, it
-        // becomes the tunnel.
+        // A body still arriving moves the timers: the route timeout starts at its end, the
+        // stream idle timeout with each frame. Upgrades (returned above) get no request timer:
+        // their request never ends, it becomes the tunnel.
+        let arriving = (!body.is_end_stream()).then(|| body.watch(self.started));
         let request_timer = hcm
             .request_timeout
-            .filter(|_| !body.is_end_stream())
-            .map(|timeout| RequestTimer::new(self.started + timeout, body.watch_received()));
-        let reading = read_body(body, replay, vhost.request_body_buffer_limit, deadline);
+            .zip(arriving.as_ref())
+            .map(|(timeout, arriving)| RequestTimer::new(self.started + timeout, Arc::clone(arriving)));
+        let clock = match arriving {
+            None => Clock::whole(timeouts, self.started),
+            Some(arriving) => Clock::arriving(timeouts, arriving),
+        };
+        let reading = read_body(body, replay, vhost.request_body_buffer_limit, &clock);
         // Matched here and below rather than in one helper: a wrapping future (`Either` plus
         // `map`) cost ~1400 instructions per request in moves, timer or not (callgrind).
         let read = match &request_timer {
@@ -267,7 +275,7 @@ impl<'a> Exchange<'a> {
         };
         let body = match read {
             Ok(body) => body,
-            Err(BodyError::Deadline) => return Ok(self.respond(Err(deadline.failure()), &hcm.route_config)),
+            Err(BodyError::Expired(failure)) => return Ok(self.respond(Err(failure), &hcm.route_config)),
             Err(BodyError::Downstream) => {
                 return Ok((local_reply(StatusCode::BAD_REQUEST, Bytes::new()), Some(DropReason::InvalidRequest)));
             }
@@ -282,7 +290,7 @@ impl<'a> Exchange<'a> {
             cluster: &cluster,
             retry_policy: action.retry_policy.as_ref(),
             include_attempt_count: vhost.include_request_attempt_count,
-            deadline,
+            clock,
             source,
             original_destination: ctx.original_destination,
         };
@@ -684,7 +692,8 @@ fn set_upstream_host(headers: &mut HeaderMap, protocol: UpstreamProtocol, head: 
 }
 
 enum BodyError {
-    Deadline,
+    /// A timeout ended the exchange while the body was read.
+    Expired(Failure),
     Downstream,
 }
 
@@ -700,7 +709,7 @@ enum Replay<'a> {
 
 /// Prepares the request body for the attempts: kept for replay as `replay` says while it fits
 /// `limit`, otherwise streamed (then sent once, never retried or mirrored).
-async fn read_body(body: DownstreamBody, replay: Replay<'_>, limit: usize, deadline: Deadline) -> Result<OutgoingBody, BodyError> {
+async fn read_body(body: DownstreamBody, replay: Replay<'_>, limit: usize, clock: &Clock) -> Result<OutgoingBody, BodyError> {
     if body.is_end_stream() {
         return Ok(OutgoingBody::Replayable(None));
     }
@@ -713,12 +722,12 @@ async fn read_body(body: DownstreamBody, replay: Replay<'_>, limit: usize, deadl
         bump(&counters.retry_or_shadow_abandoned);
         return Ok(OutgoingBody::Streaming(Some(ProxyBody::Downstream(body))));
     }
-    let buffering = Box::pin(buffer_up_to(body, limit));
-    let buffered = match deadline.at {
-        Some(at) => tokio::time::timeout_at(at, buffering).await.map_err(|_| BodyError::Deadline)?,
-        None => buffering.await,
+    let buffered = match Box::pin(clock.bound(buffer_up_to(body, limit), None)).await {
+        Ok(buffered) => buffered.map_err(|_| BodyError::Downstream)?,
+        Err(Expired::Exchange(failure)) => return Err(BodyError::Expired(failure)),
+        // No per-try timeout was given.
+        Err(Expired::PerTry) => return Err(BodyError::Expired(Failure::Timeout)),
     };
-    let buffered = buffered.map_err(|_| BodyError::Downstream)?;
     if matches!(buffered, OutgoingBody::Streaming(_)) {
         bump(&counters.retry_or_shadow_abandoned);
     }

@@ -158,6 +158,7 @@ pub(crate) fn http1_settings(hcm: &HttpConnectionManager) -> Http1Settings {
         max_headers: hcm.max_headers_count + 1,
         headers_timeout: hcm.request_headers_timeout,
         idle_timeout: hcm.idle_timeout.filter(|timeout| !timeout.is_zero()),
+        stream_idle_timeout: hcm.stream_idle_timeout.filter(|timeout| !timeout.is_zero()),
     }
 }
 

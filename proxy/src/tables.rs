@@ -129,7 +129,9 @@ pub struct HttpConnectionManager {
     pub normalize_path: bool,
     pub merge_slashes: bool,
     pub escaped_slashes: EscapedSlashesAction,
-    /// Idle time before a stream with no upstream response headers gets 408 (default 5 min).
+    /// How long a stream may go without activity (a request or response body frame, a write
+    /// to the client that makes progress): 408 before the response headers, a reset of the
+    /// stream after them (default 5 min).
     pub stream_idle_timeout: Option<Duration>,
     /// `request_timeout`: a request whose body is still arriving this long after its head
     /// gets 408, unless the response has started. None (Envoy's default) arms no timer.

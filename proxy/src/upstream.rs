@@ -566,6 +566,11 @@ impl Lease {
         self.end();
     }
 
+    /// The route timeout ended the response inside its body (Envoy counts it like a 504).
+    pub(crate) fn timed_out(&self) {
+        bump(&self.host.counters.upstream_rq_timeout);
+    }
+
     fn end(&mut self) {
         if std::mem::take(&mut self.active) {
             self.host.active_requests.fetch_sub(1, Ordering::Relaxed);

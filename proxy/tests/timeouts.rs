@@ -17,6 +17,9 @@ async fn hanging() -> Backend {
     Backend::start("hang", |_, _| Box::pin(std::future::pending())).await
 }
 
+/// What a test does to its route.
+type Shape = fn(&mut ForwardAction);
+
 fn on_5xx() -> RetryOn {
     RetryOn { server_error_5xx: true, ..RetryOn::default() }
 }
@@ -185,7 +188,7 @@ async fn a_client_whose_first_bytes_leave_the_protocol_open_is_served_and_later_
 /// A listener whose requests must have arrived whole within 5 s (`request_timeout`), routing
 /// to `svc` on `backend` with `shape` applied to the route; `shadow` (for mirrors) is the same
 /// backend.
-fn five_second_request_timeout(backend: std::net::SocketAddr, shape: fn(&mut ForwardAction)) -> ProxyTables {
+fn five_second_request_timeout(backend: std::net::SocketAddr, shape: Shape) -> ProxyTables {
     let mut action = to_cluster("svc");
     shape(&mut action);
     let mut http = hcm(vec![prefix_route("/", action)]);
@@ -196,16 +199,9 @@ fn five_second_request_timeout(backend: std::net::SocketAddr, shape: fn(&mut For
 #[tokio::test(start_paused = true)]
 async fn a_request_whose_body_stops_short_gets_408_at_the_request_timeout() {
     let backend = Backend::echo("echo").await;
-    fn streamed(_: &mut ForwardAction) {}
-    fn teed_for_retries(action: &mut ForwardAction) {
-        action.retry_policy = Some(retry_policy(on_5xx(), 1));
-    }
-    fn buffered_for_a_mirror(action: &mut ForwardAction) {
-        action.mirrors = vec![MirrorPolicy { cluster: "shadow".into(), fraction_per_million: 1_000_000 }];
-    }
     // The three ways a request body goes upstream, and HTTP/2's body; the attempts the flow
     // records (a mirrored body is read whole before the first attempt).
-    let cases: [(fn(&mut ForwardAction), Version, u32); 4] = [
+    let cases: [(Shape, Version, u32); 4] = [
         (streamed, Version::HTTP_11, 1),
         (teed_for_retries, Version::HTTP_11, 1),
         (buffered_for_a_mirror, Version::HTTP_11, 0),
@@ -277,4 +273,215 @@ async fn a_response_that_started_before_the_body_ended_is_not_cut_off() {
     let got = collect(response.await.unwrap().unwrap()).await.unwrap();
     assert_eq!((got.status, got.body.as_str()), (StatusCode::OK, "early"));
     drop(chunks);
+}
+
+/// A listener whose routes to `svc` on `backend` time out after `route` and whose streams idle
+/// out after `stream_idle`, with `shape` applied to the route; `shadow` (for mirrors) is the
+/// same backend.
+fn timed(backend: std::net::SocketAddr, route: Duration, stream_idle: Duration, shape: Shape) -> ProxyTables {
+    let mut action = to_cluster("svc");
+    action.timeout = Some(route);
+    shape(&mut action);
+    let mut http = hcm(vec![prefix_route("/", action)]);
+    http.stream_idle_timeout = Some(stream_idle);
+    tables(1, http, vec![cluster("svc", &[backend]), cluster("shadow", &[backend])])
+}
+
+fn streamed(_: &mut ForwardAction) {}
+fn teed_for_retries(action: &mut ForwardAction) {
+    action.retry_policy = Some(retry_policy(on_5xx(), 1));
+}
+fn buffered_for_a_mirror(action: &mut ForwardAction) {
+    action.mirrors = vec![MirrorPolicy { cluster: "shadow".into(), fraction_per_million: 1_000_000 }];
+}
+
+/// The three ways a request body goes upstream. (Under the paused clock hyper's HTTP/2 client
+/// sends no DATA frame after the first, through the proxy or not, so HTTP/2 bodies that pause
+/// are tested on the real clock, below.)
+const BODY_PATHS: [Shape; 3] = [streamed, teed_for_retries, buffered_for_a_mirror];
+
+/// A backend that answers with the request's body.
+async fn body_echo() -> Backend {
+    Backend::start("body", |_, request| Box::pin(async move { reply(StatusCode::OK, &String::from_utf8_lossy(&request.body)) })).await
+}
+
+/// Sends five pieces `gap` apart through `chunks`, then ends the body.
+async fn five_pieces(chunks: BodyChunks, gap: Duration) {
+    for piece in ["a", "b", "c", "d", "e"] {
+        chunks.send(Ok(Frame::data(Bytes::from(piece)))).await.unwrap();
+        tokio::time::sleep(gap).await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_upload_that_outlasts_the_route_timeout_is_answered() {
+    let backend = body_echo().await;
+    for shape in BODY_PATHS {
+        let proxy = Proxy::start_here();
+        // Envoy starts the route timeout at the end of the request: five pieces 500 ms apart
+        // take 2.5 s, longer than the route timeout, and each gap is shorter than the idle one.
+        let addr = proxy.apply(timed(backend.addr, Duration::from_secs(1), Duration::from_secs(2), shape));
+        let (chunks, response) = streaming_post(addr, Version::HTTP_11).await;
+        five_pieces(chunks, Duration::from_millis(500)).await;
+        let got = collect(response.await.unwrap().unwrap()).await.unwrap();
+        assert_eq!((got.status, got.body.as_str()), (StatusCode::OK, "abcde"));
+    }
+}
+
+#[tokio::test]
+async fn an_http2_upload_that_outlasts_the_route_timeout_is_answered() {
+    let backend = body_echo().await;
+    let proxy = Proxy::start_here();
+    // Real time: 750 ms of pieces against a 400 ms route timeout, each gap a tenth of the
+    // idle timeout. Only the status is asserted.
+    let addr = proxy.apply(timed(backend.addr, Duration::from_millis(400), Duration::from_millis(1500), streamed));
+    let (chunks, response) = streaming_post(addr, Version::HTTP_2).await;
+    five_pieces(chunks, Duration::from_millis(150)).await;
+    let got = collect(response.await.unwrap().unwrap()).await.unwrap();
+    assert_eq!((got.status, got.body.as_str()), (StatusCode::OK, "abcde"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_route_timeout_starts_when_the_request_has_arrived_whole() {
+    let backend = hanging().await;
+    for shape in BODY_PATHS {
+        let mut proxy = Proxy::start_here();
+        let addr = proxy.apply(timed(backend.addr, Duration::from_secs(1), Duration::from_secs(2), shape));
+        let started = tokio::time::Instant::now();
+        let (chunks, response) = streaming_post(addr, Version::HTTP_11).await;
+        for _ in 0..3 {
+            chunks.send(Ok(Frame::data(Bytes::from_static(b"piece")))).await.unwrap();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        drop(chunks);
+        let got = collect(response.await.unwrap().unwrap()).await.unwrap();
+        assert_eq!((got.status, got.body.as_str()), (StatusCode::GATEWAY_TIMEOUT, "upstream request timeout"));
+        // The body ended at 3 s; the route timeout ran 1 s from then.
+        let elapsed = started.elapsed();
+        assert!(elapsed >= Duration::from_secs(4) && elapsed < Duration::from_millis(4500), "{elapsed:?}");
+        let flow = &proxy.drain_flows()[0];
+        assert_eq!((flow.verdict, flow.drop_reason), (Verdict::Error, Some(DropReason::UpstreamTimeout)));
+        assert_eq!(proxy.handle.stats().clusters["svc"].upstream_rq_timeout, 1);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pause_in_an_upload_longer_than_the_stream_idle_timeout_gets_408() {
+    let backend = Backend::echo("echo").await;
+    let cases = BODY_PATHS.map(|shape| (shape, Version::HTTP_11));
+    for (shape, version) in cases.into_iter().chain([(streamed as Shape, Version::HTTP_2)]) {
+        let proxy = Proxy::start_here();
+        let addr = proxy.apply(timed(backend.addr, Duration::from_secs(60), Duration::from_secs(2), shape));
+        let (chunks, response) = streaming_post(addr, version).await;
+        let started = tokio::time::Instant::now();
+        chunks.send(Ok(Frame::data(Bytes::from_static(b"then nothing")))).await.unwrap();
+        let got = collect(response.await.unwrap().unwrap()).await.unwrap();
+        assert_eq!((got.status, got.body.as_str()), (StatusCode::REQUEST_TIMEOUT, "stream timeout"), "{version:?}");
+        let elapsed = started.elapsed();
+        assert!(elapsed >= Duration::from_secs(2) && elapsed < Duration::from_millis(2500), "{version:?}: {elapsed:?}");
+        drop(chunks);
+    }
+}
+
+/// A backend that answers `content-length: 10` and then sends the body a byte at a time,
+/// `gap` apart; `None`: five bytes and then nothing.
+async fn trickling(gap: Option<Duration>) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (addr, _) = raw_backend(move |_, mut stream| async move {
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|window| window == b"\r\n\r\n") {
+            let Ok(read @ 1..) = stream.read(&mut buf).await else { return };
+            head.extend_from_slice(&buf[..read]);
+        }
+        let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n").await;
+        let sent = if gap.is_some() { 10 } else { 5 };
+        for byte in &b"0123456789"[..sent] {
+            let _ = stream.write_all(std::slice::from_ref(byte)).await;
+            tokio::time::sleep(gap.unwrap_or_default()).await;
+        }
+        // Held open: the proxy has to give up on it.
+        let _ = stream.read(&mut buf).await;
+    })
+    .await;
+    addr
+}
+
+/// A `GET /` over `version` whose response body is collected; how long it took.
+async fn get_over(addr: std::net::SocketAddr, version: Version) -> (Result<Got, hyper::Error>, Duration) {
+    let started = tokio::time::Instant::now();
+    let (chunks, response) = streaming_post(addr, version).await;
+    drop(chunks);
+    let response = response.await.unwrap().unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    // Bounded, so that a proxy that never ends the response fails the test instead of hanging it.
+    let collected = tokio::time::timeout(Duration::from_secs(600), collect(response)).await.expect("the response ended within 10 minutes");
+    (collected, started.elapsed())
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_upstream_that_stops_inside_the_body_is_cut_off_at_the_stream_idle_timeout() {
+    let backend = trickling(None).await;
+    for version in [Version::HTTP_11, Version::HTTP_2] {
+        let proxy = Proxy::start_here();
+        // No route timeout: only the idle timer can end it.
+        let addr = proxy.apply(timed(backend, Duration::ZERO, Duration::from_secs(2), streamed));
+        let (got, elapsed) = get_over(addr, version).await;
+        // HTTP/1: the connection closes before the announced length; HTTP/2: the stream is reset.
+        assert!(got.is_err(), "{version:?}: {got:?}");
+        assert!(elapsed >= Duration::from_secs(2) && elapsed < Duration::from_millis(2500), "{version:?}: {elapsed:?}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_response_body_that_keeps_coming_outlives_the_stream_idle_timeout() {
+    // A byte a second for 10 s against a 2 s idle timeout.
+    let backend = trickling(Some(Duration::from_secs(1))).await;
+    for version in [Version::HTTP_11, Version::HTTP_2] {
+        let proxy = Proxy::start_here();
+        let addr = proxy.apply(timed(backend, Duration::ZERO, Duration::from_secs(2), streamed));
+        let (got, elapsed) = get_over(addr, version).await;
+        assert_eq!(got.expect("the whole body").body, "0123456789", "{version:?}");
+        assert!(elapsed >= Duration::from_secs(9), "{version:?}: {elapsed:?}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_route_timeout_ends_a_response_whose_body_outlasts_it() {
+    let backend = trickling(Some(Duration::from_secs(1))).await;
+    for version in [Version::HTTP_11, Version::HTTP_2] {
+        let proxy = Proxy::start_here();
+        // Envoy's route timeout runs to the end of the response, not only to its headers.
+        let addr = proxy.apply(timed(backend, Duration::from_secs(3), Duration::from_secs(60), streamed));
+        let (got, elapsed) = get_over(addr, version).await;
+        assert!(got.is_err(), "{version:?}: {got:?}");
+        assert!(elapsed >= Duration::from_secs(3) && elapsed < Duration::from_millis(3500), "{version:?}: {elapsed:?}");
+        assert_eq!(proxy.handle.stats().clusters["svc"].upstream_rq_timeout, 1, "{version:?}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_stops_reading_is_cut_off_at_the_stream_idle_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // More than the loopback socket buffers on both sides hold.
+    const LENGTH: usize = 64 << 20;
+    let (backend, _) = raw_backend(|_, mut stream| async move {
+        let mut buf = [0u8; 1024];
+        let _ = stream.read(&mut buf).await;
+        let _ = stream.write_all(format!("HTTP/1.1 200 OK\r\ncontent-length: {LENGTH}\r\n\r\n").as_bytes()).await;
+        let _ = stream.write_all(&vec![b'x'; LENGTH]).await;
+    })
+    .await;
+    let proxy = Proxy::start_here();
+    let addr = proxy.apply(timed(backend, Duration::ZERO, Duration::from_secs(2), streamed));
+    let mut client = connect_from([127, 0, 0, 1].into(), addr).await;
+    client.write_all(b"GET / HTTP/1.1\r\nhost: app.test\r\n\r\n").await.unwrap();
+    // The client reads nothing for a while; the proxy's writes stall meanwhile.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let mut received = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(60), client.read_to_end(&mut received)).await;
+    // What the buffers held arrives, then the end: the proxy closed the connection.
+    assert!(matches!(read, Ok(Ok(_)) | Ok(Err(_))), "still open after a minute");
+    assert!(received.starts_with(b"HTTP/1.1 200 OK"));
+    assert!(received.len() < LENGTH, "the whole body arrived: {} bytes", received.len());
 }

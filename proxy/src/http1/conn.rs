@@ -44,6 +44,8 @@ pub(crate) struct Http1Settings {
     pub headers_timeout: Option<Duration>,
     /// Between requests (`idle_timeout`).
     pub idle_timeout: Option<Duration>,
+    /// How long writing a response may make no progress (`stream_idle_timeout`).
+    pub stream_idle_timeout: Option<Duration>,
 }
 
 /// The read side of the connection. A request body borrows it while it streams and sends it
@@ -335,14 +337,15 @@ async fn serve_requests(
                 _ => None,
             },
         };
+        let mut client = StallBounded::new(write, settings.stream_idle_timeout);
         let Some(home) = complete else {
-            let _ = Box::pin(write_response(write, response, &exchange, true)).await;
+            let _ = Box::pin(write_response(&mut client, response, &exchange, true)).await;
             return None;
         };
         reader = home;
         let close = !exchange.keep_alive || exchange.framing_refused || stop.is_cancelled();
         let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
-        match Box::pin(write_response(write, response, &exchange, close)).await {
+        match Box::pin(write_response(&mut client, response, &exchange, close)).await {
             Ok(Outcome::KeepAlive) if !switching => {}
             Ok(Outcome::KeepAlive) => return exchange.upgrade.map(|upgrade| (upgrade, reader)),
             Ok(Outcome::Close) | Err(_) => return None,
@@ -443,7 +446,7 @@ enum Outcome {
 
 /// Writes the head and streams the body. Frames already available go out with the head in
 /// one write; afterwards each batch of ready frames is one write.
-async fn write_response(write: &mut DownstreamSocket, response: Response<ProxyBody>, exchange: &Exchange, close: bool) -> io::Result<Outcome> {
+async fn write_response(write: &mut StallBounded<'_>, response: Response<ProxyBody>, exchange: &Exchange, close: bool) -> io::Result<Outcome> {
     let (parts, mut body) = response.into_parts();
     let framing = codec::response_framing(&exchange.method, exchange.version, parts.status, body.size_hint().exact());
     let close = close || framing == OutgoingFraming::UntilClose || codec::response_closes(&parts.headers);
@@ -474,5 +477,69 @@ async fn write_response(write: &mut DownstreamSocket, response: Response<ProxyBo
         }
         Err(BodyWriteError::Io(error)) => Err(error),
         Err(error) => Err(io::Error::other(error)),
+    }
+}
+
+/// The client's half of the connection while a response is written to it: a write that can
+/// make no progress for the stream idle timeout fails, as Envoy's idle timer ends a stream
+/// whose client stopped reading. The timer is made only when a write first has to wait.
+pub(crate) struct StallBounded<'a> {
+    io: &'a mut DownstreamSocket,
+    timeout: Option<Duration>,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A write is waiting and `timer` runs for it.
+    stalled: bool,
+}
+
+impl<'a> StallBounded<'a> {
+    fn new(io: &'a mut DownstreamSocket, timeout: Option<Duration>) -> Self {
+        Self { io, timeout, timer: None, stalled: false }
+    }
+
+    fn bound<T>(&mut self, polled: Poll<io::Result<T>>, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        if polled.is_ready() {
+            self.stalled = false;
+            return polled;
+        }
+        let Some(timeout) = self.timeout else { return Poll::Pending };
+        let timer = match self.timer.as_mut() {
+            Some(timer) if self.stalled => timer,
+            Some(timer) => {
+                timer.as_mut().reset(Instant::now() + timeout);
+                timer
+            }
+            None => self.timer.insert(Box::pin(tokio::time::sleep(timeout))),
+        };
+        self.stalled = true;
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "the client read nothing for the stream idle timeout"))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl AsyncWrite for StallBounded<'_> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, bytes: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut *this.io).poll_write(cx, bytes);
+        this.bound(polled, cx)
+    }
+
+    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut *this.io).poll_write_vectored(cx, bufs);
+        this.bound(polled, cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.get_mut().io).poll_shutdown(cx)
     }
 }
