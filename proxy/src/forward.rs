@@ -312,22 +312,26 @@ pub(crate) async fn forward(
             include_count: plan.include_attempt_count,
             retry_headers: plan.retry_headers,
         };
-        let attempt = attempt(cluster, &host, request);
         // A timeout that ends the exchange while the request body still arrives.
         let mut expired = None;
-        let result = match plan.clock.deadline() {
-            Some(deadline) => match earliest(per_try.map(|t| Instant::now() + t), deadline.at()) {
-                Some(at) => tokio::time::timeout_at(at, attempt).await.unwrap_or(Err(AttemptOutcome::PerTryTimeout)),
-                None => attempt.await,
-            },
-            // Boxed like every cold path: it would otherwise add to each request's future.
-            None => Box::pin(plan.clock.bound(attempt, per_try)).await.unwrap_or_else(|expiry| {
-                expired = match expiry {
-                    Expired::PerTry => None,
-                    Expired::Exchange(failure) => Some(failure),
-                };
-                Err(AttemptOutcome::PerTryTimeout)
-            }),
+        let result = {
+            // Pinned where it is made: both ways of bounding it below borrow it, so it is never moved.
+            let attempt = std::pin::pin!(attempt(cluster, &host, request));
+            match plan.clock.deadline() {
+                Some(deadline) => match earliest(per_try.map(|t| Instant::now() + t), deadline.at()) {
+                    Some(at) => tokio::time::timeout_at(at, attempt).await.unwrap_or(Err(AttemptOutcome::PerTryTimeout)),
+                    None => attempt.await,
+                },
+                // Boxed like every cold path: it would otherwise add to each request's future.
+                None => match Box::pin(plan.clock.bound(attempt, per_try)).await {
+                    Ok(result) => result,
+                    Err(Expired::PerTry) => Err(AttemptOutcome::PerTryTimeout),
+                    Err(Expired::Exchange(failure)) => {
+                        expired = Some(failure);
+                        Err(AttemptOutcome::PerTryTimeout)
+                    }
+                },
+            }
         };
         let outcome = match &result {
             Ok((response, _)) => AttemptOutcome::Response {
