@@ -494,6 +494,57 @@ async fn a_cec_request_timeout_answers_408_to_a_request_whose_body_stops_short()
     Ok(())
 }
 
+/// A backend that answers `200 got it` only once it has read a request ending in `END`.
+async fn whole_body_backend(addr: SocketAddr) -> Result<tokio::task::JoinHandle<()>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    Ok(tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut received = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !received.ends_with(b"END") {
+                    let Ok(read @ 1..) = stream.read(&mut buf).await else { return };
+                    received.extend_from_slice(&buf[..read]);
+                }
+                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\ngot it").await;
+            });
+        }
+    }))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cec_route_timeout_starts_when_the_upload_has_arrived() -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let net = 35;
+    let with_timeout = canary(100, 0).replace("              route:\n", "              route:\n                timeout: 1s\n");
+    assert!(with_timeout.contains("timeout: 1s"));
+    let (dir, config) = config_dir_with(&[("app.yaml", &helloworld(net)), ("canary.yaml", &with_timeout)])?;
+    let _v1 = whole_body_backend(SocketAddr::new(ip(net, 1), 5000)).await?;
+    let agent = Agent::start(&config, &dir.path().join("state"))?;
+    assert_eq!(agent.status()?["errors"], serde_json::json!([]), "the CEC is accepted");
+
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(ip(net, 3), 0))?;
+    let mut stream = socket.connect(format!("127.{net}.1.1:5000").parse()?).await?;
+    let started = std::time::Instant::now();
+    stream.write_all(b"POST /upload HTTP/1.1\r\nhost: helloworld\r\ncontent-length: 9\r\nconnection: close\r\n\r\n").await?;
+    // An upload of 1.5 s on a route whose timeout is 1 s: Envoy counts the route timeout from
+    // the end of the request, so the answer is the backend's, not a 504 at 1 s.
+    for piece in [&b"abc"[..], b"def", b"END"] {
+        stream.write_all(piece).await?;
+        tokio::time::sleep(Duration::from_millis(750)).await;
+    }
+    let mut response = Vec::new();
+    tokio::time::timeout(REQUEST_TIMEOUT, stream.read_to_end(&mut response)).await.context("answered and closed")??;
+    let response = String::from_utf8_lossy(&response);
+    assert!(response.starts_with("HTTP/1.1 200 "), "{response}");
+    assert!(response.ends_with("got it"), "{response}");
+    assert!(started.elapsed() >= Duration::from_millis(1500), "{:?}", started.elapsed());
+    agent.terminate()?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identities_survive_a_restart() -> Result<()> {
     let net = 33;
