@@ -279,7 +279,7 @@ impl Body for ProxyBody {
 /// them: the route timeout until the end of the body, the stream idle timeout between its
 /// frames. Nothing is armed while every frame is ready when asked for, which is how most
 /// responses arrive.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct ResponseTimer {
     route_at: Option<Instant>,
     idle: Option<Duration>,

@@ -576,24 +576,34 @@ pub(crate) async fn forward_upgrade(
 }
 
 /// Envoy's request mirroring: a fire-and-forget copy with `Host: <host>-shadow`; its outcome
-/// never reaches the client.
-pub(crate) fn mirror(cluster: Arc<ClusterState>, input: PickInput, method: Method, uri: Uri, mut headers: HeaderMap, body: Option<Bytes>) {
+/// never reaches the client. It runs under the route's timeouts, so a shadow that stalls does
+/// not hold its connection for good.
+pub(crate) fn mirror(cluster: Arc<ClusterState>, input: PickInput, timeouts: Timeouts, method: Method, uri: Uri, mut headers: HeaderMap, body: Option<Bytes>) {
     if let Some(shadow) = headers.get(HOST).and_then(|host| host.to_str().ok()).map(shadow_host) {
         if let Ok(value) = HeaderValue::from_str(&shadow) {
             headers.insert(HOST, value);
         }
     }
     tokio::spawn(async move {
+        // Mirrored only once the request has arrived whole.
+        let clock = Clock::whole(timeouts, Instant::now());
         let Some(host) = cluster.pick(input, &[]) else { return };
         let mut outgoing =
             Outgoing { method, uri, headers: Some(headers), edits: Vec::new(), body: OutgoingBody::Replayable(body) };
         // One attempt, which takes the headers above: there is nothing to rebuild.
         let request = PendingRequest { outgoing: &mut outgoing, attempt: 1, include_count: false, retry_headers: &HeaderMap::new };
-        match attempt(&cluster, &host, request).await {
+        let attempt = attempt(&cluster, &host, request);
+        let answered = match clock.deadline().and_then(|deadline| deadline.at()) {
+            Some(at) => tokio::time::timeout_at(at, attempt).await.unwrap_or(Err(AttemptOutcome::PerTryTimeout)),
+            None => attempt.await,
+        };
+        match answered {
             Ok((response, lease)) => {
                 // Drain so the connection can be reused.
-                let body = into_downstream(response, lease, ResponseTimer::default()).into_body();
-                let _ = http_body_util::BodyExt::collect(body).await;
+                let body = into_downstream(response, lease, clock.response_timer()).into_body();
+                if let Err(error) = http_body_util::BodyExt::collect(body).await {
+                    tracing::debug!(upstream = %host.addr, %error, "mirror response failed");
+                }
             }
             Err(outcome) => tracing::debug!(upstream = %host.addr, ?outcome, "mirror request failed"),
         }

@@ -281,7 +281,7 @@ impl<'a> Exchange<'a> {
             }
         };
         if let OutgoingBody::Replayable(bytes) = &body {
-            self.mirror(&action, &parts.method, &uri, &headers, bytes);
+            self.mirror(&action, timeouts, &parts.method, &uri, &headers, bytes);
         }
         let outgoing = Outgoing { method: parts.method, uri, headers: Some(headers), edits, body };
         let retry_headers = || upstream.build(head.headers.clone());
@@ -358,7 +358,7 @@ impl<'a> Exchange<'a> {
         }
     }
 
-    fn mirror(&self, action: &ForwardAction, method: &http::Method, uri: &Uri, headers: &HeaderMap, body: &Option<Bytes>) {
+    fn mirror(&self, action: &ForwardAction, timeouts: Timeouts, method: &http::Method, uri: &Uri, headers: &HeaderMap, body: &Option<Bytes>) {
         for policy in &action.mirrors {
             if rand::random::<u32>() % 1_000_000 >= policy.fraction_per_million {
                 continue;
@@ -373,7 +373,7 @@ impl<'a> Exchange<'a> {
                 source: self.ctx.peer.ip(),
                 original_destination: self.ctx.original_destination,
             };
-            forward::mirror(Arc::clone(cluster), pick, method.clone(), uri, headers.clone(), body.clone());
+            forward::mirror(Arc::clone(cluster), pick, timeouts, method.clone(), uri, headers.clone(), body.clone());
         }
     }
 

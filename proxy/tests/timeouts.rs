@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -484,4 +485,32 @@ async fn a_client_that_stops_reading_is_cut_off_at_the_stream_idle_timeout() {
     assert!(matches!(read, Ok(Ok(_)) | Ok(Err(_))), "still open after a minute");
     assert!(received.starts_with(b"HTTP/1.1 200 OK"));
     assert!(received.len() < LENGTH, "the whole body arrived: {} bytes", received.len());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_mirror_whose_shadow_never_answers_is_given_up_at_the_route_timeout() {
+    use tokio::io::AsyncReadExt;
+    let backend = Backend::echo("main").await;
+    let (closed, mut shadow_closed) = tokio::sync::watch::channel(false);
+    let closed = Arc::new(closed);
+    // Reads the mirrored request, never answers, and reports when the proxy closes the connection.
+    let (shadow, _) = raw_backend(move |_, mut stream| {
+        let closed = Arc::clone(&closed);
+        async move {
+            let mut buf = [0u8; 1024];
+            while matches!(stream.read(&mut buf).await, Ok(1..)) {}
+            closed.send_replace(true);
+        }
+    })
+    .await;
+    let proxy = Proxy::start_here();
+    let mut action = to_cluster("svc");
+    action.timeout = Some(Duration::from_secs(3));
+    action.mirrors = vec![MirrorPolicy { cluster: "shadow".into(), fraction_per_million: 1_000_000 }];
+    let addr = proxy.apply(tables(1, hcm(vec![prefix_route("/", action)]), vec![cluster("svc", &[backend.addr]), cluster("shadow", &[shadow])]));
+    let started = tokio::time::Instant::now();
+    assert_eq!(get(addr, "/").await.body, "main");
+    let gave_up = tokio::time::timeout(Duration::from_secs(600), shadow_closed.wait_for(|closed| *closed)).await;
+    assert!(gave_up.is_ok(), "the shadow's connection was still open after 10 minutes");
+    assert!(started.elapsed() >= Duration::from_secs(3), "{:?}", started.elapsed());
 }
