@@ -264,7 +264,9 @@ fn absent_fields_take_envoy_defaults() -> Result<()> {
       - match: {prefix: /}
         route: {cluster: c, retry_policy: {retry_on: "5xx"}}
       - match: {prefix: /no-timeout}
-        route: {cluster: c, timeout: 0s}
+        route: {cluster: c, timeout: 0s, idle_timeout: 0s}
+      - match: {prefix: /stream}
+        route: {cluster: c, idle_timeout: 3600s}
   - "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
     name: c
     outlier_detection: {}
@@ -290,6 +292,13 @@ fn absent_fields_take_envoy_defaults() -> Result<()> {
         bail!("route")
     };
     assert_eq!(no_timeout.timeout, None);
+    // Unset, the HCM's stream idle timeout applies; zero turns it off for the route.
+    assert_eq!(action.idle_timeout, None);
+    assert_eq!(no_timeout.idle_timeout, Some(Duration::ZERO));
+    let Action::Route(stream) = &routes.virtual_hosts[0].routes[2].action else {
+        bail!("route")
+    };
+    assert_eq!(stream.idle_timeout, Some(Duration::from_secs(3600)));
 
     let cluster = &config.clusters[0];
     assert_eq!(cluster.discovery, Discovery::Static);

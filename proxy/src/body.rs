@@ -57,6 +57,15 @@ pub enum ProxyBody {
 }
 
 impl ProxyBody {
+    /// The stream idle timeout of the route that produced an upstream response (`None` for
+    /// other bodies, which follow the listener's).
+    pub(crate) fn stream_idle(&self) -> Option<Option<Duration>> {
+        match self {
+            Self::Upstream { timer, .. } => Some(timer.idle),
+            _ => None,
+        }
+    }
+
     pub fn empty() -> Self {
         Self::Full(None)
     }

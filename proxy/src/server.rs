@@ -227,7 +227,7 @@ impl<'a> Exchange<'a> {
             UpstreamProtocol::Http1 if original_path.is_none() => std::mem::take(&mut parts.uri),
             _ => upstream_uri(protocol, head),
         };
-        let timeouts = Timeouts::new(action.timeout, hcm.stream_idle_timeout);
+        let timeouts = Timeouts::new(action.timeout, action.idle_timeout.or(hcm.stream_idle_timeout));
         let vhost = selection.virtual_host;
 
         if let Some(upgrade) = upgrade {

@@ -269,9 +269,12 @@ pub struct ForwardAction {
     pub clusters: Vec<WeightedCluster>,
     pub rewrite: Option<PathRewrite>,
     pub host_rewrite_literal: Option<String>,
-    /// Whole-request timeout including retries; `None` = disabled (Envoy default 15 s is filled
-    /// in by the compiler).
+    /// From the end of the request to the end of the response, retries included; `None` =
+    /// disabled (Envoy's default 15 s is filled in by the compiler).
     pub timeout: Option<Duration>,
+    /// The route's `idle_timeout`, in place of the listener's `stream_idle_timeout`; zero turns
+    /// idle timing off for the route. `None`: the listener's applies.
+    pub idle_timeout: Option<Duration>,
     /// Route-level policy, else the virtual host's (already resolved by the compiler).
     pub retry_policy: Option<RetryPolicy>,
     pub mirrors: Vec<MirrorPolicy>,

@@ -514,3 +514,35 @@ async fn a_mirror_whose_shadow_never_answers_is_given_up_at_the_route_timeout() 
     assert!(gave_up.is_ok(), "the shadow's connection was still open after 10 minutes");
     assert!(started.elapsed() >= Duration::from_secs(3), "{:?}", started.elapsed());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_route_idle_timeout_replaces_the_listeners() {
+    let stalls = trickling(None).await;
+    let echo = body_echo().await;
+    // The listener's 60 s, the route's 2 s: a response body that stops is cut at 2 s.
+    let mut action = to_cluster("svc");
+    action.timeout = None;
+    action.idle_timeout = Some(Duration::from_secs(2));
+    for version in [Version::HTTP_11, Version::HTTP_2] {
+        let proxy = Proxy::start_here();
+        let mut http = hcm(vec![prefix_route("/", action.clone())]);
+        http.stream_idle_timeout = Some(Duration::from_secs(60));
+        let addr = proxy.apply(tables(1, http, vec![cluster("svc", &[stalls])]));
+        let (got, elapsed) = get_over(addr, version).await;
+        assert!(got.is_err(), "{version:?}: {got:?}");
+        assert!(elapsed >= Duration::from_secs(2) && elapsed < Duration::from_millis(2500), "{version:?}: {elapsed:?}");
+    }
+    // The listener's 2 s, the route's zero: an upload may pause for 5 s.
+    action.idle_timeout = Some(Duration::ZERO);
+    let proxy = Proxy::start_here();
+    let mut http = hcm(vec![prefix_route("/", action)]);
+    http.stream_idle_timeout = Some(Duration::from_secs(2));
+    let addr = proxy.apply(tables(1, http, vec![cluster("svc", &[echo.addr])]));
+    let (chunks, response) = streaming_post(addr, Version::HTTP_11).await;
+    chunks.send(Ok(Frame::data(Bytes::from_static(b"before ")))).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    chunks.send(Ok(Frame::data(Bytes::from_static(b"after")))).await.unwrap();
+    drop(chunks);
+    let got = collect(response.await.unwrap().unwrap()).await.unwrap();
+    assert_eq!((got.status, got.body.as_str()), (StatusCode::OK, "before after"));
+}

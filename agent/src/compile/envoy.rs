@@ -97,6 +97,7 @@ pub fn forward_all(name: &str, cluster: &str) -> tables::RouteConfig {
                     rewrite: None,
                     host_rewrite_literal: None,
                     timeout: Some(Duration::from_secs(15)),
+                    idle_timeout: None,
                     retry_policy: None,
                     mirrors: Vec::new(),
                     cluster_not_found_status: 503,
@@ -234,6 +235,7 @@ fn action(action: &model::Action, vhost: &model::VirtualHost, cx: &mut Context<'
                 rewrite,
                 host_rewrite_literal: forward.host_rewrite_literal.clone(),
                 timeout: forward.timeout,
+                idle_timeout: forward.idle_timeout,
                 retry_policy: retry,
                 mirrors: forward
                     .request_mirror_policies

@@ -386,6 +386,9 @@ pub struct RouteAction {
     pub host_rewrite_literal: Option<String>,
     /// `timeout`: default 15 s; None when `0s` disables it.
     pub timeout: Option<Duration>,
+    /// `idle_timeout`: the stream idle timeout of this route's requests in place of the HCM's
+    /// `stream_idle_timeout`; `0s` turns it off for them, the HCM's included. None: unset.
+    pub idle_timeout: Option<Duration>,
     /// `retry_policy` (replaces the virtual host's entirely).
     pub retry_policy: Option<RetryPolicy>,
     /// `request_mirror_policies`.
@@ -491,6 +494,8 @@ struct RawRouteAction {
     host_rewrite_literal: Option<String>,
     #[serde(default, deserialize_with = "duration::optional")]
     timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "duration::optional")]
+    idle_timeout: Option<Duration>,
     #[serde(default)]
     retry_policy: Option<RetryPolicy>,
     #[serde(default)]
@@ -552,6 +557,7 @@ impl TryFrom<RawRouteAction> for RouteAction {
             regex_rewrite: raw.regex_rewrite,
             host_rewrite_literal: raw.host_rewrite_literal,
             timeout,
+            idle_timeout: raw.idle_timeout,
             retry_policy: raw.retry_policy,
             request_mirror_policies: raw.request_mirror_policies,
             cluster_not_found_response_code: match raw.cluster_not_found_response_code {

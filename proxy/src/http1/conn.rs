@@ -337,7 +337,8 @@ async fn serve_requests(
                 _ => None,
             },
         };
-        let mut client = StallBounded::new(write, settings.stream_idle_timeout);
+        let stall_timeout = response.body().stream_idle().unwrap_or(settings.stream_idle_timeout);
+        let mut client = StallBounded::new(write, stall_timeout);
         let Some(home) = complete else {
             let _ = Box::pin(write_response(&mut client, response, &exchange, true)).await;
             return None;

@@ -360,6 +360,7 @@ pub fn to_clusters(weights: &[(&str, u32)]) -> ForwardAction {
         rewrite: None,
         host_rewrite_literal: None,
         timeout: Some(Duration::from_secs(15)),
+        idle_timeout: None,
         retry_policy: None,
         mirrors: vec![],
         cluster_not_found_status: 503,
