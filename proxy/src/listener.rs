@@ -19,7 +19,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
-use crate::body::DownstreamBody;
+use crate::body::{BodyError, DownstreamBody, ProxyBody};
 use crate::downstream_socket::DownstreamSocket;
 use crate::http1::{self, PrefixedStream};
 use crate::server::{self, ConnContext, Shared};
@@ -174,7 +174,7 @@ async fn serve_connection(
             };
             let io = PrefixedStream::new(first_bytes.freeze(), stream);
             // Boxed: hyper's HTTP/2 connection state would otherwise size every HTTP/1 task too.
-            Box::pin(serve_http2(io, ctx, &http2, http1.idle_timeout, stop)).await;
+            Box::pin(serve_http2(io, ctx, &http2, http1.idle_timeout, http1.stream_idle_timeout, stop)).await;
         }
         None => {}
     }
@@ -197,26 +197,43 @@ async fn sniff(stream: &mut DownstreamSocket, first_bytes: &mut BytesMut, idle: 
     }
 }
 
-async fn serve_http2(io: PrefixedStream, ctx: Arc<ConnContext>, builder: &http2::Builder<TokioExecutor>, idle_timeout: Option<Duration>, stop: CancellationToken) {
+/// Serves an HTTP/2 client until either side closes. The connection drains (GOAWAY, in-flight
+/// streams finish) on `stop` or after `idle_timeout` without a byte either way; it is closed at
+/// once when streams are open but no byte has moved for `stream_idle`: a client that stopped
+/// reading, or withholds flow-control window from every stream it has open, does not hold
+/// them for good (hyper polls no response body then, so the body's own timers cannot fire).
+async fn serve_http2(
+    io: PrefixedStream,
+    ctx: Arc<ConnContext>,
+    builder: &http2::Builder<TokioExecutor>,
+    idle_timeout: Option<Duration>,
+    stream_idle: Option<Duration>,
+    stop: CancellationToken,
+) {
     let counts = Arc::new(Http2Counts::default());
     let io = TokioIo::new(ActivityIo::new(io, Arc::clone(&counts)));
     let peer = ctx.peer;
-    // Boxed: hyper keeps room for one in-flight request future per connection for the
-    // connection's whole life; boxed it is a pointer and the state lives only while a request does.
+    let streams = Arc::clone(&counts);
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-        Box::pin(server::handle(Arc::clone(&ctx), request.map(DownstreamBody::http2), None))
+        let open = OpenStream::new(&streams);
+        let ctx = Arc::clone(&ctx);
+        // Boxed: hyper keeps room for one in-flight request future per connection for the
+        // connection's whole life; boxed it is a pointer and the state lives only while a
+        // request does.
+        Box::pin(async move {
+            let response = server::handle(ctx, request.map(DownstreamBody::http2), None).await?;
+            Ok::<_, server::DroppedByPolicy>(response.map(|body| CountedBody { body, _open: open }))
+        })
     });
     let connection = builder.serve_connection(io, service);
     tokio::pin!(connection);
-    let mut seen_activity = 0;
+    // Each check compares the bytes moved with those at its last firing.
+    let idle_check = tokio::time::sleep(idle_timeout.unwrap_or(Duration::MAX));
+    let stall_check = tokio::time::sleep(stream_idle.unwrap_or(Duration::MAX));
+    tokio::pin!(idle_check, stall_check);
+    let (mut seen_by_idle_check, mut seen_by_stall_check) = (0, 0);
     let mut draining = false;
     loop {
-        let idle_check = async {
-            match idle_timeout {
-                Some(timeout) => tokio::time::sleep(timeout).await,
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
             result = std::future::poll_fn(|cx| {
                 counts.task_polls.fetch_add(1, Ordering::Relaxed);
@@ -231,17 +248,66 @@ async fn serve_http2(io: PrefixedStream, ctx: Arc<ConnContext>, builder: &http2:
                 connection.as_mut().graceful_shutdown();
                 draining = true;
             }
-            () = idle_check, if !draining => {
+            () = &mut idle_check, if idle_timeout.is_some() && !draining => {
                 // Idle = no bytes either way for a whole period (so between one and two
                 // periods after the last byte); in-flight requests still finish.
                 let now = counts.io_operations.load(Ordering::Relaxed);
-                if now == seen_activity {
+                if now == seen_by_idle_check {
                     connection.as_mut().graceful_shutdown();
                     draining = true;
                 }
-                seen_activity = now;
+                seen_by_idle_check = now;
+                idle_check.as_mut().reset(tokio::time::Instant::now() + idle_timeout.unwrap_or(Duration::MAX));
+            }
+            () = &mut stall_check, if stream_idle.is_some() => {
+                let now = counts.io_operations.load(Ordering::Relaxed);
+                if now == seen_by_stall_check && counts.open_streams.load(Ordering::Relaxed) > 0 {
+                    tracing::debug!(%peer, "closing an HTTP/2 connection whose open streams moved no byte for the stream idle timeout");
+                    break;
+                }
+                seen_by_stall_check = now;
+                stall_check.as_mut().reset(tokio::time::Instant::now() + stream_idle.unwrap_or(Duration::MAX));
             }
         }
+    }
+}
+
+/// An HTTP/2 stream in flight, from its request until its response body is dropped.
+struct OpenStream(Arc<Http2Counts>);
+
+impl OpenStream {
+    fn new(counts: &Arc<Http2Counts>) -> Self {
+        counts.open_streams.fetch_add(1, Ordering::Relaxed);
+        Self(Arc::clone(counts))
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.open_streams.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A response body that keeps its stream counted as open.
+struct CountedBody {
+    body: ProxyBody,
+    _open: OpenStream,
+}
+
+impl http_body::Body for CountedBody {
+    type Data = bytes::Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, BodyError>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -333,6 +399,8 @@ struct Http2Counts {
     io_operations: AtomicU64,
     /// Polls of the connection task: `StagedWrites` writes once the poll that staged ends.
     task_polls: AtomicU64,
+    /// Streams from request to the drop of their response body (`OpenStream`).
+    open_streams: AtomicU64,
 }
 
 /// An HTTP/2 client's stream that counts I/O operations, for the connection idle timeout, and
@@ -490,7 +558,7 @@ mod tests {
     }
 
     fn recording_io(max_write: usize) -> (ActivityIo<RecordingWriter>, Arc<Http2Counts>) {
-        let counts = Arc::new(Http2Counts { io_operations: AtomicU64::new(0), task_polls: AtomicU64::new(1) });
+        let counts = Arc::new(Http2Counts { task_polls: AtomicU64::new(1), ..Http2Counts::default() });
         let writer = RecordingWriter { writes: Vec::new(), max_write, shut_down: false };
         (ActivityIo::new(writer, Arc::clone(&counts)), counts)
     }

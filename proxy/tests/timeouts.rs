@@ -546,3 +546,45 @@ async fn a_route_idle_timeout_replaces_the_listeners() {
     let got = collect(response.await.unwrap().unwrap()).await.unwrap();
     assert_eq!((got.status, got.body.as_str()), (StatusCode::OK, "before after"));
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_http2_client_that_stops_reading_is_cut_off_at_the_stream_idle_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // More than HTTP/2's flow-control windows and the socket buffers hold.
+    const LENGTH: usize = 64 << 20;
+    let (backend, _) = raw_backend(|_, mut stream| async move {
+        let mut buf = [0u8; 1024];
+        let _ = stream.read(&mut buf).await;
+        let _ = stream.write_all(format!("HTTP/1.1 200 OK\r\ncontent-length: {LENGTH}\r\n\r\n").as_bytes()).await;
+        let _ = stream.write_all(&vec![b'x'; LENGTH]).await;
+    })
+    .await;
+    let proxy = Proxy::start_here();
+    let addr = proxy.apply(timed(backend, Duration::ZERO, Duration::from_secs(2), streamed));
+    let (chunks, response) = streaming_post(addr, Version::HTTP_2).await;
+    drop(chunks);
+    let response = response.await.unwrap().unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    // The client reads none of the body for a while: its window closes and nothing moves.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let collected = tokio::time::timeout(Duration::from_secs(600), collect(response)).await.expect("the body ended within 10 minutes");
+    assert!(collected.is_err(), "the whole body arrived");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_http2_connection_without_streams_outlives_the_stream_idle_timeout() {
+    let backend = Backend::echo("echo").await;
+    let proxy = Proxy::start_here();
+    let addr = proxy.apply(timed(backend.addr, Duration::ZERO, Duration::from_secs(2), streamed));
+    let stream = hyper_util::rt::TokioIo::new(connect_from([127, 0, 0, 1].into(), addr).await);
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), stream).await.unwrap();
+    tokio::spawn(connection);
+    for _ in 0..2 {
+        let request = http::Request::get("http://app.test/").body(http_body_util::Full::new(Bytes::new())).unwrap();
+        let got = collect(sender.send_request(request).await.expect("the connection is still open")).await.unwrap();
+        assert_eq!(got.body, "echo");
+        // Only the listener's idle timeout (1 h) may close a connection with no stream open.
+        tokio::time::sleep(Duration::from_secs(10)).await;
+    }
+}
