@@ -452,6 +452,21 @@ async fn live_reload_of_routes_and_policies_under_load_fails_no_request() -> Res
     Ok(())
 }
 
+/// A TCP connection to `target` from the pod address `source`.
+async fn connect_from(source: IpAddr, target: SocketAddr) -> Result<tokio::net::TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(source, 0))?;
+    Ok(socket.connect(target).await?)
+}
+
+/// Everything the proxy sends on `stream` until it closes it.
+async fn response_until_closed(stream: &mut tokio::net::TcpStream) -> Result<String> {
+    use tokio::io::AsyncReadExt;
+    let mut response = Vec::new();
+    tokio::time::timeout(REQUEST_TIMEOUT, stream.read_to_end(&mut response)).await.context("answered and closed")??;
+    Ok(String::from_utf8_lossy(&response).into_owned())
+}
+
 /// A backend that accepts connections, reads what comes and never answers.
 async fn silent_backend(addr: SocketAddr) -> Result<tokio::task::JoinHandle<()>> {
     use tokio::io::AsyncReadExt;
@@ -465,7 +480,7 @@ async fn silent_backend(addr: SocketAddr) -> Result<tokio::task::JoinHandle<()>>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cec_request_timeout_answers_408_to_a_request_whose_body_stops_short() -> Result<()> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let net = 34;
     let with_timeout = canary(100, 0).replace(
         "stat_prefix: envoy-lb-listener\n",
@@ -478,14 +493,10 @@ async fn a_cec_request_timeout_answers_408_to_a_request_whose_body_stops_short()
     let errors = agent.status()?["errors"].clone();
     assert_eq!(errors, serde_json::json!([]), "the CEC is accepted");
 
-    let socket = tokio::net::TcpSocket::new_v4()?;
-    socket.bind(SocketAddr::new(ip(net, 3), 0))?;
-    let mut stream = socket.connect(format!("127.{net}.1.1:5000").parse()?).await?;
+    let mut stream = connect_from(ip(net, 3), format!("127.{net}.1.1:5000").parse()?).await?;
     let started = std::time::Instant::now();
     stream.write_all(b"POST /upload HTTP/1.1\r\nhost: helloworld\r\ncontent-length: 10\r\n\r\nhalf").await?;
-    let mut response = Vec::new();
-    tokio::time::timeout(REQUEST_TIMEOUT, stream.read_to_end(&mut response)).await.context("answered and closed")??;
-    let response = String::from_utf8_lossy(&response);
+    let response = response_until_closed(&mut stream).await?;
     assert!(response.starts_with("HTTP/1.1 408 "), "{response}");
     assert!(response.ends_with("request timeout"), "{response}");
     // The route's own timeout (Envoy's default, 15 s) would have answered 504 much later.
@@ -515,7 +526,7 @@ async fn whole_body_backend(addr: SocketAddr) -> Result<tokio::task::JoinHandle<
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cec_route_timeout_starts_when_the_upload_has_arrived() -> Result<()> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let net = 35;
     let with_timeout = canary(100, 0).replace("              route:\n", "              route:\n                timeout: 1s\n");
     assert!(with_timeout.contains("timeout: 1s"));
@@ -524,9 +535,7 @@ async fn a_cec_route_timeout_starts_when_the_upload_has_arrived() -> Result<()> 
     let agent = Agent::start(&config, &dir.path().join("state"))?;
     assert_eq!(agent.status()?["errors"], serde_json::json!([]), "the CEC is accepted");
 
-    let socket = tokio::net::TcpSocket::new_v4()?;
-    socket.bind(SocketAddr::new(ip(net, 3), 0))?;
-    let mut stream = socket.connect(format!("127.{net}.1.1:5000").parse()?).await?;
+    let mut stream = connect_from(ip(net, 3), format!("127.{net}.1.1:5000").parse()?).await?;
     let started = std::time::Instant::now();
     stream.write_all(b"POST /upload HTTP/1.1\r\nhost: helloworld\r\ncontent-length: 9\r\nconnection: close\r\n\r\n").await?;
     // An upload of 1.5 s on a route whose timeout is 1 s: Envoy counts the route timeout from
@@ -535,9 +544,7 @@ async fn a_cec_route_timeout_starts_when_the_upload_has_arrived() -> Result<()> 
         stream.write_all(piece).await?;
         tokio::time::sleep(Duration::from_millis(750)).await;
     }
-    let mut response = Vec::new();
-    tokio::time::timeout(REQUEST_TIMEOUT, stream.read_to_end(&mut response)).await.context("answered and closed")??;
-    let response = String::from_utf8_lossy(&response);
+    let response = response_until_closed(&mut stream).await?;
     assert!(response.starts_with("HTTP/1.1 200 "), "{response}");
     assert!(response.ends_with("got it"), "{response}");
     assert!(started.elapsed() >= Duration::from_millis(1500), "{:?}", started.elapsed());

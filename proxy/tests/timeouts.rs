@@ -461,18 +461,27 @@ async fn the_route_timeout_ends_a_response_whose_body_outlasts_it() {
     }
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_client_that_stops_reading_is_cut_off_at_the_stream_idle_timeout() {
+/// The body length of `huge_response`: more than HTTP/2's flow-control windows and the
+/// loopback socket buffers on both sides hold.
+const HUGE: usize = 64 << 20;
+
+/// A backend that answers any request with `HUGE` bytes.
+async fn huge_response() -> std::net::SocketAddr {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    // More than the loopback socket buffers on both sides hold.
-    const LENGTH: usize = 64 << 20;
     let (backend, _) = raw_backend(|_, mut stream| async move {
         let mut buf = [0u8; 1024];
         let _ = stream.read(&mut buf).await;
-        let _ = stream.write_all(format!("HTTP/1.1 200 OK\r\ncontent-length: {LENGTH}\r\n\r\n").as_bytes()).await;
-        let _ = stream.write_all(&vec![b'x'; LENGTH]).await;
+        let _ = stream.write_all(format!("HTTP/1.1 200 OK\r\ncontent-length: {HUGE}\r\n\r\n").as_bytes()).await;
+        let _ = stream.write_all(&vec![b'x'; HUGE]).await;
     })
     .await;
+    backend
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_stops_reading_is_cut_off_at_the_stream_idle_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = huge_response().await;
     let proxy = Proxy::start_here();
     let addr = proxy.apply(timed(backend, Duration::ZERO, Duration::from_secs(2), streamed));
     let mut client = connect_from([127, 0, 0, 1].into(), addr).await;
@@ -484,7 +493,7 @@ async fn a_client_that_stops_reading_is_cut_off_at_the_stream_idle_timeout() {
     // What the buffers held arrives, then the end: the proxy closed the connection.
     assert!(matches!(read, Ok(Ok(_)) | Ok(Err(_))), "still open after a minute");
     assert!(received.starts_with(b"HTTP/1.1 200 OK"));
-    assert!(received.len() < LENGTH, "the whole body arrived: {} bytes", received.len());
+    assert!(received.len() < HUGE, "the whole body arrived: {} bytes", received.len());
 }
 
 #[tokio::test(start_paused = true)]
@@ -549,16 +558,7 @@ async fn a_route_idle_timeout_replaces_the_listeners() {
 
 #[tokio::test(start_paused = true)]
 async fn an_http2_client_that_stops_reading_is_cut_off_at_the_stream_idle_timeout() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    // More than HTTP/2's flow-control windows and the socket buffers hold.
-    const LENGTH: usize = 64 << 20;
-    let (backend, _) = raw_backend(|_, mut stream| async move {
-        let mut buf = [0u8; 1024];
-        let _ = stream.read(&mut buf).await;
-        let _ = stream.write_all(format!("HTTP/1.1 200 OK\r\ncontent-length: {LENGTH}\r\n\r\n").as_bytes()).await;
-        let _ = stream.write_all(&vec![b'x'; LENGTH]).await;
-    })
-    .await;
+    let backend = huge_response().await;
     let proxy = Proxy::start_here();
     let addr = proxy.apply(timed(backend, Duration::ZERO, Duration::from_secs(2), streamed));
     let (chunks, response) = streaming_post(addr, Version::HTTP_2).await;

@@ -484,7 +484,7 @@ async fn write_response(write: &mut StallBounded<'_>, response: Response<ProxyBo
 /// The client's half of the connection while a response is written to it: a write that can
 /// make no progress for the stream idle timeout fails, as Envoy's idle timer ends a stream
 /// whose client stopped reading. The timer is made only when a write first has to wait.
-pub(crate) struct StallBounded<'a> {
+struct StallBounded<'a> {
     io: &'a mut DownstreamSocket,
     timeout: Option<Duration>,
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
