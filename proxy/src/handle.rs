@@ -13,7 +13,7 @@ use crate::error::{ApplyError, ProxyError};
 use crate::flow::FlowSink;
 use crate::listener::{self, SocketEntry};
 use crate::server::Shared;
-use crate::snapshot::{http1_settings, http2_builder, CompiledEndpoint, KnownPeer, ListenerEntry, PrefixTable, Snapshot};
+use crate::snapshot::{http1_settings, CompiledEndpoint, Http2Server, KnownPeer, ListenerEntry, PrefixTable, Snapshot};
 use crate::stats::{ClusterCounters, ProxyCounters, ProxyStats};
 use crate::tables::{Bind, ProxyTables};
 use crate::upstream::{ClusterState, SocketPlan};
@@ -218,7 +218,7 @@ impl Handle {
                 transparent: matches!(listener.bind, Bind::Transparent { .. }).then(|| listener.bind.socket_addr()),
                 http: Arc::clone(&listener.http),
                 http1: http1_settings(&listener.http),
-                http2: Arc::new(http2_builder(&listener.http)),
+                http2: Arc::new(Http2Server::new(&listener.http)),
             });
         }
         let applied = Applied {

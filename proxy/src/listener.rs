@@ -174,7 +174,7 @@ async fn serve_connection(
             };
             let io = PrefixedStream::new(first_bytes.freeze(), stream);
             // Boxed: hyper's HTTP/2 connection state would otherwise size every HTTP/1 task too.
-            Box::pin(serve_http2(io, ctx, &http2, http1.idle_timeout, http1.stream_idle_timeout, stop)).await;
+            Box::pin(serve_http2(io, ctx, &http2.builder, http1.idle_timeout, http2.stream_idle, stop)).await;
         }
         None => {}
     }

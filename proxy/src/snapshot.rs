@@ -50,7 +50,7 @@ pub(crate) struct ListenerEntry {
     pub http: Arc<HttpConnectionManager>,
     /// Connection settings derived from the HCM, shared by the listener's connections.
     pub http1: Http1Settings,
-    pub http2: Arc<http2::Builder<TokioExecutor>>,
+    pub http2: Arc<Http2Server>,
 }
 
 /// An endpoint's policy compiled for matching, both directions.
@@ -158,12 +158,24 @@ pub(crate) fn http1_settings(hcm: &HttpConnectionManager) -> Http1Settings {
         max_headers: hcm.max_headers_count + 1,
         headers_timeout: hcm.request_headers_timeout,
         idle_timeout: hcm.idle_timeout.filter(|timeout| !timeout.is_zero()),
-        stream_idle_timeout: hcm.stream_idle_timeout.filter(|timeout| !timeout.is_zero()),
     }
 }
 
-/// hyper's HTTP/2 connection builder for one HCM (prior knowledge; HTTP/1.1 is `http1`'s).
-pub(crate) fn http2_builder(hcm: &HttpConnectionManager) -> http2::Builder<TokioExecutor> {
+/// What serves one HCM's HTTP/2 clients (prior knowledge; HTTP/1.1 is `http1`'s).
+pub(crate) struct Http2Server {
+    pub builder: http2::Builder<TokioExecutor>,
+    /// The listener's `stream_idle_timeout`, for the connection's stall check.
+    pub stream_idle: Option<std::time::Duration>,
+}
+
+impl Http2Server {
+    pub fn new(hcm: &HttpConnectionManager) -> Self {
+        Self { builder: http2_builder(hcm), stream_idle: hcm.stream_idle_timeout.filter(|timeout| !timeout.is_zero()) }
+    }
+}
+
+/// hyper's HTTP/2 connection builder for one HCM.
+fn http2_builder(hcm: &HttpConnectionManager) -> http2::Builder<TokioExecutor> {
     let mut builder = http2::Builder::new(TokioExecutor::new());
     builder
         .timer(TokioTimer::new())
