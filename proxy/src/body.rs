@@ -57,11 +57,11 @@ pub enum ProxyBody {
 }
 
 impl ProxyBody {
-    /// The stream idle timeout of the route that produced an upstream response (`None` for
-    /// other bodies, which follow the listener's).
-    pub(crate) fn stream_idle(&self) -> Option<Option<Duration>> {
+    /// The stream idle timeout an upstream response runs under (its route's, else the
+    /// listener's); `None` for other bodies and where it is off.
+    pub(crate) fn stream_idle(&self) -> Option<Duration> {
         match self {
-            Self::Upstream { timer, .. } => Some(timer.idle),
+            Self::Upstream { timer, .. } => timer.idle,
             _ => None,
         }
     }

@@ -166,9 +166,20 @@ impl Clock {
         self.deadline().map_or(Failure::StreamIdle, |deadline| deadline.failure())
     }
 
-    /// The timers that go on running in the response's body.
-    pub fn response_timer(&self) -> ResponseTimer {
-        ResponseTimer::new(self.deadline().and_then(|deadline| deadline.route_at), self.timeouts.stream_idle)
+    /// The timers that go on running in the response's body; `deadline` when the caller has
+    /// just read it.
+    pub fn response_timer(&self, deadline: Option<Deadline>) -> ResponseTimer {
+        let route_at = deadline.or_else(|| self.deadline()).and_then(|deadline| deadline.route_at);
+        ResponseTimer::new(route_at, self.timeouts.stream_idle)
+    }
+
+    /// Runs `work` (a cold path's whole exchange: an upgrade, a mirror) within the deadline of
+    /// a request that arrived whole; `Err` with the timeout's failure when it ends first.
+    pub async fn within_deadline<F: Future>(&self, work: F) -> Result<F::Output, Failure> {
+        match self.deadline().and_then(|deadline| deadline.at()) {
+            Some(at) => tokio::time::timeout_at(at, work).await.map_err(|_| self.failure()),
+            None => Ok(work.await),
+        }
     }
 
     /// Runs `work` (an attempt, or the reading of a body) unless a timeout ends it first: the
@@ -314,10 +325,11 @@ pub(crate) async fn forward(
         };
         // A timeout that ends the exchange while the request body still arrives.
         let mut expired = None;
+        let deadline = plan.clock.deadline();
         let result = {
             // Pinned where it is made: both ways of bounding it below borrow it, so it is never moved.
             let attempt = std::pin::pin!(attempt(cluster, &host, request));
-            match plan.clock.deadline() {
+            match deadline {
                 Some(deadline) => match earliest(per_try.map(|t| Instant::now() + t), deadline.at()) {
                     Some(at) => tokio::time::timeout_at(at, attempt).await.unwrap_or(Err(AttemptOutcome::PerTryTimeout)),
                     None => attempt.await,
@@ -383,7 +395,7 @@ pub(crate) async fn forward(
         let slot = next.as_ref().and_then(|_| cluster.try_retry());
         let (Some(policy), Some((next, edits)), Some(slot)) = (retry_with, next, slot) else {
             let result = match result {
-                Ok((response, lease)) => Ok(into_downstream(response, lease, plan.clock.response_timer())),
+                Ok((response, lease)) => Ok(into_downstream(response, lease, plan.clock.response_timer(deadline))),
                 Err(AttemptOutcome::PerTryTimeout) if route_expired => Err(expired.unwrap_or_else(|| plan.clock.failure())),
                 Err(outcome) => Err(failure_of(outcome)),
             };
@@ -548,13 +560,9 @@ pub(crate) async fn forward_upgrade(
         let response = conn.send(request).await.map_err(|error| AttemptOutcome::Reset { request_sent: error.request_sent })?;
         Ok::<_, AttemptOutcome>((response, lease))
     };
-    let (response, lease) = match clock.deadline().and_then(|deadline| deadline.at()) {
-        Some(at) => tokio::time::timeout_at(at, exchange).await.map_err(|_| clock.failure())?,
-        None => exchange.await,
-    }
-    .map_err(failure_of)?;
+    let (response, lease) = clock.within_deadline(exchange).await?.map_err(failure_of)?;
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
-        return Ok(into_downstream(response.map(UpstreamBody::Http1), lease, clock.response_timer()));
+        return Ok(into_downstream(response.map(UpstreamBody::Http1), lease, clock.response_timer(None)));
     }
     let (parts, body) = response.into_parts();
     let Some(mut upstream) = body.into_upgraded() else {
@@ -592,20 +600,16 @@ pub(crate) fn mirror(cluster: Arc<ClusterState>, input: PickInput, timeouts: Tim
             Outgoing { method, uri, headers: Some(headers), edits: Vec::new(), body: OutgoingBody::Replayable(body) };
         // One attempt, which takes the headers above: there is nothing to rebuild.
         let request = PendingRequest { outgoing: &mut outgoing, attempt: 1, include_count: false, retry_headers: &HeaderMap::new };
-        let attempt = attempt(&cluster, &host, request);
-        let answered = match clock.deadline().and_then(|deadline| deadline.at()) {
-            Some(at) => tokio::time::timeout_at(at, attempt).await.unwrap_or(Err(AttemptOutcome::PerTryTimeout)),
-            None => attempt.await,
-        };
-        match answered {
-            Ok((response, lease)) => {
+        match clock.within_deadline(attempt(&cluster, &host, request)).await {
+            Ok(Ok((response, lease))) => {
                 // Drain so the connection can be reused.
-                let body = into_downstream(response, lease, clock.response_timer()).into_body();
+                let body = into_downstream(response, lease, clock.response_timer(None)).into_body();
                 if let Err(error) = http_body_util::BodyExt::collect(body).await {
                     tracing::debug!(upstream = %host.addr, %error, "mirror response failed");
                 }
             }
-            Err(outcome) => tracing::debug!(upstream = %host.addr, ?outcome, "mirror request failed"),
+            Ok(Err(outcome)) => tracing::debug!(upstream = %host.addr, ?outcome, "mirror request failed"),
+            Err(failure) => tracing::debug!(upstream = %host.addr, ?failure, "mirror request timed out"),
         }
     });
 }

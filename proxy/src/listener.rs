@@ -228,8 +228,10 @@ async fn serve_http2(
     let connection = builder.serve_connection(io, service);
     tokio::pin!(connection);
     // Each check compares the bytes moved with those at its last firing.
-    let idle_check = tokio::time::sleep(idle_timeout.unwrap_or(Duration::MAX));
-    let stall_check = tokio::time::sleep(stream_idle.unwrap_or(Duration::MAX));
+    // An unset timeout's check is never polled; its sleep only needs a valid deadline.
+    let period = |timeout: Option<Duration>| timeout.unwrap_or(Duration::from_secs(365 * 86_400));
+    let idle_check = tokio::time::sleep(period(idle_timeout));
+    let stall_check = tokio::time::sleep(period(stream_idle));
     tokio::pin!(idle_check, stall_check);
     let (mut seen_by_idle_check, mut seen_by_stall_check) = (0, 0);
     let mut draining = false;
@@ -257,7 +259,7 @@ async fn serve_http2(
                     draining = true;
                 }
                 seen_by_idle_check = now;
-                idle_check.as_mut().reset(tokio::time::Instant::now() + idle_timeout.unwrap_or(Duration::MAX));
+                idle_check.as_mut().reset(tokio::time::Instant::now() + period(idle_timeout));
             }
             () = &mut stall_check, if stream_idle.is_some() => {
                 let now = counts.io_operations.load(Ordering::Relaxed);
@@ -266,7 +268,7 @@ async fn serve_http2(
                     break;
                 }
                 seen_by_stall_check = now;
-                stall_check.as_mut().reset(tokio::time::Instant::now() + stream_idle.unwrap_or(Duration::MAX));
+                stall_check.as_mut().reset(tokio::time::Instant::now() + period(stream_idle));
             }
         }
     }

@@ -306,12 +306,15 @@ async fn body_echo() -> Backend {
     Backend::start("body", |_, request| Box::pin(async move { reply(StatusCode::OK, &String::from_utf8_lossy(&request.body)) })).await
 }
 
-/// Sends five pieces `gap` apart through `chunks`, then ends the body.
-async fn five_pieces(chunks: BodyChunks, gap: Duration) {
+/// A `POST` over `version` whose body is five pieces sent `gap` apart; the response.
+async fn upload_five_pieces(addr: std::net::SocketAddr, version: Version, gap: Duration) -> Got {
+    let (chunks, response) = streaming_post(addr, version).await;
     for piece in ["a", "b", "c", "d", "e"] {
         chunks.send(Ok(Frame::data(Bytes::from(piece)))).await.unwrap();
         tokio::time::sleep(gap).await;
     }
+    drop(chunks);
+    collect(response.await.unwrap().unwrap()).await.unwrap()
 }
 
 #[tokio::test(start_paused = true)]
@@ -322,9 +325,7 @@ async fn an_upload_that_outlasts_the_route_timeout_is_answered() {
         // Envoy starts the route timeout at the end of the request: five pieces 500 ms apart
         // take 2.5 s, longer than the route timeout, and each gap is shorter than the idle one.
         let addr = proxy.apply(timed(backend.addr, Duration::from_secs(1), Duration::from_secs(2), shape));
-        let (chunks, response) = streaming_post(addr, Version::HTTP_11).await;
-        five_pieces(chunks, Duration::from_millis(500)).await;
-        let got = collect(response.await.unwrap().unwrap()).await.unwrap();
+        let got = upload_five_pieces(addr, Version::HTTP_11, Duration::from_millis(500)).await;
         assert_eq!((got.status, got.body.as_str()), (StatusCode::OK, "abcde"));
     }
 }
@@ -336,9 +337,7 @@ async fn an_http2_upload_that_outlasts_the_route_timeout_is_answered() {
     // Real time: 750 ms of pieces against a 400 ms route timeout, each gap a tenth of the
     // idle timeout. Only the status is asserted.
     let addr = proxy.apply(timed(backend.addr, Duration::from_millis(400), Duration::from_millis(1500), streamed));
-    let (chunks, response) = streaming_post(addr, Version::HTTP_2).await;
-    five_pieces(chunks, Duration::from_millis(150)).await;
-    let got = collect(response.await.unwrap().unwrap()).await.unwrap();
+    let got = upload_five_pieces(addr, Version::HTTP_2, Duration::from_millis(150)).await;
     assert_eq!((got.status, got.body.as_str()), (StatusCode::OK, "abcde"));
 }
 

@@ -449,7 +449,7 @@ async fn write_response(write: &mut DownstreamSocket, response: Response<ProxyBo
     // short enough to go out whole. Made here rather than by the caller: the connection's own
     // task, which every idle keep-alive connection keeps, would grow past an allocator size
     // class (+5.5 MiB at 10k idle connections).
-    let write = &mut StallBounded::new(write, body.stream_idle().flatten());
+    let write = &mut StallBounded::new(write, body.stream_idle());
     let framing = codec::response_framing(&exchange.method, exchange.version, parts.status, body.size_hint().exact());
     let close = close || framing == OutgoingFraming::UntilClose || codec::response_closes(&parts.headers);
     let connection = if parts.status == StatusCode::SWITCHING_PROTOCOLS && exchange.upgrade.is_some() {
